@@ -1,0 +1,385 @@
+"""The feature store: the one module that reads and writes HDF5 feature files (format: cache/README.md)."""
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cache.status import Status
+from extract.errors import InputError
+
+SCHEMA_VERSION = 1
+REQUIRED_ATTRS = ("schema_version", "backbone", "kind", "dtype", "views")
+JSON_ATTRS = ("backbone_config", "preprocess", "versions")
+# What the fingerprint hashes, by attribute name (image_list_sha256 stands for the names).
+RECIPE_ATTRS = (
+    "schema_version",
+    "image_list_sha256",
+    "backbone_config",
+    "preprocess",
+    "dtype",
+    "views",
+    "shard_size",
+)
+SHARD_ATTRS = ("shard_start", "shard_stop", "shard_total_rows")
+DTYPES = {"features": ("float16", "float32"), "pixels": ("uint8",)}
+LIBRARIES = ("numpy", "h5py", "tensorflow", "keras", "tensorflow-hub")
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """A feature file in memory: rows aligned across names, features, status and errors."""
+
+    path: Path
+    names: np.ndarray  # (N,) object str
+    features: np.ndarray  # (N, D) | (N, K, D) float | (N, S, S) | (N, K, S, S) uint8 for pixels
+    status: np.ndarray  # (N,) int8 Status
+    errors: np.ndarray  # (N,) object str, "" when OK
+    attrs: dict
+
+
+def cache_path(cache_dir: Path, backbone: str) -> Path:
+    return Path(cache_dir) / f"{backbone}.h5"
+
+
+def shard_dir(cache_dir: Path, backbone: str) -> Path:
+    return Path(cache_dir) / f"{backbone}.shards"
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """Fixed (start, stop) slices of the sorted index; the last one may be short."""
+    if shard_size < 1:
+        raise InputError(f"shard_size must be at least 1, got {shard_size}")
+    return [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+
+
+def image_list_sha256(names: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def fingerprint(
+    *, names: Sequence[str], backbone_config: dict, preprocess: dict, dtype: str, views: int, shard_size: int
+) -> str:
+    """Hash of everything that decides a file's bytes; library versions are recorded, not hashed."""
+    recipe = {
+        "schema_version": SCHEMA_VERSION,
+        "image_list_sha256": image_list_sha256(names),
+        "backbone_config": backbone_config,
+        "preprocess": preprocess,
+        "dtype": dtype,
+        "views": views,
+        "shard_size": shard_size,
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def library_versions() -> dict:
+    """Installed versions of the libraries that shape the features ("" when absent)."""
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = ""
+    return versions
+
+
+def write_features(path: Path, *, names, features, status, errors, attrs: dict) -> Path:
+    """Write a whole feature file atomically: a temporary file, flushed, then renamed into place."""
+    path = Path(path)
+    attrs = {"schema_version": SCHEMA_VERSION, "created": _now(), **attrs}
+    names = np.asarray(names, dtype=object)
+    status = np.asarray(status, dtype=np.int8)
+    errors = np.asarray(errors, dtype=object)
+    _check_attrs(path, attrs)
+    # Convert in numpy: letting HDF5 convert float32 -> float16 on write is ~7x slower.
+    features = np.asarray(features).astype(attrs["dtype"], copy=False)
+    _check(path, names=names, features=features, status=status, errors=errors, attrs=attrs)
+    tmp = _tmp_path(path)
+    with _open(tmp, "w") as f:
+        f.create_dataset("names", data=names, dtype=h5py.string_dtype())
+        f.create_dataset("features", data=features)
+        f.create_dataset("status", data=status)
+        f.create_dataset("errors", data=errors, dtype=h5py.string_dtype())
+        _set_attrs(f, attrs)
+        f.flush()
+    os.replace(tmp, path)
+    return path
+
+
+def read_attrs(path: Path) -> dict:
+    """Root attributes of a feature file, JSON-valued ones decoded; refuses unknown schema versions."""
+    path = Path(path)
+    with _open(path, "r") as f:
+        attrs = _get_attrs(f)
+    _check_attrs(path, attrs)
+    return attrs
+
+
+def read_features(path: Path, *, names: Sequence[str] | None = None) -> FeatureSet:
+    """Read a feature file; with `names`, rows come back in that order and absent names as MISSING."""
+    path = Path(path)
+    with _open(path, "r") as f:
+        attrs = _get_attrs(f)
+        _check_attrs(path, attrs)
+        for key in ("names", "features", "status", "errors"):
+            if key not in f:
+                raise InputError(f"{path}: dataset '{key}' is missing; see cache/README.md for the format")
+        stored = f["names"].asstr()[()].astype(object)
+        features = f["features"][()]
+        status = f["status"][()].astype(np.int8)
+        errors = f["errors"].asstr()[()].astype(object)
+    _check(path, names=stored, features=features, status=status, errors=errors, attrs=attrs)
+    if names is None:
+        return FeatureSet(path, stored, features, status, errors, attrs)
+    return _select(FeatureSet(path, stored, features, status, errors, attrs), names)
+
+
+def read_status(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(names, status, errors) of a feature file without loading its features (for summaries)."""
+    path = Path(path)
+    with _open(path, "r") as f:
+        _check_attrs(path, _get_attrs(f))
+        return f["names"].asstr()[()].astype(object), f["status"][()], f["errors"].asstr()[()].astype(object)
+
+
+def shard_path(directory: Path, start: int, stop: int) -> Path:
+    return Path(directory) / f"{start:09d}-{stop:09d}.h5"
+
+
+def write_shard(
+    directory: Path, *, start: int, stop: int, total_rows: int, names, features, status, errors, attrs: dict
+) -> Path:
+    """Write one finished shard (rows start..stop of total_rows) atomically into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = shard_path(directory, start, stop)
+    for stale in directory.glob(f".{path.name}.*.tmp"):  # left by a killed run of this same shard
+        stale.unlink(missing_ok=True)
+    shard_attrs = {**attrs, "shard_start": start, "shard_stop": stop, "shard_total_rows": total_rows}
+    return write_features(
+        path, names=names, features=features, status=status, errors=errors, attrs=shard_attrs
+    )
+
+
+def finished_shards(directory: Path, *, wanted: dict) -> dict[tuple[int, int], Path]:
+    """Shards already written with `wanted["fingerprint"]`; a shard made by another recipe is refused."""
+    done = {}
+    for path in _shard_files(directory):
+        attrs = _shard_attrs(path)
+        if attrs.get("fingerprint") != wanted["fingerprint"]:
+            raise InputError(recipe_mismatch(path, found=attrs, wanted=wanted))
+        done[(attrs["shard_start"], attrs["shard_stop"])] = path
+    return done
+
+
+def recipe_mismatch(path: Path, *, found: dict, wanted: dict) -> str:
+    """The refusal for a file made by another recipe, naming the attributes that differ."""
+    # Compare as stored: JSON turns tuples into lists.
+    wanted = {"schema_version": SCHEMA_VERSION, **wanted}
+    differ = [key for key in RECIPE_ATTRS if found.get(key) != json.loads(json.dumps(wanted.get(key)))]
+    return (
+        f"{path} was made differently from this run ({', '.join(differ or ['fingerprint'])} differ); "
+        "rerun with --force to delete it and start over"
+    )
+
+
+def discard_shards(directory: Path, *, fingerprint: str, ranges: Sequence[tuple[int, int]]) -> int:
+    """Delete shards made by another recipe and the shards in `ranges` (for --force); returns the count."""
+    ranges = set(ranges)
+    removed = 0
+    for path in _shard_files(directory):
+        try:
+            attrs = _shard_attrs(path)
+            keep = (
+                attrs.get("fingerprint") == fingerprint
+                and (attrs["shard_start"], attrs["shard_stop"]) not in ranges
+            )
+        except InputError:
+            keep = False
+        if not keep:
+            path.unlink(missing_ok=True)
+            removed += 1
+    for start, stop in ranges:
+        for stale in Path(directory).glob(f".{shard_path(directory, start, stop).name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    return removed
+
+
+def merge_shards(directory: Path, *, out_path: Path) -> Path:
+    """Join every shard in `directory` into one file at `out_path` (temporary file + rename).
+
+    Streams one shard at a time into preallocated datasets, so memory does not grow with the image count.
+    """
+    directory, out_path = Path(directory), Path(out_path)
+    shards = _complete_shards(directory)
+    first = read_features(shards[0])
+    total = first.attrs["shard_total_rows"]
+    attrs = {k: v for k, v in first.attrs.items() if k not in SHARD_ATTRS}
+    attrs["created"] = _now()
+    tmp = _tmp_path(out_path)
+    with _open(tmp, "w") as out:
+        string = h5py.string_dtype()
+        out.create_dataset("names", shape=(total,), dtype=string)
+        out.create_dataset("features", shape=(total, *first.features.shape[1:]), dtype=first.features.dtype)
+        out.create_dataset("status", shape=(total,), dtype=np.int8)
+        out.create_dataset("errors", shape=(total,), dtype=string)
+        for path in shards:
+            part = read_features(path)
+            rows = slice(part.attrs["shard_start"], part.attrs["shard_stop"])
+            for key in ("names", "features", "status", "errors"):
+                out[key][rows] = getattr(part, key)
+        _set_attrs(out, attrs)
+        out.flush()
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def _complete_shards(directory: Path) -> list[Path]:
+    """All shard paths in row order, checked to share one fingerprint and to cover every row."""
+    by_range = {}
+    fingerprints = set()
+    for path in _shard_files(directory):
+        attrs = _shard_attrs(path)
+        fingerprints.add(attrs.get("fingerprint"))
+        by_range[(attrs["shard_start"], attrs["shard_stop"])] = (path, attrs)
+    if not by_range:
+        raise InputError(f"{directory}: no finished shards to merge; run `run.py extract` first")
+    if len(fingerprints) > 1:
+        raise InputError(
+            f"{directory} holds shards made by {len(fingerprints)} different recipes (fingerprints); "
+            "rerun `run.py extract --force` to start over"
+        )
+    _, attrs = next(iter(by_range.values()))
+    expected = shard_ranges(attrs["shard_total_rows"], attrs["shard_size"])
+    missing = [r for r in expected if r not in by_range]
+    if missing:
+        first = ", ".join(f"rows {a}-{b}" for a, b in missing[:3])
+        raise InputError(
+            f"{directory}: {len(missing)} of {len(expected)} shards are not finished yet ({first}, ...); "
+            "run the remaining `run.py extract --shard K/N` workers, then merge"
+        )
+    return [by_range[r][0] for r in expected]
+
+
+def _shard_files(directory: Path) -> list[Path]:
+    directory = Path(directory)
+    return sorted(directory.glob("*.h5")) if directory.is_dir() else []
+
+
+def _shard_attrs(path: Path) -> dict:
+    attrs = read_attrs(path)
+    if any(key not in attrs for key in (*SHARD_ATTRS, "shard_size", "fingerprint")):
+        raise InputError(f"{path} is not a shard file (shard attributes missing); delete it or use --force")
+    return attrs
+
+
+def _select(full: FeatureSet, names: Sequence[str]) -> FeatureSet:
+    """Rows of `full` in the order of `names`; names it lacks come back MISSING with zero features."""
+    position = {name: i for i, name in enumerate(full.names)}
+    names = np.asarray(list(names), dtype=object)
+    rows = np.array([position.get(name, -1) for name in names], dtype=np.int64)
+    found = rows >= 0
+    features = np.zeros((len(names), *full.features.shape[1:]), dtype=full.features.dtype)
+    features[found] = full.features[rows[found]]
+    status = np.full(len(names), Status.MISSING, dtype=np.int8)
+    status[found] = full.status[rows[found]]
+    errors = np.full(len(names), "not in cache", dtype=object)
+    errors[found] = full.errors[rows[found]]
+    return FeatureSet(full.path, names, features, status, errors, full.attrs)
+
+
+def _check_attrs(path: Path, attrs: dict) -> None:
+    version = attrs.get("schema_version")
+    if version is None:
+        raise InputError(
+            f"{path}: no 'schema_version' attribute; this is not a cxr14 feature file (cache/README.md)"
+        )
+    if version != SCHEMA_VERSION:
+        raise InputError(
+            f"{path}: schema_version {version}, but this code reads version {SCHEMA_VERSION}; "
+            "re-extract it with `run.py extract --force` or rewrite it as cache/README.md describes"
+        )
+    missing = [key for key in REQUIRED_ATTRS if key not in attrs]
+    if missing:
+        raise InputError(f"{path}: required attribute(s) {missing} missing; see cache/README.md")
+    kind, dtype = attrs["kind"], attrs["dtype"]
+    if kind not in DTYPES:
+        raise InputError(f"{path}: attribute kind={kind!r}; expected one of {sorted(DTYPES)}")
+    if dtype not in DTYPES[kind]:
+        raise InputError(
+            f"{path}: attribute dtype={dtype!r} for kind {kind!r}; expected one of {DTYPES[kind]}"
+        )
+    if not isinstance(attrs["views"], int) or attrs["views"] < 1:
+        raise InputError(f"{path}: attribute views={attrs['views']!r}; expected an integer >= 1")
+
+
+def _check(path: Path, *, names, features, status, errors, attrs: dict) -> None:
+    """The schema, checked on every write and every read."""
+    _check_attrs(path, attrs)
+    n = len(names)
+    for key, array in (("features", features), ("status", status), ("errors", errors)):
+        if len(array) != n:
+            raise InputError(f"{path}: '{key}' has {len(array)} rows but 'names' has {n}")
+    if len(set(names)) != n:
+        raise InputError(f"{path}: 'names' holds duplicate image names; each image must appear once")
+    if str(features.dtype) != attrs["dtype"]:
+        raise InputError(f"{path}: features are {features.dtype} but attribute dtype is {attrs['dtype']!r}")
+    item_dims = 1 if attrs["kind"] == "features" else 2  # a vector, or a square pixel image
+    views = attrs["views"]
+    expected = 1 + item_dims + (views > 1)
+    if features.ndim != expected or (views > 1 and features.shape[1] != views):
+        raise InputError(
+            f"{path}: features have shape {features.shape}; kind {attrs['kind']!r} with views={views} needs "
+            f"{expected} dimensions" + (f" with {views} views on axis 1" if views > 1 else "")
+        )
+    unknown = sorted(set(np.unique(status).tolist()) - {s.value for s in Status})
+    if unknown:
+        raise InputError(
+            f"{path}: status codes {unknown} are unknown; valid: {[(s.name, s.value) for s in Status]}"
+        )
+
+
+def _set_attrs(f: h5py.File, attrs: dict) -> None:
+    for key, value in attrs.items():
+        f.attrs[key] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else value
+
+
+def _get_attrs(f: h5py.File) -> dict:
+    attrs = {}
+    for key, value in f.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        attrs[key] = json.loads(value) if key in JSON_ATTRS and isinstance(value, str) else value
+    return attrs
+
+
+def _open(path: Path, mode: str) -> h5py.File:
+    # No HDF5 file locks: writers only ever write private temporary files and readers only see renamed,
+    # complete ones, and locks fail on many shared file systems (NFS, Lustre) used by job arrays.
+    if mode != "r":
+        return h5py.File(path, mode, locking=False)
+    if not Path(path).exists():
+        raise InputError(f"{path}: no such feature file; run `run.py extract` first")
+    try:
+        return h5py.File(path, mode, locking=False)
+    except OSError as err:
+        raise InputError(f"{path} cannot be read as HDF5 ({err}); delete it or rerun with --force") from err
+
+
+def _tmp_path(path: Path) -> Path:
+    # Per-process name: two workers finishing at once each write their own file, then rename.
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,295 @@
+"""Frozen backbones named in the config: a TF Hub / SavedModel handle, a keras.applications model,
+a seeded random conv net (offline baseline), or the preprocessed pixels themselves."""
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from extract.config import BackboneConfig
+from extract.errors import InputError
+from extract.pipeline import ImageSpec
+
+SOURCES = ("hub", "keras", "random", "pixels")
+RANDOM_STAGES = 3  # stride-2 3x3 convs: 128 px -> 16x16 maps before grid pooling
+
+
+class BackboneError(InputError):
+    """A backbone that cannot be built or loaded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A loaded backbone. `fn`: (b, s, s, c) float32 -> (b, dim) float32, or (b, s, s) 0..255 for pixels."""
+
+    name: str
+    kind: str  # "features" | "pixels"
+    spec: ImageSpec
+    dim: int  # feature width, or the image side for pixels
+    fn: Callable
+    config: dict  # cfg.as_dict() plus what was resolved at load time, for fingerprints
+
+
+def load_backbone(cfg: BackboneConfig, *, mixed_precision: bool = False, xla: bool = False) -> Backbone:
+    """Build or load the backbone `cfg` names, wrapped in one tf.function with a fixed input signature."""
+    loaders = {"hub": _load_hub, "keras": _load_keras, "random": _load_random, "pixels": _load_pixels}
+    if cfg.source not in loaders:
+        raise BackboneError(
+            f"backbones.{cfg.name}.source = {cfg.source!r} is not one of: {', '.join(SOURCES)}"
+        )
+    call, spec, resolved = loaders[cfg.source](cfg, mixed_precision=mixed_precision)
+    signature = [tf.TensorSpec([None, spec.size, spec.size, spec.channels], tf.float32)]
+    # One signature with a free batch size: padded and short batches share a single trace.
+    fn = tf.function(call, input_signature=signature, jit_compile=xla or None)
+    probe = fn(tf.zeros([1, spec.size, spec.size, spec.channels]))
+    kind = "pixels" if cfg.source == "pixels" else "features"
+    dim = spec.size if kind == "pixels" else int(probe.shape[-1])
+    resolved |= {"kind": kind, "dim": dim, "xla": bool(xla), "spec": spec.as_dict()}
+    return Backbone(
+        name=cfg.name, kind=kind, spec=spec, dim=dim, fn=fn, config=cfg.as_dict() | {"resolved": resolved}
+    )
+
+
+def _spec(cfg: BackboneConfig, *, keras_family: str = "", channels: int = 3) -> ImageSpec:
+    if cfg.preprocess == "keras" and not keras_family:
+        raise BackboneError(
+            f'backbones.{cfg.name}.preprocess = "keras" needs source = "keras" (a keras.applications family); '
+            f'use "unit", "standardize" or "bytes" for source = "{cfg.source}"'
+        )
+    return ImageSpec(
+        size=cfg.image_size,
+        normalization=cfg.preprocess,
+        keras_family=keras_family if cfg.preprocess == "keras" else "",
+        channels=channels,
+    )
+
+
+# --- hub / SavedModel -------------------------------------------------------------------------------
+
+
+def _load_hub(cfg: BackboneConfig, *, mixed_precision: bool):
+    model = _load_saved_model(cfg)
+    raw = _saved_model_entry(model, cfg)
+
+    def call(images):
+        return _as_features(raw(images), cfg)
+
+    # A SavedModel's graph has fixed dtypes, so mixed precision cannot be applied from outside.
+    resolved = {
+        "loader": "saved_model",
+        "mixed_precision": False,
+        "mixed_precision_requested": mixed_precision,
+    }
+    return call, _spec(cfg), resolved
+
+
+def _load_saved_model(cfg: BackboneConfig):
+    handle = cfg.handle
+    local = Path(handle).expanduser()
+    if not local.is_dir() and "://" not in handle:
+        raise BackboneError(
+            f"backbones.{cfg.name}.handle = {handle!r} is neither a SavedModel directory nor a URL "
+            "(https://, gs://, file://); point it at the unpacked model folder or its TF Hub/Kaggle URL"
+        )
+    try:
+        if local.is_dir():
+            return tf.saved_model.load(str(local))
+        import tensorflow_hub as hub  # only hub URLs need it
+
+        return hub.load(handle)
+    except Exception as err:  # any failure here means "cannot get the model"; say how to fix it
+        raise BackboneError(_hub_help(cfg, err)) from None
+
+
+def _hub_help(cfg: BackboneConfig, err: Exception) -> str:
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    cache = os.environ.get("TFHUB_CACHE_DIR", "not set")
+    return (
+        f"backbone {cfg.name!r}: cannot load {cfg.handle!r} ({type(err).__name__}: {detail}). "
+        "If this machine is offline: load the model once on a machine with network "
+        f"(python -c \"import tensorflow_hub as hub; hub.load('{cfg.handle}')\" with TFHUB_CACHE_DIR set), "
+        f"then either copy that cache folder here and set TFHUB_CACHE_DIR to it (now: {cache}), or set "
+        f"backbones.{cfg.name}.handle to the unpacked SavedModel directory."
+    )
+
+
+def _saved_model_entry(model, cfg: BackboneConfig) -> Callable:
+    """How to call it: a hub-style callable root, else Keras export's `.serve`, else serving_default.
+
+    Each returned callable refers to `model` itself: were only a method kept, the loaded object and
+    its variables would be garbage-collected ("referencing variables which have been deleted").
+    """
+    if callable(model):
+        return lambda images: model(images)
+    if hasattr(model, "serve"):
+        return lambda images: model.serve(images)
+    signatures = getattr(model, "signatures", {})
+    if "serving_default" in signatures:
+        signature = signatures["serving_default"]
+        inputs = list(signature.structured_input_signature[1])
+        if len(inputs) != 1:
+            raise BackboneError(
+                f"backbone {cfg.name!r}: serving_default takes {inputs}; need exactly one image input"
+            )
+        return lambda images: model.signatures["serving_default"](**{inputs[0]: images})
+    raise BackboneError(
+        f"backbone {cfg.name!r}: the SavedModel at {cfg.handle!r} is not callable and has no `serve` "
+        "or serving_default signature; save it with a tf.function taking a (b, s, s, 3) float32 batch"
+    )
+
+
+def _as_features(output, cfg: BackboneConfig) -> tf.Tensor:
+    """Pick the output tensor and make it (b, D) float32; spatial maps are average-pooled."""
+    if isinstance(output, dict):
+        keys = sorted(output)
+        key = cfg.output_key or (keys[0] if len(keys) == 1 else "")
+        if key not in output:
+            raise BackboneError(
+                f"backbone {cfg.name!r} returns outputs {keys}; set backbones.{cfg.name}.output_key "
+                f"to one of them (got {cfg.output_key!r})"
+            )
+        output = output[key]
+    output = tf.cast(output, tf.float32)
+    if output.shape.rank == 4:
+        return tf.reduce_mean(output, axis=[1, 2])
+    if output.shape.rank != 2:
+        raise BackboneError(f"backbone {cfg.name!r} returns shape {output.shape}; expected (batch, features)")
+    return output
+
+
+# --- keras.applications ------------------------------------------------------------------------------
+
+
+def _load_keras(cfg: BackboneConfig, *, mixed_precision: bool):
+    constructor = getattr(keras.applications, cfg.model, None)
+    if not cfg.model[:1].isupper() or not callable(constructor):
+        valid = sorted(n for n in dir(keras.applications) if n[:1].isupper())
+        raise BackboneError(
+            f"backbones.{cfg.name}.model = {cfg.model!r} is not a keras.applications model; valid: {', '.join(valid)}"
+        )
+    family = constructor.__module__.rsplit(".", 1)[-1]  # keras.src.applications.resnet_v2 -> resnet_v2
+    weights = _keras_weights(cfg)
+    try:
+        with _dtype_policy("mixed_float16" if mixed_precision else None):
+            model = constructor(
+                include_top=False,
+                weights=weights,
+                input_shape=(cfg.image_size, cfg.image_size, 3),
+                pooling="avg",
+            )
+    except Exception as err:  # download, file and shape failures all end here; say which and what to do
+        raise BackboneError(_keras_help(cfg, err)) from None
+
+    def call(images):
+        return tf.cast(model(images, training=False), tf.float32)
+
+    resolved = {"loader": "keras.applications", "keras_family": family, "mixed_precision": mixed_precision}
+    return call, _spec(cfg, keras_family=family), resolved
+
+
+def _keras_weights(cfg: BackboneConfig) -> str | None:
+    if cfg.weights == "none":
+        return None
+    if cfg.weights == "imagenet":
+        return "imagenet"
+    if not Path(cfg.weights).expanduser().is_file():
+        raise BackboneError(
+            f"backbones.{cfg.name}.weights = {cfg.weights!r}: no such file "
+            '(use "imagenet", "none" for random init, or the path of a local weights file)'
+        )
+    return str(Path(cfg.weights).expanduser())
+
+
+def _keras_help(cfg: BackboneConfig, err: Exception) -> str:
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    message = f"backbone {cfg.name!r}: cannot build keras.applications.{cfg.model} ({type(err).__name__}: {detail})."
+    if cfg.weights == "imagenet":
+        message += (
+            " ImageNet weights are downloaded once into ~/.keras/models/; offline, copy that file there, or "
+            f'set backbones.{cfg.name}.weights to a local weights file (weights = "none" for random init).'
+        )
+    return message
+
+
+@contextmanager
+def _dtype_policy(name: str | None) -> Iterator[None]:
+    """Keras applications take no dtype argument, so the global policy is set while building, then restored."""
+    if name is None:
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+# --- random conv net ----------------------------------------------------------------------------------
+
+
+def random_kernels(*, width: int, seed: int, in_channels: int = 1) -> list[np.ndarray]:
+    """He-normal 3x3 kernels, widths width/4, width/2, width, drawn with numpy so any TF version agrees."""
+    rng = np.random.default_rng(seed)
+    widths = [max(1, width // 4), max(1, width // 2), width][-RANDOM_STAGES:]
+    kernels, fan_in = [], in_channels
+    for out in widths:
+        kernels.append(rng.normal(0.0, np.sqrt(2.0 / (9 * fan_in)), (3, 3, fan_in, out)).astype(np.float32))
+        fan_in = out
+    return kernels
+
+
+def grid_pooling_matrix(n: int, grid: int) -> np.ndarray:
+    """(grid, n) averaging weights: cell i covers positions floor(i*n/grid) .. ceil((i+1)*n/grid) - 1.
+
+    A matmul instead of an area resize, because XLA has no ResizeArea kernel.
+    """
+    weights = np.zeros((grid, n), np.float32)
+    for i in range(grid):
+        start, stop = (i * n) // grid, -((-(i + 1) * n) // grid)
+        weights[i, start:stop] = 1.0 / (stop - start)
+    return weights
+
+
+def _load_random(cfg: BackboneConfig, *, mixed_precision: bool):
+    if cfg.width < 1 or cfg.grid < 1:
+        raise BackboneError(
+            f"backbones.{cfg.name}: width and grid must be >= 1, got {cfg.width} and {cfg.grid}"
+        )
+    compute = tf.float16 if mixed_precision else tf.float32
+    kernels = [tf.constant(k, compute) for k in random_kernels(width=cfg.width, seed=cfg.seed)]
+
+    def call(images):
+        x = tf.cast(images, compute)
+        for kernel in kernels:
+            x = tf.nn.relu(tf.nn.conv2d(x, kernel, strides=2, padding="SAME"))
+        # Grid pooling rather than global pooling keeps where a finding is (heart, bases, apex).
+        rows = tf.constant(grid_pooling_matrix(x.shape[1], cfg.grid))
+        cols = tf.constant(grid_pooling_matrix(x.shape[2], cfg.grid))
+        pooled = tf.einsum("ih,bhwc,jw->bijc", rows, tf.cast(x, tf.float32), cols)
+        return tf.reshape(pooled, [-1, cfg.grid * cfg.grid * cfg.width])
+
+    resolved = {"loader": "random", "stages": RANDOM_STAGES, "mixed_precision": mixed_precision}
+    # One gray channel: replicating it three times would only triple the first layer's work.
+    return call, _spec(cfg, channels=1), resolved
+
+
+# --- pixels --------------------------------------------------------------------------------------------
+
+
+def _load_pixels(cfg: BackboneConfig, *, mixed_precision: bool):
+    if cfg.preprocess != "bytes":
+        raise BackboneError(
+            f'backbones.{cfg.name}: source = "pixels" stores 0..255 gray values; set preprocess = "bytes" '
+            f"(got {cfg.preprocess!r})"
+        )
+
+    def call(images):
+        return tf.round(tf.clip_by_value(images[..., 0], 0.0, 255.0))
+
+    return call, _spec(cfg, channels=1), {"loader": "pixels", "mixed_precision": False}

@@ -1,0 +1,269 @@
+"""The one image pipeline: PNG bytes -> gray [0,1] -> resize -> backbone normalisation -> channels.
+
+Extraction, prediction, export and the benchmark all go through here, so an image is never
+preprocessed one way for training and another way for prediction.
+"""
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cache.status import Status
+from extract.errors import InputError
+
+NORMALIZATIONS = ("unit", "keras", "standardize", "bytes")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# IEND is the last chunk (4 length + 4 type + 4 CRC bytes); a little slack allows trailing junk.
+_TAIL_BYTES = 64
+_BIT_DEPTH_OFFSET = 24  # 8 signature + 4 length + 4 "IHDR" + 4 width + 4 height
+
+
+class ImageError(InputError):
+    """An image that cannot be used; `status` is a cache.status.Status, `reason` says why."""
+
+    def __init__(self, status: Status, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a backbone wants: square size, normalisation, keras family (for "keras"), channels."""
+
+    size: int
+    normalization: str
+    keras_family: str = ""
+    channels: int = 3
+
+    def __post_init__(self):
+        if self.normalization not in NORMALIZATIONS:
+            raise InputError(
+                f"normalization {self.normalization!r} is not one of: {', '.join(NORMALIZATIONS)}"
+            )
+        if self.normalization == "keras":
+            keras_preprocess(self.keras_family)  # fail now, not inside a tf.data worker
+        if self.channels not in (1, 3):
+            raise InputError(f"channels must be 1 or 3, got {self.channels}")
+        if self.size < 1:
+            raise InputError(f"image size must be positive, got {self.size}")
+
+    def as_dict(self) -> dict:
+        return {
+            "size": self.size,
+            "normalization": self.normalization,
+            "keras_family": self.keras_family,
+            "channels": self.channels,
+            "decode": "png gray [0,1], 8/16-bit",
+            "resize": "area (down) / bilinear (up), square",
+        }
+
+
+def keras_preprocess(family: str):
+    """`keras.applications.<family>.preprocess_input`, or an InputError listing the families."""
+    module = getattr(keras.applications, family, None) if family else None
+    if module is None or not hasattr(module, "preprocess_input"):
+        valid = sorted(
+            name
+            for name in dir(keras.applications)
+            if hasattr(getattr(keras.applications, name), "preprocess_input")
+        )
+        raise InputError(
+            f"keras_family {family!r} has no keras.applications preprocess_input; valid: {', '.join(valid)}"
+        )
+    return module.preprocess_input
+
+
+def decode(png: tf.Tensor) -> tf.Tensor:
+    """PNG bytes -> (H, W, 1) float32 in [0, 1]; 8- or 16-bit, gray, gray+alpha, RGB(A) or palette."""
+    # Decoding 8-bit files as uint16 would be exact too, but ~15% slower; only 16-bit files need it.
+    depth = tf.strings.substr(png, _BIT_DEPTH_OFFSET, 1)
+    return tf.cond(
+        tf.equal(depth, b"\x10"),
+        lambda: tf.image.convert_image_dtype(tf.io.decode_png(png, channels=1, dtype=tf.uint16), tf.float32),
+        lambda: tf.image.convert_image_dtype(tf.io.decode_png(png, channels=1, dtype=tf.uint8), tf.float32),
+    )
+
+
+def resize(image01: tf.Tensor, size: int) -> tf.Tensor:
+    """Square resize; `area` when shrinking (antialiased and ~2x faster than antialiased bilinear)."""
+    shape = tf.shape(image01)
+    shrinking = tf.logical_and(shape[0] >= size, shape[1] >= size)
+    return tf.cond(
+        shrinking,
+        lambda: tf.image.resize(image01, (size, size), method="area"),
+        lambda: tf.image.resize(image01, (size, size), method="bilinear", antialias=True),
+    )
+
+
+def normalize(image01: tf.Tensor, spec: ImageSpec) -> tf.Tensor:
+    """(s, s, 1) [0,1] -> the backbone's input range, with spec.channels channels."""
+    if spec.normalization == "standardize":
+        image = tf.image.per_image_standardization(image01)
+    elif spec.normalization == "unit":
+        image = image01
+    else:  # "bytes" and "keras" both start from 0..255
+        image = image01 * 255.0
+    if spec.channels == 3:
+        image = tf.repeat(image, 3, axis=-1)
+    if spec.normalization == "keras":
+        image = tf.cast(keras_preprocess(spec.keras_family)(image), tf.float32)
+    return image
+
+
+def preprocess(image01: tf.Tensor, spec: ImageSpec) -> tf.Tensor:
+    """Decoded gray [0,1] image -> (s, s, c) float32 ready for the backbone."""
+    return normalize(resize(image01, spec.size), spec)
+
+
+def check_file(path) -> tuple[Status, str]:
+    """Cheap file check without decoding: MISSING, EMPTY, UNDECODABLE (not a PNG), TRUNCATED or OK."""
+    path = Path(path) if str(path) else None
+    if path is None or not path.is_file():
+        return Status.MISSING, f"{path or '(no path)'}: image file not found"
+    size = path.stat().st_size
+    if size == 0:
+        return Status.EMPTY, f"{path}: image file is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(len(PNG_SIGNATURE))
+        f.seek(max(0, size - _TAIL_BYTES))
+        tail = f.read()
+    if head != PNG_SIGNATURE:
+        return Status.UNDECODABLE, f"{path}: not a PNG file (starts with {head!r})"
+    if b"IEND" not in tail:
+        return (
+            Status.TRUNCATED,
+            f"{path}: PNG ends after {size} bytes without its IEND chunk (truncated copy?)",
+        )
+    return Status.OK, ""
+
+
+def decode_error(path) -> str:
+    """Why this file cannot be decoded ("" if it can): the reason recorded for a dropped image."""
+    status, reason = check_file(path)
+    if status != Status.OK:
+        return reason
+    try:
+        decode(tf.io.read_file(str(path)))
+    except tf.errors.OpError as err:
+        return f"{path}: PNG cannot be decoded: {_op_message(err)}"
+    return ""
+
+
+def _op_message(err: tf.errors.OpError) -> str:
+    """The useful part of a TF op error ("Invalid PNG data, ..."), without graph-node decoration."""
+    text = (err.message or type(err).__name__).strip().splitlines()[0]
+    text = re.sub(r"\{\{[^}]*\}\}", "", text)
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text).strip() or type(err).__name__
+
+
+def load_image(path, spec: ImageSpec) -> np.ndarray:
+    """One image, eagerly, through the same steps as make_dataset: (s, s, c) float32."""
+    status, reason = check_file(path)
+    if status != Status.OK:
+        raise ImageError(status, reason)
+    try:
+        image01 = decode(tf.io.read_file(str(path)))
+    except tf.errors.OpError:
+        raise ImageError(Status.UNDECODABLE, decode_error(path)) from None
+    return preprocess(image01, spec).numpy()
+
+
+def augment(image: tf.Tensor, *, seed: tf.Tensor) -> tf.Tensor:
+    """Seeded, stateless view of an (s, s, 1) [0,1] image: flip, rotation <= 10 deg + zoom crop, contrast."""
+    flip_seed, geometry_seed, contrast_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    image = tf.cond(
+        tf.random.stateless_uniform([], seed=flip_seed) < 0.5,
+        lambda: tf.image.flip_left_right(image),
+        lambda: image,
+    )
+    image = _rotate_zoom(image, seed=geometry_seed)
+    image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seed=contrast_seed)
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def _rotate_zoom(image: tf.Tensor, *, seed: tf.Tensor) -> tf.Tensor:
+    """Rotate by up to +-10 degrees, zoom in up to 12% (a crop) and shift up to 4%, in one resampling."""
+    angle, zoom, dx, dy = tf.unstack(
+        tf.random.stateless_uniform(
+            [4], seed=seed, minval=[-1.0, 1.0, -1.0, -1.0], maxval=[1.0, 1.12, 1.0, 1.0]
+        )
+    )
+    angle = angle * (10.0 * np.pi / 180.0)
+    size = tf.cast(tf.shape(image)[0], tf.float32)
+    center = (size - 1.0) / 2.0
+    # The transform maps output pixel (x, y) to the input pixel it samples from.
+    a0, a1 = tf.cos(angle) / zoom, -tf.sin(angle) / zoom
+    b0, b1 = tf.sin(angle) / zoom, tf.cos(angle) / zoom
+    a2 = center - a0 * center - a1 * center + dx * 0.04 * size
+    b2 = center - b0 * center - b1 * center + dy * 0.04 * size
+    transform = tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])[None]
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=transform,
+        output_shape=tf.shape(image)[:2],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="REFLECT",
+    )
+    return out[0]
+
+
+def _load_views(path, row, *, spec: ImageSpec, views: int, seed: int):
+    image = resize(decode(tf.io.read_file(path)), spec.size)
+    if views == 1:
+        return row, normalize(image, spec)
+    image_seed = tf.stack([tf.constant(seed, tf.int64), row])
+    stack = [image] + [
+        augment(image, seed=tf.random.experimental.stateless_fold_in(image_seed, v)) for v in range(1, views)
+    ]
+    return row, tf.stack([normalize(view, spec) for view in stack])
+
+
+def make_dataset(
+    paths: Sequence[str],
+    rows: Sequence[int],
+    *,
+    spec: ImageSpec,
+    batch_size: int,
+    shards: Sequence[tuple[int, int]],
+    views: int = 1,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """Batches `(rows int64[b], images float32[b, s, s, c])` ([b, K, s, s, c] when views > 1).
+
+    `paths[i]` is the image of `rows[i]`; `shards` are (start, stop) position ranges over `paths`,
+    read in the order given, and no batch mixes two shards. Images that cannot be read or decoded
+    are dropped: the rows carried with each image say which ones arrived (see check_file,
+    decode_error). Decoding runs in parallel but the order is deterministic.
+    """
+    paths = np.asarray(paths, dtype=str)
+    rows = np.asarray(rows, dtype=np.int64)
+    if paths.shape != rows.shape or paths.ndim != 1:
+        raise ValueError(f"paths and rows must be 1-D and aligned, got {paths.shape} and {rows.shape}")
+    if views < 1 or batch_size < 1:
+        raise ValueError(f"views and batch_size must be >= 1, got views={views} batch_size={batch_size}")
+    for start, stop in shards:
+        if not 0 <= start <= stop <= len(paths):
+            raise ValueError(f"shard ({start}, {stop}) is outside 0..{len(paths)}")
+    all_paths, all_rows = tf.constant(paths), tf.constant(rows)
+
+    def load(path, row):
+        return _load_views(path, row, spec=spec, views=views, seed=seed)
+
+    def shard_batches(start, stop):
+        # Per shard, so a batch never spans a shard boundary even after failed images are dropped.
+        items = tf.data.Dataset.from_tensor_slices((all_paths[start:stop], all_rows[start:stop]))
+        items = items.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return items.ignore_errors(log_warning=False).batch(batch_size)
+
+    bounds = np.asarray(list(shards), dtype=np.int64).reshape(-1, 2)
+    dataset = tf.data.Dataset.from_tensor_slices((bounds[:, 0], bounds[:, 1])).flat_map(shard_batches)
+    options = tf.data.Options()
+    options.deterministic = True
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)

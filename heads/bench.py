@@ -1,0 +1,222 @@
+"""bench heads: the fc head on a synthetic cache of the full ChestX-ray14 size, against its compute floor.
+
+The floor is the epoch's training FLOPs divided by the matrix-multiply rate measured in the same process,
+so the ratio says how much time goes to anything but the head's own arithmetic.
+"""
+
+import dataclasses
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cache.store import cache_path, write_features
+from extract.config import LABELS, HeadConfig, TrainConfig
+from extract.index import Index
+from extract.splits import Splits
+from heads.data import load_head_data
+from heads.models import build_head
+from heads.train import compile_for_training, train_head, training_setup
+
+BACKBONE = "bench_synthetic"
+# Label prevalence of ChestX-ray14 (share of images), in LABELS order.
+PREVALENCE = (
+    0.103,
+    0.025,
+    0.119,
+    0.177,
+    0.052,
+    0.056,
+    0.013,
+    0.047,
+    0.042,
+    0.021,
+    0.022,
+    0.015,
+    0.030,
+    0.002,
+)
+IMAGES_PER_PATIENT = 3.64  # 112,120 images of 30,805 patients
+SIGNAL = 0.02  # per-dimension label signal: linear-probe AUCs near the real data's ~0.75
+CHUNK = 8192
+
+
+def bench_heads(
+    *, rows: int = 112120, dim: int = 2048, workdir: Path, epochs: int = 3, seed: int = 0
+) -> dict:
+    """Load time, fc epoch time against its compute floor, a full train-head run, and peak memory."""
+    workdir = Path(workdir)
+    cache_dir, runs_dir = workdir / "features", workdir / "runs"
+    index, splits = synthetic_index(rows, seed=seed)
+    write_synthetic_cache(cache_dir, index=index, dim=dim, seed=seed)
+
+    start = time.perf_counter()
+    data = load_head_data(
+        cache_dir=cache_dir, backbones=[BACKBONE], index=index, splits=splits, metadata=False
+    )
+    load_s = time.perf_counter() - start
+
+    head, train = HeadConfig(kind="fc"), TrainConfig(seed=seed)
+    rate = matmul_flops_per_s(batch=train.batch_size, dim=dim, units=head.units[0])
+    epoch_s, flops = time_fc_epochs(data, head=head, train=train, epochs=epochs)
+    del data
+
+    start = time.perf_counter()
+    data = load_head_data(
+        cache_dir=cache_dir, backbones=[BACKBONE], index=index, splits=splits, metadata=False
+    )
+    metrics = train_head(
+        run_dir=runs_dir / "bench-fc",
+        data=data,
+        head=head,
+        train=train,
+        label_names=LABELS,
+        config_snapshot={
+            "bench": True,
+            "labels": list(LABELS),
+            "head": dataclasses.asdict(head),
+            "train": dataclasses.asdict(train),
+            "backbones": [BACKBONE],
+        },
+        force=True,
+        progress=False,
+    )
+    full_s = time.perf_counter() - start
+    floor_s = flops / rate
+    return {
+        "rows": rows,
+        "dim": dim,
+        "train_rows": metrics["rows"]["train"],
+        "load_s": round(load_s, 3),
+        "epoch_s": round(epoch_s, 3),
+        "floor_s": round(floor_s, 3),
+        "ratio": round(epoch_s / floor_s, 3),
+        "matmul_gflops": round(rate / 1e9, 1),
+        "train_gflop_per_epoch": round(flops / 1e9, 1),
+        "train_head_s": round(full_s, 1),
+        "train_head_epochs": metrics["epochs"],
+        "train_head_test_mean_auc": round(metrics["mean_auc"], 4),
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "batch_size": train.batch_size,
+        "steps_per_execution": train.steps_per_execution,
+        "device": _device(),
+        "cpu_threads": len(os.sched_getaffinity(0)),
+    }
+
+
+def synthetic_index(rows: int, *, seed: int) -> tuple[Index, Splits]:
+    """An index shaped like ChestX-ray14 (prevalence, images per patient) and a 70/10/20 patient split."""
+    rng = np.random.default_rng(seed)
+    patients = (np.arange(rows) / IMAGES_PER_PATIENT).astype(np.int64)
+    labels = (rng.random((rows, len(LABELS))) < np.array(PREVALENCE)).astype(np.uint8)
+    index = Index(
+        csv_path=Path("synthetic"),
+        label_names=LABELS,
+        names=np.array([f"{p:08d}_{i:03d}.png" for i, p in enumerate(patients)], dtype=object),
+        labels=labels,
+        patients=patients,
+        follow_up=np.zeros(rows, np.int32),
+        age=rng.uniform(1, 95, rows).astype(np.float32),
+        sex=np.where(rng.random(rows) < 0.56, "M", "F").astype(object),
+        view=np.where(rng.random(rows) < 0.6, "PA", "AP").astype(object),
+        width=np.full(rows, 1024, np.int32),
+        height=np.full(rows, 1024, np.int32),
+        ages_invalid=0,
+    )
+    draw = np.random.default_rng(seed + 1).random(patients[-1] + 1)[patients]
+    assignment = np.where(draw < 0.7, "train", np.where(draw < 0.8, "val", "test")).astype(object)
+    return index, Splits(assignment=assignment, source="patient-random")
+
+
+def write_synthetic_cache(cache_dir: Path, *, index: Index, dim: int, seed: int) -> Path:
+    """Gaussian float16 features with a weak linear label signal, written through the feature store."""
+    rng = np.random.default_rng(seed)
+    directions = rng.standard_normal((len(LABELS), dim)).astype(np.float32) * SIGNAL
+    features = np.empty((len(index), dim), np.float16)
+    for start in range(0, len(index), CHUNK):  # chunks keep float32 temporaries small
+        stop = min(start + CHUNK, len(index))
+        block = rng.standard_normal((stop - start, dim), dtype=np.float32)
+        features[start:stop] = block + index.labels[start:stop] @ directions
+    if cache_dir.exists():
+        shutil.rmtree(cache_dir)
+    cache_dir.mkdir(parents=True)
+    attrs = {"backbone": BACKBONE, "kind": "features", "dtype": "float16", "views": 1, "synthetic": True}
+    n = len(index)
+    return write_features(
+        cache_path(cache_dir, BACKBONE),
+        names=index.names,
+        features=features,
+        status=np.zeros(n, np.int8),
+        errors=np.full(n, "", dtype=object),
+        attrs=attrs,
+    )
+
+
+def matmul_flops_per_s(*, batch: int, dim: int, units: int, repeats: int = 20) -> float:
+    """float32 (batch, dim) x (dim, units) multiply rate, the fc head's dominant product; best of 5."""
+    a = tf.random.normal((batch, dim), seed=1)
+    b = tf.random.normal((dim, units), seed=2)
+    for _ in range(3):
+        tf.matmul(a, b)
+    best = np.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            product = tf.matmul(a, b)
+        product.numpy()  # waits for the last product
+        best = min(best, time.perf_counter() - start)
+    return repeats * 2.0 * batch * dim * units / best
+
+
+def training_flops(model: keras.Model, examples: int) -> float:
+    """Multiply-add FLOPs of one epoch of Dense layers: forward, weight gradients and input gradients
+    (none for a layer fed straight by a model input). Elementwise work, dropout and Adam are left out."""
+    inputs = {id(t) for t in model.inputs}
+    per_example = 0.0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Dense):
+            macs = 2.0 * layer.kernel.shape[0] * layer.kernel.shape[1]
+            per_example += macs * (2 if id(layer.input) in inputs else 3)
+    return per_example * examples
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def time_fc_epochs(data, *, head: HeadConfig, train: TrainConfig, epochs: int) -> tuple[float, float]:
+    """(median seconds per training epoch after a warm-up epoch, training FLOPs per epoch)."""
+    keras.utils.set_random_seed(train.seed)
+    (name,) = data.features
+    model = build_head(
+        kind="fc",
+        inputs={name: data.features[name].shape[1:]},
+        n_labels=data.labels.shape[1],
+        head=head,
+        seed=train.seed,
+        byte_dropout=True,  # as train_head trains it
+    )
+    rows = data.rows("train")
+    timer = _EpochTimer()
+    fit_model, batches = training_setup(model, data=data, rows=rows, train=train)
+    compile_for_training(fit_model, train=train, labels_train=data.labels[rows])
+    # The first epoch traces the step function: it is run but not timed.
+    fit_model.fit(batches, epochs=1 + epochs, shuffle=False, callbacks=[timer], verbose=0)
+    return float(np.median(timer.seconds[1:])), training_flops(model, rows.size)
+
+
+def _device() -> str:
+    gpus = tf.config.list_physical_devices("GPU")
+    return f"GPU x{len(gpus)}" if gpus else "CPU"

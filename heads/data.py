@@ -1,0 +1,149 @@
+"""The rows a head trains on: cached features joined by image name with labels, patients, splits, metadata."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cache.status import Status
+from cache.store import cache_path, read_features, shard_dir
+from extract.errors import InputError
+from extract.splits import SPLITS
+
+# Metadata columns concatenated to the features (--metadata): age scaled to ~[0, 1], a flag for a
+# missing age (filled with the training median), sex and view position one-hot.
+METADATA_COLUMNS = ("age", "age_missing", "sex_M", "sex_F", "view_PA", "view_AP")
+AGE_SCALE = 100.0
+
+
+@dataclass(frozen=True, eq=False)
+class HeadData:
+    """Rows in play, in index order; every array is aligned with `names`."""
+
+    names: np.ndarray  # (N,) object str
+    labels: np.ndarray  # (N, L) float32 multi-hot
+    patients: np.ndarray  # (N,) int64
+    split: np.ndarray  # (N,) object, one of SPLITS
+    features: dict[str, np.ndarray]  # per backbone: (N, D) | (N, K, D) | (N, S, S) | (N, K, S, S)
+    metadata: np.ndarray | None  # (N, len(METADATA_COLUMNS)) float32, or None
+    excluded: dict[str, int]  # index rows left out, by reason
+    split_source: str = ""  # "official" | "patient-random" | "frozen"
+
+    def rows(self, split: str) -> np.ndarray:
+        """Positions of the rows in `split`."""
+        if split not in SPLITS:
+            raise InputError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        return np.flatnonzero(self.split == split)
+
+    def describe(self) -> str:
+        """One line for the terminal: rows kept per split and rows left out, by reason."""
+        counts = ", ".join(f"{s} {int((self.split == s).sum())}" for s in SPLITS)
+        left_out = ", ".join(f"{k} {v}" for k, v in self.excluded.items() if v) or "none"
+        caches = " and ".join(self.features)
+        return f"{len(self.names)} images present in {caches} ({counts}); left out: {left_out}"
+
+
+def load_head_data(*, cache_dir: Path, backbones: Sequence[str], index, splits, metadata: bool) -> HeadData:
+    """Read each backbone's cache once, align its rows to the index by name, keep rows OK in every cache."""
+    if not backbones:
+        raise InputError("no backbone given; pass --backbone NAME (one of the [backbones.*] in the config)")
+    in_split = np.isin(splits.assignment, SPLITS)
+    absent = np.zeros(len(index.names), bool)
+    failed = np.zeros(len(index.names), bool)
+    unknown = 0
+    cached = {}
+    for name in backbones:
+        stored, position, status, not_in_index = _read_cache(Path(cache_dir), name, index)
+        absent |= position < 0
+        failed |= (position >= 0) & (status != Status.OK)
+        unknown = max(unknown, not_in_index)
+        cached[name] = (stored, position)
+    # Each left-out row is counted once: absent from some cache first, else failed in some cache.
+    excluded = {
+        "failed_extraction": int((in_split & failed & ~absent).sum()),
+        "not_in_cache": int((in_split & absent).sum()),
+        "not_in_index": unknown,
+        "no_split": int((~in_split).sum()),
+    }
+    keep = in_split & ~absent & ~failed
+    rows = np.flatnonzero(keep)
+    if rows.size == 0:
+        raise InputError(
+            f"no image has features in every cache of {list(backbones)} under {cache_dir}; "
+            f"left out: {excluded}. Re-extract with `python run.py extract --backbone NAME --force`"
+        )
+    # Gather one cache at a time, dropping each stored array as soon as its rows are taken.
+    features = {name: _take(*cached.pop(name), rows) for name in backbones}
+    return HeadData(
+        names=index.names[rows],
+        labels=index.labels[rows].astype(np.float32),
+        patients=np.asarray(index.patients)[rows],
+        split=np.asarray(splits.assignment, dtype=object)[rows],
+        features=features,
+        metadata=_metadata(index, splits, rows) if metadata else None,
+        excluded=excluded,
+        split_source=getattr(splits, "source", ""),
+    )
+
+
+def _read_cache(cache_dir: Path, backbone: str, index) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """A cache's features as stored, the stored row of each index row (-1: absent), each index row's
+    status (meaningful where present) and how many stored names the index does not know."""
+    path = cache_path(cache_dir, backbone)
+    if not path.is_file():
+        pending = shard_dir(cache_dir, backbone)
+        hint = (
+            f"its shards in {pending} are not merged yet: finish the extraction or run "
+            f"`python run.py merge --backbone {backbone}`"
+            if pending.is_dir()
+            else f"make it with `python run.py extract --backbone {backbone}`"
+        )
+        raise InputError(f"no feature cache for backbone {backbone!r} ({path} not found); {hint}")
+    cached = read_features(path)
+    # Join by name, never by position: a cache may hold its rows in any order, or other images.
+    position = pd.Index(cached.names).get_indexer(np.asarray(index.names, dtype=object))
+    found = position >= 0
+    if not found.any():
+        raise InputError(
+            f"{path}: none of its {len(cached.names)} image names are in {index.csv_path}; the cache was "
+            f"made from another image list. Re-extract with `python run.py extract --backbone {backbone} "
+            "--force`"
+        )
+    status = np.full(len(position), Status.MISSING, dtype=np.int8)
+    status[found] = cached.status[position[found]]
+    return cached.features, position, status, len(cached.names) - int(found.sum())
+
+
+def _take(stored: np.ndarray, position: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The stored rows of index rows `rows`, without a copy when that is all of `stored` in its order."""
+    positions = position[rows]
+    if len(positions) == len(stored) and np.array_equal(positions, np.arange(len(stored))):
+        return stored
+    return stored[positions]
+
+
+def _metadata(index, splits, rows: np.ndarray) -> np.ndarray:
+    """Age, sex and view position as float32 columns (METADATA_COLUMNS) for `rows`."""
+    age = np.asarray(index.age, dtype=np.float32)
+    train_ages = age[(np.asarray(splits.assignment) == "train") & ~np.isnan(age)]
+    fill = float(np.median(train_ages)) if train_ages.size else 50.0
+    return encode_metadata(
+        age=age[rows], sex=np.asarray(index.sex)[rows], view=np.asarray(index.view)[rows], fill_age=fill
+    )
+
+
+def encode_metadata(*, age: np.ndarray, sex: np.ndarray, view: np.ndarray, fill_age: float) -> np.ndarray:
+    """(N, 6) float32 in METADATA_COLUMNS order; a NaN age becomes fill_age with its missing flag set."""
+    age = np.asarray(age, dtype=np.float32)
+    missing = np.isnan(age)
+    columns = [
+        np.where(missing, fill_age, age) / AGE_SCALE,
+        missing,
+        sex == "M",
+        sex == "F",
+        view == "PA",
+        view == "AP",
+    ]
+    return np.stack(columns, axis=1).astype(np.float32)

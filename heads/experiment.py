@@ -1,0 +1,148 @@
+"""One training run from the config and command-line options: data in, run folder out."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+from extract.config import Config, HeadConfig, TrainConfig
+from extract.dataset import open_dataset
+from extract.errors import InputError
+
+HEAD_OPTIONS = ("units", "dropout", "transition", "fusion")
+TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "seed", "loss", "metadata", "augment", "patience")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """Everything that defines a run: the head, its training, and the backbones it reads."""
+
+    head: HeadConfig
+    train: TrainConfig
+    backbones: tuple[str, ...]
+
+    def default_name(self) -> str:
+        return f"{self.head.kind}-{'+'.join(self.backbones)}"
+
+
+def plan_run(config: Config, options: dict) -> RunPlan:
+    """Resolve the config's presets with the options the user gave (absent = preset)."""
+    head = config.head(options["head"])
+    head = dataclasses.replace(head, **{k: options[k] for k in HEAD_OPTIONS if k in options})
+    train = dataclasses.replace(config.train, **{k: options[k] for k in TRAIN_OPTIONS if k in options})
+    backbones = options["backbone"]
+    if isinstance(backbones, str):
+        backbones = [b.strip() for b in backbones.split(",") if b.strip()]
+    backbones = tuple(backbones)
+    for name in backbones:
+        config.backbone(name)
+    if head.kind == "ensemble" and len(backbones) < 2:
+        raise InputError(
+            f"--head ensemble needs two or more backbones (--backbone A,B), got {list(backbones)}"
+        )
+    if head.kind != "ensemble" and len(backbones) != 1:
+        raise InputError(f"--head {head.kind} takes one backbone, got {list(backbones)}; use --head ensemble")
+    is_pixels = [config.backbones[b].source == "pixels" for b in backbones]
+    if head.kind == "cnn" and not all(is_pixels):
+        raise InputError(
+            f'--head cnn trains on cached pixels: pass a backbone with source = "pixels", got {backbones[0]}'
+        )
+    if head.kind != "cnn" and any(is_pixels):
+        raise InputError(f"--head {head.kind} needs feature backbones; cached pixels go with --head cnn")
+    return RunPlan(head=head, train=train, backbones=backbones)
+
+
+def snapshot(config: Config, plan: RunPlan) -> dict:
+    """The resolved config saved as runs/RUN/config.json: enough to evaluate, predict and export later."""
+    from cache.store import cache_path, read_attrs
+
+    return {
+        "head": dataclasses.asdict(plan.head),
+        "train": dataclasses.asdict(plan.train),
+        "backbones": {name: config.backbones[name].as_dict() for name in plan.backbones},
+        "labels": list(config.labels),
+        # Prediction must round features exactly as the cache did, so record how it stored them.
+        "feature_dtypes": {
+            name: read_attrs(cache_path(config.cache_dir, name))["dtype"] for name in plan.backbones
+        },
+        "config": config.as_dict(),
+    }
+
+
+def load_plan(run_dir: Path) -> dict:
+    """A run's config.json, or an error saying the folder is not a run."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise InputError(f"{run_dir}: not a run folder (no config.json); train one with run.py train-head")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def run_train_head(config: Config, *, options: dict, name: str | None, force: bool) -> dict:
+    """Load the data set and cached features, train the head, write runs/NAME/."""
+    from heads.data import load_head_data
+    from heads.train import train_head
+
+    plan = plan_run(config, options)
+    run_dir = config.runs_dir / (name or plan.default_name())
+    if run_dir.exists() and not force:
+        raise InputError(f"{run_dir} exists; pick another --name or pass --force to overwrite it")
+    dataset = open_dataset(config)
+    data = load_head_data(
+        cache_dir=config.cache_dir,
+        backbones=plan.backbones,
+        index=dataset.index,
+        splits=dataset.splits,
+        metadata=plan.train.metadata,
+    )
+    metrics = train_head(
+        run_dir=run_dir,
+        data=data,
+        head=plan.head,
+        train=plan.train,
+        label_names=config.labels,
+        config_snapshot=snapshot(config, plan),
+        force=force,
+    )
+    return {**metrics, "summary": summarize_metrics(metrics, run_dir=run_dir)}
+
+
+def run_evaluate(config: Config, *, run_dir: Path, split: str) -> dict:
+    """Recompute a run's metrics on `split` from its saved model and the cache."""
+    from heads.data import load_head_data
+    from heads.evaluate import evaluate_run
+
+    saved = load_plan(run_dir)
+    dataset = open_dataset(config)
+    data = load_head_data(
+        cache_dir=config.cache_dir,
+        backbones=list(saved["backbones"]),
+        index=dataset.index,
+        splits=dataset.splits,
+        metadata=saved["train"]["metadata"],
+    )
+    metrics = evaluate_run(
+        run_dir=run_dir,
+        data=data,
+        split=split,
+        n_boot=saved["train"]["bootstrap"],
+        seed=saved["train"]["seed"],
+    )
+    return {**metrics, "summary": summarize_metrics(metrics, run_dir=run_dir, split=split)}
+
+
+def _interval(ci) -> str:
+    return "" if ci is None or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def summarize_metrics(metrics: dict, *, run_dir: Path, split: str = "test") -> str:
+    """A short per-disease table for the terminal."""
+    lines = [f"{'label':<20} {'AUC':>6}  95% CI (patients)"]
+    for label, m in metrics["labels"].items():
+        if m["auc"] is None:
+            lines.append(f"{label:<20} {'undef':>6}  (one class only in {split})")
+        else:
+            lines.append(f"{label:<20} {m['auc']:>6.3f}  {_interval(m['ci'])}")
+    mean = metrics["mean_auc"]
+    mean_text = "undef" if mean is None or mean != mean else f"{mean:.3f}"
+    lines.append(f"{'mean':<20} {mean_text:>6}  {_interval(metrics['mean_ci'])}")
+    lines.append(f"{split}: {metrics['images']} images, {metrics['patients']} patients; outputs in {run_dir}")
+    return "\n".join(lines)

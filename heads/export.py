@@ -1,0 +1,146 @@
+"""Export a trained run as one SavedModel: PNG bytes (or a decoded gray image) in, 14 probabilities out.
+
+The exported graph traces extraction's own decode/preprocess, the backbone(s), the cache's rounding and
+the head, so it gives predict's numbers without this repository: `tf.saved_model.load(DIR)` is enough.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from extract.config import Config
+from extract.errors import InputError
+from extract.pipeline import decode, load_image, preprocess
+from heads.predict import TrainedRun, fused_probabilities, load_run
+
+# Largest |exported - predict| accepted when the export checks itself after saving.
+TOLERANCE = 1e-5
+USAGE = """\
+import tensorflow as tf
+model = tf.saved_model.load(DIR)
+png = tf.io.read_file("image.png")
+probabilities = model.predict_png(tf.stack([png]))["probabilities"]   # (1, 14)
+labels = [s.decode() for s in model.labels.numpy()]
+# Signatures for TF Serving / keras.layers.TFSMLayer: serving_default (png: string[b]) and
+# serve_image (image: float32[b, H, W, 1], gray in [0, 1]); both return {"probabilities": float32[b, 14]}.
+"""
+
+
+def export_run(*, run_dir: Path, out_dir: Path, config: Config) -> Path:
+    """Write run_dir's backbone(s) + head as one SavedModel in out_dir (new or empty); returns out_dir.
+
+    Everything comes from the run folder; `config` is taken for the same call shape as the other commands.
+    """
+    out_dir = Path(out_dir)
+    _check_target(out_dir)
+    run = load_run(run_dir)
+    module = build_module(run)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_module(module, tmp, run=run)
+        check_export(tmp, run=run)
+        _check_target(out_dir)  # nothing may have appeared there while we worked
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _check_target(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError(f"{out_dir} exists and is not an empty folder; pick a new --out or remove it first")
+
+
+def build_module(run: TrainedRun) -> tf.Module:
+    """A tf.Module with predict_png (string[b]) and predict_image (float32[b,H,W,1] in [0,1]), and labels."""
+    module = tf.Module()
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="png")])
+    def predict_png(png):
+        return {"probabilities": fused_probabilities(run, _preprocessed(run, png, to_gray01=decode))}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name="image")])
+    def predict_image(image):
+        return {"probabilities": fused_probabilities(run, _preprocessed(run, image, to_gray01=tf.identity))}
+
+    module.predict_png = predict_png
+    module.predict_image = predict_image
+    module.labels = tf.Variable(list(run.labels), trainable=False, name="labels")
+    # The backbone and head variables are captured by the traced functions, not attributes of the module;
+    # saving needs them tracked, and listing them here avoids saving Keras' own object graph.
+    captured = {}
+    for fn in (predict_png, predict_image):
+        for var in fn.get_concrete_function().variables:
+            captured.setdefault(var.ref(), var)
+    module.captured_variables = list(captured.values())
+    return module
+
+
+def _preprocessed(run: TrainedRun, batch: tf.Tensor, *, to_gray01) -> dict:
+    """Per image: to gray [0,1] once, then each backbone's own preprocess; {name: (b, s, s, c)}."""
+    specs = [backbone.spec for backbone in run.backbones.values()]
+    signature = tuple(tf.TensorSpec((s.size, s.size, s.channels), tf.float32) for s in specs)
+
+    def one(item):
+        image01 = to_gray01(item)
+        return tuple(preprocess(image01, spec) for spec in specs)
+
+    images = tf.map_fn(one, batch, fn_output_signature=signature)
+    return dict(zip(run.backbones, images, strict=True))
+
+
+def save_module(module: tf.Module, path: Path, *, run: TrainedRun) -> None:
+    """The SavedModel plus labels.json and model.json (what it is, where it came from, how to call it)."""
+    signatures = {
+        "serving_default": module.predict_png.get_concrete_function(),
+        "serve_image": module.predict_image.get_concrete_function(),
+    }
+    tf.saved_model.save(module, str(path), signatures=signatures)
+    (path / "labels.json").write_text(json.dumps(list(run.labels), indent=2) + "\n", encoding="utf-8")
+    about = {
+        "run": str(run.run_dir),
+        "labels": list(run.labels),
+        "backbones": {name: b.config for name, b in run.backbones.items()},
+        "feature_dtypes": run.dtypes,
+        "inputs": {
+            "serving_default": "png: string[b], PNG file bytes (8/16-bit, gray/RGB/RGBA/palette)",
+            "serve_image": "image: float32[b, H, W, 1], decoded gray in [0, 1]",
+        },
+        "outputs": "probabilities: float32[b, L], sigmoid, columns in `labels` order",
+        "usage": USAGE,
+    }
+    (path / "model.json").write_text(json.dumps(about, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def check_export(path: Path, *, run: TrainedRun) -> float:
+    """Reload the SavedModel and compare it with predict's path on a synthetic image; returns the gap."""
+    png = _synthetic_png(size=max(b.spec.size for b in run.backbones.values()) + 7)
+    image_path = path / "check.png"
+    image_path.write_bytes(png)
+    try:
+        images = {name: load_image(image_path, b.spec)[None] for name, b in run.backbones.items()}
+    finally:
+        image_path.unlink()
+    expected = fused_probabilities(run, images).numpy()
+    loaded = tf.saved_model.load(str(path))
+    got = loaded.signatures["serving_default"](png=tf.constant([png]))["probabilities"].numpy()
+    gap = float(np.abs(got - expected).max())
+    if not gap <= TOLERANCE:
+        raise RuntimeError(f"exported model differs from predict by {gap:.2e} (> {TOLERANCE}); not written")
+    return gap
+
+
+def _synthetic_png(*, size: int) -> bytes:
+    """A deterministic gray test image with structure at several scales."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    image = 0.5 + 0.3 * np.sin(9 * x) * np.cos(5 * y) + 0.2 * np.random.default_rng(0).random((size, size))
+    gray = np.clip(image * 255, 0, 255).astype(np.uint8)[..., None]
+    return tf.io.encode_png(gray).numpy()

@@ -1,0 +1,228 @@
+"""Per-disease ROC AUC and PR AUC, and confidence intervals from a bootstrap over patients.
+
+A label with only one class in a split has no AUC: it is NaN here and null in JSON, never 0 and never
+dropped. The bootstrap resamples patients, not images, because images of one patient are correlated;
+resampling images would give intervals that are too narrow.
+"""
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import sparse
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from extract.errors import InputError
+
+# Resamples drawn together; bounds memory at chunk x patients counts.
+_CHUNK = 250
+
+
+def _check_inputs(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
+    y_true = np.asarray(y_true)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if y_true.ndim != 2 or y_true.shape != y_score.shape:
+        raise InputError(
+            f"labels and scores must both be (images, labels) arrays of one shape; "
+            f"received labels {y_true.shape} and scores {y_score.shape}"
+        )
+    if y_true.shape[0] == 0:
+        raise InputError("no images to evaluate: the split is empty")
+    if not np.isin(y_true, (0, 1)).all():
+        raise InputError("labels must be 0 or 1; received other values: fix the label array")
+    if not np.isfinite(y_score).all():
+        raise InputError("scores contain NaN or infinity: check the model's predictions")
+    return y_true.astype(np.int8), y_score
+
+
+def _check_groups(groups, n_images: int) -> np.ndarray:
+    groups = np.asarray(groups)
+    if groups.shape != (n_images,):
+        raise InputError(
+            f"groups must give one patient per image ({n_images}); received shape {groups.shape}"
+        )
+    return groups
+
+
+def _defined(y_true: np.ndarray) -> np.ndarray:
+    positives = y_true.sum(axis=0)
+    return (positives > 0) & (positives < y_true.shape[0])
+
+
+def roc_auc_per_label(y_true, y_score) -> np.ndarray:
+    """ROC AUC per label (scikit-learn), NaN where a label has only one class."""
+    y_true, y_score = _check_inputs(y_true, y_score)
+    defined = _defined(y_true)
+    return np.array(
+        [roc_auc_score(y_true[:, j], y_score[:, j]) if defined[j] else np.nan for j in range(y_true.shape[1])]
+    )
+
+
+def pr_auc_per_label(y_true, y_score) -> np.ndarray:
+    """Average precision per label, NaN where a label has no positives (precision is then undefined)."""
+    y_true, y_score = _check_inputs(y_true, y_score)
+    has_positive = y_true.sum(axis=0) > 0
+    return np.array(
+        [
+            average_precision_score(y_true[:, j], y_score[:, j]) if has_positive[j] else np.nan
+            for j in range(y_true.shape[1])
+        ]
+    )
+
+
+def mean_defined(values) -> float:
+    """Mean over the non-NaN values; NaN when there are none."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else math.nan
+
+
+def _label_incidence(y_true, y_score, *, units: np.ndarray, n_units: int) -> tuple:
+    """Sparse (groups, units) counts of positive and of negative images per unit in each score group.
+
+    Groups run along the sorted scores: a maximal run of tied scores holding both classes is one group
+    (its pairs count half, as in the Mann-Whitney statistic); runs of one class in a row are merged, which
+    changes nothing in the statistic but leaves about 2 x min(positives, negatives) groups instead of N.
+    """
+    order = np.argsort(y_score, kind="stable")
+    score_sorted, positive_sorted = y_score[order], y_true[order].astype(np.int64)
+    tie_of_sorted = np.cumsum(np.r_[True, score_sorted[1:] != score_sorted[:-1]]) - 1
+    positives_in_tie = np.bincount(tie_of_sorted, weights=positive_sorted)
+    kind = np.where(positives_in_tie == 0, 0, 1 + (positives_in_tie < np.bincount(tie_of_sorted)))
+    group_of_tie = np.cumsum(np.r_[True, (kind[1:] != kind[:-1]) | (kind[1:] == 2)]) - 1
+    group = np.empty_like(order)
+    group[order] = group_of_tie[tie_of_sorted]
+    n_groups = int(group_of_tie[-1]) + 1
+    is_positive = y_true.astype(bool)
+
+    def incidence(rows: np.ndarray) -> sparse.csr_matrix:
+        ones = np.ones(int(rows.sum()))
+        return sparse.csr_matrix((ones, (group[rows], units[rows])), shape=(n_groups, n_units))
+
+    return incidence(is_positive), incidence(~is_positive)
+
+
+def _auc_of_weights(incidences: tuple, unit_weights: np.ndarray) -> np.ndarray:
+    """Weighted AUC for each row of unit_weights (R, units); NaN where a row leaves one class."""
+    positive_incidence, negative_incidence = incidences
+    pos = np.asarray(positive_incidence @ unit_weights.T).T
+    neg = np.asarray(negative_incidence @ unit_weights.T).T
+    neg_below = np.cumsum(neg, axis=1) - neg
+    pairs = pos.sum(axis=1) * neg.sum(axis=1)
+    wins = (pos * (neg_below + 0.5 * neg)).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1), np.nan)
+
+
+def weighted_roc_auc(y_true: np.ndarray, y_score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC of one label for many weightings at once: weights (R, N) -> (R,), NaN where one-class.
+
+    Integer weights are multiplicities, so each row equals roc_auc_score on the data repeated that many
+    times. Scores are sorted once; each weighting then costs a sparse product and a short cumulative sum.
+    """
+    n_images = len(y_true)
+    incidences = _label_incidence(
+        np.asarray(y_true), np.asarray(y_score), units=np.arange(n_images), n_units=n_images
+    )
+    return _auc_of_weights(incidences, np.asarray(weights, dtype=np.float64))
+
+
+def _patient_counts(n_patients: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, n_patients) how often each patient is drawn when drawing n_patients with replacement."""
+    draws = rng.integers(0, n_patients, size=(n_boot, n_patients))
+    offsets = np.arange(n_boot)[:, None] * n_patients
+    return np.bincount((draws + offsets).ravel(), minlength=n_boot * n_patients).reshape(n_boot, n_patients)
+
+
+def _interval(replicates: np.ndarray, level: float) -> np.ndarray:
+    finite = replicates[~np.isnan(replicates)]
+    if finite.size == 0:
+        return np.array([np.nan, np.nan])
+    tail = (1.0 - level) / 2.0
+    return np.quantile(finite, [tail, 1.0 - tail])
+
+
+def bootstrap_auc(y_true, y_score, *, groups, n_boot: int, seed: int, level: float = 0.95) -> dict:
+    """Percentile intervals for each label's ROC AUC and their mean, resampling patients (groups).
+
+    Returns {"per_label": (L, 2) low/high, "mean": (2,), "replicates": (L,) usable resamples per label,
+    "mean_replicates": int}. A resample in which a label has one class is skipped for that label; the
+    mean is over the labels defined on the full data, and a resample where any of them is one-class is
+    skipped for the mean (so every mean replicate averages the same labels).
+    """
+    y_true, y_score = _check_inputs(y_true, y_score)
+    groups = _check_groups(groups, y_true.shape[0])
+    if not 0.0 < level < 1.0:
+        raise InputError(f"confidence level must be between 0 and 1; received level={level}")
+    n_labels = y_true.shape[1]
+    patients, patient_of_image = np.unique(groups, return_inverse=True)
+    n_patients = patients.size
+    replicates = np.full((n_boot, n_labels), np.nan)
+    incidences = [
+        _label_incidence(y_true[:, j], y_score[:, j], units=patient_of_image, n_units=n_patients)
+        for j in range(n_labels)
+    ]
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, _CHUNK):
+        counts = _patient_counts(n_patients, min(_CHUNK, n_boot - start), rng).astype(np.float64)
+        for j, label_incidence in enumerate(incidences):
+            replicates[start : start + counts.shape[0], j] = _auc_of_weights(label_incidence, counts)
+    defined = _defined(y_true)
+    replicates[:, ~defined] = np.nan
+    complete = ~np.isnan(replicates[:, defined]).any(axis=1) if defined.any() else np.zeros(n_boot, bool)
+    means = replicates[complete][:, defined].mean(axis=1)
+    return {
+        "per_label": np.array([_interval(replicates[:, j], level) for j in range(n_labels)]).reshape(-1, 2),
+        "mean": _interval(means, level),
+        "replicates": (~np.isnan(replicates)).sum(axis=0),
+        "mean_replicates": int(complete.sum()),
+    }
+
+
+def _json_float(value) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def evaluate(y_true, y_score, *, groups, label_names: Sequence[str], n_boot: int, seed: int) -> dict:
+    """Per-label and mean ROC AUC with patient-bootstrap 95% intervals, PR AUC and counts; JSON-ready.
+
+    Undefined values are None (null in JSON); labels without an AUC are listed under "undefined".
+    n_boot=0 skips the bootstrap and leaves every interval [None, None].
+    """
+    y_true, y_score = _check_inputs(y_true, y_score)
+    groups = _check_groups(groups, y_true.shape[0])
+    if len(label_names) != y_true.shape[1]:
+        raise InputError(
+            f"{len(label_names)} label names for {y_true.shape[1]} label columns: they must match"
+        )
+    aucs = roc_auc_per_label(y_true, y_score)
+    pr_aucs = pr_auc_per_label(y_true, y_score)
+    if n_boot > 0:
+        boot = bootstrap_auc(y_true, y_score, groups=groups, n_boot=n_boot, seed=seed)
+        per_label_ci, mean_ci = boot["per_label"], boot["mean"]
+    else:
+        per_label_ci, mean_ci = np.full((len(label_names), 2), np.nan), np.full(2, np.nan)
+    positives = y_true.sum(axis=0)
+    labels = {
+        name: {
+            "auc": _json_float(aucs[j]),
+            "ci": [_json_float(v) for v in per_label_ci[j]],
+            "pr_auc": _json_float(pr_aucs[j]),
+            "positives": int(positives[j]),
+            "negatives": int(y_true.shape[0] - positives[j]),
+            "defined": bool(not np.isnan(aucs[j])),
+        }
+        for j, name in enumerate(label_names)
+    }
+    return {
+        "labels": labels,
+        "mean_auc": _json_float(mean_defined(aucs)),
+        "mean_ci": [_json_float(v) for v in mean_ci],
+        "mean_pr_auc": _json_float(mean_defined(pr_aucs)),
+        "images": int(y_true.shape[0]),
+        "patients": int(np.unique(groups).size),
+        "undefined": [name for j, name in enumerate(label_names) if np.isnan(aucs[j])],
+        "n_boot": int(n_boot),
+        "seed": int(seed),
+    }

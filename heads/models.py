@@ -1,0 +1,154 @@
+"""The heads (Keras 3): a linear probe, two FC layers, a transition-and-fuse ensemble, a small pixel CNN.
+
+Every head takes one named input per backbone (the backbone's name; plus "metadata" when asked) and
+ends in one sigmoid per label. Layer seeds are derived from `seed`, so a head is the same every build.
+"""
+
+import itertools
+from collections.abc import Iterator
+
+import keras
+import tensorflow as tf
+
+from extract.config import HEAD_KINDS, HeadConfig
+from extract.errors import InputError
+
+FUSIONS = ("add", "concat")
+METADATA_INPUT = "metadata"
+
+
+def build_head(
+    *,
+    kind: str,
+    inputs: dict[str, tuple],
+    n_labels: int,
+    head: HeadConfig,
+    metadata_dim: int = 0,
+    seed: int,
+    byte_dropout: bool = False,
+) -> keras.Model:
+    """A head of `kind` over inputs {backbone name: per-example shape}; outputs (batch, n_labels) in [0, 1].
+
+    byte_dropout swaps keras Dropout for ByteDropout (same weights, cheaper masks) for training only;
+    save the stock head, with the trained weights copied in, so model.keras needs no custom layer.
+    """
+    _check(kind=kind, inputs=inputs, head=head)
+    seeds = itertools.count(seed)
+    tensors = {name: keras.Input(shape=tuple(shape), name=name) for name, shape in inputs.items()}
+    model_inputs = dict(tensors)
+    if metadata_dim:
+        model_inputs[METADATA_INPUT] = keras.Input(shape=(metadata_dim,), name=METADATA_INPUT)
+    if kind == "cnn":
+        x = _conv_tower(next(iter(tensors.values())), head=head, seeds=seeds)
+    elif kind == "ensemble":
+        x = _fuse(tensors, head=head, seeds=seeds)
+    else:
+        x = _join(list(tensors.values()))
+    if metadata_dim:
+        x = _join([x, model_inputs[METADATA_INPUT]])
+    if kind != "linear":
+        x = _fully_connected(x, head=head, seeds=seeds, byte_dropout=byte_dropout)
+    outputs = _dense(n_labels, "sigmoid", head=head, seeds=seeds, name="labels")(x)
+    return keras.Model(model_inputs, outputs, name=f"{kind}_head")
+
+
+def _check(*, kind: str, inputs: dict[str, tuple], head: HeadConfig) -> None:
+    if kind not in HEAD_KINDS:
+        raise InputError(f"unknown head kind {kind!r}; valid: {', '.join(HEAD_KINDS)}")
+    if not inputs:
+        raise InputError("a head needs at least one backbone's features; pass --backbone NAME")
+    if METADATA_INPUT in inputs:
+        raise InputError(
+            f"a backbone may not be called {METADATA_INPUT!r}: that input name is the metadata's"
+        )
+    if kind == "ensemble" and len(inputs) < 2:
+        raise InputError(f"the ensemble head fuses two or more backbones, got {list(inputs)}; use --head fc")
+    if kind == "ensemble" and head.fusion not in FUSIONS:
+        raise InputError(f"heads.ensemble.fusion = {head.fusion!r}; valid: {', '.join(FUSIONS)}")
+    if kind == "cnn" and (len(inputs) != 1 or len(next(iter(inputs.values()))) not in (2, 3)):
+        raise InputError(
+            f"the cnn head takes one cached pixel array (S, S) per image, got inputs {dict(inputs)}; "
+            'use a backbone with source = "pixels"'
+        )
+    if kind != "cnn" and any(len(shape) != 1 for shape in inputs.values()):
+        raise InputError(
+            f"the {kind} head takes one feature vector per image, got input shapes {dict(inputs)}; "
+            "cached pixels go with --head cnn"
+        )
+
+
+def _dense(units: int, activation: str, *, head: HeadConfig, seeds: Iterator[int], name=None):
+    return keras.layers.Dense(
+        units,
+        activation=activation,
+        kernel_initializer=keras.initializers.GlorotUniform(seed=next(seeds)),
+        kernel_regularizer=keras.regularizers.L2(head.l2) if head.l2 else None,
+        name=name,
+    )
+
+
+def _join(tensors: list) -> keras.KerasTensor:
+    return tensors[0] if len(tensors) == 1 else keras.layers.Concatenate()(tensors)
+
+
+def _fully_connected(x, *, head: HeadConfig, seeds: Iterator[int], byte_dropout: bool):
+    """The blog's FC block: Dense + ReLU + dropout per entry of head.units."""
+    dropout = ByteDropout if byte_dropout else keras.layers.Dropout
+    for units in head.units:
+        x = _dense(units, "relu", head=head, seeds=seeds)(x)
+        if head.dropout:
+            x = dropout(head.dropout, seed=next(seeds))(x)
+    return x
+
+
+class ByteDropout(keras.layers.Layer):
+    """Dropout whose mask comes from random bytes, four per 32-bit draw, with the rate rounded to 1/256.
+
+    keras Dropout draws a float per unit, which costs ~15% of an fc epoch on CPU; this costs a third.
+    Training only: it has no weights, so a stock head built alongside takes the trained weights.
+    """
+
+    def __init__(self, rate: float, *, seed: int, **kwargs):
+        super().__init__(**kwargs)
+        self.threshold = round(rate * 256)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, x, training=None):
+        if not training or self.threshold == 0:
+            return x
+        draws = -(-x.shape[-1] // 4)  # 4 bytes per int32 draw
+        bits = tf.random.stateless_uniform(
+            (tf.shape(x)[0], draws), seed=self.seed_generator.next(), minval=None, maxval=None, dtype=tf.int32
+        )
+        random_bytes = tf.reshape(tf.bitcast(bits, tf.uint8), (-1, 4 * draws))[:, : x.shape[-1]]
+        keep = random_bytes >= tf.constant(self.threshold, tf.uint8)
+        return tf.where(keep, x * (256.0 / (256 - self.threshold)), tf.zeros_like(x))
+
+
+def _fuse(tensors: dict, *, head: HeadConfig, seeds: Iterator[int]):
+    """The blog's model 3: each backbone to a common width by its own transition Dense, then add."""
+    transitions = [
+        _dense(head.transition, "relu", head=head, seeds=seeds, name=f"transition_{i}")(t)
+        for i, t in enumerate(tensors.values())
+    ]
+    if head.fusion == "add":
+        return keras.layers.Add()(transitions)
+    return keras.layers.Concatenate()(transitions)
+
+
+def _conv_tower(pixels, *, head: HeadConfig, seeds: Iterator[int]):
+    """The blog's base-case CNN on cached 0..255 pixels: conv-ReLU-pool blocks, then global pooling."""
+    x = keras.layers.Rescaling(1.0 / 255.0)(pixels)
+    if len(pixels.shape) == 3:
+        x = keras.layers.Reshape((*pixels.shape[1:], 1))(x)
+    for filters in head.filters:
+        x = keras.layers.Conv2D(
+            filters,
+            3,
+            padding="same",
+            activation="relu",
+            kernel_initializer=keras.initializers.GlorotUniform(seed=next(seeds)),
+            kernel_regularizer=keras.regularizers.L2(head.l2) if head.l2 else None,
+        )(x)
+        x = keras.layers.MaxPooling2D(2)(x)
+    return keras.layers.GlobalAveragePooling2D()(x)

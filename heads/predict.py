@@ -1,0 +1,199 @@
+"""Prediction on new PNG images with a trained run: backbone(s) and head, through extraction's own pipeline."""
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from extract.backbones import load_backbone
+from extract.config import BackboneConfig, Config
+from extract.errors import InputError
+from extract.pipeline import ImageError, load_image
+from heads.experiment import load_plan
+
+FORMATS = ("table", "json")
+CACHED_DTYPES = ("float16", "float32", "uint8")
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """What turns preprocessed images into probabilities: backbones in model input order, dtypes, head."""
+
+    run_dir: Path
+    labels: tuple[str, ...]
+    backbones: dict  # name -> extract.backbones.Backbone
+    dtypes: dict  # name -> dtype the cache stored its outputs in
+    head: keras.Model
+
+
+def load_run(run_dir: Path) -> TrainedRun:
+    """Rebuild a run's backbones from config.json and load its head from model.keras."""
+    run_dir = Path(run_dir)
+    plan = load_plan(run_dir)
+    if plan["train"].get("metadata"):
+        raise InputError(
+            f"{run_dir} was trained with metadata (age, sex, view position concatenated to the features); "
+            "new images come without them, so it cannot predict. Train a run without --metadata to predict."
+        )
+    model_path = run_dir / "model.keras"
+    if not model_path.is_file():
+        raise InputError(
+            f"{run_dir}: no model.keras (an unfinished run?); train it again with run.py train-head"
+        )
+    # compile=False: the training loss is not needed, and a custom one would have to be importable here.
+    head = keras.saving.load_model(model_path, compile=False)
+    names = [t.name for t in head.inputs]
+    if sorted(names) != sorted(plan["backbones"]):
+        raise InputError(
+            f"{model_path} takes inputs {names} but {run_dir / 'config.json'} lists backbones "
+            f"{list(plan['backbones'])}; the run folder is inconsistent, train it again"
+        )
+    dtypes = plan["feature_dtypes"]
+    for name in names:
+        if dtypes.get(name) not in CACHED_DTYPES:
+            raise InputError(
+                f"{run_dir / 'config.json'}: feature_dtypes[{name!r}] = {dtypes.get(name)!r}, "
+                f"expected one of {', '.join(CACHED_DTYPES)}"
+            )
+    backbones = {name: load_backbone(BackboneConfig(**plan["backbones"][name])) for name in names}
+    return TrainedRun(
+        run_dir=run_dir,
+        labels=tuple(plan["labels"]),
+        backbones=backbones,
+        dtypes={name: dtypes[name] for name in names},
+        head=head,
+    )
+
+
+def as_cached(outputs: tf.Tensor, dtype: str) -> tf.Tensor:
+    """Backbone outputs rounded exactly as the feature cache stored them, as float32 for the head."""
+    # The head was trained on stored values; float16 rounding alone moves features by up to ~1e-3.
+    if dtype == "uint8":  # tf.round, like extraction's np.rint, rounds halves to even
+        return tf.clip_by_value(tf.round(tf.cast(outputs, tf.float32)), 0.0, 255.0)
+    if dtype == "float16":
+        return tf.cast(tf.cast(outputs, tf.float16), tf.float32)
+    return tf.cast(outputs, tf.float32)
+
+
+def cached_features(run: TrainedRun, images: dict) -> dict:
+    """Preprocessed images per backbone {name: (b, s, s, c)} -> features as the cache holds them."""
+    return {
+        name: as_cached(backbone.fn(tf.convert_to_tensor(images[name], tf.float32)), run.dtypes[name])
+        for name, backbone in run.backbones.items()
+    }
+
+
+def fused_probabilities(run: TrainedRun, images: dict) -> tf.Tensor:
+    """Preprocessed images per backbone {name: (b, s, s, c)} -> (b, L) probabilities; eager or traced."""
+    return run.head(_head_inputs(run.head, cached_features(run, images)), training=False)
+
+
+def _head_inputs(head: keras.Model, features: dict):
+    """Features in the structure the functional head was built with (one tensor, a list or a dict)."""
+    if isinstance(head.input, dict):
+        return features
+    ordered = [features[t.name] for t in head.inputs]
+    return ordered if isinstance(head.input, (list, tuple)) else ordered[0]
+
+
+def list_images(inputs: Sequence[Path]) -> list[Path]:
+    """Files as given, folders expanded to the PNG files directly inside them (sorted)."""
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+            if not found:
+                raise InputError(f"{item}: folder holds no .png files; pass PNG files or a folder of them")
+            paths.extend(found)
+        else:
+            paths.append(item)  # a missing or broken file is reported in its own result, not raised
+    return paths
+
+
+def predict_images(*, run_dir: Path, inputs: Sequence[Path], config: Config) -> list[dict]:
+    """14 probabilities per image; an image that cannot be read gets an error and the rest still run."""
+    run = load_run(run_dir)
+    paths = list_images(inputs)
+    batch_size = config.extract.batch_size
+    results = []
+    for start in range(0, len(paths), batch_size):
+        results.extend(_predict_batch(run, paths[start : start + batch_size]))
+    return results
+
+
+def _predict_batch(run: TrainedRun, paths: Sequence[Path]) -> list[dict]:
+    images = {name: [] for name in run.backbones}
+    errors = {}
+    for i, path in enumerate(paths):
+        try:
+            loaded = {name: load_image(path, backbone.spec) for name, backbone in run.backbones.items()}
+        except ImageError as err:
+            errors[i] = err.reason
+            continue
+        for name, image in loaded.items():
+            images[name].append(image)
+    good = [i for i in range(len(paths)) if i not in errors]
+    probs = fused_probabilities(run, {k: np.stack(v) for k, v in images.items()}).numpy() if good else []
+    by_position = dict(zip(good, probs, strict=True))
+    results = []
+    for i, path in enumerate(paths):
+        if i in errors:
+            results.append({"image": str(path), "probabilities": None, "error": errors[i]})
+        else:
+            values = {label: float(p) for label, p in zip(run.labels, by_position[i], strict=True)}
+            results.append({"image": str(path), "probabilities": values, "error": None})
+    return results
+
+
+def format_predictions(results: list[dict], *, fmt: str = "table", csv_path: Path | None = None) -> str:
+    """A table or one JSON document; with csv_path, write the CSV there and return a one-line note."""
+    if csv_path is not None:
+        return write_csv(results, Path(csv_path))
+    if fmt not in FORMATS:
+        raise InputError(f"output format {fmt!r} is not one of: {', '.join(FORMATS)}")
+    if fmt == "json":
+        return json.dumps(results, indent=2)
+    return format_table(results)
+
+
+def _labels_of(results: list[dict]) -> list[str]:
+    return next((list(r["probabilities"]) for r in results if r.get("probabilities")), [])
+
+
+def format_table(results: list[dict]) -> str:
+    """One row per image, one column per label; unreadable images say why."""
+    labels = _labels_of(results)
+    image_width = max([len("image"), *(len(r["image"]) for r in results)])
+    widths = [max(len(label), 5) for label in labels]
+    lines = [
+        "  ".join(
+            [f"{'image':<{image_width}}", *(f"{lb:>{w}}" for lb, w in zip(labels, widths, strict=True))]
+        )
+    ]
+    for r in results:
+        if r.get("error"):
+            lines.append(f"{r['image']:<{image_width}}  error: {r['error']}")
+        else:
+            cells = (f"{r['probabilities'][lb]:>{w}.3f}" for lb, w in zip(labels, widths, strict=True))
+            lines.append("  ".join([f"{r['image']:<{image_width}}", *cells]))
+    failed = sum(1 for r in results if r.get("error"))
+    lines.append(f"{len(results) - failed} images predicted, {failed} could not be read")
+    return "\n".join(lines)
+
+
+def write_csv(results: list[dict], path: Path) -> str:
+    """image, one column per label, error; returns a note saying where it went."""
+    labels = _labels_of(results)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", *labels, "error"])
+        for r in results:
+            probs = r.get("probabilities") or {}
+            writer.writerow([r["image"], *(probs.get(lb, "") for lb in labels), r.get("error") or ""])
+    failed = sum(1 for r in results if r.get("error"))
+    return f"wrote {len(results)} rows to {path} ({failed} could not be read)"

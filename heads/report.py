@@ -1,0 +1,257 @@
+"""What a run shows people: the AUC table beside published numbers, ROC and comparison plots, and the
+leaderboard over runs (like cs230's synthesize_results).
+
+Plots draw on a matplotlib Figure with the Agg canvas directly, so nothing touches pyplot's global state.
+"""
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import auc, roc_curve
+
+from extract.errors import InputError
+from heads.metrics import mean_defined
+from heads.references import load_references
+
+UNDEFINED = "undefined"
+_MISSING = "—"
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return _MISSING if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _fmt_auc_ci(auc: float | None, ci: Sequence[float | None] | None) -> str:
+    if auc is None:
+        return UNDEFINED
+    if not ci or ci[0] is None or ci[1] is None:
+        return _fmt(auc)
+    return f"{auc:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _test_metrics(metrics: dict, *, source: str = "metrics") -> dict:
+    """The evaluate() dict: metrics.json holds it at the top level (or under "test")."""
+    if "labels" in metrics:
+        return metrics
+    if isinstance(metrics.get("test"), dict) and "labels" in metrics["test"]:
+        return metrics["test"]
+    raise InputError(f"{source}: no per-label results ('labels'); re-run run.py evaluate on the run")
+
+
+def _reference_mean(reference: dict, label_names: Sequence[str]) -> float:
+    return mean_defined([reference["auc"].get(name, math.nan) for name in label_names])
+
+
+def _split_lines(metrics: dict, references: dict, run_name: str) -> list[str]:
+    split = metrics.get("split", "test")
+    source = f" from the {metrics['split_source']} splits" if metrics.get("split_source") else ""
+    boot = metrics.get("n_boot")
+    interval = f"; 95% interval from {boot} bootstrap resamples of patients" if boot else ""
+    lines = [
+        f"* **{run_name}**: the {split} split{source} ({metrics['images']} images, "
+        f"{metrics['patients']} patients){interval}."
+    ]
+    lines += [f"* **{ref['title']}**: {ref['split']}. {ref['citation']}." for ref in references.values()]
+    return lines
+
+
+def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name: str) -> Path:
+    """auc.md: this run's AUC per disease (with its interval) beside the published columns."""
+    metrics = _test_metrics(metrics)
+    references = load_references()
+    header = ["Disease", "Positives", f"{run_name} AUC [95% CI]", "PR AUC"]
+    header += [ref["title"] for ref in references.values()]
+    rows = [header, ["---", "---:"] + ["---:"] * (len(header) - 2)]
+    for name in label_names:
+        result = metrics["labels"][name]
+        row = [
+            name,
+            str(result["positives"]),
+            _fmt_auc_ci(result["auc"], result["ci"]),
+            _fmt(result["pr_auc"]),
+        ]
+        rows.append(row + [_fmt(ref["auc"].get(name)) for ref in references.values()])
+    # Published means over the same labels as the run's mean, so the bottom row compares like with like.
+    in_mean = [name for name in label_names if metrics["labels"][name]["auc"] is not None]
+    mean = _fmt_auc_ci(metrics["mean_auc"], metrics["mean_ci"])
+    rows.append(
+        [f"**Mean** ({len(in_mean)} labels)", "", f"**{mean}**", _fmt(metrics.get("mean_pr_auc"))]
+        + [_fmt(_reference_mean(ref, in_mean)) for ref in references.values()]
+    )
+    lines = [f"# ROC AUC per disease: {run_name}", ""]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "Splits (AUCs from different splits are not strictly comparable):", ""]
+    lines += _split_lines(metrics, references, run_name)
+    undefined = [name for name in label_names if metrics["labels"][name]["auc"] is None]
+    if undefined:
+        lines += [
+            "",
+            f"Undefined in this split (only one class present, so no AUC; left out of the mean): "
+            f"{', '.join(undefined)}.",
+        ]
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _save(figure: Figure, path) -> Path:
+    path = Path(path)
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_roc(y_true, y_score, path, *, label_names: Sequence[str]) -> Path:
+    """roc.png: one ROC curve per label; a label with one class is listed as undefined, not drawn."""
+    y_true, y_score = np.asarray(y_true), np.asarray(y_score, dtype=np.float64)
+    figure = Figure(figsize=(8, 7))
+    axes = figure.add_subplot()
+    palette = colormaps["tab20"]
+    for j, name in enumerate(label_names):
+        color = palette(j % palette.N)
+        positives = int(y_true[:, j].sum())
+        if positives in (0, y_true.shape[0]):
+            axes.plot([], [], color=color, linestyle=":", label=f"{name} ({UNDEFINED}: one class)")
+            continue
+        fpr, tpr, _ = roc_curve(y_true[:, j], y_score[:, j])
+        axes.plot(fpr, tpr, color=color, linewidth=1.2, label=f"{name} ({auc(fpr, tpr):.3f})")
+    axes.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, linestyle=":")
+    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate")
+    axes.set_title(f"ROC per disease ({y_true.shape[0]} images)")
+    axes.legend(loc="lower right", fontsize=7, title="label (ROC AUC)", title_fontsize=8)
+    return _save(figure, path)
+
+
+def _plot_references(axes, references: dict, *, label_names: Sequence[str], positions: np.ndarray) -> None:
+    for k, ref in enumerate(references.values()):
+        values = [ref["auc"].get(name, math.nan) for name in label_names]
+        marker = "osD^v"[k % 5]
+        axes.plot(values, positions, marker, color=f"C{k + 1}", markersize=5, alpha=0.8, label=ref["title"])
+
+
+def _plot_run(
+    axes, metrics: dict, *, label_names: Sequence[str], positions: np.ndarray, run_name: str
+) -> float:
+    """The run's AUCs with interval bars; returns the lowest value drawn, to set the axis."""
+    aucs = np.array([_nan_if_none(metrics["labels"][n]["auc"]) for n in label_names])
+    cis = np.array(
+        [[_nan_if_none(v) for v in metrics["labels"][n]["ci"] or (None, None)] for n in label_names]
+    )
+    errors = np.abs(np.nan_to_num(cis - aucs[:, None]).T)
+    axes.errorbar(
+        aucs, positions, xerr=errors, fmt="o", color="black", markersize=6, capsize=3, label=run_name
+    )
+    for position, value in zip(positions, aucs, strict=True):
+        if math.isnan(value):
+            axes.text(0.51, position, UNDEFINED, va="center", fontsize=8, color="black")
+    drawn = np.r_[aucs, cis.ravel()]
+    return float(np.nanmin(drawn)) if np.isfinite(drawn).any() else 0.5
+
+
+def plot_auc_comparison(
+    metrics: dict, path, *, label_names: Sequence[str], run_name: str | None = None
+) -> Path:
+    """auc.png: this run's AUC per disease with its interval, beside each published source.
+
+    run_name defaults to metrics["run"] when the metrics carry it.
+    """
+    metrics = _test_metrics(metrics)
+    run_name = run_name or metrics.get("run") or "this run"
+    positions = np.arange(len(label_names))[::-1]
+    figure = Figure(figsize=(8, 0.45 * len(label_names) + 1.8))
+    axes = figure.add_subplot()
+    _plot_references(axes, load_references(), label_names=label_names, positions=positions)
+    lowest = _plot_run(axes, metrics, label_names=label_names, positions=positions, run_name=run_name)
+    axes.axvline(0.5, color="0.6", linewidth=0.8, linestyle=":")
+    axes.set_yticks(positions, labels=list(label_names))
+    # A poor run (or an interval reaching below chance) stays on the axes rather than cut off.
+    axes.set_xlim(min(0.45, lowest - 0.02), 1.0)
+    axes.set_xlabel("ROC AUC")
+    axes.set_title(f"{run_name}: mean ROC AUC {_fmt(_nan_if_none(metrics['mean_auc']))} beside published")
+    axes.legend(loc="lower left", fontsize=7, bbox_to_anchor=(1.01, 0.0))
+    axes.grid(axis="x", linewidth=0.3)
+    return _save(figure, path)
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise InputError(
+            f"{path}: no {what}; train the run with run.py train-head (or run.py evaluate on it)"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: not valid JSON ({error}); re-run run.py evaluate on the run") from error
+
+
+def _options(config: dict) -> str:
+    head, train = config.get("head", {}), config.get("train", {})
+    parts = [f"loss={train.get('loss', 'bce')}"]
+    if train.get("loss") == "focal":
+        parts.append(f"gamma={train.get('focal_gamma')}")
+    parts += [flag for flag in ("metadata", "augment") if train.get(flag)]
+    if head.get("kind") in ("fc", "ensemble"):
+        parts.append("units=" + "-".join(str(u) for u in head.get("units", ())))
+        parts.append(f"dropout={head.get('dropout')}")
+    if head.get("kind") == "ensemble":
+        parts.append(f"fusion={head.get('fusion')}")
+    if head.get("kind") == "cnn":
+        parts.append("filters=" + "-".join(str(f) for f in head.get("filters", ())))
+    if head.get("l2"):
+        parts.append(f"l2={head['l2']}")
+    parts += [f"{key}={train[key]}" for key in ("lr", "batch_size", "seed") if key in train]
+    return ", ".join(parts)
+
+
+def _read_metrics(run_dir: Path) -> dict:
+    path = run_dir / "metrics.json"
+    return _test_metrics(_read_json(path, "metrics.json"), source=str(path))
+
+
+def _auc_cell(results: dict, name: str) -> str:
+    if name not in results:
+        return _MISSING
+    return UNDEFINED if results[name]["auc"] is None else _fmt(results[name]["auc"])
+
+
+def _leaderboard_row(run_dir: Path, label_names: Sequence[str]) -> tuple[float, list[str]]:
+    metrics = _read_metrics(run_dir)
+    config = _read_json(run_dir / "config.json", "config.json")
+    backbones = config.get("backbones", [])
+    results = metrics["labels"]
+    row = [
+        run_dir.name,
+        _fmt_auc_ci(metrics["mean_auc"], metrics["mean_ci"]),
+        str(config.get("head", {}).get("kind", "?")),
+        "+".join(backbones),
+        _options(config),
+        f"{metrics.get('split', 'test')} ({metrics['images']})",
+    ]
+    row += [_auc_cell(results, name) for name in label_names]
+    return _nan_if_none(metrics["mean_auc"]), row
+
+
+def leaderboard(run_dirs: Sequence[Path]) -> str:
+    """Markdown table of runs, best mean AUC first: interval, head, backbones, options, AUC per disease."""
+    run_dirs = [Path(d) for d in run_dirs]
+    if not run_dirs:
+        raise InputError("no runs to report: train one with run.py train-head, or name run folders")
+    label_names = list(_read_metrics(run_dirs[0])["labels"])
+    scored = [_leaderboard_row(d, label_names) for d in run_dirs]
+    # Runs without a mean AUC go last rather than being dropped.
+    scored.sort(key=lambda item: (math.isnan(item[0]), -item[0] if not math.isnan(item[0]) else 0.0))
+    header = ["#", "run", "mean AUC [95% CI]", "head", "backbones", "options", "split (images)", *label_names]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * len(header)) + " |"]
+    for rank, (_, row) in enumerate(scored, start=1):
+        lines.append("| " + " | ".join([str(rank), *row]) + " |")
+    return "\n".join(lines) + "\n"

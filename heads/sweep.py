@@ -1,0 +1,224 @@
+"""Head sweeps: every combination of a TOML grid trained on features loaded once, chosen on validation."""
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import shutil
+import tomllib
+from pathlib import Path
+
+from extract.config import Config
+from extract.dataset import open_dataset
+from extract.errors import InputError
+from heads.experiment import RunPlan, plan_run, snapshot
+
+# Grid keys and the type of one value; every key but those in [fixed] holds a list of values.
+GRID_KEYS = {
+    "head": str,
+    "backbone": str,
+    "units": list,
+    "dropout": float,
+    "transition": int,
+    "fusion": str,
+    "lr": float,
+    "loss": str,
+    "metadata": bool,
+    "augment": bool,
+    "epochs": int,
+    "batch_size": int,
+    "seed": int,
+    "patience": int,
+}
+REQUIRED = ("head", "backbone")
+
+
+def _value(value, kind: type, *, key: str, path: Path):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise InputError(f"{path}: {key} values must be lists of integers, e.g. [[512, 256], [256]]")
+        return tuple(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InputError(f"{path}: {key} value {value!r} must be {kind.__name__}")
+    return value
+
+
+def read_grid(path: Path) -> tuple[dict[str, list], dict]:
+    """The grid's axes (key -> list of values, file order) and its [fixed] options."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: grid file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"{path}: not valid TOML: {err}") from None
+    fixed_raw = raw.pop("fixed", {})
+    if not isinstance(fixed_raw, dict):
+        raise InputError(f"{path}: fixed must be a table ([fixed])")
+    for key in [*raw, *fixed_raw]:
+        if key not in GRID_KEYS:
+            raise InputError(f"{path}: unknown grid key {key!r} (valid: {', '.join(GRID_KEYS)})")
+    axes = {}
+    for key, values in raw.items():
+        if not isinstance(values, list) or not values:
+            raise InputError(f"{path}: {key} must be a non-empty list of values to try, got {values!r}")
+        axes[key] = [_value(v, GRID_KEYS[key], key=key, path=path) for v in values]
+    fixed = {key: _value(v, GRID_KEYS[key], key=f"fixed.{key}", path=path) for key, v in fixed_raw.items()}
+    for key in REQUIRED:
+        if key not in axes and key not in fixed:
+            raise InputError(f"{path}: the grid needs {key!r} (a list of values, or one value under [fixed])")
+    both = sorted(set(axes) & set(fixed))
+    if both:
+        raise InputError(f"{path}: {both[0]!r} is both a grid axis and in [fixed]; keep one")
+    return axes, fixed
+
+
+def expand_grid(axes: dict[str, list], fixed: dict) -> list[dict]:
+    """Every combination of the axes, each merged with the fixed options."""
+    keys = list(axes)
+    return [{**fixed, **dict(zip(keys, combo, strict=True))} for combo in itertools.product(*axes.values())]
+
+
+def trial_name(plan: RunPlan) -> str:
+    """A stable folder name for a resolved plan: the same trial keeps its folder across resumes."""
+    text = json.dumps(
+        [dataclasses.asdict(plan.head), dataclasses.asdict(plan.train), plan.backbones], sort_keys=True
+    )
+    return f"{plan.head.kind}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def plan_trials(config: Config, combos: list[dict]) -> tuple[dict[str, RunPlan], list[str]]:
+    """Resolve combinations into distinct plans; combinations that make no sense are skipped with why."""
+    plans, skipped = {}, []
+    for combo in combos:
+        try:
+            plan = plan_run(config, combo)
+        except InputError as err:
+            skipped.append(f"{combo}: {err}")
+            continue
+        plans.setdefault(trial_name(plan), plan)
+    return plans, skipped
+
+
+def _trial_data(data, plan: RunPlan):
+    """The loaded data narrowed to a trial's backbones and metadata choice (no copy of the arrays)."""
+    return dataclasses.replace(
+        data,
+        features={name: data.features[name] for name in plan.backbones},
+        metadata=data.metadata if plan.train.metadata else None,
+    )
+
+
+def _finished(trial_dir: Path) -> dict | None:
+    metrics = trial_dir / "metrics.json"
+    return json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else None
+
+
+def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
+    """Train every trial not already finished, rank by validation mean AUC, test only the winner."""
+    from heads.data import load_head_data
+    from heads.evaluate import evaluate_run
+    from heads.report import write_auc_table
+    from heads.train import train_head
+
+    axes, fixed = read_grid(grid_path)
+    combos = expand_grid(axes, fixed)
+    plans, skipped = plan_trials(config, combos)
+    if not plans:
+        raise InputError(f"{grid_path}: no valid combination to train; skipped: {skipped[:3]}")
+    sweep_dir = config.runs_dir / name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(grid_path, sweep_dir / "grid.toml")
+
+    dataset = open_dataset(config)
+    backbones = sorted({b for plan in plans.values() for b in plan.backbones})
+    # One load for every trial: all trials then also see exactly the same rows.
+    data = load_head_data(
+        cache_dir=config.cache_dir, backbones=backbones, index=dataset.index, splits=dataset.splits, metadata=True
+    )
+    print(f"sweep {name}: {len(plans)} trials ({len(combos)} combinations, {len(skipped)} skipped)", flush=True)
+    results = {}
+    for i, (trial, plan) in enumerate(plans.items(), 1):
+        trial_dir = sweep_dir / trial
+        done = _finished(trial_dir)
+        if done is None:
+            print(f"\n[{i}/{len(plans)}] {trial}: {_describe(plan)}", flush=True)
+            done = train_head(
+                run_dir=trial_dir,
+                data=_trial_data(data, plan),
+                head=plan.head,
+                train=plan.train,
+                label_names=config.labels,
+                config_snapshot=snapshot(config, plan),
+                force=True,
+                eval_split="val",
+            )
+        else:
+            print(f"[{i}/{len(plans)}] {trial}: finished earlier, val mean AUC {done['mean_auc']:.4f}", flush=True)
+        results[trial] = done
+
+    ranked = sorted(results, key=lambda t: _sort_key(results[t]["mean_auc"]), reverse=True)
+    winner = ranked[0]
+    winner_plan = plans[winner]
+    test = evaluate_run(
+        run_dir=sweep_dir / winner,
+        data=_trial_data(data, winner_plan),
+        split="test",
+        n_boot=winner_plan.train.bootstrap,
+        seed=winner_plan.train.seed,
+    )
+    write_auc_table(test, sweep_dir / "winner-test-auc.md", label_names=config.labels, run_name=f"{name}/{winner}")
+    board = format_leaderboard(name=name, ranked=ranked, plans=plans, results=results, test=test, skipped=skipped)
+    (sweep_dir / "leaderboard.md").write_text(board, encoding="utf-8")
+    summary = {
+        "winner": winner,
+        "val_mean_auc": results[winner]["mean_auc"],
+        "test_mean_auc": test["mean_auc"],
+        "test_mean_ci": test["mean_ci"],
+        "trials": {t: results[t]["mean_auc"] for t in ranked},
+        "skipped": skipped,
+    }
+    (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return {**summary, "summary": board + f"\nwritten to {sweep_dir}"}
+
+
+def _sort_key(value) -> float:
+    return -1.0 if value is None or value != value else float(value)
+
+
+def _describe(plan: RunPlan) -> str:
+    head, train = plan.head, plan.train
+    parts = [f"head={head.kind}", f"backbones={'+'.join(plan.backbones)}"]
+    if head.kind != "linear":
+        parts.append(f"units={list(head.units)} dropout={head.dropout}")
+    if head.kind == "ensemble":
+        parts.append(f"transition={head.transition} fusion={head.fusion}")
+    parts.append(f"lr={train.lr} loss={train.loss} metadata={train.metadata}")
+    return " ".join(parts)
+
+
+def format_leaderboard(*, name, ranked, plans, results, test, skipped) -> str:
+    """Trials ranked by validation mean AUC; the winner's test figure stated once, below the table."""
+    lines = [
+        f"# Sweep {name}",
+        "",
+        "Trials are ranked by **validation** mean ROC AUC. Only the winner was evaluated on the test split:",
+        "choosing among trials on test would flatter the result.",
+        "",
+        "| rank | trial | val mean AUC | epochs | configuration |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for rank, trial in enumerate(ranked, 1):
+        m = results[trial]
+        auc = "undefined" if _sort_key(m["mean_auc"]) < 0 else f"{m['mean_auc']:.4f}"
+        lines.append(f"| {rank} | {trial} | {auc} | {m.get('epochs', '')} | {_describe(plans[trial])} |")
+    lo, hi = test["mean_ci"]
+    interval = "" if lo is None else f" (95% CI {lo:.4f}–{hi:.4f}, patient bootstrap)"
+    lines += ["", f"Winner: **{ranked[0]}**. Test mean ROC AUC {test['mean_auc']:.4f}{interval}, "
+              f"{test['images']} test images; per disease in winner-test-auc.md."]
+    if skipped:
+        lines += ["", f"Skipped {len(skipped)} combinations that make no sense:"]
+        lines += [f"- {reason}" for reason in skipped]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,320 @@
+"""Train one head on cached features, keep the best epoch by validation mean ROC AUC, write runs/RUN/."""
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from keras import ops
+
+from extract.config import HeadConfig, TrainConfig
+from extract.errors import InputError
+from heads.data import HeadData
+from heads.evaluate import head_inputs, predict_arrays, predict_probabilities, split_metrics
+from heads.losses import make_loss
+from heads.metrics import mean_defined, roc_auc_per_label
+from heads.models import METADATA_INPUT, build_head
+from heads.report import plot_auc_comparison, plot_roc, write_auc_table
+
+OUTPUTS = (
+    "config.json",
+    "model.keras",
+    "history.csv",
+    "predictions.csv",
+    "auc.md",
+    "roc.png",
+    "auc.png",
+    "metrics.json",
+)
+MONITOR = "val_mean_auc"
+
+
+class ValidationAUC(keras.callbacks.Callback):
+    """Puts the validation mean ROC AUC (scikit-learn, per label) into the logs at each epoch's end.
+
+    Keras' own AUC metric bins scores (off by 0.067 on the rarest label here) and averages multi-hot
+    labels wrongly, so early stopping and the learning-rate schedule watch this value instead.
+    """
+
+    def __init__(self, *, head: keras.Model, data: HeadData, rows: np.ndarray):
+        super().__init__()
+        self.head = head
+        self.inputs = head_inputs(head, data, rows)  # gathered once, not every epoch
+        self.labels = data.labels[rows]
+
+    def on_epoch_end(self, epoch, logs=None):
+        scores = predict_arrays(self.head, self.inputs, n=len(self.labels))
+        logs[MONITOR] = mean_defined(roc_auc_per_label(self.labels, scores))
+
+
+class RandomView(keras.layers.Layer):
+    """In training, one randomly chosen cached view per example (the same view for every backbone)."""
+
+    def __init__(self, views: int, *, seed: int, **kwargs):
+        super().__init__(**kwargs)
+        self.views = views
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs: list, training=None):
+        if not training:
+            return [x[:, 0] for x in inputs]
+        view = keras.random.randint((ops.shape(inputs[0])[0],), 0, self.views, seed=self.seed_generator)
+        return [_take_view(x, view) for x in inputs]
+
+
+def _take_view(x, view):
+    index = ops.reshape(view, (-1,) + (1,) * (len(x.shape) - 1))
+    return ops.squeeze(ops.take_along_axis(x, index, axis=1), axis=1)
+
+
+def train_head(
+    *,
+    run_dir: Path,
+    data: HeadData,
+    head: HeadConfig,
+    train: TrainConfig,
+    label_names: Sequence[str],
+    config_snapshot: dict,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train, evaluate on the test split and write every output of a run; returns the test metrics."""
+    start = time.perf_counter()
+    run_dir = _prepare_run_dir(Path(run_dir), force=force)
+    label_names = list(label_names)
+    rows = {split: data.rows(split) for split in ("train", "val", "test")}
+    _check_data(data, rows=rows, label_names=label_names, augment=train.augment)
+    if progress:
+        print(data.describe(), flush=True)
+    (run_dir / "config.json").write_text(json.dumps(config_snapshot, indent=2, default=str), encoding="utf-8")
+
+    keras.utils.set_random_seed(train.seed)
+    spec = {
+        "kind": head.kind,
+        "inputs": {name: _item_shape(array) for name, array in data.features.items()},
+        "n_labels": len(label_names),
+        "head": head,
+        "metadata_dim": 0 if data.metadata is None else data.metadata.shape[1],
+        "seed": train.seed,
+    }
+    trained = build_head(**spec, byte_dropout=True)
+    history = _fit(trained, data=data, rows=rows, train=train, progress=progress)
+    model = build_head(**spec)  # stock layers only, so model.keras loads anywhere
+    model.set_weights(trained.get_weights())
+    fitted = time.perf_counter()
+
+    scores = predict_probabilities(model, data, np.arange(len(data.names)))
+    metrics = split_metrics(
+        data,
+        scores[rows["test"]],
+        split="test",
+        label_names=label_names,
+        n_boot=train.bootstrap,
+        seed=train.seed,
+    )
+    evaluated = time.perf_counter()
+    metrics = {
+        **metrics,
+        "run": run_dir.name,
+        "head": head.kind,
+        "backbones": list(data.features),
+        "val_mean_auc": _best(history[MONITOR]),
+        "epochs": len(history),
+        "best_epoch": int(np.nanargmax(history[MONITOR].to_numpy())) + 1,
+        "rows": {split: int(r.size) for split, r in rows.items()},
+        "excluded": data.excluded,
+    }
+    _write_outputs(
+        run_dir,
+        model=model,
+        data=data,
+        history=history,
+        metrics=metrics,
+        label_names=label_names,
+        scores=scores,
+    )
+    metrics["seconds"] = {
+        "train": round(fitted - start, 2),
+        "evaluate": round(evaluated - fitted, 2),
+        "write": round(time.perf_counter() - evaluated, 2),
+        "total": round(time.perf_counter() - start, 2),
+    }
+    # metrics.json last: a run folder holding it is complete.
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics
+
+
+def _prepare_run_dir(run_dir: Path, *, force: bool) -> Path:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise InputError(f"{run_dir} exists; pick another --name or pass --force to overwrite it")
+        # Only what a run writes is removed, never other files a user put there.
+        for name in OUTPUTS:
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _check_data(data: HeadData, *, rows: dict, label_names: list[str], augment: bool) -> None:
+    if data.labels.shape[1] != len(label_names):
+        raise InputError(
+            f"the data has {data.labels.shape[1]} label columns but {len(label_names)} label names are given"
+        )
+    for split in ("train", "val"):
+        if rows[split].size == 0:
+            raise InputError(
+                f"the {split} split has no images with features; check the split policy and the caches"
+            )
+    val = data.labels[rows["val"]]
+    if not ((val.sum(axis=0) > 0) & (val.sum(axis=0) < len(val))).any():
+        raise InputError(
+            f"no label has both classes in the val split ({len(val)} images), so early stopping has no "
+            "AUC to watch; use more images or a larger val_fraction"
+        )
+    if augment and not any(_has_views(array) for array in data.features.values()):
+        raise InputError(
+            "--augment trains on cached augmented views, but the caches hold one view per image; "
+            "extract with [extract] views > 1 (e.g. views = 4) and --force, or drop --augment"
+        )
+
+
+def _has_views(array: np.ndarray) -> bool:
+    """A (N, K, D) feature array, or a (N, K, S, S) pixel array."""
+    # The store keeps pixels as uint8 and features as floats, so rank and dtype together tell.
+    return (array.ndim == 3 and array.dtype != np.uint8) or array.ndim == 4
+
+
+def _item_shape(array: np.ndarray) -> tuple:
+    return tuple(array.shape[2:] if _has_views(array) else array.shape[1:])
+
+
+def compile_for_training(model: keras.Model, *, train: TrainConfig, labels_train: np.ndarray) -> None:
+    """Adam and the configured loss; several steps per call, as small heads are overhead-bound on CPU."""
+    steps = math.ceil(len(labels_train) / train.batch_size)
+    model.compile(
+        optimizer=keras.optimizers.Adam(train.lr),
+        loss=make_loss(train.loss, labels_train=labels_train, gamma=train.focal_gamma),
+        steps_per_execution=max(1, min(train.steps_per_execution, steps)),
+    )
+
+
+def _fit(
+    model: keras.Model, *, data: HeadData, rows: dict, train: TrainConfig, progress: bool
+) -> pd.DataFrame:
+    """Adam, early stopping on validation mean AUC with the best weights kept, LR reduced on plateau."""
+    fit_model, batches = training_setup(model, data=data, rows=rows["train"], train=train)
+    compile_for_training(fit_model, train=train, labels_train=data.labels[rows["train"]])
+    callbacks = [
+        ValidationAUC(head=model, data=data, rows=rows["val"]),
+        keras.callbacks.EarlyStopping(
+            monitor=MONITOR, mode="max", patience=train.patience, restore_best_weights=True
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor=MONITOR, mode="max", factor=train.lr_factor, patience=train.lr_patience
+        ),
+    ]
+    # shuffle=False: the batches are shuffled already (Keras cannot shuffle a dataset).
+    history = fit_model.fit(
+        batches, epochs=train.epochs, shuffle=False, callbacks=callbacks, verbose=1 if progress else 0
+    )
+    table = pd.DataFrame(history.history)
+    table.insert(0, "epoch", np.arange(1, len(table) + 1))
+    return table
+
+
+class GatherRows(keras.layers.Layer):
+    """Looks a batch of row ids up in the training arrays, inside the compiled training step.
+
+    Keras' numpy input casts float16 features to float32 and copies them twice (about 2 GB more at full
+    size); gathering in tf.data threads instead fights the step's own threads on a 2-core CPU. Here one
+    copy stays in its cached dtype and each batch is gathered in-step, then cast by the head.
+    """
+
+    def __init__(self, arrays: dict, **kwargs):
+        super().__init__(**kwargs)
+        self.names = list(arrays)
+        self.tables = [tf.convert_to_tensor(arrays[name]) for name in self.names]
+
+    def call(self, rows):
+        return [tf.gather(table, rows) for table in self.tables]
+
+
+def training_setup(
+    model: keras.Model, *, data: HeadData, rows: np.ndarray, train: TrainConfig
+) -> tuple[keras.Model, tf.data.Dataset]:
+    """(model to fit, its batches): row ids in, features gathered in-step, one random cached view per
+    example when augmenting; it shares `model`'s weights. Batches follow a new seeded permutation each epoch."""
+    arrays = head_inputs(model, data, rows, all_views=train.augment)
+    row_ids = keras.Input(shape=(), dtype="int64", name="row_ids")
+    gathered = dict(zip(arrays, GatherRows(arrays, name="gather_rows")(row_ids), strict=True))
+    if train.augment:
+        names = [name for name in arrays if name != METADATA_INPUT]
+        views = {arrays[name].shape[1] for name in names}
+        if len(views) != 1:
+            raise InputError(f"--augment needs the same number of cached views in every cache, got {views}")
+        picked = RandomView(views.pop(), seed=train.seed)([gathered[name] for name in names])
+        gathered.update(zip(names, picked, strict=True))
+    fit_model = keras.Model(row_ids, model(gathered), name="training")
+    return fit_model, _row_batches(data.labels[rows], batch_size=train.batch_size, seed=train.seed)
+
+
+def _row_batches(labels: np.ndarray, *, batch_size: int, seed: int) -> tf.data.Dataset:
+    """(row ids, labels) batches; the last one may be short."""
+    n = len(labels)
+    targets = tf.convert_to_tensor(labels, dtype=tf.float32)
+    full, rest = divmod(n, batch_size)
+
+    def batches_of(order):
+        batches = tf.data.Dataset.from_tensor_slices(
+            tf.reshape(order[: full * batch_size], (full, batch_size))
+        )
+        return (
+            batches.concatenate(tf.data.Dataset.from_tensors(order[full * batch_size :])) if rest else batches
+        )
+
+    # A stateful shuffle inside the dataset draws a new (seeded) permutation each time fit iterates it.
+    orders = tf.data.Dataset.from_tensors(tf.range(n, dtype=tf.int64)).map(
+        lambda r: tf.random.shuffle(r, seed=seed)
+    )
+    dataset = orders.flat_map(batches_of).map(lambda ids: (ids, tf.gather(targets, ids)))
+    # flat_map hides the length; stating it lets Keras count steps and run whole executions.
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(full + (rest > 0)))
+    return dataset.prefetch(2)
+
+
+def _best(values: pd.Series) -> float | None:
+    best = np.nanmax(values.to_numpy()) if values.notna().any() else math.nan
+    return None if math.isnan(best) else float(best)
+
+
+def _write_outputs(
+    run_dir: Path,
+    *,
+    model: keras.Model,
+    data: HeadData,
+    history: pd.DataFrame,
+    metrics: dict,
+    label_names: list[str],
+    scores: np.ndarray,
+) -> None:
+    """Everything but metrics.json; `scores` are the probabilities of every row, in data order."""
+    model.save(run_dir / "model.keras")
+    history.to_csv(run_dir / "history.csv", index=False)
+    predictions = pd.DataFrame(scores, columns=label_names)
+    predictions.insert(0, "split", data.split)
+    predictions.insert(0, "name", data.names)
+    predictions.to_csv(run_dir / "predictions.csv", index=False, float_format="%.6f")
+    write_auc_table(metrics, run_dir / "auc.md", label_names=label_names, run_name=run_dir.name)
+    test = data.rows("test")
+    plot_roc(data.labels[test], scores[test], run_dir / "roc.png", label_names=label_names)
+    plot_auc_comparison(metrics, run_dir / "auc.png", label_names=label_names)

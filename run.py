@@ -1,0 +1,350 @@
+#!/usr/bin/env python3
+"""cxr14: frozen-backbone features for ChestX-ray14, cached once, then heads trained in minutes.
+
+One CLI; each subcommand loads the config, calls one library function and prints.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from extract.config import Config, load_config, with_overrides
+from extract.errors import InputError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "cxr14.toml"
+
+
+def _quiet_tensorflow() -> None:
+    # TensorFlow's C++ start-up chatter drowns the progress bars; real errors still surface.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_index(args, config: Config) -> None:
+    from extract.index import find_images, format_summary, summarize
+    from extract.splits import write_split_lists
+
+    from extract.dataset import open_dataset
+
+    dataset = open_dataset(config)
+    missing = None
+    if args.check_images:
+        missing = int((find_images(config.data_dir, dataset.index.names) == "").sum())
+    summary = summarize(dataset.index, dataset.splits, missing_images=missing)
+    if args.write_splits:
+        summary["written"] = [
+            str(p) for p in write_split_lists(dataset.index, dataset.splits, args.write_splits)
+        ]
+    if args.json:
+        _print_json(summary)
+    else:
+        print(format_summary(summary))
+
+
+def cmd_make_sample(args, config: Config) -> None:
+    from extract.sample import make_sample
+
+    info = make_sample(
+        args.out, images=args.images, size=args.size, seed=args.seed, label_names=config.labels
+    )
+    print(f"wrote a sample data set to {args.out}: {json.dumps(info, default=str)}")
+    print(f"next: python run.py index --data-dir {args.out}")
+
+
+def cmd_extract(args, config: Config) -> None:
+    _quiet_tensorflow()
+    from extract.runner import format_extract_summary, run_extract
+
+    summary = run_extract(
+        config,
+        backbone=args.backbone,
+        batch_size=args.batch_size,
+        shard=args.shard,
+        limit=args.limit,
+        force=args.force,
+        views=args.views,
+        mixed_precision=args.mixed_precision,
+        xla=args.xla,
+        dtype=args.dtype,
+    )
+    print(format_extract_summary(summary))
+
+
+def cmd_merge(args, config: Config) -> None:
+    from extract.extraction import merge
+
+    print(f"merged: {merge(cache_dir=config.cache_dir, backbone_name=args.backbone)}")
+
+
+def cmd_train_head(args, config: Config) -> None:
+    _quiet_tensorflow()
+    from heads.experiment import run_train_head
+
+    metrics = run_train_head(config, options=_head_options(args), name=args.name, force=args.force)
+    print(metrics["summary"])
+
+
+def cmd_evaluate(args, config: Config) -> None:
+    _quiet_tensorflow()
+    from heads.experiment import run_evaluate
+
+    metrics = run_evaluate(config, run_dir=args.run, split=args.split)
+    print(metrics["summary"])
+
+
+def cmd_report(args, config: Config) -> None:
+    from heads.report import leaderboard
+
+    runs = args.runs or sorted(p.parent for p in config.runs_dir.glob("*/metrics.json"))
+    text = leaderboard(runs)
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}")
+    print(text)
+
+
+def cmd_sweep(args, config: Config) -> None:
+    _quiet_tensorflow()
+    from heads.sweep import run_sweep
+
+    result = run_sweep(config, grid_path=args.grid, name=args.name)
+    print(result["summary"])
+
+
+def cmd_predict(args, config: Config) -> None:
+    _quiet_tensorflow()
+    from heads.predict import format_predictions, predict_images
+
+    results = predict_images(run_dir=args.run, inputs=args.images, config=config)
+    print(format_predictions(results, fmt="json" if args.json else "table", csv_path=args.csv))
+    if any(r.get("error") for r in results):
+        sys.exit(1 if all(r.get("error") for r in results) else 0)
+
+
+def cmd_export(args, config: Config) -> None:
+    _quiet_tensorflow()
+    from heads.export import export_run
+
+    print(f"exported: {export_run(run_dir=args.run, out_dir=args.out, config=config)}")
+
+
+def cmd_demo(args, config: Config) -> None:
+    _quiet_tensorflow()
+    from heads.demo import run_demo
+
+    print(run_demo(config, workdir=args.workdir, images=args.images))
+
+
+def cmd_bench(args, config: Config) -> None:
+    _quiet_tensorflow()
+    if args.what == "extract":
+        from extract.runner import run_bench_extract
+
+        result = run_bench_extract(
+            config, backbone=args.backbone, images=args.images, batch_size=args.batch_size
+        )
+    else:
+        from heads.bench import bench_heads
+
+        result = bench_heads(rows=args.rows, dim=args.dim, workdir=args.workdir)
+    if args.json:
+        _print_json(result)
+    else:
+        for key, value in result.items():
+            print(f"{key:>28}: {value}")
+
+
+def _head_options(args) -> dict:
+    """Head and training flags the user set (None = take the config's value)."""
+    keys = (
+        "head",
+        "backbone",
+        "epochs",
+        "batch_size",
+        "lr",
+        "seed",
+        "loss",
+        "units",
+        "dropout",
+        "transition",
+        "fusion",
+        "metadata",
+        "augment",
+        "patience",
+    )
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must look like K/N (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
+def _units(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--units must be comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help_text, *, folders=("data", "cache", "runs")):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        p.add_argument(
+            "--config", type=Path, default=DEFAULT_CONFIG, help="config file (default: cxr14.toml)"
+        )
+        if "data" in folders:
+            p.add_argument("--data-dir", type=Path, help="override data.dir")
+        if "cache" in folders:
+            p.add_argument("--cache-dir", type=Path, help="override paths.cache_dir")
+        if "runs" in folders:
+            p.add_argument("--runs-dir", type=Path, help="override paths.runs_dir")
+        return p
+
+    p = command(
+        "index",
+        cmd_index,
+        "Print the data set at a glance (needs only the CSV and split lists).",
+        folders=("data",),
+    )
+    p.add_argument("--check-images", action="store_true", help="also count image files that are missing")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--write-splits", type=Path, metavar="DIR", help="write train/val/test lists to DIR")
+
+    p = command(
+        "make-sample",
+        cmd_make_sample,
+        "Write a small synthetic data set in the ChestX-ray14 layout.",
+        folders=(),
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command(
+        "extract",
+        cmd_extract,
+        "Run a frozen backbone over every image into <cache-dir>/NAME.h5.",
+        folders=("data", "cache"),
+    )
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N", help="take every N-th shard from K")
+    p.add_argument("--limit", type=int, help="only the first N images of the index")
+    p.add_argument("--views", type=int, help="store K views per image (1 plain + K-1 augmented)")
+    p.add_argument("--dtype", choices=("float16", "float32"))
+    p.add_argument("--mixed-precision", action="store_true", default=None)
+    p.add_argument("--xla", action="store_true", default=None)
+    p.add_argument(
+        "--force", action="store_true", help="discard shards/files made differently and start over"
+    )
+
+    p = command("merge", cmd_merge, "Merge finished shards into <cache-dir>/NAME.h5.", folders=("cache",))
+    p.add_argument("--backbone", required=True)
+
+    p = command("train-head", cmd_train_head, "Train a head on cached features and evaluate it.")
+    p.add_argument("--head", required=True, help="linear | fc | ensemble | cnn")
+    p.add_argument("--backbone", required=True, help="NAME or NAME,NAME,... for the ensemble")
+    p.add_argument("--name", help="run folder name under runs/ (default: HEAD-BACKBONES)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--loss", choices=("bce", "weighted", "focal"))
+    p.add_argument("--units", type=_units, help="FC layer sizes, e.g. 512,256")
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--transition", type=int)
+    p.add_argument("--fusion", choices=("add", "concat"))
+    p.add_argument("--patience", type=int)
+    p.add_argument("--metadata", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+
+    p = command("evaluate", cmd_evaluate, "Recompute metrics of a run from its saved model and the cache.")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--split", choices=("val", "test"), default="test")
+
+    p = command("report", cmd_report, "Gather runs into one markdown leaderboard.", folders=("runs",))
+    p.add_argument("runs", nargs="*", type=Path, help="run folders (default: every run under runs/)")
+    p.add_argument("--out", type=Path, help="also write the leaderboard to this file")
+
+    p = command("sweep", cmd_sweep, "Train every head combination in a grid; pick the best on validation.")
+    p.add_argument("--grid", type=Path, required=True)
+    p.add_argument("--name", default="sweep")
+
+    p = command("predict", cmd_predict, "Run a trained model on new PNG images.", folders=("cache", "runs"))
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true")
+    out.add_argument("--csv", type=Path, metavar="FILE")
+
+    p = command(
+        "export",
+        cmd_export,
+        "Write one self-contained model: image in, 14 probabilities out.",
+        folders=("runs",),
+    )
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+
+    p = command(
+        "demo",
+        cmd_demo,
+        "Sample data -> two offline backbones -> fc and ensemble heads -> AUC table.",
+        folders=(),
+    )
+    p.add_argument("--workdir", type=Path, default=Path("demo"))
+    p.add_argument("--images", type=int, default=None, help="sample size (default: the demo's own)")
+
+    p = command("bench", cmd_bench, "Measure extraction or head-training speed.")
+    p.add_argument("what", choices=("extract", "heads"))
+    p.add_argument("--backbone", default="offline_cnn", help="extract: backbone to measure")
+    p.add_argument("--images", type=int, default=512, help="extract: images to time")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--rows", type=int, default=112_120, help="heads: rows of the synthetic cache")
+    p.add_argument("--dim", type=int, default=2048, help="heads: feature dimension")
+    p.add_argument(
+        "--workdir", type=Path, help="heads: where to write the synthetic cache (default: a temp dir)"
+    )
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        config = with_overrides(
+            config,
+            data_dir=getattr(args, "data_dir", None),
+            cache_dir=getattr(args, "cache_dir", None),
+            runs_dir=getattr(args, "runs_dir", None),
+        )
+        args.func(args, config)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Backbones: hub/SavedModel loading (exported by the test), keras.applications, random, pixels."""
+
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from extract.backbones import BackboneError, grid_pooling_matrix, load_backbone, random_kernels
+from extract.config import BackboneConfig
+from extract.errors import InputError
+
+
+def _cfg(**kw) -> BackboneConfig:
+    defaults = {"name": "b", "source": "random", "image_size": 32, "preprocess": "unit"}
+    return BackboneConfig(**(defaults | kw))
+
+
+def _images(n=4, size=16, channels=3, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, size, size, channels)).astype(np.float32)
+
+
+def _tiny_keras_model(size=16) -> keras.Model:
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(5)(x))
+
+
+class _HubStyle(tf.Module):
+    """What a TF Hub image feature-vector model looks like: a callable root with a signature."""
+
+    def __init__(self, model, *, as_dict=False):
+        super().__init__()
+        self.model = model
+        self.as_dict = as_dict
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 16, 16, 3], tf.float32)])
+    def __call__(self, images):
+        features = self.model(images, training=False)
+        return {"pooled": features, "twice": 2.0 * features} if self.as_dict else features
+
+
+# --- hub / SavedModel --------------------------------------------------------------------------------
+
+
+def test_hub_style_saved_model_matches_original(tmp_path):
+    model = _tiny_keras_model()
+    tf.saved_model.save(_HubStyle(model), str(tmp_path / "hub"))
+    backbone = load_backbone(_cfg(source="hub", handle=str(tmp_path / "hub"), image_size=16))
+    x = _images()
+    assert backbone.kind == "features" and backbone.dim == 5
+    assert backbone.spec.channels == 3 and backbone.spec.normalization == "unit"
+    np.testing.assert_allclose(backbone.fn(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_dict_outputs_need_output_key(tmp_path):
+    model = _tiny_keras_model()
+    tf.saved_model.save(_HubStyle(model, as_dict=True), str(tmp_path / "hub"))
+    cfg = _cfg(source="hub", handle=str(tmp_path / "hub"), image_size=16)
+    with pytest.raises(BackboneError, match="output_key.*pooled.*twice|pooled.*twice.*output_key"):
+        load_backbone(cfg)
+    backbone = load_backbone(
+        _cfg(source="hub", handle=str(tmp_path / "hub"), image_size=16, output_key="twice")
+    )
+    x = _images()
+    np.testing.assert_allclose(backbone.fn(x).numpy(), 2 * model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_keras_export_uses_serve(tmp_path):
+    model = _tiny_keras_model()
+    model.export(str(tmp_path / "exported"), verbose=False)
+    backbone = load_backbone(_cfg(source="hub", handle=str(tmp_path / "exported"), image_size=16))
+    x = _images()
+    np.testing.assert_allclose(backbone.fn(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_signature_only_saved_model(tmp_path):
+    module = tf.Module()
+    module.w = tf.Variable(tf.random.stateless_normal([3, 6], seed=[1, 2]))
+    module.f = tf.function(
+        lambda images: tf.reduce_mean(images, axis=[1, 2]) @ module.w,
+        input_signature=[tf.TensorSpec([None, 16, 16, 3], tf.float32)],
+    )
+    tf.saved_model.save(module, str(tmp_path / "sig"), signatures={"serving_default": module.f})
+    backbone = load_backbone(_cfg(source="hub", handle=str(tmp_path / "sig"), image_size=16))
+    x = _images()
+    assert backbone.dim == 6
+    np.testing.assert_allclose(backbone.fn(x).numpy(), x.mean(axis=(1, 2)) @ module.w.numpy(), rtol=1e-5)
+
+
+def test_hub_handle_errors_say_what_to_do(tmp_path):
+    with pytest.raises(BackboneError, match="neither a SavedModel directory nor a URL"):
+        load_backbone(_cfg(source="hub", handle=str(tmp_path / "absent")))
+    with pytest.raises(BackboneError, match="TFHUB_CACHE_DIR.*handle to the unpacked SavedModel directory"):
+        load_backbone(_cfg(source="hub", handle=f"file://{tmp_path}/absent"))
+    with pytest.raises(BackboneError, match='needs source = "keras"'):
+        load_backbone(_cfg(source="random", preprocess="keras"))
+    assert issubclass(BackboneError, InputError)
+
+
+# --- keras.applications -------------------------------------------------------------------------------
+
+
+def _mobilenet(size=32) -> keras.Model:
+    keras.utils.set_random_seed(2)
+    return keras.applications.MobileNetV2(
+        include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg"
+    )
+
+
+def test_keras_weights_file_and_mixed_precision(tmp_path):
+    reference = _mobilenet()
+    weights = tmp_path / "mobilenet.weights.h5"
+    reference.save_weights(weights)
+    cfg = _cfg(source="keras", model="MobileNetV2", weights=str(weights), preprocess="keras")
+    backbone = load_backbone(cfg)
+    x = _images(size=32) * 2 - 1  # already in the [-1, 1] range of mobilenet_v2 preprocessing
+    assert backbone.dim == 1280 and backbone.spec.keras_family == "mobilenet_v2"
+    assert backbone.config["resolved"]["keras_family"] == "mobilenet_v2"
+    expected = reference(x, training=False).numpy()
+    np.testing.assert_allclose(backbone.fn(x).numpy(), expected, rtol=1e-4, atol=1e-5)
+
+    half = load_backbone(cfg, mixed_precision=True)
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    out = half.fn(x)
+    # Untrained MobileNetV2 activations are ~1e-13, below float16's range, so only form is checked here;
+    # test_random_mixed_precision_and_xla_agree compares values.
+    assert out.dtype == tf.float32 and out.shape == (4, 1280) and np.isfinite(out.numpy()).all()
+    assert half.config["resolved"]["mixed_precision"] is True
+
+
+def test_keras_errors(tmp_path, monkeypatch):
+    with pytest.raises(BackboneError, match="'ResNet51' is not a keras.applications model.*ResNet50V2"):
+        load_backbone(_cfg(source="keras", model="ResNet51"))
+    with pytest.raises(BackboneError, match="no such file"):
+        load_backbone(_cfg(source="keras", model="MobileNetV2", weights=str(tmp_path / "nope.h5")))
+
+    from keras.src.utils import file_utils
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: no network")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(BackboneError, match=r"URL fetch failure.*~/.keras/models.*local weights file"):
+        load_backbone(_cfg(source="keras", model="MobileNetV2", weights="imagenet", preprocess="keras"))
+
+
+# --- random -------------------------------------------------------------------------------------------
+
+
+def test_random_is_seeded_and_sized():
+    cfg = _cfg(width=8, grid=2, seed=3)
+    a, b = load_backbone(cfg), load_backbone(cfg)
+    other = load_backbone(_cfg(width=8, grid=2, seed=4))
+    x = _images(size=32, channels=1)
+    assert a.dim == 32 and a.spec.channels == 1 and a.kind == "features"
+    np.testing.assert_array_equal(a.fn(x).numpy(), b.fn(x).numpy())
+    assert not np.allclose(a.fn(x).numpy(), other.fn(x).numpy())
+    kernels = random_kernels(width=8, seed=3)
+    assert [k.shape for k in kernels] == [(3, 3, 1, 2), (3, 3, 2, 4), (3, 3, 4, 8)]
+    np.testing.assert_array_equal(kernels[0], random_kernels(width=8, seed=3)[0])
+
+
+def test_random_keeps_spatial_layout():
+    grid, width = 4, 16
+    backbone = load_backbone(_cfg(image_size=64, width=width, grid=grid))
+    base = np.full((1, 64, 64, 1), 0.3, np.float32)
+    blob = base.copy()
+    blob[0, 2:14, 2:14, 0] = 1.0  # top-left cell only
+    diff = np.abs(backbone.fn(blob).numpy() - backbone.fn(base).numpy()).reshape(grid, grid, width).sum(-1)
+    assert diff[0, 0] > 0 and diff[0, 0] == diff.max()
+    assert diff[grid - 1, grid - 1] == 0.0  # far corner untouched: not a global average
+
+
+def test_random_mixed_precision_and_xla_agree():
+    cfg = _cfg(image_size=64)
+    x = _images(size=64, channels=1)
+    full = load_backbone(cfg).fn(x).numpy()
+    np.testing.assert_allclose(load_backbone(cfg, xla=True).fn(x).numpy(), full, rtol=1e-4, atol=1e-5)
+    half = load_backbone(cfg, mixed_precision=True).fn(x)
+    assert half.dtype == tf.float32
+    np.testing.assert_allclose(half.numpy(), full, atol=0.01 * np.abs(full).max())
+
+
+def test_random_fast_enough_on_cpu():
+    backbone = load_backbone(_cfg(image_size=128))
+    x = tf.constant(_images(n=64, size=128, channels=1))
+    backbone.fn(x)
+    start = time.perf_counter()
+    for _ in range(5):
+        backbone.fn(x).numpy()
+    assert 5 * 64 / (time.perf_counter() - start) > 300  # images/s; the contract's floor on 2 cores
+
+
+# --- pixels -------------------------------------------------------------------------------------------
+
+
+def test_pixels_round_to_bytes():
+    backbone = load_backbone(_cfg(source="pixels", image_size=8, preprocess="bytes"))
+    x = np.full((2, 8, 8, 1), 100.4, np.float32)
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = 300.0, -5.0
+    out = backbone.fn(x).numpy()
+    assert backbone.kind == "pixels" and backbone.dim == 8 and backbone.spec.channels == 1
+    assert out.shape == (2, 8, 8) and out[0, 0, 0] == 255 and out[1, 0, 0] == 0 and out[0, 1, 1] == 100
+    with pytest.raises(BackboneError, match='preprocess = "bytes"'):
+        load_backbone(_cfg(source="pixels", image_size=8, preprocess="unit"))
+
+
+def test_grid_pooling_matrix_covers_uneven_sizes():
+    np.testing.assert_allclose(grid_pooling_matrix(5, 2), [[1 / 3] * 3 + [0, 0], [0, 0] + [1 / 3] * 3])
+    np.testing.assert_allclose(grid_pooling_matrix(8, 4).sum(axis=1), 1.0)
+    assert (grid_pooling_matrix(8, 4) > 0).sum(axis=1).tolist() == [2, 2, 2, 2]

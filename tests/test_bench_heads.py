@@ -1,0 +1,41 @@
+"""heads.bench: the figures are produced and consistent, and the FLOP count matches a hand count."""
+
+import numpy as np
+
+from cache.store import cache_path, read_features
+from extract.config import LABELS, HeadConfig
+from heads.bench import BACKBONE, bench_heads, synthetic_index, training_flops, write_synthetic_cache
+from heads.models import build_head
+
+
+def test_training_flops_by_hand():
+    head = HeadConfig(kind="fc", units=(8, 4))
+    model = build_head(kind="fc", inputs={"bb": (16,)}, n_labels=14, head=head, seed=0)
+    # forward + weight gradient for the first layer (its input needs no gradient), x3 for the others
+    per_example = 2 * 16 * 8 * 2 + 2 * 8 * 4 * 3 + 2 * 4 * 14 * 3
+    assert training_flops(model, 10) == 10 * per_example
+
+
+def test_synthetic_index_and_cache(tmp_path):
+    index, splits = synthetic_index(2000, seed=0)
+    assert len(index) == 2000 and index.labels.shape == (2000, len(LABELS))
+    assert 500 <= len(np.unique(index.patients)) <= 600
+    for split in ("train", "val", "test"):
+        assert set(index.patients[splits.mask(split)]).isdisjoint(index.patients[~splits.mask(split)])
+    assert 0.6 < splits.mask("train").mean() < 0.8
+    write_synthetic_cache(tmp_path, index=index, dim=32, seed=0)
+    stored = read_features(cache_path(tmp_path, BACKBONE))
+    assert stored.features.shape == (2000, 32) and stored.features.dtype == np.float16
+    np.testing.assert_array_equal(stored.names, index.names)
+
+
+def test_bench_heads_reports_consistent_figures(tmp_path):
+    result = bench_heads(rows=3000, dim=64, workdir=tmp_path, epochs=1)
+    for key in ("load_s", "epoch_s", "floor_s", "ratio", "matmul_gflops", "train_head_s", "peak_memory_mb"):
+        assert result[key] > 0, key
+    # the figures are rounded to 3 decimals; allow for that in the quotient
+    rounding = result["ratio"] * 0.0006 / result["floor_s"] + 0.01
+    assert abs(result["ratio"] - result["epoch_s"] / result["floor_s"]) < rounding
+    assert result["rows"] == 3000 and result["dim"] == 64
+    assert 1900 < result["train_rows"] < 2300
+    assert (tmp_path / "runs" / "bench-fc" / "metrics.json").is_file()

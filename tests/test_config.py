@@ -1,0 +1,75 @@
+"""Config parsing: the shipped config loads; unknown keys and wrong types name the key and the file."""
+
+from pathlib import Path
+
+import pytest
+
+from extract.config import LABELS, load_config, with_overrides
+from extract.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_shipped_config_loads_with_the_paper_label_order():
+    config = load_config(ROOT / "cxr14.toml")
+    assert config.labels == LABELS
+    assert config.labels[0] == "Atelectasis" and config.labels[-1] == "Hernia"
+    assert config.backbones["resnet_v2_50"].source == "hub"
+    assert config.backbones["offline_cnn"].source == "random"
+    assert config.heads["fc"].units == (512, 256)
+    assert config.data_dir == ROOT / "data"
+    assert config.split.fractions == (0.7, 0.1, 0.2)
+
+
+def test_relative_paths_are_from_the_config_folder(tmp_path):
+    config = load_config(write(tmp_path, '[data]\ndir = "x"\n[paths]\ncache_dir = "c"\n'))
+    assert config.data_dir == tmp_path / "x"
+    assert config.cache_dir == tmp_path / "c"
+    assert config.runs_dir == tmp_path / "runs"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[train]\nepochz = 3\n", "train.epochz"),
+        ("[train]\nepochs = 'ten'\n", "train.epochs"),
+        ("[train]\nmetadata = 1\n", "train.metadata"),
+        ("[split]\npolicy = 'random'\n", "split.policy"),
+        ("[split]\nfractions = [0.5, 0.5]\n", "split.fractions"),
+        ("[data]\nlabels = ['Atelectasis', 'Flu']\n", "Flu"),
+        ("[data]\ndirectory = 'x'\n", "data.directory"),
+        ("[backbones.b]\nsource = 'hub'\nimage_size = 224\npreprocess = 'unit'\n", "backbones.b.handle"),
+        ("[backbones.b]\nsource = 'keras'\nimage_size = 224\n", "preprocess"),
+        ("[backbones.b]\nsource = 'onnx'\nimage_size = 224\npreprocess = 'unit'\n", "backbones.b.source"),
+        ("[heads.fc]\nunits = [512, 'x']\n", "heads.fc.units[1]"),
+        ("[heads.mlp]\nunits = [1]\n", "heads.mlp"),
+        ("[extract]\ndtype = 'int8'\n", "extract.dtype"),
+        ("colour = 1\n", "colour"),
+        ("[train\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key_and_the_file(tmp_path, text, needle):
+    path = write(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        load_config(path)
+    assert needle in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_ints_are_accepted_for_floats_and_overrides_replace_folders(tmp_path):
+    config = load_config(write(tmp_path, "[train]\nlr = 1\n"))
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    changed = with_overrides(config, data_dir=Path("/d"), cache_dir=None)
+    assert changed.data_dir == Path("/d") and changed.cache_dir == config.cache_dir
+
+
+def test_unknown_backbone_lists_the_configured_ones():
+    config = load_config(ROOT / "cxr14.toml")
+    with pytest.raises(InputError, match="offline_cnn"):
+        config.backbone("resnet152")

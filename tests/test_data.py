@@ -1,0 +1,209 @@
+"""heads.data: cached features joined to the index by name; failed and absent rows counted, bad caches refused."""
+
+import h5py
+import numpy as np
+import pytest
+
+from cache.status import Status
+from cache.store import cache_path, shard_dir, write_features
+from extract.config import LABELS
+from extract.errors import InputError
+from extract.index import Index
+from extract.splits import Splits
+from heads.data import METADATA_COLUMNS, encode_metadata, load_head_data
+
+
+def make_index(n: int = 120, *, seed: int = 0, n_labels: int = len(LABELS)) -> Index:
+    """A small index: 3 images per patient, multi-hot labels with every label present."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, n_labels)) < 0.3).astype(np.uint8)
+    age = rng.uniform(20, 80, n).astype(np.float32)
+    age[::17] = np.nan
+    return Index(
+        csv_path=None,
+        label_names=tuple(LABELS[:n_labels]),
+        names=np.array([f"{i // 3:08d}_{i % 3:03d}.png" for i in range(n)], dtype=object),
+        labels=labels,
+        patients=np.arange(n, dtype=np.int64) // 3,
+        follow_up=(np.arange(n) % 3).astype(np.int32),
+        age=age,
+        sex=np.where(rng.random(n) < 0.5, "M", "F").astype(object),
+        view=np.where(rng.random(n) < 0.6, "PA", "AP").astype(object),
+        width=np.full(n, 1024, np.int32),
+        height=np.full(n, 1024, np.int32),
+        ages_invalid=0,
+    )
+
+
+def make_splits(index: Index) -> Splits:
+    """Patient-wise 60/20/20 by patient id."""
+    bucket = index.patients % 5
+    assignment = np.where(bucket < 3, "train", np.where(bucket == 3, "val", "test")).astype(object)
+    return Splits(assignment=assignment, source="patient-random")
+
+
+def signal_features(index: Index, *, dim: int = 16, seed: int = 0, noise: float = 1.0) -> np.ndarray:
+    """Features that carry the labels linearly, plus noise: a head can learn them."""
+    rng = np.random.default_rng(seed)
+    weights = rng.standard_normal((index.labels.shape[1], dim))
+    return (index.labels @ weights + noise * rng.standard_normal((len(index), dim))).astype(np.float16)
+
+
+def write_cache(cache_dir, backbone, *, names, features, status=None, kind="features", views=1, attrs=None):
+    status = np.zeros(len(names), np.int8) if status is None else status
+    errors = np.where(status == Status.OK, "", "broken").astype(object)
+    base = {"backbone": backbone, "kind": kind, "dtype": str(features.dtype), "views": views}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return write_features(
+        cache_path(cache_dir, backbone),
+        names=names,
+        features=features,
+        status=status,
+        errors=errors,
+        attrs={**base, **(attrs or {})},
+    )
+
+
+@pytest.fixture
+def index():
+    return make_index()
+
+
+def test_rows_are_joined_by_name_not_position(tmp_path, index):
+    features = signal_features(index)
+    order = np.random.default_rng(1).permutation(len(index))
+    write_cache(tmp_path / "a", "bb", names=index.names, features=features)
+    write_cache(tmp_path / "b", "bb", names=index.names[order], features=features[order])
+    splits = make_splits(index)
+    in_order = load_head_data(
+        cache_dir=tmp_path / "a", backbones=["bb"], index=index, splits=splits, metadata=False
+    )
+    shuffled = load_head_data(
+        cache_dir=tmp_path / "b", backbones=["bb"], index=index, splits=splits, metadata=False
+    )
+    np.testing.assert_array_equal(shuffled.features["bb"], features)
+    np.testing.assert_array_equal(shuffled.features["bb"], in_order.features["bb"])
+    np.testing.assert_array_equal(shuffled.names, index.names)
+    np.testing.assert_array_equal(shuffled.labels, index.labels.astype(np.float32))
+    np.testing.assert_array_equal(shuffled.split, splits.assignment)
+    assert shuffled.split_source == "patient-random"
+    assert shuffled.excluded == {"failed_extraction": 0, "not_in_cache": 0, "not_in_index": 0, "no_split": 0}
+
+
+def test_failed_absent_and_unknown_rows_are_counted(tmp_path, index):
+    features = signal_features(index)
+    status = np.zeros(len(index), np.int8)
+    status[[0, 5]] = Status.UNDECODABLE
+    status[7] = Status.TRUNCATED
+    keep = np.ones(len(index), bool)
+    keep[[10, 11]] = False  # never extracted
+    names = np.concatenate([index.names[keep], ["stranger_000.png"]]).astype(object)
+    stored = np.concatenate([features[keep], np.ones((1, features.shape[1]), np.float16)])
+    write_cache(tmp_path, "bb", names=names, features=stored, status=np.append(status[keep], 0))
+    data = load_head_data(
+        cache_dir=tmp_path, backbones=["bb"], index=index, splits=make_splits(index), metadata=False
+    )
+    assert data.excluded == {"failed_extraction": 3, "not_in_cache": 2, "not_in_index": 1, "no_split": 0}
+    dropped = [0, 5, 7, 10, 11]
+    expected = np.delete(np.arange(len(index)), dropped)
+    np.testing.assert_array_equal(data.names, index.names[expected])
+    np.testing.assert_array_equal(data.features["bb"], features[expected])
+    np.testing.assert_array_equal(data.patients, index.patients[expected])
+    assert "115 images" in data.describe() and "failed_extraction 3" in data.describe()
+
+
+def test_ensemble_keeps_images_ok_in_every_cache(tmp_path, index):
+    a, b = signal_features(index, dim=8, seed=1), signal_features(index, dim=4, seed=2).astype(np.float32)
+    status_a = np.zeros(len(index), np.int8)
+    status_a[3] = Status.EMPTY
+    status_b = np.zeros(len(index), np.int8)
+    status_b[[3, 4]] = Status.MISSING
+    write_cache(tmp_path, "a", names=index.names, features=a, status=status_a)
+    order = np.arange(len(index))[::-1]
+    write_cache(tmp_path, "b", names=index.names[order], features=b[order], status=status_b[order])
+    data = load_head_data(
+        cache_dir=tmp_path, backbones=["a", "b"], index=index, splits=make_splits(index), metadata=False
+    )
+    expected = np.delete(np.arange(len(index)), [3, 4])
+    np.testing.assert_array_equal(data.features["a"], a[expected])
+    np.testing.assert_array_equal(data.features["b"], b[expected])
+    assert data.features["b"].dtype == np.float32
+    # A MISSING status recorded by extraction counts as failed; a row failing twice counts once.
+    assert data.excluded["failed_extraction"] == 2
+    assert "a and b" in data.describe()
+
+
+def test_metadata_columns(tmp_path, index):
+    write_cache(tmp_path, "bb", names=index.names, features=signal_features(index))
+    splits = make_splits(index)
+    data = load_head_data(cache_dir=tmp_path, backbones=["bb"], index=index, splits=splits, metadata=True)
+    assert data.metadata.shape == (len(index), len(METADATA_COLUMNS))
+    fill = np.median(index.age[(splits.assignment == "train") & ~np.isnan(index.age)])
+    np.testing.assert_allclose(
+        data.metadata[0],
+        [
+            fill / 100,
+            1,
+            index.sex[0] == "M",
+            index.sex[0] == "F",
+            index.view[0] == "PA",
+            index.view[0] == "AP",
+        ],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(data.metadata[1, :2], [index.age[1] / 100, 0], rtol=1e-6)
+    encoded = encode_metadata(
+        age=np.array([30.0, np.nan]), sex=np.array(["F", "M"]), view=np.array(["AP", "PA"]), fill_age=50.0
+    )
+    np.testing.assert_allclose(encoded, [[0.3, 0, 0, 1, 0, 1], [0.5, 1, 1, 0, 1, 0]], rtol=1e-6)
+
+
+def test_no_cache_names_the_extract_command(tmp_path, index):
+    with pytest.raises(InputError, match="python run.py extract --backbone resnet"):
+        load_head_data(
+            cache_dir=tmp_path, backbones=["resnet"], index=index, splits=make_splits(index), metadata=False
+        )
+    shard_dir(tmp_path, "resnet").mkdir()
+    with pytest.raises(InputError, match="python run.py merge --backbone resnet"):
+        load_head_data(
+            cache_dir=tmp_path, backbones=["resnet"], index=index, splits=make_splits(index), metadata=False
+        )
+
+
+def test_unknown_schema_version_is_refused(tmp_path, index):
+    path = write_cache(tmp_path, "bb", names=index.names, features=signal_features(index))
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(InputError, match="schema_version 99"):
+        load_head_data(
+            cache_dir=tmp_path, backbones=["bb"], index=index, splits=make_splits(index), metadata=False
+        )
+
+
+def test_missing_attributes_are_refused(tmp_path, index):
+    path = write_cache(tmp_path, "bb", names=index.names, features=signal_features(index))
+    with h5py.File(path, "r+") as f:
+        del f.attrs["kind"]
+    with pytest.raises(InputError, match="kind"):
+        load_head_data(
+            cache_dir=tmp_path, backbones=["bb"], index=index, splits=make_splits(index), metadata=False
+        )
+
+
+def test_cache_of_other_images_is_refused(tmp_path, index):
+    other = make_index(30)
+    names = np.array([f"x{n}" for n in other.names], dtype=object)
+    write_cache(tmp_path, "bb", names=names, features=signal_features(other))
+    with pytest.raises(InputError, match="none of its 30 image names"):
+        load_head_data(
+            cache_dir=tmp_path, backbones=["bb"], index=index, splits=make_splits(index), metadata=False
+        )
+
+
+def test_all_rows_failed_is_an_error(tmp_path, index):
+    status = np.full(len(index), Status.UNDECODABLE, np.int8)
+    write_cache(tmp_path, "bb", names=index.names, features=signal_features(index), status=status)
+    with pytest.raises(InputError, match="no image has features"):
+        load_head_data(
+            cache_dir=tmp_path, backbones=["bb"], index=index, splits=make_splits(index), metadata=False
+        )

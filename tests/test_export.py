@@ -1,0 +1,151 @@
+"""heads/export.py: one SavedModel, image in, probabilities out, equal to predict without this repository."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from extract.config import LABELS, BackboneConfig
+from extract.errors import InputError
+from extract.pipeline import decode
+from heads.export import export_run
+from heads.predict import predict_images
+from tests.test_predict import PIXELS, REAL_CXR, TINY, TINY_STD, make_config, make_run, write_png
+
+# Runs in a fresh interpreter, from a folder outside the repository, with only TensorFlow imported.
+RELOAD = """
+import json, sys
+import tensorflow as tf
+try:
+    import extract  # noqa: F401
+    sys.exit("the repository is importable: the test would not prove the export is self-contained")
+except ImportError:
+    pass
+model = tf.saved_model.load(sys.argv[1])
+pngs = tf.constant([open(p, "rb").read() for p in sys.argv[2:]])
+probs = model.signatures["serving_default"](png=pngs)["probabilities"].numpy()
+labels = [s.decode() for s in model.labels.numpy()]
+print(json.dumps({"labels": labels, "probabilities": probs.tolist()}))
+"""
+
+
+def _probs(results: list[dict]) -> np.ndarray:
+    return np.array([[r["probabilities"][label] for label in LABELS] for r in results])
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    real = sorted(REAL_CXR.glob("*.png")) if REAL_CXR.is_dir() else []
+    made = [write_png(tmp_path / "a.png", seed=3), write_png(tmp_path / "b.png", seed=4, bits=16, size=70)]
+    return real + made
+
+
+def test_round_trip_in_a_fresh_process_matches_predict(tmp_path, images):
+    run_dir = make_run(tmp_path / "runs" / "fc", [TINY])
+    config = make_config(tmp_path)
+    out = export_run(run_dir=run_dir, out_dir=tmp_path / "export" / "model", config=config)
+    expected = _probs(predict_images(run_dir=run_dir, inputs=images, config=config))
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(out), *map(str, images)],
+        cwd=outside,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reloaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert reloaded["labels"] == list(LABELS)
+    got = np.array(reloaded["probabilities"])
+    assert got.shape == (len(images), len(LABELS))
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert np.ptp(got, axis=0).max() > 1e-3  # different images, different answers
+
+    assert json.loads((out / "labels.json").read_text()) == list(LABELS)
+    about = json.loads((out / "model.json").read_text())
+    assert set(about["inputs"]) == {"serving_default", "serve_image"}
+    assert about["feature_dtypes"] == {"tiny": "float16"}
+
+
+def test_ensemble_and_pixels_export_both_signatures(tmp_path, images):
+    config = make_config(tmp_path)
+    for name, backbones in (("ensemble", [TINY, TINY_STD]), ("cnn", [PIXELS])):
+        run_dir = make_run(tmp_path / "runs" / name, backbones)
+        out = export_run(run_dir=run_dir, out_dir=tmp_path / "export" / name, config=config)
+        expected = _probs(predict_images(run_dir=run_dir, inputs=images, config=config))
+        model = tf.saved_model.load(str(out))
+        pngs = tf.constant([p.read_bytes() for p in images])
+        np.testing.assert_allclose(
+            model.predict_png(pngs)["probabilities"].numpy(), expected, atol=1e-5, rtol=0
+        )
+        for path, row in zip(images, expected, strict=True):
+            gray = decode(tf.io.read_file(str(path)))[None]
+            got = model.signatures["serve_image"](image=gray)["probabilities"].numpy()[0]
+            np.testing.assert_allclose(got, row, atol=1e-5, rtol=0)
+
+
+def test_refuses_to_overwrite_and_leaves_no_temporary_folder(tmp_path):
+    run_dir = make_run(tmp_path / "runs" / "fc", [TINY])
+    config = make_config(tmp_path)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="not an empty folder"):
+        export_run(run_dir=run_dir, out_dir=taken, config=config)
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export_run(run_dir=run_dir, out_dir=empty, config=config) == empty
+    assert (empty / "saved_model.pb").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "runs", "taken"]
+
+
+def test_metadata_run_is_refused(tmp_path):
+    run_dir = make_run(tmp_path / "meta", [TINY], metadata=True)
+    with pytest.raises(InputError, match="metadata"):
+        export_run(run_dir=run_dir, out_dir=tmp_path / "out", config=make_config(tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
+def _hub_style_saved_model(path: Path) -> Path:
+    """A SavedModel with variables, callable at its root, as TF Hub image models are."""
+    module = tf.Module()
+    module.kernel = tf.Variable(np.random.default_rng(5).normal(size=(3, 3, 3, 6)).astype(np.float32))
+    module.__call__ = tf.function(
+        lambda images: tf.reduce_mean(
+            tf.nn.relu(tf.nn.conv2d(images, module.kernel, 2, "SAME")), axis=[1, 2]
+        ),
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)],
+    )
+    tf.saved_model.save(module, str(path))
+    return path
+
+
+def test_backbones_with_variables_survive_export(tmp_path, images):
+    hub = BackboneConfig(
+        name="hubby",
+        source="hub",
+        handle=str(_hub_style_saved_model(tmp_path / "hub")),
+        image_size=16,
+        preprocess="unit",
+    )
+    app = BackboneConfig(
+        name="mobile", source="keras", model="MobileNetV2", weights="none", image_size=32, preprocess="keras"
+    )
+    config = make_config(tmp_path)
+    run_dir = make_run(tmp_path / "runs" / "ensemble", [hub, app])
+    expected = _probs(predict_images(run_dir=run_dir, inputs=images, config=config))
+    model = tf.saved_model.load(str(export_run(run_dir=run_dir, out_dir=tmp_path / "export", config=config)))
+    got = model.predict_png(tf.constant([p.read_bytes() for p in images]))["probabilities"].numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert np.ptp(got, axis=0).max() > 1e-3

@@ -1,0 +1,357 @@
+"""The extraction loop: failures recorded, kill + resume, shard workers, fingerprints, views, pixels."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cache import store
+from cache.status import Status
+from extract import extraction, pipeline
+from extract.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 8  # backbone input size: tiny, so every test runs in a second or two
+
+
+@dataclass(frozen=True)
+class FakeBackbone:
+    """Stands in for extract.backbones.Backbone: 2x2 average-pooled pixels, optionally slow."""
+
+    name: str = "fake"
+    kind: str = "features"
+    spec: pipeline.ImageSpec = pipeline.ImageSpec(size=SIZE, normalization="unit")
+    dim: int = 12
+    delay: float = 0.0
+    calls: list = field(default_factory=list)
+    config: dict = field(default_factory=lambda: {"name": "fake", "source": "test"})
+
+    def fn(self, images):
+        self.calls.append(tuple(images.shape))
+        time.sleep(self.delay)
+        if self.kind == "pixels":
+            return tf.round(images[..., 0])  # "bytes" normalisation: already 0..255
+        pooled = tf.nn.avg_pool2d(images, ksize=SIZE // 2, strides=SIZE // 2, padding="VALID")
+        return tf.reshape(pooled, (tf.shape(images)[0], -1))
+
+
+def write_png(path: Path, image: np.ndarray) -> bytes:
+    data = tf.io.encode_png(image).numpy()
+    path.write_bytes(data)
+    return data
+
+
+@pytest.fixture
+def images(tmp_path):
+    """12 small PNGs (rows sorted by name) with one of each failure kind among them."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"{i:08d}_000.png" for i in range(12)]
+    paths = []
+    for name in names:
+        paths.append(str(folder / name))
+        write_png(folder / name, rng.integers(0, 256, size=(12, 12, 1), dtype=np.uint8))
+    paths[3] = ""  # MISSING: the index names an image with no file
+    (folder / names[5]).write_bytes(b"")  # EMPTY
+    png = (folder / names[7]).read_bytes()
+    (folder / names[7]).write_bytes(png[: len(png) // 2])  # TRUNCATED
+    (folder / names[8]).write_bytes(b"GIF89a not a png at all")  # UNDECODABLE, caught by the cheap check
+    corrupt = bytearray((folder / names[10]).read_bytes())
+    start = corrupt.find(b"IDAT") + 4
+    corrupt[start : start + 12] = bytes(b ^ 0xFF for b in corrupt[start : start + 12])
+    (folder / names[10]).write_bytes(bytes(corrupt))  # UNDECODABLE, only decoding finds out
+    return names, paths
+
+
+EXPECTED_STATUS = {
+    3: Status.MISSING,
+    5: Status.EMPTY,
+    7: Status.TRUNCATED,
+    8: Status.UNDECODABLE,
+    10: Status.UNDECODABLE,
+}
+
+
+def extract(names, paths, cache_dir, *, backbone=None, **options):
+    settings = dict(batch_size=2, shard_size=4, progress=False) | options
+    backbone = backbone or FakeBackbone()
+    return extraction.extract_features(
+        backbone=backbone, names=names, paths=paths, cache_dir=cache_dir, **settings
+    )
+
+
+def assert_same_file(a: Path, b: Path):
+    x, y = store.read_features(a), store.read_features(b)
+    assert x.features.tobytes() == y.features.tobytes()
+    assert list(x.names) == list(y.names) and list(x.errors) == list(y.errors)
+    np.testing.assert_array_equal(x.status, y.status)
+    assert {k: v for k, v in x.attrs.items() if k != "created"} == {
+        k: v for k, v in y.attrs.items() if k != "created"
+    }
+
+
+def test_every_failure_kind_is_recorded_and_good_rows_match_the_backbone(images, tmp_path):
+    names, paths = images
+    summary = extract(names, paths, tmp_path / "cache", progress=True)
+    got = store.read_features(summary.path)
+    assert summary.path == tmp_path / "cache" / "fake.h5"
+    for row, status in EXPECTED_STATUS.items():
+        assert got.status[row] == status, (row, got.errors[row])
+        assert names[row] in got.errors[row] or "no path" in got.errors[row]
+        assert not got.features[row].any()
+    assert "IEND" in got.errors[7] and "not a PNG" in got.errors[8] and "cannot be decoded" in got.errors[10]
+    ok = [row for row in range(12) if row not in EXPECTED_STATUS]
+    assert (got.status[ok] == Status.OK).all() and (got.errors[ok] == "").all()
+    backbone = FakeBackbone()
+    for row in ok:
+        expected = backbone.fn(pipeline.load_image(paths[row], backbone.spec)[None]).numpy()[0]
+        np.testing.assert_array_equal(got.features[row], expected.astype(np.float16))
+    assert (summary.done, summary.failed, summary.shards_done, summary.shards_skipped) == (7, 5, 3, 0)
+    assert [name for name, _ in summary.failures] == [names[row] for row in EXPECTED_STATUS]
+    assert summary.images_per_s > 0
+    assert got.attrs["fingerprint"] and got.attrs["image_size"] == SIZE and got.attrs["kind"] == "features"
+    assert (
+        got.attrs["preprocess"]["normalization"] == "unit"
+        and got.attrs["backbone_config"]["source"] == "test"
+    )
+    readme = (ROOT / "cache" / "README.md").read_text()
+    documented = re.findall(r"^\| `(\w+)` +\| (?:yes|extract|written) ", readme, re.M)
+    assert len(documented) == 13 and set(documented) == set(
+        got.attrs
+    )  # every attribute documented and written
+
+
+def test_last_batch_is_padded_so_the_backbone_sees_one_shape(images, tmp_path):
+    names, paths = images
+    backbone = FakeBackbone()
+    extract(names, paths, tmp_path / "cache", backbone=backbone, batch_size=3)
+    assert set(backbone.calls) == {(3, SIZE, SIZE, 3)}
+
+
+CHILD = """
+import json, sys
+from tests.test_extraction import FakeBackbone, extract
+job = json.load(open(sys.argv[1]))
+extract(job["names"], job["paths"], job["cache"], backbone=FakeBackbone(delay=0.4), shard_size=2)
+"""
+
+
+def test_kill_mid_run_then_resume_gives_identical_features(images, tmp_path):
+    names, paths = images
+    reference = extract(names, paths, tmp_path / "reference", shard_size=2)
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"names": names, "paths": paths, "cache": str(tmp_path / "killed")}))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(job)], cwd=ROOT, env=env, stderr=subprocess.DEVNULL
+    )
+    shards = store.shard_dir(tmp_path / "killed", "fake")
+    deadline = time.monotonic() + 120
+    while len(list(shards.glob("*.h5"))) < 2 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)  # no chance to clean up: the worst case
+    child.wait()
+    finished = len(list(shards.glob("*.h5")))
+    assert 2 <= finished < 6, "the child should die mid-run"
+    assert not store.cache_path(tmp_path / "killed", "fake").exists()
+    resumed = extract(names, paths, tmp_path / "killed", shard_size=2)
+    assert (resumed.shards_skipped, resumed.shards_done) == (finished, 6 - finished)
+    assert (resumed.done, resumed.failed) == (reference.done, reference.failed)
+    assert_same_file(resumed.path, reference.path)
+
+
+def test_two_shard_workers_give_the_same_file_as_one(images, tmp_path):
+    names, paths = images
+    one = extract(names, paths, tmp_path / "one", shard_size=2)
+    first = extract(names, paths, tmp_path / "two", shard_size=2, shard=(0, 2))
+    assert first.path is None and (first.shards_done, first.shards_skipped) == (3, 0)
+    assert sorted(p.name for p in store.shard_dir(tmp_path / "two", "fake").glob("*.h5"))[:2] == [
+        "000000000-000000002.h5",
+        "000000004-000000006.h5",
+    ]
+    second = extract(names, paths, tmp_path / "two", shard_size=2, shard=(1, 2))
+    assert second.path == tmp_path / "two" / "fake.h5" and second.shards_done == 3
+    assert_same_file(second.path, one.path)
+    assert (first.done + second.done, first.failed + second.failed) == (one.done, one.failed)
+
+
+def test_a_rerun_reuses_the_finished_file_without_running_the_backbone(images, tmp_path):
+    names, paths = images
+    first = extract(names, paths, tmp_path / "cache")
+    backbone = FakeBackbone()
+    again = extract(names, paths, tmp_path / "cache", backbone=backbone)
+    assert backbone.calls == [] and again.path == first.path
+    assert (again.done, again.failed, again.shards_done, again.shards_skipped) == (7, 5, 0, 3)
+
+
+def test_a_rerun_after_a_crash_before_merge_only_merges(images, tmp_path):
+    names, paths = images
+    first = extract(names, paths, tmp_path / "cache")
+    reference = tmp_path / "reference.h5"
+    first.path.rename(reference)
+    backbone = FakeBackbone()
+    again = extract(names, paths, tmp_path / "cache", backbone=backbone)
+    assert backbone.calls == [] and again.shards_skipped == 3
+    assert_same_file(again.path, reference)
+
+
+def test_merge_by_hand_rebuilds_the_file(images, tmp_path):
+    names, paths = images
+    summary = extract(names, paths, tmp_path / "cache")
+    reference = tmp_path / "reference.h5"
+    summary.path.rename(reference)
+    merged = extraction.merge(cache_dir=tmp_path / "cache", backbone_name="fake")
+    assert merged == summary.path
+    assert_same_file(merged, reference)
+    with pytest.raises(InputError, match="no finished shards"):
+        extraction.merge(cache_dir=tmp_path / "cache", backbone_name="other")
+
+
+@pytest.mark.parametrize(
+    "change, differs",
+    [
+        (dict(dtype="float32"), "dtype"),
+        (dict(shard_size=3), "shard_size"),
+        (
+            dict(backbone=FakeBackbone(config={"name": "fake", "source": "test", "seed": 1})),
+            "backbone_config",
+        ),
+        (
+            dict(backbone=FakeBackbone(spec=pipeline.ImageSpec(size=SIZE, normalization="standardize"))),
+            "preprocess",
+        ),
+        (dict(limit=10), "image_list_sha256"),
+    ],
+    ids=["dtype", "shard_size", "backbone_config", "preprocess", "image_list"],
+)
+def test_another_recipe_is_refused_until_forced(images, tmp_path, change, differs):
+    names, paths = images
+    change = dict(change)
+    limit = change.pop("limit", len(names))
+    extract(names, paths, tmp_path / "cache")
+    with pytest.raises(
+        InputError, match=rf"fake.h5 was made differently from this run \({differs} differ\).*--force"
+    ):
+        extract(names[:limit], paths[:limit], tmp_path / "cache", **change)
+    forced = extract(names[:limit], paths[:limit], tmp_path / "cache", force=True, **change)
+    assert forced.shards_done == len(store.shard_ranges(limit, change.get("shard_size", 4)))
+    got = store.read_features(forced.path)
+    assert len(got.names) == limit and got.attrs["dtype"] == change.get("dtype", "float16")
+
+
+def test_shards_of_another_recipe_are_refused(images, tmp_path):
+    names, paths = images
+    extract(names, paths, tmp_path / "cache", shard=(0, 2))
+    with pytest.raises(
+        InputError, match=r"000000000-000000004.h5 was made differently from this run \(dtype differ\)"
+    ):
+        extract(names, paths, tmp_path / "cache", shard=(1, 2), dtype="float32")
+    forced = extract(names, paths, tmp_path / "cache", shard=(1, 2), dtype="float32", force=True)
+    assert forced.path is None  # shard 0/2 must be redone under the new recipe
+    left = sorted(p.name for p in store.shard_dir(tmp_path / "cache", "fake").glob("*.h5"))
+    assert left == ["000000004-000000008.h5"]
+
+
+def test_views_store_the_plain_image_first_then_seeded_augmentations(images, tmp_path):
+    names, paths = images
+    plain = store.read_features(extract(names, paths, tmp_path / "plain").path)
+    views = store.read_features(extract(names, paths, tmp_path / "views", views=3, seed=5).path)
+    again = store.read_features(extract(names, paths, tmp_path / "again", views=3, seed=5).path)
+    other = store.read_features(extract(names, paths, tmp_path / "other", views=3, seed=6).path)
+    ok = plain.status == Status.OK
+    assert views.features.shape == (12, 3, 12) and views.attrs["views"] == 3
+    np.testing.assert_array_equal(views.features[:, 0], plain.features)
+    assert not np.array_equal(views.features[ok, 1], views.features[ok, 0])
+    assert views.features.tobytes() == again.features.tobytes()
+    assert not np.array_equal(views.features[ok, 1:], other.features[ok, 1:])
+    assert views.attrs["preprocess"]["augment_seed"] == 5 and "augment_seed" not in plain.attrs["preprocess"]
+
+
+def test_pixels_are_stored_as_uint8_images(images, tmp_path):
+    names, paths = images
+    spec = pipeline.ImageSpec(size=SIZE, normalization="bytes", channels=1)
+    backbone = FakeBackbone(name="pix", kind="pixels", spec=spec, dim=SIZE)
+    got = store.read_features(
+        extract(names, paths, tmp_path / "cache", backbone=backbone, dtype="float32").path
+    )
+    assert got.features.dtype == np.uint8 and got.features.shape == (12, SIZE, SIZE)
+    assert got.attrs["dtype"] == "uint8" and got.attrs["kind"] == "pixels"
+    expected = np.rint(pipeline.load_image(paths[0], spec)[..., 0]).astype(np.uint8)
+    np.testing.assert_array_equal(got.features[0], expected)
+
+
+def test_float32_on_request(images, tmp_path):
+    names, paths = images
+    got = store.read_features(extract(names, paths, tmp_path / "cache", dtype="float32").path)
+    assert got.features.dtype == np.float32
+    expected = FakeBackbone().fn(pipeline.load_image(paths[0], FakeBackbone().spec)[None]).numpy()[0]
+    np.testing.assert_array_equal(got.features[0], expected)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(shard=(2, 2)), "--shard 2/2"),
+        (dict(shard=(0, 0)), "--shard 0/0"),
+        (dict(dtype="float64"), "dtype='float64'"),
+        (dict(views=0), "views=0"),
+        (dict(batch_size=0), "batch_size=0"),
+    ],
+)
+def test_bad_options_are_refused(images, tmp_path, options, message):
+    names, paths = images
+    with pytest.raises(InputError, match=message):
+        extract(names, paths, tmp_path / "cache", **options)
+
+
+def test_misaligned_or_empty_input_is_refused(images, tmp_path):
+    names, paths = images
+    with pytest.raises(InputError, match="12 image names but 11 paths"):
+        extract(names, paths[:11], tmp_path / "cache")
+    with pytest.raises(InputError, match="no images"):
+        extract([], [], tmp_path / "cache")
+
+
+BROKEN = {
+    "empty": Status.EMPTY,
+    "truncated": Status.TRUNCATED,
+    "not_png": Status.UNDECODABLE,
+    "corrupt": Status.UNDECODABLE,
+}
+
+
+def test_real_random_and_pixels_backbones_on_a_sample_data_set(tmp_path):
+    from extract.backbones import load_backbone
+    from extract.config import BackboneConfig
+    from extract.index import find_csv, find_images, read_index
+    from extract.sample import make_sample
+
+    made = make_sample(tmp_path / "data", images=16, size=32, broken=4)
+    index = read_index(find_csv(tmp_path / "data"), label_names=("Cardiomegaly", "Effusion"))
+    paths = find_images(tmp_path / "data", index.names)
+    random = load_backbone(
+        BackboneConfig(name="rand", source="random", image_size=16, preprocess="unit", width=4, grid=2)
+    )
+    pixels = load_backbone(BackboneConfig(name="pix", source="pixels", image_size=16, preprocess="bytes"))
+    for backbone in (random, pixels):
+        summary = extract(list(index.names), list(paths), tmp_path / "cache", backbone=backbone, batch_size=4)
+        got = store.read_features(summary.path)
+        failed = {name: Status(status) for name, status in zip(got.names, got.status, strict=True) if status}
+        assert failed == {name: BROKEN[kind] for name, kind in made["broken"].items()} and summary.done == 12
+        assert got.features.shape[1:] == ((16,) if backbone is random else (16, 16))
+        for row in np.flatnonzero(got.status == Status.OK):  # the sample always has an RGBA and a 16-bit file
+            expected = backbone.fn(pipeline.load_image(paths[row], backbone.spec)[None]).numpy()[0]
+            np.testing.assert_allclose(
+                got.features[row], expected.astype(got.features.dtype), rtol=2e-3, atol=2e-3
+            )
+        assert got.attrs["backbone_config"]["source"] == backbone.config["source"]

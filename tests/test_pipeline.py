@@ -1,0 +1,267 @@
+"""The image pipeline against independent numpy/PIL references, on tiny PNGs written by the tests."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cache.status import Status
+from extract.errors import InputError
+from extract.pipeline import (
+    ImageError,
+    ImageSpec,
+    augment,
+    check_file,
+    decode,
+    decode_error,
+    load_image,
+    make_dataset,
+)
+
+SIZE = 64  # source images; resized to 16 (factor 4) so the reference is a plain block mean
+
+
+def _gray(seed=0, size=SIZE) -> np.ndarray:
+    """A uint8 image with structure (gradient + blob + noise) so block means differ."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    image = 120 * x + 60 * np.exp(-((x - 0.6) ** 2 + (y - 0.4) ** 2) / 0.02) + rng.normal(0, 20, (size, size))
+    return np.clip(image + 40, 0, 255).astype(np.uint8)
+
+
+def _write_png(path, array: np.ndarray):
+    array = array if array.ndim == 3 else array[..., None]
+    path.write_bytes(tf.io.encode_png(tf.constant(array)).numpy())
+    return path
+
+
+def _block_mean(gray01: np.ndarray, out: int) -> np.ndarray:
+    k = gray01.shape[0] // out
+    return gray01.reshape(out, k, out, k).mean(axis=(1, 3))
+
+
+@pytest.fixture
+def gray_png(tmp_path):
+    return _write_png(tmp_path / "gray.png", _gray())
+
+
+@pytest.fixture
+def broken_files(tmp_path):
+    good = _write_png(tmp_path / "good.png", _gray(1)).read_bytes()
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "garbage.png").write_bytes(b"this is not an image at all" * 10)
+    # Valid signature and IEND, broken image data: only decoding can tell.
+    corrupt = bytearray(good)
+    corrupt[40:80] = b"\x00" * 40
+    (tmp_path / "corrupt.png").write_bytes(bytes(corrupt))
+    return tmp_path
+
+
+# --- normalisation vs references ------------------------------------------------------------------
+
+REF_MEANS_CAFFE_BGR = np.array([103.939, 116.779, 123.68])
+TORCH_MEAN = np.array([0.485, 0.456, 0.406])
+TORCH_STD = np.array([0.229, 0.224, 0.225])
+
+
+def _reference(gray01_small: np.ndarray, normalization: str, family: str) -> np.ndarray:
+    g = gray01_small[..., None]
+    if normalization == "unit":
+        return np.repeat(g, 3, axis=-1)
+    if normalization == "bytes":
+        return np.repeat(g * 255, 3, axis=-1)
+    if normalization == "standardize":
+        std = max(g.std(), 1 / np.sqrt(g.size))
+        return np.repeat((g - g.mean()) / std, 3, axis=-1)
+    rgb = np.repeat(g * 255, 3, axis=-1)
+    if family == "resnet":  # caffe: RGB -> BGR, ImageNet mean subtracted, no scaling
+        return rgb[..., ::-1] - REF_MEANS_CAFFE_BGR
+    if family == "resnet_v2":  # tf: [-1, 1]
+        return rgb / 127.5 - 1
+    if family == "densenet":  # torch: [0, 1], ImageNet mean/std
+        return (rgb / 255 - TORCH_MEAN) / TORCH_STD
+    if family == "efficientnet":  # normalises inside the model: 0..255 passes through
+        return rgb
+    raise AssertionError(family)
+
+
+@pytest.mark.parametrize(
+    ("normalization", "family"),
+    [
+        ("unit", ""),
+        ("bytes", ""),
+        ("standardize", ""),
+        ("keras", "resnet"),
+        ("keras", "resnet_v2"),
+        ("keras", "densenet"),
+        ("keras", "efficientnet"),
+    ],
+)
+def test_normalization_matches_reference(gray_png, normalization, family):
+    spec = ImageSpec(size=16, normalization=normalization, keras_family=family)
+    expected = _reference(_block_mean(_gray() / 255.0, 16), normalization, family)
+    got = load_image(gray_png, spec)
+    assert got.shape == (16, 16, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_one_channel_spec(gray_png):
+    got = load_image(gray_png, ImageSpec(size=16, normalization="bytes", channels=1))
+    assert got.shape == (16, 16, 1)
+    np.testing.assert_allclose(got[..., 0], _block_mean(_gray().astype(np.float64), 16), atol=1e-3)
+
+
+def test_upscaling_keeps_range(gray_png):
+    got = load_image(gray_png, ImageSpec(size=100, normalization="unit"))
+    assert got.shape == (100, 100, 3)
+    assert 0.0 <= got.min() and got.max() <= 1.0
+    np.testing.assert_allclose(got.mean(), _gray().mean() / 255, atol=0.01)
+
+
+def test_bad_spec_is_input_error():
+    with pytest.raises(InputError, match="normalization 'zscore'"):
+        ImageSpec(size=16, normalization="zscore")
+    with pytest.raises(InputError, match="keras_family 'resnet_v9'.*resnet_v2"):
+        ImageSpec(size=16, normalization="keras", keras_family="resnet_v9")
+
+
+# --- decoding --------------------------------------------------------------------------------------
+
+
+def test_png_variants_decode_to_same_gray(tmp_path):
+    gray = _gray()
+    variants = {
+        "L8": gray,
+        "L16": gray.astype(np.uint16) * 257,
+        "LA": np.dstack([gray, np.full_like(gray, 255)]),
+        "RGB": np.dstack([gray] * 3),
+        "RGBA": np.dstack([gray] * 3 + [np.full_like(gray, 255)]),
+        "RGBA16": np.dstack([gray.astype(np.uint16) * 257] * 3 + [np.full(gray.shape, 65535, np.uint16)]),
+    }
+    for name, array in variants.items():
+        decoded = decode(tf.io.read_file(str(_write_png(tmp_path / f"{name}.png", array)))).numpy()
+        assert decoded.shape == (SIZE, SIZE, 1), name
+        np.testing.assert_allclose(decoded[..., 0], gray / 255.0, atol=1e-6, err_msg=name)
+
+
+def test_palette_png_decodes_to_same_gray(tmp_path):
+    image_module = pytest.importorskip("PIL.Image")
+    gray = _gray()
+    path = tmp_path / "palette.png"
+    image_module.fromarray(gray).convert("P").save(path)
+    assert image_module.open(path).mode == "P"
+    decoded = decode(tf.io.read_file(str(path))).numpy()[..., 0]
+    np.testing.assert_allclose(decoded, gray / 255.0, atol=1e-6)
+
+
+def test_sixteen_bit_keeps_full_precision(tmp_path):
+    values = np.random.default_rng(3).integers(0, 65536, (SIZE, SIZE), dtype=np.uint16)
+    decoded = decode(tf.io.read_file(str(_write_png(tmp_path / "deep.png", values)))).numpy()[..., 0]
+    np.testing.assert_allclose(decoded, values / 65535.0, atol=1e-6)
+    assert len(np.unique(np.round(decoded * 255))) < len(np.unique(decoded))  # more than 8 bits survive
+
+
+# --- broken files ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "message"),
+    [
+        ("nowhere.png", Status.MISSING, "not found"),
+        ("empty.png", Status.EMPTY, "empty"),
+        ("truncated.png", Status.TRUNCATED, "IEND"),
+        ("garbage.png", Status.UNDECODABLE, "not a PNG"),
+    ],
+)
+def test_check_file_classifies(broken_files, name, status, message):
+    got_status, reason = check_file(broken_files / name)
+    assert got_status == status
+    assert message in reason and name in reason
+    assert decode_error(broken_files / name) == reason
+    with pytest.raises(ImageError) as err:
+        load_image(broken_files / name, ImageSpec(size=16, normalization="unit"))
+    assert err.value.status == status
+
+
+def test_corrupt_data_found_only_by_decoding(broken_files):
+    path = broken_files / "corrupt.png"
+    assert check_file(path) == (Status.OK, "")
+    reason = decode_error(path)
+    assert "corrupt.png: PNG cannot be decoded" in reason and "{{" not in reason
+    with pytest.raises(ImageError) as err:
+        load_image(path, ImageSpec(size=16, normalization="unit"))
+    assert err.value.status == Status.UNDECODABLE
+
+
+def test_good_file_checks_ok(broken_files):
+    assert check_file(broken_files / "good.png") == (Status.OK, "")
+    assert decode_error(broken_files / "good.png") == ""
+    assert check_file("")[0] == Status.MISSING
+
+
+# --- make_dataset ----------------------------------------------------------------------------------
+
+
+def _mixed_paths(tmp_path, broken_files, n=12):
+    paths = [str(_write_png(tmp_path / f"img{i:02d}.png", _gray(10 + i))) for i in range(n)]
+    bad = {2: "empty.png", 5: "truncated.png", 6: "garbage.png", 9: "corrupt.png", 10: "nowhere.png"}
+    for i, name in bad.items():
+        paths[i] = str(broken_files / name)
+    return paths, sorted(bad)
+
+
+def test_make_dataset_drops_bad_and_keeps_rows_in_step(tmp_path, broken_files):
+    paths, bad = _mixed_paths(tmp_path, broken_files)
+    rows = np.arange(len(paths)) + 1000
+    spec = ImageSpec(size=16, normalization="standardize")
+    shards = [(0, 4), (4, 8), (8, 12)]
+    batches = [
+        (r.numpy(), x.numpy()) for r, x in make_dataset(paths, rows, spec=spec, batch_size=3, shards=shards)
+    ]
+    got_rows = np.concatenate([r for r, _ in batches])
+    assert got_rows.dtype == np.int64
+    np.testing.assert_array_equal(got_rows, [1000 + i for i in range(12) if i not in bad])
+    for r, x in batches:
+        assert len({(row - 1000) // 4 for row in r}) == 1  # never crosses a shard
+        assert x.shape == (len(r), 16, 16, 3)
+        for row, image in zip(r, x, strict=True):  # same values as the eager single-image path
+            np.testing.assert_allclose(image, load_image(paths[row - 1000], spec), atol=1e-5)
+    assert [len(r) for r, _ in batches] == [3, 2, 2]  # 4-1, 4-2, 4-2 good images per shard
+
+
+def test_make_dataset_takes_shards_in_given_order(tmp_path, broken_files):
+    paths, _ = _mixed_paths(tmp_path, broken_files)
+    spec = ImageSpec(size=16, normalization="unit")
+    ds = make_dataset(paths, np.arange(12), spec=spec, batch_size=8, shards=[(8, 12), (0, 2)])
+    assert np.concatenate([r.numpy() for r, _ in ds]).tolist() == [8, 11, 0, 1]
+    with pytest.raises(ValueError, match="outside"):
+        make_dataset(paths, np.arange(12), spec=spec, batch_size=8, shards=[(0, 13)])
+
+
+def test_views_are_seeded_and_view_zero_is_plain(tmp_path):
+    paths = [str(_write_png(tmp_path / f"v{i}.png", _gray(i))) for i in range(4)]
+    spec = ImageSpec(size=32, normalization="unit", channels=1)
+
+    def run(seed):
+        ds = make_dataset(paths, np.arange(4), spec=spec, batch_size=4, shards=[(0, 4)], views=3, seed=seed)
+        return np.concatenate([x.numpy() for _, x in ds])
+
+    first, again, other = run(0), run(0), run(1)
+    assert first.shape == (4, 3, 32, 32, 1)
+    np.testing.assert_array_equal(first, again)
+    for i, path in enumerate(paths):
+        np.testing.assert_allclose(first[i, 0], load_image(path, spec), atol=1e-6)
+    assert not np.allclose(first[:, 1:], other[:, 1:])
+    np.testing.assert_array_equal(first[:, 0], other[:, 0])
+    assert np.abs(first[:, 1] - first[:, 2]).mean() > 0.01  # the views differ from each other
+
+
+def test_augment_deterministic_and_in_range():
+    image = tf.constant(_gray(5, size=32)[..., None] / 255.0, tf.float32)
+    seed = tf.constant([7, 3], tf.int64)
+    a = augment(image, seed=seed).numpy()
+    np.testing.assert_array_equal(a, augment(image, seed=seed).numpy())
+    b = augment(image, seed=tf.constant([7, 4], tf.int64)).numpy()
+    assert a.shape == (32, 32, 1) and not np.allclose(a, b)
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    assert np.abs(a - image.numpy()).mean() > 0.01

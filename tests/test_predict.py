@@ -1,0 +1,319 @@
+"""heads/predict.py: new PNGs through the run's backbone(s) and head, errors per file."""
+
+import csv
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from cache.store import cache_path, read_features
+from extract.backbones import load_backbone
+from extract.config import LABELS, BackboneConfig, Config, ExtractConfig, HeadConfig, SplitConfig
+from extract.errors import InputError
+from extract.extraction import extract_features
+from extract.pipeline import load_image
+from heads.models import build_head
+from heads.predict import (
+    as_cached,
+    cached_features,
+    format_predictions,
+    list_images,
+    load_run,
+    predict_images,
+)
+
+REAL_CXR = Path(__file__).resolve().parents[2] / "shared" / "real-cxr"
+
+TINY = BackboneConfig(name="tiny", source="random", image_size=32, preprocess="unit", seed=1, width=8, grid=2)
+TINY_STD = BackboneConfig(
+    name="tiny_std", source="random", image_size=24, preprocess="standardize", seed=2, width=8, grid=2
+)
+PIXELS = BackboneConfig(name="pix", source="pixels", image_size=16, preprocess="bytes")
+
+
+def make_config(root: Path, *, batch_size: int = 8) -> Config:
+    return Config(
+        path=root / "cxr14.toml",
+        data_dir=root / "data",
+        csv="auto",
+        labels=LABELS,
+        split=SplitConfig(),
+        cache_dir=root / "features",
+        runs_dir=root / "runs",
+        extract=ExtractConfig(batch_size=batch_size),
+    )
+
+
+def _head(backbones: list[BackboneConfig], *, seed: int) -> keras.Model:
+    """A small head with one named input per backbone, shaped like the cached arrays."""
+    keras.utils.set_random_seed(seed)
+    inputs, branches = {}, []
+    for cfg in backbones:
+        if cfg.source == "pixels":
+            x = inputs[cfg.name] = keras.Input((cfg.image_size, cfg.image_size), name=cfg.name)
+            x = keras.layers.Rescaling(1 / 255)(keras.layers.Reshape((cfg.image_size, cfg.image_size, 1))(x))
+            x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu")(x))
+        else:
+            x = inputs[cfg.name] = keras.Input((load_backbone(cfg).dim,), name=cfg.name)
+        branches.append(keras.layers.Dense(16, activation="relu")(x))
+    x = keras.layers.Add()(branches) if len(branches) > 1 else branches[0]
+    # Large weights spread the outputs, so a wrong rounding or a mixed-up input shows in the numbers.
+    out = keras.layers.Dense(
+        len(LABELS), activation="sigmoid", kernel_initializer=keras.initializers.RandomNormal(stddev=2.0)
+    )(x)
+    model_inputs = inputs if len(inputs) > 1 else next(iter(inputs.values()))
+    return keras.Model(model_inputs, out)
+
+
+def _models_head(backbones: list[BackboneConfig], *, seed: int) -> keras.Model:
+    """The project's own head (heads.models), which takes a dict even for one backbone."""
+    kind = "cnn" if backbones[0].source == "pixels" else "ensemble" if len(backbones) > 1 else "fc"
+    shapes = {
+        cfg.name: (cfg.image_size, cfg.image_size) if cfg.source == "pixels" else (load_backbone(cfg).dim,)
+        for cfg in backbones
+    }
+    head = HeadConfig(kind=kind, units=(16,), transition=8, filters=(4,))
+    return build_head(kind=kind, inputs=shapes, n_labels=len(LABELS), head=head, seed=seed)
+
+
+def make_run(
+    run_dir: Path,
+    backbones: list[BackboneConfig],
+    *,
+    dtype: str = "float16",
+    metadata: bool = False,
+    seed: int = 0,
+    project_head: bool = False,
+) -> Path:
+    """A run folder as heads.train writes it: config.json (experiment.snapshot's keys) and model.keras."""
+    run_dir.mkdir(parents=True)
+    model = _models_head(backbones, seed=seed) if project_head else _head(backbones, seed=seed)
+    model.save(run_dir / "model.keras")
+    snapshot = {
+        "head": {"kind": "ensemble" if len(backbones) > 1 else "fc", "units": [16], "dropout": 0.0},
+        "train": {"metadata": metadata, "seed": seed, "bootstrap": 10},
+        "backbones": {cfg.name: cfg.as_dict() for cfg in backbones},
+        "labels": list(LABELS),
+        "feature_dtypes": {cfg.name: "uint8" if cfg.source == "pixels" else dtype for cfg in backbones},
+        "config": {},
+    }
+    (run_dir / "config.json").write_text(json.dumps(snapshot), encoding="utf-8")
+    return run_dir
+
+
+def write_png(path: Path, *, size: int = 40, seed: int = 0, bits: int = 8, channels: int = 1) -> Path:
+    """A gray test image with a blob whose place depends on the seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    cy, cx = rng.uniform(0.2, 0.8, 2)
+    image = 0.3 + 0.6 * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) * 20) + 0.05 * rng.random((size, size))
+    top = 65535 if bits == 16 else 255
+    pixels = np.clip(image * top, 0, top).astype(np.uint16 if bits == 16 else np.uint8)[..., None]
+    if channels == 4:
+        pixels = np.concatenate([pixels] * 3 + [np.full_like(pixels, top)], axis=-1)
+    path.write_bytes(tf.io.encode_png(pixels).numpy())
+    return path
+
+
+def expected_probabilities(run_dir: Path, path: Path, backbones: list[BackboneConfig]) -> np.ndarray:
+    """Computed by hand: pipeline image -> backbone -> numpy rounding as the cache does -> head."""
+    head = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    dtypes = json.loads((run_dir / "config.json").read_text())["feature_dtypes"]
+    features = {}
+    for cfg in backbones:
+        backbone = load_backbone(cfg)
+        out = np.asarray(backbone.fn(load_image(path, backbone.spec)[None])).astype(np.float32)
+        if dtypes[cfg.name] == "uint8":
+            out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        else:
+            out = out.astype(dtypes[cfg.name])
+        features[cfg.name] = out.astype(np.float32)
+    inputs = features if len(features) > 1 else next(iter(features.values()))
+    return np.asarray(head(inputs, training=False))[0]
+
+
+@pytest.fixture(scope="module")
+def fc_run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("runs") / "fc-tiny", [TINY])
+
+
+@pytest.fixture
+def images(tmp_path) -> list[Path]:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    return [
+        write_png(folder / "a.png", seed=0),
+        write_png(folder / "b.png", seed=1, bits=16),
+        write_png(folder / "c.png", seed=2, channels=4, size=50),
+    ]
+
+
+def _probs(result: dict) -> np.ndarray:
+    return np.array([result["probabilities"][label] for label in LABELS])
+
+
+@pytest.mark.skipif(not REAL_CXR.is_dir(), reason="../shared/real-cxr not beside the clone")
+def test_real_xrays_give_14_probabilities_and_json_parses(fc_run, tmp_path):
+    paths = sorted(REAL_CXR.glob("*.png"))
+    assert len(paths) == 2
+    results = predict_images(run_dir=fc_run, inputs=paths, config=make_config(tmp_path))
+    assert [r["image"] for r in results] == [str(p) for p in paths]
+    for r in results:
+        assert r["error"] is None
+        assert list(r["probabilities"]) == list(LABELS)
+        assert all(0.0 <= p <= 1.0 for p in r["probabilities"].values())
+    assert np.abs(_probs(results[0]) - _probs(results[1])).max() > 1e-3  # two different X-rays
+    parsed = json.loads(format_predictions(results, fmt="json"))
+    assert [p["image"] for p in parsed] == [str(p) for p in paths]
+    np.testing.assert_allclose(_probs(parsed[0]), _probs(results[0]))
+
+
+def test_matches_hand_computation_with_float16_rounding(fc_run, images, tmp_path):
+    results = predict_images(run_dir=fc_run, inputs=images, config=make_config(tmp_path))
+    for path, r in zip(images, results, strict=True):
+        np.testing.assert_allclose(_probs(r), expected_probabilities(fc_run, path, [TINY]), atol=1e-6)
+
+
+def test_broken_files_are_reported_and_the_rest_answered(fc_run, images, tmp_path):
+    good = images[0].read_bytes()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good[: len(good) // 2])
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"this is not a png at all")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    missing = tmp_path / "missing.png"
+    inputs = [truncated, images[0], garbage, empty, missing, images[1]]
+    results = predict_images(run_dir=fc_run, inputs=inputs, config=make_config(tmp_path, batch_size=2))
+    assert [r["image"] for r in results] == [str(p) for p in inputs]
+    errors = [r["error"] for r in results]
+    assert errors[1] is None and errors[5] is None
+    assert (
+        "IEND" in errors[0] and "not a PNG" in errors[2] and "empty" in errors[3] and "not found" in errors[4]
+    )
+    assert all(str(p) in e for p, e in zip(inputs, errors, strict=True) if e)
+    alone = predict_images(run_dir=fc_run, inputs=[images[0], images[1]], config=make_config(tmp_path))
+    np.testing.assert_allclose(_probs(results[1]), _probs(alone[0]), atol=1e-6)
+    np.testing.assert_allclose(_probs(results[5]), _probs(alone[1]), atol=1e-6)
+
+
+def test_batches_do_not_change_results(fc_run, images, tmp_path):
+    one = predict_images(run_dir=fc_run, inputs=images, config=make_config(tmp_path, batch_size=1))
+    many = predict_images(run_dir=fc_run, inputs=images, config=make_config(tmp_path, batch_size=64))
+    np.testing.assert_allclose([_probs(r) for r in one], [_probs(r) for r in many], atol=1e-6)
+
+
+def test_folders_expand_to_sorted_pngs(images, tmp_path):
+    folder = images[0].parent
+    (folder / "notes.txt").write_text("not an image")
+    assert list_images([folder, images[1]]) == sorted(images) + [images[1]]
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no .png files"):
+        list_images([empty])
+
+
+def test_ensemble_and_pixels_runs(tmp_path, images):
+    ensemble = make_run(tmp_path / "ensemble", [TINY, TINY_STD], dtype="float32")
+    pixels = make_run(tmp_path / "cnn", [PIXELS])
+    config = make_config(tmp_path)
+    for run_dir, backbones in ((ensemble, [TINY, TINY_STD]), (pixels, [PIXELS])):
+        results = predict_images(run_dir=run_dir, inputs=images[:2], config=config)
+        for path, r in zip(images[:2], results, strict=True):
+            np.testing.assert_allclose(_probs(r), expected_probabilities(run_dir, path, backbones), atol=1e-6)
+
+
+@pytest.mark.parametrize("backbones", [[TINY], [TINY, TINY_STD], [PIXELS]], ids=["fc", "ensemble", "cnn"])
+def test_heads_built_by_heads_models(tmp_path, images, backbones):
+    run_dir = make_run(tmp_path / "run", backbones, project_head=True)
+    results = predict_images(run_dir=run_dir, inputs=images[:2], config=make_config(tmp_path))
+    for path, r in zip(images[:2], results, strict=True):
+        np.testing.assert_allclose(_probs(r), expected_probabilities(run_dir, path, backbones), atol=1e-6)
+
+
+def test_backbone_order_follows_the_model_inputs(tmp_path, images):
+    run_dir = make_run(tmp_path / "ensemble", [TINY, TINY_STD])
+    plan = json.loads((run_dir / "config.json").read_text())
+    plan["backbones"] = dict(reversed(plan["backbones"].items()))
+    (run_dir / "config.json").write_text(json.dumps(plan))
+    result = predict_images(run_dir=run_dir, inputs=images[:1], config=make_config(tmp_path))[0]
+    np.testing.assert_allclose(
+        _probs(result), expected_probabilities(run_dir, images[0], [TINY, TINY_STD]), atol=1e-6
+    )
+
+
+def test_features_equal_the_extracted_cache(tmp_path, images):
+    """Prediction sees an image exactly as extraction stored it: same pipeline, same rounding."""
+    run_dir = make_run(tmp_path / "ensemble", [TINY, PIXELS])
+    run = load_run(run_dir)
+    names = [p.name for p in images]
+    for name, backbone in run.backbones.items():
+        extract_features(
+            backbone=backbone,
+            names=names,
+            paths=[str(p) for p in images],
+            cache_dir=tmp_path / "features",
+            batch_size=2,
+            shard_size=2,
+            dtype="float16",
+            progress=False,
+        )
+        stored = read_features(cache_path(tmp_path / "features", name), names=names).features
+        for path, row in zip(images, stored, strict=True):
+            got = cached_features(run, {k: load_image(path, b.spec)[None] for k, b in run.backbones.items()})
+            np.testing.assert_array_equal(got[name].numpy()[0], row.astype(np.float32))
+
+
+def test_as_cached_rounds_like_numpy():
+    values = np.array([[0.1, 1 / 3, 1234.5678, -2.5, 255.7, 0.5, 1.5, 300.0]], dtype=np.float32)
+    f16 = as_cached(tf.constant(values), "float16").numpy()
+    np.testing.assert_array_equal(f16, values.astype(np.float16).astype(np.float32))
+    assert not np.array_equal(f16, values)
+    u8 = as_cached(tf.constant(values), "uint8").numpy()
+    np.testing.assert_array_equal(u8, np.clip(np.rint(values), 0, 255))
+    np.testing.assert_array_equal(as_cached(tf.constant(values), "float32").numpy(), values)
+
+
+def test_metadata_run_is_refused(tmp_path, images):
+    run_dir = make_run(tmp_path / "meta", [TINY], metadata=True)
+    with pytest.raises(InputError, match="metadata"):
+        predict_images(run_dir=run_dir, inputs=images, config=make_config(tmp_path))
+
+
+def test_inconsistent_run_folders_are_refused(tmp_path, fc_run):
+    with pytest.raises(InputError, match="not a run folder"):
+        load_run(tmp_path)
+    other = make_run(tmp_path / "other", [TINY])
+    plan = json.loads((other / "config.json").read_text())
+    plan["backbones"] = {"renamed": plan["backbones"]["tiny"]}
+    plan["feature_dtypes"] = {"renamed": "float16"}
+    (other / "config.json").write_text(json.dumps(plan))
+    with pytest.raises(InputError, match="takes inputs"):
+        load_run(other)
+    (other / "model.keras").unlink()
+    with pytest.raises(InputError, match="no model.keras"):
+        load_run(other)
+
+
+def test_output_formats(fc_run, images, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"nope")
+    results = predict_images(run_dir=fc_run, inputs=[*images, broken], config=make_config(tmp_path))
+    table = format_predictions(results, fmt="table").splitlines()
+    assert table[0].split()[0] == "image" and table[0].split()[1:] == list(LABELS)
+    assert len(table) == 1 + 4 + 1
+    assert table[1].split()[1] == f"{results[0]['probabilities'][LABELS[0]]:.3f}"
+    assert "error:" in table[4] and "3 images predicted, 1 could not be read" in table[5]
+    out = tmp_path / "predictions.csv"
+    note = format_predictions(results, fmt="table", csv_path=out)
+    assert str(out) in note
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["image", *LABELS, "error"]
+    assert float(rows[2][LABELS[3]]) == pytest.approx(results[2]["probabilities"][LABELS[3]])
+    assert rows[3]["error"] and rows[3][LABELS[0]] == ""
+    with pytest.raises(InputError, match="table, json"):
+        format_predictions(results, fmt="xml")

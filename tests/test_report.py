@@ -1,0 +1,170 @@
+import json
+
+import numpy as np
+import pytest
+
+from extract.errors import InputError
+from heads.metrics import evaluate
+from heads.references import load_references
+from heads.report import leaderboard, plot_auc_comparison, plot_roc, write_auc_table
+
+LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+          "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")  # fmt: skip
+
+# Typed in again from issue 4, independently of heads/published.csv.
+WANG = (.7003, .8100, .7585, .6614, .6933, .6687, .6580, .7993, .7032, .8052, .8330, .7859, .6835, .8717)  # fmt: skip
+CHEXNET = (.8094, .9248, .8638, .7345, .8676, .7802, .7680, .8887, .7901, .8878, .9371, .8047, .8062, .9164)  # fmt: skip
+BLOG = {
+    "Cardiomegaly": (.6770, .7980), "Emphysema": (.7300, .7950), "Effusion": (.5710, .6550),
+    "Hernia": (.6590, .6930), "Nodule": (.7210, .7510), "Pneumothorax": (.5210, .6960),
+    "Atelectasis": (.6090, .7920), "Pleural_Thickening": (.6440, .6660), "Mass": (.7720, .8420),
+    "Edema": (.6390, .6820), "Consolidation": (.7630, .8210), "Infiltration": (.6130, .7060),
+    "Fibrosis": (.6950, .7480), "Pneumonia": (.6640, .7200),
+}  # fmt: skip
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_predictions(*, images: int = 240, seed: int = 0, undefined: str | None = "Hernia"):
+    rng = np.random.default_rng(seed)
+    y_true = (rng.random((images, len(LABELS))) < 0.25).astype(np.uint8)
+    if undefined:
+        y_true[:, LABELS.index(undefined)] = 0
+    y_score = np.clip(y_true * 0.3 + rng.random(y_true.shape) * 0.7, 0, 1)
+    return y_true, y_score, np.arange(images) // 3
+
+
+def fake_metrics(**kwargs) -> dict:
+    y_true, y_score, groups = fake_predictions(**kwargs)
+    return evaluate(y_true, y_score, groups=groups, label_names=LABELS, n_boot=50, seed=0)
+
+
+def write_run(
+    runs, name: str, *, metrics: dict, kind: str = "fc", backbones=("resnet",), train=None
+) -> object:
+    run_dir = runs / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    config = {
+        "head": {
+            "kind": kind,
+            "units": [512, 256],
+            "dropout": 0.5,
+            "fusion": "add",
+            "filters": [32],
+            "l2": 0.0,
+        },
+        "train": {
+            "loss": "bce",
+            "metadata": False,
+            "augment": False,
+            "lr": 0.001,
+            "seed": 0,
+            **(train or {}),
+        },
+        "backbones": {name: {"source": "random"} for name in backbones},
+    }
+    (run_dir / "config.json").write_text(json.dumps(config))
+    return run_dir
+
+
+def test_references_hold_exactly_the_published_numbers():
+    references = load_references()
+    assert list(references) == ["blog_resnet_fe", "blog_ensemble", "wang2017", "chexnet"]
+    assert references["wang2017"]["auc"] == dict(zip(LABELS, WANG, strict=True))
+    assert references["chexnet"]["auc"] == dict(zip(LABELS, CHEXNET, strict=True))
+    assert references["blog_resnet_fe"]["auc"] == {label: fe for label, (fe, _) in BLOG.items()}
+    assert references["blog_ensemble"]["auc"] == {label: ens for label, (_, ens) in BLOG.items()}
+    assert "1705.02315" in references["wang2017"]["citation"]
+    assert "official" in references["wang2017"]["split"]
+    assert "random" in references["chexnet"]["split"]
+    assert all(ref["title"] and ref["citation"] and ref["split"] for ref in references.values())
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("source,label,auc\nnobody,Mass,0.7\n", "no '# source:' line"),
+        ("# source: a | A | cite | split\nsource,label,auc\na,Mass,1.7\n", "between 0 and 1"),
+        ("# source: a | A | cite | split\nsource,label,auc\na,Mass,0.7\na,Mass,0.8\n", "twice"),
+        ("# source: a | A\nsource,label,auc\n", "non-empty fields"),
+        ("# source: a | A | cite | split\na,Mass,0.7\n", "header"),
+    ],
+)
+def test_bad_reference_file_names_the_line(tmp_path, text, message):
+    path = tmp_path / "published.csv"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message):
+        load_references(path)
+
+
+def test_auc_table_puts_run_beside_references_and_shows_undefined(tmp_path):
+    metrics = {**fake_metrics(), "split": "test", "split_source": "official"}
+    path = write_auc_table(metrics, tmp_path / "auc.md", label_names=LABELS, run_name="fc-resnet")
+    text = path.read_text()
+    mass = metrics["labels"]["Mass"]
+    row = next(line for line in text.splitlines() if line.startswith("| Mass |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells == [
+        "Mass", str(mass["positives"]), f"{mass['auc']:.3f} [{mass['ci'][0]:.3f}, {mass['ci'][1]:.3f}]",
+        f"{mass['pr_auc']:.3f}", "0.772", "0.842", "0.693", "0.868",
+    ]  # fmt: skip
+    hernia = next(line for line in text.splitlines() if line.startswith("| Hernia |"))
+    assert "| 0 | undefined |" in hernia and "0.000" not in hernia
+    assert "Undefined in this split" in text and "Hernia" in text.splitlines()[-1]
+    mean_row = next(line for line in text.splitlines() if line.startswith("| **Mean**"))
+    # published means over the 13 labels the run could score, not all 14
+    assert f"{metrics['mean_auc']:.3f}" in mean_row and f"{np.mean(WANG[:-1]):.3f}" in mean_row
+    assert "(13 labels)" in mean_row
+    assert "official split" in text and "own random" in text
+    assert "the test split from the official splits (240 images, 80 patients)" in text
+
+
+def test_plots_are_written_as_png(tmp_path):
+    y_true, y_score, groups = fake_predictions()
+    roc = plot_roc(y_true, y_score, tmp_path / "roc.png", label_names=LABELS)
+    metrics = evaluate(y_true, y_score, groups=groups, label_names=LABELS, n_boot=20, seed=0)
+    auc = plot_auc_comparison(metrics, tmp_path / "auc.png", label_names=LABELS)
+    for path in (roc, auc):
+        data = path.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_plot_auc_comparison_without_intervals(tmp_path):
+    y_true, y_score, groups = fake_predictions()
+    metrics = evaluate(y_true, y_score, groups=groups, label_names=LABELS, n_boot=0, seed=0)
+    path = plot_auc_comparison(metrics, tmp_path / "auc.png", label_names=LABELS)
+    assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_leaderboard_ranks_runs_by_mean_auc(tmp_path):
+    weak = fake_metrics(seed=1)
+    strong = json.loads(json.dumps(weak))
+    strong["mean_auc"] = weak["mean_auc"] + 0.1
+    strong["labels"]["Mass"]["auc"] = 0.987
+    runs = [
+        write_run(tmp_path, "weak", metrics=weak),
+        write_run(tmp_path, "strong", metrics=strong, kind="ensemble", backbones=("a", "b"),
+                  train={"loss": "focal", "focal_gamma": 2.0, "metadata": True}),
+    ]  # fmt: skip
+    lines = leaderboard(runs).splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[:7] == ["#", "run", "mean AUC [95% CI]", "head", "backbones", "options", "split (images)"]
+    assert header[7:] == list(LABELS)
+    first = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    second = [cell.strip() for cell in lines[3].strip("|").split("|")]
+    assert first[:5] == ["1", "strong", first[2], "ensemble", "a+b"]
+    assert first[2].startswith(f"{strong['mean_auc']:.3f} [")
+    assert "loss=focal" in first[5] and "metadata" in first[5] and "fusion=add" in first[5]
+    assert first[7 + LABELS.index("Mass")] == "0.987"
+    assert second[:2] == ["2", "weak"] and second[-1] == "undefined"
+
+
+def test_leaderboard_refuses_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="metrics.json.*train-head"):
+        leaderboard([tmp_path / "empty"])
+    with pytest.raises(InputError, match="no runs"):
+        leaderboard([])
+    broken = write_run(tmp_path, "broken", metrics={"mean_auc": 0.7})
+    with pytest.raises(InputError, match="broken/metrics.json: no per-label results"):
+        leaderboard([broken])

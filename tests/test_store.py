@@ -1,0 +1,208 @@
+"""The feature store: schema checks, atomic writes, shards, merging, and the README's format."""
+
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cache import store
+from cache.status import Status
+from extract.errors import InputError
+
+README = Path(__file__).resolve().parents[1] / "cache" / "README.md"
+
+
+def attrs_for(**extra) -> dict:
+    return {
+        "backbone": "tiny",
+        "kind": "features",
+        "dtype": "float16",
+        "views": 1,
+        "fingerprint": "fp",
+        **extra,
+    }
+
+
+def sample(n=4, d=3, seed=0):
+    rng = np.random.default_rng(seed)
+    names = np.array([f"{i:08d}_000.png" for i in range(n)], dtype=object)
+    features = rng.normal(size=(n, d)).astype(np.float32)
+    status = np.zeros(n, np.int8)
+    errors = np.full(n, "", dtype=object)
+    return dict(names=names, features=features, status=status, errors=errors)
+
+
+def test_shard_ranges_cover_every_row_once():
+    assert store.shard_ranges(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert store.shard_ranges(4, 4) == [(0, 4)]
+    assert store.shard_ranges(0, 3) == []
+    with pytest.raises(InputError, match="shard_size"):
+        store.shard_ranges(5, 0)
+
+
+def test_paths_follow_the_backbone_name(tmp_path):
+    assert store.cache_path(tmp_path, "rn50") == tmp_path / "rn50.h5"
+    assert store.shard_dir(tmp_path, "rn50") == tmp_path / "rn50.shards"
+
+
+def test_fingerprint_changes_with_every_input():
+    base = dict(
+        names=["a.png", "b.png"], backbone_config={"name": "x"}, preprocess={"size": 8}, dtype="float16", views=1,
+        shard_size=4,
+    )  # fmt: skip
+    reference = store.fingerprint(**base)
+    assert store.fingerprint(**base) == reference
+    changes = dict(
+        names=["a.png", "c.png"], backbone_config={"name": "y"}, preprocess={"size": 9}, dtype="float32", views=2,
+        shard_size=5,
+    )  # fmt: skip
+    for key, value in changes.items():
+        assert store.fingerprint(**{**base, key: value}) != reference, key
+
+
+def test_write_then_read_round_trips_and_converts_dtype(tmp_path):
+    data = sample()
+    attrs = attrs_for(backbone_config={"name": "tiny", "width": 8}, versions={"numpy": "2"})
+    path = store.write_features(tmp_path / "f.h5", attrs=attrs, **data)
+    got = store.read_features(path)
+    assert got.features.dtype == np.float16
+    np.testing.assert_array_equal(got.features, data["features"].astype(np.float16))
+    assert list(got.names) == list(data["names"])
+    assert got.status.dtype == np.int8 and got.attrs["schema_version"] == store.SCHEMA_VERSION
+    assert got.attrs["backbone_config"] == {"name": "tiny", "width": 8}
+    assert got.attrs["versions"] == {"numpy": "2"} and got.attrs["created"]
+    assert [p.name for p in tmp_path.iterdir()] == ["f.h5"]  # no temporary file left behind
+
+
+def test_stored_layout_matches_the_readme(tmp_path):
+    path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(backbone_config={"a": 1}), **sample())
+    with h5py.File(path, "r") as f:
+        assert set(f.keys()) == {"names", "features", "status", "errors"}
+        assert h5py.check_string_dtype(f["names"].dtype).encoding == "utf-8"
+        assert h5py.check_string_dtype(f["errors"].dtype).encoding == "utf-8"
+        assert f["features"].dtype == np.float16 and f["status"].dtype == np.int8
+        assert f["features"].compression is None
+        assert isinstance(f.attrs["backbone_config"], str)  # dicts are JSON strings
+    for key in store.REQUIRED_ATTRS:
+        assert f"`{key}`" in README.read_text()
+
+
+def test_readme_example_writes_a_readable_file(tmp_path, monkeypatch):
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, str(README), "exec"), {})
+    got = store.read_features(tmp_path / "my_model.h5")
+    assert got.features.shape == (3, 768) and got.attrs["backbone"] == "my_model"
+    assert list(got.status) == [Status.OK, Status.OK, Status.MISSING]
+
+
+def test_read_by_names_keeps_their_order_and_marks_absent_ones(tmp_path):
+    data = sample()
+    path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **data)
+    got = store.read_features(path, names=[data["names"][2], "zzz.png", data["names"][0]])
+    expected = data["features"].astype(np.float16)
+    np.testing.assert_array_equal(got.features[0], expected[2])
+    np.testing.assert_array_equal(got.features[2], expected[0])
+    assert not got.features[1].any()
+    assert list(got.status) == [Status.OK, Status.MISSING, Status.OK]
+    assert list(got.errors) == ["", "not in cache", ""]
+
+
+def test_views_and_pixels_shapes(tmp_path):
+    data = sample()
+    views = dict(data, features=np.zeros((4, 2, 3), np.float32))
+    store.write_features(tmp_path / "v.h5", attrs=attrs_for(views=2), **views)
+    assert store.read_features(tmp_path / "v.h5").features.shape == (4, 2, 3)
+    pixels = dict(data, features=np.full((4, 5, 5), 7, np.uint8))
+    store.write_features(tmp_path / "p.h5", attrs=attrs_for(kind="pixels", dtype="uint8"), **pixels)
+    assert store.read_features(tmp_path / "p.h5").features.dtype == np.uint8
+    with pytest.raises(InputError, match="views=2"):
+        store.write_features(tmp_path / "bad.h5", attrs=attrs_for(views=2), **data)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d, a: d.update(status=np.array([0, 0, 0, 9], np.int8)), "status codes \\[9\\]"),
+        (lambda d, a: d.update(errors=d["errors"][:3]), "'errors' has 3 rows"),
+        (lambda d, a: d["names"].__setitem__(1, d["names"][0]), "duplicate"),
+        (lambda d, a: a.pop("kind"), "kind"),
+        (lambda d, a: a.update(dtype="int32"), "dtype='int32'"),
+        (lambda d, a: a.update(schema_version=99), "schema_version 99"),
+    ],
+)
+def test_bad_content_is_refused_and_the_old_file_kept(tmp_path, change, message):
+    path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **sample())
+    data, attrs = sample(seed=1), attrs_for()
+    change(data, attrs)
+    with pytest.raises(InputError, match=message):
+        store.write_features(path, attrs=attrs, **data)
+    np.testing.assert_array_equal(store.read_features(path).features, sample()["features"].astype(np.float16))
+
+
+def test_unknown_schema_or_foreign_file_is_refused_on_read(tmp_path):
+    path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **sample())
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = 2
+    with pytest.raises(InputError, match="schema_version 2.*--force"):
+        store.read_features(path)
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f["x"] = [1]
+    with pytest.raises(InputError, match="no 'schema_version'"):
+        store.read_attrs(tmp_path / "foreign.h5")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(InputError, match="cannot be read as HDF5"):
+        store.read_features(tmp_path / "text.h5")
+    with pytest.raises(InputError, match="run `run.py extract`"):
+        store.read_features(tmp_path / "absent.h5")
+
+
+def write_all_shards(directory, data, *, shard_size, fingerprint="fp", skip=()):
+    n = len(data["names"])
+    for start, stop in store.shard_ranges(n, shard_size):
+        if (start, stop) in skip:
+            continue
+        part = {key: value[start:stop] for key, value in data.items()}
+        attrs = attrs_for(fingerprint=fingerprint, shard_size=shard_size)
+        store.write_shard(directory, start=start, stop=stop, total_rows=n, attrs=attrs, **part)
+
+
+def test_shards_merge_into_the_same_content_as_one_file(tmp_path):
+    data = sample(n=7)
+    data["status"][3], data["errors"][3] = Status.EMPTY, "empty file"
+    write_all_shards(tmp_path / "s", data, shard_size=3)
+    (tmp_path / "s" / ".000000000-000000003.h5.123.tmp").write_bytes(b"half a shard")  # a killed writer
+    assert set(store.finished_shards(tmp_path / "s", wanted=attrs_for())) == {(0, 3), (3, 6), (6, 7)}
+    merged = store.read_features(store.merge_shards(tmp_path / "s", out_path=tmp_path / "m.h5"))
+    np.testing.assert_array_equal(merged.features, data["features"].astype(np.float16))
+    assert list(merged.names) == list(data["names"]) and list(merged.errors) == list(data["errors"])
+    assert merged.status[3] == Status.EMPTY
+    assert not any(key in merged.attrs for key in store.SHARD_ATTRS)
+    names, status, errors = store.read_status(tmp_path / "m.h5")
+    assert list(status) == list(data["status"]) and errors[3] == "empty file"
+
+
+def test_merge_refuses_missing_or_mixed_shards(tmp_path):
+    data = sample(n=7)
+    write_all_shards(tmp_path / "s", data, shard_size=3, skip={(3, 6)})
+    with pytest.raises(InputError, match="1 of 3 shards are not finished yet \\(rows 3-6"):
+        store.merge_shards(tmp_path / "s", out_path=tmp_path / "m.h5")
+    write_all_shards(tmp_path / "s", data, shard_size=3, fingerprint="other", skip={(0, 3), (6, 7)})
+    with pytest.raises(InputError, match="2 different recipes"):
+        store.merge_shards(tmp_path / "s", out_path=tmp_path / "m.h5")
+    with pytest.raises(InputError, match="--force"):
+        store.finished_shards(tmp_path / "s", wanted=attrs_for())
+    assert not (tmp_path / "m.h5").exists()
+    with pytest.raises(InputError, match="no finished shards"):
+        store.merge_shards(tmp_path / "empty", out_path=tmp_path / "m.h5")
+
+
+def test_discard_keeps_only_matching_shards_of_other_workers(tmp_path):
+    data = sample(n=7)
+    write_all_shards(tmp_path / "s", data, shard_size=3)
+    write_all_shards(tmp_path / "s", data, shard_size=3, fingerprint="old", skip={(0, 3), (3, 6)})
+    removed = store.discard_shards(tmp_path / "s", fingerprint="fp", ranges=[(0, 3)])
+    assert removed == 2  # (0, 3) is ours to redo, (6, 7) was made by another recipe
+    assert set(store.finished_shards(tmp_path / "s", wanted=attrs_for())) == {(3, 6)}

@@ -1,0 +1,163 @@
+"""heads.train and heads.evaluate: a run folder with every output, repeatable, independent of cache row order."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from extract.config import LABELS, HeadConfig, TrainConfig
+from extract.errors import InputError
+from heads.data import load_head_data
+from heads.evaluate import evaluate_run
+from heads.train import OUTPUTS, train_head
+from tests.test_data import make_index, make_splits, signal_features, write_cache
+
+FAST = TrainConfig(epochs=6, batch_size=32, lr=1e-2, bootstrap=20, patience=2, steps_per_execution=8)
+FC = HeadConfig(kind="fc", units=(16,), dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def index():
+    return make_index(360)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, index):
+    """One cache in index order, one with its rows shuffled, one with views, one of pixels."""
+    root = tmp_path_factory.mktemp("cache")
+    features = signal_features(index, dim=24, noise=0.5)
+    order = np.random.default_rng(7).permutation(len(index))
+    write_cache(root, "plain", names=index.names, features=features)
+    write_cache(root, "shuffled", names=index.names[order], features=features[order])
+    write_cache(root, "other", names=index.names, features=signal_features(index, dim=8, seed=3, noise=0.5))
+    views = np.stack([features, features + np.float16(0.1), features - np.float16(0.1)], axis=1)
+    write_cache(root, "views", names=index.names, features=views, views=3)
+    pixels = index.labels[:, :1, None] * 120 + np.random.default_rng(0).integers(0, 60, (len(index), 12, 12))
+    write_cache(root, "pixels", names=index.names, features=pixels.astype(np.uint8), kind="pixels")
+    return root
+
+
+def _data(cache_dir, index, backbones, *, metadata=False):
+    return load_head_data(
+        cache_dir=cache_dir, backbones=backbones, index=index, splits=make_splits(index), metadata=metadata
+    )
+
+
+def _train(run_dir, data, *, head=FC, train=FAST, force=False):
+    snapshot = {"labels": list(LABELS), "head": dataclasses.asdict(head), "train": dataclasses.asdict(train)}
+    return train_head(
+        run_dir=run_dir,
+        data=data,
+        head=head,
+        train=train,
+        label_names=LABELS,
+        config_snapshot=snapshot,
+        force=force,
+        progress=False,
+    )
+
+
+def test_fc_run_writes_every_output_and_learns(tmp_path, cache_dir, index):
+    data = _data(cache_dir, index, ["plain"], metadata=True)
+    metrics = _train(tmp_path / "run", data)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(OUTPUTS)
+    assert metrics["mean_auc"] > 0.75, metrics["mean_auc"]  # labels are linear in the features
+    lo, hi = metrics["mean_ci"]
+    assert lo < metrics["mean_auc"] < hi
+    assert metrics["split"] == "test" and metrics["split_source"] == "patient-random"
+    assert metrics["rows"] == {s: int((data.split == s).sum()) for s in ("train", "val", "test")}
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["mean_auc"] == metrics["mean_auc"] and saved["excluded"] == data.excluded
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert list(history["epoch"]) == list(range(1, len(history) + 1))
+    assert metrics["val_mean_auc"] == pytest.approx(history["val_mean_auc"].max())
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    assert list(predictions.columns) == ["name", "split", *LABELS]
+    assert list(predictions["name"]) == list(data.names)
+    assert "Atelectasis" in (tmp_path / "run" / "auc.md").read_text()
+
+
+def test_evaluate_run_recomputes_the_test_metrics(tmp_path, cache_dir, index):
+    data = _data(cache_dir, index, ["plain"])
+    metrics = _train(tmp_path / "run", data)
+    again = evaluate_run(
+        run_dir=tmp_path / "run", data=data, split="test", n_boot=FAST.bootstrap, seed=FAST.seed
+    )
+    assert again["mean_auc"] == pytest.approx(metrics["mean_auc"], abs=1e-6)
+    assert again["mean_ci"] == pytest.approx(metrics["mean_ci"], abs=1e-6)
+    val = evaluate_run(run_dir=tmp_path / "run", data=data, split="val", n_boot=0, seed=0)
+    assert val["mean_auc"] == pytest.approx(metrics["val_mean_auc"], abs=1e-6)  # best weights were kept
+    assert (tmp_path / "run" / "evaluate-val.json").is_file()
+
+
+def test_cache_row_order_does_not_change_the_result(tmp_path, cache_dir, index):
+    in_order = _train(tmp_path / "a", _data(cache_dir, index, ["plain"]))
+    shuffled_data = _data(cache_dir, index, ["shuffled"])
+    shuffled = _train(tmp_path / "b", shuffled_data)
+    assert shuffled["mean_auc"] == pytest.approx(in_order["mean_auc"], abs=1e-6)
+    a = pd.read_csv(tmp_path / "a" / "predictions.csv")
+    b = pd.read_csv(tmp_path / "b" / "predictions.csv")
+    np.testing.assert_allclose(a[list(LABELS)], b[list(LABELS)], atol=1e-5)
+
+
+def test_existing_run_is_not_overwritten_without_force(tmp_path, cache_dir, index):
+    data = _data(cache_dir, index, ["plain"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="--force"):
+        _train(tmp_path / "run", data)
+    _train(tmp_path / "run", data, train=dataclasses.replace(FAST, epochs=1), force=True)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("loss", ["weighted", "focal"])
+def test_linear_head_with_each_loss(tmp_path, cache_dir, index, loss):
+    train = dataclasses.replace(FAST, loss=loss, epochs=3)
+    metrics = _train(
+        tmp_path / "run", _data(cache_dir, index, ["plain"]), head=HeadConfig(kind="linear"), train=train
+    )
+    assert metrics["mean_auc"] > 0.7
+
+
+def test_ensemble_run(tmp_path, cache_dir, index):
+    head = HeadConfig(kind="ensemble", units=(16,), transition=8, dropout=0.1)
+    metrics = _train(tmp_path / "run", _data(cache_dir, index, ["plain", "other"]), head=head)
+    assert metrics["backbones"] == ["plain", "other"]
+    assert metrics["mean_auc"] > 0.75
+
+
+def test_cnn_run_on_cached_pixels(tmp_path, cache_dir, index):
+    head = HeadConfig(kind="cnn", units=(8,), filters=(4,), dropout=0.0)
+    train = dataclasses.replace(FAST, epochs=3, lr=1e-2)
+    metrics = _train(tmp_path / "run", _data(cache_dir, index, ["pixels"]), head=head, train=train)
+    # Only Atelectasis is drawn into the pixels.
+    assert metrics["labels"]["Atelectasis"]["auc"] > 0.8
+
+
+def test_augment_trains_on_cached_views(tmp_path, cache_dir, index):
+    data = _data(cache_dir, index, ["views"], metadata=True)
+    metrics = _train(tmp_path / "run", data, train=dataclasses.replace(FAST, augment=True))
+    assert metrics["mean_auc"] > 0.75
+    again = evaluate_run(run_dir=tmp_path / "run", data=data, split="test", n_boot=0, seed=0)
+    assert again["mean_auc"] == pytest.approx(metrics["mean_auc"], abs=1e-6)
+
+
+def test_augment_without_views_is_refused(tmp_path, cache_dir, index):
+    with pytest.raises(InputError, match="views > 1"):
+        _train(
+            tmp_path / "run",
+            _data(cache_dir, index, ["plain"]),
+            train=dataclasses.replace(FAST, augment=True),
+        )
+
+
+def test_empty_val_split_is_refused(tmp_path, cache_dir, index):
+    data = _data(cache_dir, index, ["plain"])
+    no_val = dataclasses.replace(
+        data, split=np.where(data.split == "val", "train", data.split).astype(object)
+    )
+    with pytest.raises(InputError, match="val split has no images"):
+        _train(tmp_path / "run", no_val)
