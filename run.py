@@ -26,10 +26,9 @@ def _print_json(obj) -> None:
 
 
 def cmd_index(args, config: Config) -> None:
+    from extract.dataset import open_dataset
     from extract.index import find_images, format_summary, summarize
     from extract.splits import write_split_lists
-
-    from extract.dataset import open_dataset
 
     dataset = open_dataset(config)
     missing = None

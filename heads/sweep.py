@@ -37,7 +37,9 @@ def _value(value, kind: type, *, key: str, path: Path):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is list:
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
             raise InputError(f"{path}: {key} values must be lists of integers, e.g. [[512, 256], [256]]")
         return tuple(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -136,9 +138,15 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     backbones = sorted({b for plan in plans.values() for b in plan.backbones})
     # One load for every trial: all trials then also see exactly the same rows.
     data = load_head_data(
-        cache_dir=config.cache_dir, backbones=backbones, index=dataset.index, splits=dataset.splits, metadata=True
+        cache_dir=config.cache_dir,
+        backbones=backbones,
+        index=dataset.index,
+        splits=dataset.splits,
+        metadata=True,
     )
-    print(f"sweep {name}: {len(plans)} trials ({len(combos)} combinations, {len(skipped)} skipped)", flush=True)
+    print(
+        f"sweep {name}: {len(plans)} trials ({len(combos)} combinations, {len(skipped)} skipped)", flush=True
+    )
     results = {}
     for i, (trial, plan) in enumerate(plans.items(), 1):
         trial_dir = sweep_dir / trial
@@ -156,7 +164,10 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
                 eval_split="val",
             )
         else:
-            print(f"[{i}/{len(plans)}] {trial}: finished earlier, val mean AUC {done['mean_auc']:.4f}", flush=True)
+            print(
+                f"[{i}/{len(plans)}] {trial}: finished earlier, val mean AUC {done['mean_auc']:.4f}",
+                flush=True,
+            )
         results[trial] = done
 
     ranked = sorted(results, key=lambda t: _sort_key(results[t]["mean_auc"]), reverse=True)
@@ -169,8 +180,12 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
         n_boot=winner_plan.train.bootstrap,
         seed=winner_plan.train.seed,
     )
-    write_auc_table(test, sweep_dir / "winner-test-auc.md", label_names=config.labels, run_name=f"{name}/{winner}")
-    board = format_leaderboard(name=name, ranked=ranked, plans=plans, results=results, test=test, skipped=skipped)
+    write_auc_table(
+        test, sweep_dir / "winner-test-auc.md", label_names=config.labels, run_name=f"{name}/{winner}"
+    )
+    board = format_leaderboard(
+        name=name, ranked=ranked, plans=plans, results=results, test=test, skipped=skipped
+    )
     (sweep_dir / "leaderboard.md").write_text(board, encoding="utf-8")
     summary = {
         "winner": winner,
@@ -216,8 +231,11 @@ def format_leaderboard(*, name, ranked, plans, results, test, skipped) -> str:
         lines.append(f"| {rank} | {trial} | {auc} | {m.get('epochs', '')} | {_describe(plans[trial])} |")
     lo, hi = test["mean_ci"]
     interval = "" if lo is None else f" (95% CI {lo:.4f}–{hi:.4f}, patient bootstrap)"
-    lines += ["", f"Winner: **{ranked[0]}**. Test mean ROC AUC {test['mean_auc']:.4f}{interval}, "
-              f"{test['images']} test images; per disease in winner-test-auc.md."]
+    lines += [
+        "",
+        f"Winner: **{ranked[0]}**. Test mean ROC AUC {test['mean_auc']:.4f}{interval}, "
+        f"{test['images']} test images; per disease in winner-test-auc.md.",
+    ]
     if skipped:
         lines += ["", f"Skipped {len(skipped)} combinations that make no sense:"]
         lines += [f"- {reason}" for reason in skipped]

@@ -83,8 +83,12 @@ def train_head(
     config_snapshot: dict,
     force: bool = False,
     progress: bool = True,
+    eval_split: str = "test",
 ) -> dict:
-    """Train, evaluate on the test split and write every output of a run; returns the test metrics."""
+    """Train, evaluate on `eval_split` and write every output of a run; returns those metrics.
+
+    A sweep passes eval_split="val" so that trials are compared without ever looking at the test split.
+    """
     start = time.perf_counter()
     run_dir = _prepare_run_dir(Path(run_dir), force=force)
     label_names = list(label_names)
@@ -112,8 +116,8 @@ def train_head(
     scores = predict_probabilities(model, data, np.arange(len(data.names)))
     metrics = split_metrics(
         data,
-        scores[rows["test"]],
-        split="test",
+        scores[rows[eval_split]],
+        split=eval_split,
         label_names=label_names,
         n_boot=train.bootstrap,
         seed=train.seed,
@@ -315,6 +319,6 @@ def _write_outputs(
     predictions.insert(0, "name", data.names)
     predictions.to_csv(run_dir / "predictions.csv", index=False, float_format="%.6f")
     write_auc_table(metrics, run_dir / "auc.md", label_names=label_names, run_name=run_dir.name)
-    test = data.rows("test")
-    plot_roc(data.labels[test], scores[test], run_dir / "roc.png", label_names=label_names)
+    evaluated = data.rows(metrics["split"])
+    plot_roc(data.labels[evaluated], scores[evaluated], run_dir / "roc.png", label_names=label_names)
     plot_auc_comparison(metrics, run_dir / "auc.png", label_names=label_names)

@@ -1,0 +1,113 @@
+"""heads.sweep: grids expand and validate, every trial trains once, resume skips finished trials,
+the winner is picked on validation and only the winner sees the test split."""
+
+import dataclasses
+import json
+
+import pytest
+
+import heads.train
+from extract.errors import InputError
+from heads.sweep import expand_grid, read_grid, run_sweep
+
+REAL_TRAIN_HEAD = heads.train.train_head
+
+GRID = """
+head = ["fc"]
+backbone = ["offline_cnn", "offline_cnn_wide"]
+units = [[16], [32, 16]]
+lr = [0.01, 0.003]
+[fixed]
+epochs = 2
+"""
+
+
+def _grid(tmp_path, text=GRID):
+    path = tmp_path / "grid.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_grid_expands_every_combination(tmp_path):
+    axes, fixed = read_grid(_grid(tmp_path))
+    combos = expand_grid(axes, fixed)
+    assert len(combos) == 8
+    assert {c["units"] for c in combos} == {(16,), (32, 16)}
+    assert all(c["epochs"] == 2 for c in combos)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("head = ['fc']\nbackbone = ['a']\nwidth = [1]\n", "width"),
+        ("head = 'fc'\nbackbone = ['a']\n", "non-empty list"),
+        ("head = ['fc']\n", "backbone"),
+        ("head = ['fc']\nbackbone = ['a']\nunits = [[1, 'x']]\n", "units"),
+        ("head = ['fc']\nbackbone = ['a']\nlr = ['fast']\n", "lr"),
+        ("head = ['fc']\nbackbone = ['a']\nlr = [0.1]\n[fixed]\nlr = 0.2\n", "both"),
+    ],
+)
+def test_bad_grid_names_the_key(tmp_path, text, needle):
+    with pytest.raises(InputError, match=needle):
+        read_grid(_grid(tmp_path, text))
+
+
+def _counting(monkeypatch, *, fail_on=None):
+    """Count train_head calls (and check none of them evaluates on test); optionally die on call N."""
+    calls = []
+
+    def wrapper(**kwargs):
+        calls.append(kwargs["run_dir"].name)
+        assert kwargs["eval_split"] == "val"
+        if fail_on is not None and len(calls) == fail_on:
+            raise KeyboardInterrupt
+        return REAL_TRAIN_HEAD(**kwargs, progress=False)
+
+    monkeypatch.setattr(heads.train, "train_head", wrapper)
+    return calls
+
+
+def test_sweep_resumes_and_picks_on_validation_only(tmp_path, tiny_project, monkeypatch):
+    config = dataclasses.replace(tiny_project, runs_dir=tmp_path / "runs")
+    grid = _grid(tmp_path)
+
+    calls = _counting(monkeypatch, fail_on=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(config, grid_path=grid, name="s")
+    assert len(calls) == 4
+
+    calls = _counting(monkeypatch)
+    result = run_sweep(config, grid_path=grid, name="s")
+    # Three trials finished before the interruption; the fourth and the rest train now.
+    assert len(calls) == 5
+    sweep_dir = config.runs_dir / "s"
+    trials = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
+    assert len(trials) == 8
+
+    val = {t.name: json.loads((t / "metrics.json").read_text())["mean_auc"] for t in trials}
+    for t in trials:
+        assert json.loads((t / "metrics.json").read_text())["split"] == "val"
+    assert result["winner"] == max(val, key=val.get)
+    # Only the winner was ever evaluated on the test split.
+    tested = [p.parent.name for p in sweep_dir.glob("*/evaluate-test.json")]
+    assert tested == [result["winner"]]
+    board = (sweep_dir / "leaderboard.md").read_text()
+    assert "validation" in board and result["winner"] in board
+    assert board.index(result["winner"]) < board.index(min(val, key=val.get))
+
+    calls = _counting(monkeypatch)
+    again = run_sweep(config, grid_path=grid, name="s")
+    assert calls == [] and again["winner"] == result["winner"]
+
+
+def test_sweep_skips_combinations_that_make_no_sense(tmp_path, tiny_project, monkeypatch):
+    config = dataclasses.replace(tiny_project, runs_dir=tmp_path / "runs")
+    grid = _grid(
+        tmp_path,
+        'head = ["fc", "ensemble"]\nbackbone = ["offline_cnn", "offline_cnn,offline_cnn_wide"]\n'
+        "[fixed]\nepochs = 1\n",
+    )
+    calls = _counting(monkeypatch)
+    result = run_sweep(config, grid_path=grid, name="mix")
+    assert len(calls) == 2
+    assert len(result["skipped"]) == 2
