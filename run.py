@@ -148,9 +148,12 @@ def cmd_bench(args, config: Config) -> None:
             config, backbone=args.backbone, images=args.images, batch_size=args.batch_size
         )
     else:
+        import tempfile
+
         from heads.bench import bench_heads
 
-        result = bench_heads(rows=args.rows, dim=args.dim, workdir=args.workdir)
+        with tempfile.TemporaryDirectory(prefix="cxr14-bench-") as tmp:
+            result = bench_heads(rows=args.rows, dim=args.dim, workdir=args.workdir or Path(tmp))
     if args.json:
         _print_json(result)
     else:
@@ -339,6 +342,10 @@ def main(argv=None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away; nothing is wrong with the data.
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return 130

@@ -220,15 +220,20 @@ def _check_backbone(b: BackboneConfig, *, path: Path) -> None:
         )
 
 
+def read_toml(path: Path, *, what: str) -> dict:
+    """A TOML file as a dict; a missing file or bad syntax is an InputError naming the file."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"{path}: not valid TOML: {err}") from None
+
+
 def load_config(path: Path) -> Config:
     """Read and check a cxr14 TOML config; relative folders are taken from the config file's folder."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: config file not found (pass --config PATH)") from None
-    except tomllib.TOMLDecodeError as err:
-        raise InputError(f"{path}: not valid TOML: {err}") from None
+    raw = read_toml(path, what="config file (pass --config PATH)")
     base = path.resolve().parent
 
     data = _pop_table(raw, "data", path=path)

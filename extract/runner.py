@@ -36,9 +36,10 @@ def run_extract(
     from extract.extraction import extract_features
 
     settings = config.extract
+    chosen = config.backbone(backbone)  # an unknown name fails before the index is read
     names, paths = _images(config, limit=limit)
     model = load_backbone(
-        config.backbone(backbone),
+        chosen,
         mixed_precision=settings.mixed_precision if mixed_precision is None else mixed_precision,
         xla=settings.xla if xla is None else xla,
     )
@@ -62,6 +63,7 @@ def run_bench_extract(config: Config, *, backbone: str, images: int, batch_size:
     from extract.backbones import load_backbone
     from extract.bench import bench_extract
 
+    chosen = config.backbone(backbone)
     names, paths = _images(config, limit=images)
     present = [p for p in paths if p]
     if not present:
@@ -69,7 +71,7 @@ def run_bench_extract(config: Config, *, backbone: str, images: int, batch_size:
             f"{config.data_dir}: no image files found to benchmark (make one with run.py make-sample)"
         )
     return bench_extract(
-        backbone=load_backbone(config.backbone(backbone)),
+        backbone=load_backbone(chosen),
         paths=present,
         batch_size=batch_size or config.extract.batch_size,
         images=len(present),

@@ -5,10 +5,9 @@ import hashlib
 import itertools
 import json
 import shutil
-import tomllib
 from pathlib import Path
 
-from extract.config import Config
+from extract.config import Config, read_toml
 from extract.dataset import open_dataset
 from extract.errors import InputError
 from heads.experiment import RunPlan, plan_run, snapshot
@@ -50,12 +49,7 @@ def _value(value, kind: type, *, key: str, path: Path):
 def read_grid(path: Path) -> tuple[dict[str, list], dict]:
     """The grid's axes (key -> list of values, file order) and its [fixed] options."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: grid file not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise InputError(f"{path}: not valid TOML: {err}") from None
+    raw = read_toml(path, what="grid file")
     fixed_raw = raw.pop("fixed", {})
     if not isinstance(fixed_raw, dict):
         raise InputError(f"{path}: fixed must be a table ([fixed])")

@@ -1,0 +1,115 @@
+"""run.py: bad input exits with status 2 and a message naming the file, never a traceback; the
+subcommands dispatch to the library and print what they promise."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import run
+from tests.conftest import write_tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],\n"
+)
+
+
+def _csv_only(tmp_path: Path, rows: list[str]) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "Data_Entry_2017.csv").write_text(HEADER + "".join(rows), encoding="utf-8")
+    return data
+
+
+def _row(name: str, labels: str, patient: int, age: str = "58") -> str:
+    return f"{name},{labels},0,{patient},{age},M,PA,2682,2749,0.143,0.143,\n"
+
+
+def test_index_json_on_a_csv_alone(tmp_path, capsys):
+    rows = [
+        _row(f"{p:08d}_000.png", "Cardiomegaly|Effusion" if p % 2 else "No Finding", p) for p in range(1, 41)
+    ]
+    rows.append(_row("00000099_000.png", "Hernia", 99, age="412"))
+    data = _csv_only(tmp_path, rows)
+    assert run.main(["index", "--data-dir", str(data), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 41 and summary["patients"] == 41
+    assert summary["no_finding"] == 20
+    assert summary["labels"]["Cardiomegaly"] == 20 and summary["labels"]["Hernia"] == 1
+    assert summary["ages_invalid"] == 1
+    assert summary["split_source"] == "patient-random"
+    assert summary["patient_overlap"] == 0
+    assert sum(s["images"] for s in summary["splits"].values()) == 41
+
+
+def test_bad_csv_exits_2_naming_file_and_line(tmp_path):
+    data = _csv_only(
+        tmp_path, [_row("00000001_000.png", "No Finding", 1), _row("00000002_000.png", "Flu", 2)]
+    )
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "index", "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "Data_Entry_2017.csv" in result.stderr and "line 3" in result.stderr and "Flu" in result.stderr
+
+
+def test_missing_config_and_unknown_backbone_exit_2(tmp_path, capsys):
+    assert run.main(["index", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "nope.toml" in capsys.readouterr().err
+    config = write_tiny_config(tmp_path)
+    assert run.main(["extract", "--config", str(config), "--backbone", "resnet152"]) == 2
+    assert "offline_cnn" in capsys.readouterr().err
+
+
+def test_train_head_without_cache_prints_the_extract_command(tmp_path, tiny_project, capsys):
+    code = run.main(
+        [
+            "train-head",
+            "--config",
+            str(tiny_project.path),
+            "--cache-dir",
+            str(tmp_path / "empty"),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--head",
+            "fc",
+            "--backbone",
+            "offline_cnn",
+        ]
+    )
+    assert code == 2
+    assert "python run.py extract --backbone offline_cnn" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shard", ["2/2", "x", "1/0"])
+def test_bad_shard_is_a_usage_error(shard):
+    with pytest.raises(SystemExit) as err:
+        run.build_parser().parse_args(["extract", "--backbone", "b", "--shard", shard])
+    assert err.value.code == 2
+
+
+def test_train_evaluate_report_round_trip(tmp_path, tiny_project, capsys):
+    common = ["--config", str(tiny_project.path), "--runs-dir", str(tmp_path / "runs")]
+    args = ["train-head", *common, "--head", "ensemble", "--backbone", "offline_cnn,offline_cnn_wide"]
+    assert run.main([*args, "--epochs", "2", "--fusion", "concat", "--name", "e"]) == 0
+    trained = json.loads((tmp_path / "runs" / "e" / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "runs" / "e" / "config.json").read_text())
+    assert saved["head"]["fusion"] == "concat" and saved["train"]["epochs"] == 2
+    assert saved["feature_dtypes"] == {"offline_cnn": "float16", "offline_cnn_wide": "float16"}
+    # A second run with the same name is refused without --force.
+    assert run.main([*args, "--name", "e"]) == 2
+    capsys.readouterr()
+    assert run.main(["evaluate", *common, "--run", str(tmp_path / "runs" / "e")]) == 0
+    evaluated = json.loads((tmp_path / "runs" / "e" / "evaluate-test.json").read_text())
+    assert evaluated["mean_auc"] == pytest.approx(trained["mean_auc"], abs=1e-6)
+    capsys.readouterr()
+    assert run.main(["report", *common]) == 0
+    assert "| e |" in capsys.readouterr().out.replace("|  e |", "| e |")
