@@ -7,6 +7,9 @@ from extract.config import Config, with_overrides
 
 DEMO_BACKBONES = ("offline_cnn", "offline_cnn_wide")
 DEMO_IMAGES = 2000
+# The sample has ~1,500 training images; the full-data default batch (1024) would give the head two steps
+# an epoch, so the demo trains with smaller batches.
+DEMO_BATCH_SIZE = 128
 
 
 def _step(text: str) -> None:
@@ -38,7 +41,12 @@ def run_demo(config: Config, *, workdir: Path, images: int | None = None) -> str
     runs = []
     for head, backbones in (("fc", DEMO_BACKBONES[0]), ("ensemble", ",".join(DEMO_BACKBONES))):
         _step(f"stage two: training the {head} head on {backbones}")
-        metrics = run_train_head(config, options={"head": head, "backbone": backbones}, name=None, force=True)
+        metrics = run_train_head(
+            config,
+            options={"head": head, "backbone": backbones, "batch_size": DEMO_BATCH_SIZE},
+            name=None,
+            force=True,
+        )
         print(metrics["summary"], flush=True)
         runs.append(config.runs_dir / f"{head}-{backbones.replace(',', '+')}")
 
