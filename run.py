@@ -43,6 +43,8 @@ def cmd_index(args, config: Config) -> None:
         _print_json(summary)
     else:
         print(format_summary(summary))
+        if args.write_splits:
+            print(f"wrote {', '.join(summary['written'])}")
 
 
 def cmd_make_sample(args, config: Config) -> None:
@@ -115,14 +117,14 @@ def cmd_sweep(args, config: Config) -> None:
     print(result["summary"])
 
 
-def cmd_predict(args, config: Config) -> None:
+def cmd_predict(args, config: Config) -> int:
     _quiet_tensorflow()
     from heads.predict import format_predictions, predict_images
 
     results = predict_images(run_dir=args.run, inputs=args.images, config=config)
     print(format_predictions(results, fmt="json" if args.json else "table", csv_path=args.csv))
-    if any(r.get("error") for r in results):
-        sys.exit(1 if all(r.get("error") for r in results) else 0)
+    # Some unreadable files are reported in the output; only when none could be read is it a failure.
+    return 1 if all(r.get("error") for r in results) else 0
 
 
 def cmd_export(args, config: Config) -> None:
@@ -145,7 +147,12 @@ def cmd_bench(args, config: Config) -> None:
         from extract.runner import run_bench_extract
 
         result = run_bench_extract(
-            config, backbone=args.backbone, images=args.images, batch_size=args.batch_size
+            config,
+            backbone=args.backbone,
+            images=args.images,
+            batch_size=args.batch_size,
+            mixed_precision=args.mixed_precision,
+            xla=args.xla,
         )
     else:
         import tempfile
@@ -289,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=Path, required=True)
     p.add_argument("--name", default="sweep")
 
-    p = command("predict", cmd_predict, "Run a trained model on new PNG images.", folders=("cache", "runs"))
+    # predict and export read everything from the run folder; bench reads only images.
+    p = command("predict", cmd_predict, "Run a trained model on new PNG images.", folders=())
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
     out = p.add_mutually_exclusive_group()
@@ -300,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         cmd_export,
         "Write one self-contained model: image in, 14 probabilities out.",
-        folders=("runs",),
+        folders=(),
     )
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -314,11 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("demo"))
     p.add_argument("--images", type=int, default=None, help="sample size (default: the demo's own)")
 
-    p = command("bench", cmd_bench, "Measure extraction or head-training speed.")
+    p = command("bench", cmd_bench, "Measure extraction or head-training speed.", folders=("data",))
     p.add_argument("what", choices=("extract", "heads"))
     p.add_argument("--backbone", default="offline_cnn", help="extract: backbone to measure")
     p.add_argument("--images", type=int, default=512, help="extract: images to time")
     p.add_argument("--batch-size", type=int)
+    p.add_argument(
+        "--mixed-precision", action="store_true", default=None, help="extract: float16 compute (GPU)"
+    )
+    p.add_argument("--xla", action="store_true", default=None, help="extract: compile the backbone with XLA")
     p.add_argument("--rows", type=int, default=112_120, help="heads: rows of the synthetic cache")
     p.add_argument("--dim", type=int, default=2048, help="heads: feature dimension")
     p.add_argument(
@@ -338,7 +350,7 @@ def main(argv=None) -> int:
             cache_dir=getattr(args, "cache_dir", None),
             runs_dir=getattr(args, "runs_dir", None),
         )
-        args.func(args, config)
+        return args.func(args, config) or 0
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -349,7 +361,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

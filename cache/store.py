@@ -28,6 +28,7 @@ RECIPE_ATTRS = (
     "views",
     "shard_size",
 )
+DATASETS = ("names", "features", "status", "errors")
 SHARD_ATTRS = ("shard_start", "shard_stop", "shard_total_rows")
 DTYPES = {"features": ("float16", "float32"), "pixels": ("uint8",)}
 LIBRARIES = ("numpy", "h5py", "tensorflow", "keras", "tensorflow-hub")
@@ -129,9 +130,7 @@ def read_features(path: Path, *, names: Sequence[str] | None = None) -> FeatureS
     with _open(path, "r") as f:
         attrs = _get_attrs(f)
         _check_attrs(path, attrs)
-        for key in ("names", "features", "status", "errors"):
-            if key not in f:
-                raise InputError(f"{path}: dataset '{key}' is missing; see cache/README.md for the format")
+        _check_datasets(path, f)
         stored = f["names"].asstr()[()].astype(object)
         features = f["features"][()]
         status = f["status"][()].astype(np.int8)
@@ -147,6 +146,7 @@ def read_status(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     path = Path(path)
     with _open(path, "r") as f:
         _check_attrs(path, _get_attrs(f))
+        _check_datasets(path, f)
         return f["names"].asstr()[()].astype(object), f["status"][()], f["errors"].asstr()[()].astype(object)
 
 
@@ -234,7 +234,7 @@ def merge_shards(directory: Path, *, out_path: Path) -> Path:
         for path in shards:
             part = read_features(path)
             rows = slice(part.attrs["shard_start"], part.attrs["shard_stop"])
-            for key in ("names", "features", "status", "errors"):
+            for key in DATASETS:
                 out[key][rows] = getattr(part, key)
         _set_attrs(out, attrs)
         out.flush()
@@ -319,6 +319,12 @@ def _check_attrs(path: Path, attrs: dict) -> None:
         )
     if not isinstance(attrs["views"], int) or attrs["views"] < 1:
         raise InputError(f"{path}: attribute views={attrs['views']!r}; expected an integer >= 1")
+
+
+def _check_datasets(path: Path, f: h5py.File) -> None:
+    for key in DATASETS:
+        if key not in f:
+            raise InputError(f"{path}: dataset '{key}' is missing; see cache/README.md for the format")
 
 
 def _check(path: Path, *, names, features, status, errors, attrs: dict) -> None:

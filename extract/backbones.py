@@ -107,7 +107,7 @@ def _load_saved_model(cfg: BackboneConfig):
 
 
 def _hub_help(cfg: BackboneConfig, err: Exception) -> str:
-    detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    detail = _first_line(err)
     cache = os.environ.get("TFHUB_CACHE_DIR", "not set")
     return (
         f"backbone {cfg.name!r}: cannot load {cfg.handle!r} ({type(err).__name__}: {detail}). "
@@ -116,6 +116,11 @@ def _hub_help(cfg: BackboneConfig, err: Exception) -> str:
         f"then either copy that cache folder here and set TFHUB_CACHE_DIR to it (now: {cache}), or set "
         f"backbones.{cfg.name}.handle to the unpacked SavedModel directory."
     )
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of an error's message (at most 300 characters), for a one-line hint."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 def _saved_model_entry(model, cfg: BackboneConfig) -> Callable:
@@ -206,7 +211,7 @@ def _keras_weights(cfg: BackboneConfig) -> str | None:
 
 
 def _keras_help(cfg: BackboneConfig, err: Exception) -> str:
-    detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    detail = _first_line(err)
     message = f"backbone {cfg.name!r}: cannot build keras.applications.{cfg.model} ({type(err).__name__}: {detail})."
     if cfg.weights == "imagenet":
         message += (

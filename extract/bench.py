@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from extract.errors import InputError
+from extract.extraction import pad_batch
 from extract.pipeline import make_dataset
 
 KEPT_BATCHES = 8  # the backbone-alone pass cycles over these, so memory does not grow with `images`
@@ -42,7 +43,7 @@ def bench_extract(*, backbone, paths: Sequence[str], batch_size: int, images: in
         raise InputError(
             f"bench extract: none of the {len(paths)} images could be decoded (first: {paths[0]})"
         )
-    backbone.fn(_padded(first[1], batch_size)).numpy()  # trace once, outside every timing
+    backbone.fn(pad_batch(first[1], batch_size)).numpy()  # trace once, outside every timing
 
     wall, cpu = {"decode": [], "backbone": [], "pipeline": []}, {"decode": [], "backbone": [], "pipeline": []}
     for _ in range(max(1, repeats)):
@@ -82,14 +83,6 @@ def bench_extract(*, backbone, paths: Sequence[str], batch_size: int, images: in
     }
 
 
-def _padded(images: tf.Tensor, batch_size: int) -> tf.Tensor:
-    """Pad a short batch with zeros, as extraction does, so the timed work is the same."""
-    short = batch_size - int(images.shape[0])
-    if short <= 0:
-        return images
-    return tf.concat([images, tf.zeros((short, *images.shape[1:]), images.dtype)], axis=0)
-
-
 def _measure(work) -> tuple:
     """(result, wall seconds, process CPU seconds) of calling `work`."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -107,7 +100,7 @@ def _decode_all(dataset, *, batch_size: int) -> tuple[int, list]:
     for _, images in dataset:
         decoded += int(images.shape[0])
         if len(kept) < KEPT_BATCHES:
-            kept.append(_padded(images, batch_size))
+            kept.append(pad_batch(images, batch_size))
     return decoded, kept
 
 
@@ -119,7 +112,7 @@ def _run_backbone(backbone, kept: list, *, batches: int) -> None:
 def _run_pipeline(dataset, backbone, *, batch_size: int) -> int:
     done = 0
     for _, images in dataset:
-        backbone.fn(_padded(images, batch_size)).numpy()
+        backbone.fn(pad_batch(images, batch_size)).numpy()
         done += int(images.shape[0])
     return done
 

@@ -280,6 +280,9 @@ def load_config(path: Path) -> Config:
         _choice(head.fusion, ("add", "concat"), key=f"heads.{kind}.fusion", path=path)
     for backbone in backbones.values():
         _check_backbone(backbone, path=path)
+    if split.frozen_dir:
+        # Like every folder in the config, a relative frozen_dir is taken from the config file's folder.
+        split = dataclasses.replace(split, frozen_dir=str(base / split.frozen_dir))
     if abs(sum(split.fractions) - 1.0) > 1e-6:
         raise InputError(f"{path}: split.fractions must add up to 1, got {list(split.fractions)}")
 

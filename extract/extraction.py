@@ -207,13 +207,18 @@ def _embed(backbone, images: tf.Tensor, *, batch_size: int, views: int) -> np.nd
     """Backbone outputs for one batch, padded to a fixed batch so the tf.function never retraces."""
     b = int(images.shape[0])
     flat = tf.reshape(images, (-1, *images.shape[-3:])) if views > 1 else images
-    short = batch_size * views - int(flat.shape[0])
-    if short:
-        flat = tf.concat([flat, tf.zeros((short, *flat.shape[1:]), flat.dtype)], axis=0)
-    out = np.asarray(backbone.fn(flat))[: b * views].astype(np.float32)
+    out = np.asarray(backbone.fn(pad_batch(flat, batch_size * views)))[: b * views].astype(np.float32)
     if backbone.kind == "pixels":
         out = np.clip(np.rint(out), 0, 255)
     return out.reshape(b, views, *out.shape[1:]) if views > 1 else out
+
+
+def pad_batch(images: tf.Tensor, size: int) -> tf.Tensor:
+    """Pad a short batch with zero images up to `size` rows (extraction and its benchmark both do)."""
+    short = size - int(images.shape[0])
+    if short <= 0:
+        return images
+    return tf.concat([images, tf.zeros((short, *images.shape[1:]), images.dtype)], axis=0)
 
 
 def _record_failures(part: dict, *, start: int, paths, checks: dict) -> None:

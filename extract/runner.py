@@ -5,16 +5,15 @@ from pathlib import Path
 from extract.config import Config
 from extract.dataset import open_dataset
 from extract.errors import InputError
+from extract.index import find_images
 
 
 def _images(config: Config, *, limit: int | None):
     """Names (index order) and their paths; names without a file keep an empty path and are recorded."""
-    from extract.index import find_images
-
-    index = open_dataset(config).index
-    names = index.names if limit is None else index.names[:limit]
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be at least 1, got {limit}")
+    index = open_dataset(config).index
+    names = index.names if limit is None else index.names[:limit]
     return names, find_images(config.data_dir, names)
 
 
@@ -58,8 +57,19 @@ def run_extract(
     )
 
 
-def run_bench_extract(config: Config, *, backbone: str, images: int, batch_size: int | None) -> dict:
-    """Time decoding, the backbone and the whole pipeline on the first `images` images of the index."""
+def run_bench_extract(
+    config: Config,
+    *,
+    backbone: str,
+    images: int,
+    batch_size: int | None,
+    mixed_precision: bool | None = None,
+    xla: bool | None = None,
+) -> dict:
+    """Time decoding, the backbone and the whole pipeline on the first `images` images of the index.
+
+    Mixed precision and XLA default to the config's [extract] settings, as in `run_extract`.
+    """
     from extract.backbones import load_backbone
     from extract.bench import bench_extract
 
@@ -70,10 +80,16 @@ def run_bench_extract(config: Config, *, backbone: str, images: int, batch_size:
         raise InputError(
             f"{config.data_dir}: no image files found to benchmark (make one with run.py make-sample)"
         )
+    settings = config.extract
+    model = load_backbone(
+        chosen,
+        mixed_precision=settings.mixed_precision if mixed_precision is None else mixed_precision,
+        xla=settings.xla if xla is None else xla,
+    )
     return bench_extract(
-        backbone=load_backbone(chosen),
+        backbone=model,
         paths=present,
-        batch_size=batch_size or config.extract.batch_size,
+        batch_size=batch_size or settings.batch_size,
         images=len(present),
     )
 

@@ -51,26 +51,25 @@ def assign_splits(
         assignment = _patient_random(index.patients, seed=seed, fractions=fractions)
     else:
         assignment = _frozen(index, frozen_dir=frozen_dir)
-    overlap = patient_overlap(index.patients, assignment)
-    if overlap:
+    shared = _shared_patients(index.patients, assignment)
+    if shared.size:
         raise InputError(
-            f"{overlap} patient(s) are in more than one split under policy {policy!r} "
-            f"(e.g. patient {_first_shared_patient(index.patients, assignment)}); images of one patient "
-            "must stay in one split: fix the split lists"
+            f"{shared.size} patient(s) are in more than one split under policy {policy!r} "
+            f"(e.g. patient {shared[0]}); images of one patient must stay in one split: fix the split lists"
         )
     return Splits(assignment=assignment, source=policy)
 
 
 def patient_overlap(patients: np.ndarray, assignment: np.ndarray) -> int:
     """How many patients have images in more than one split (must be 0)."""
-    pairs = pd.DataFrame({"patient": patients, "split": assignment}).drop_duplicates()
-    return int((pairs.groupby("patient").size() > 1).sum())
+    return int(_shared_patients(patients, assignment).size)
 
 
-def _first_shared_patient(patients: np.ndarray, assignment: np.ndarray) -> int:
+def _shared_patients(patients: np.ndarray, assignment: np.ndarray) -> np.ndarray:
+    """Sorted ids of the patients with images in more than one split."""
     pairs = pd.DataFrame({"patient": patients, "split": assignment}).drop_duplicates()
     counts = pairs.groupby("patient").size()
-    return int(counts.index[counts > 1][0])
+    return counts.index[counts > 1].to_numpy()
 
 
 def write_split_lists(index, splits: Splits, out_dir: Path) -> list[Path]:

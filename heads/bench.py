@@ -7,7 +7,6 @@ so the ratio says how much time goes to anything but the head's own arithmetic.
 import dataclasses
 import os
 import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -143,9 +142,8 @@ def write_synthetic_cache(cache_dir: Path, *, index: Index, dim: int, seed: int)
         stop = min(start + CHUNK, len(index))
         block = rng.standard_normal((stop - start, dim), dtype=np.float32)
         features[start:stop] = block + index.labels[start:stop] @ directions
-    if cache_dir.exists():
-        shutil.rmtree(cache_dir)
-    cache_dir.mkdir(parents=True)
+    # Never clear cache_dir: with --workdir set to a project, it is that project's real feature cache.
+    cache_dir.mkdir(parents=True, exist_ok=True)
     attrs = {"backbone": BACKBONE, "kind": "features", "dtype": "float16", "views": 1, "synthetic": True}
     n = len(index)
     return write_features(

@@ -30,6 +30,7 @@ class HeadData:
     metadata: np.ndarray | None  # (N, len(METADATA_COLUMNS)) float32, or None
     excluded: dict[str, int]  # index rows left out, by reason
     split_source: str = ""  # "official" | "patient-random" | "frozen"
+    label_names: tuple[str, ...] = ()  # names of the label columns, in order
 
     def rows(self, split: str) -> np.ndarray:
         """Positions of the rows in `split`."""
@@ -84,7 +85,8 @@ def load_head_data(*, cache_dir: Path, backbones: Sequence[str], index, splits, 
         features=features,
         metadata=_metadata(index, splits, rows) if metadata else None,
         excluded=excluded,
-        split_source=getattr(splits, "source", ""),
+        split_source=splits.source,
+        label_names=tuple(index.label_names),
     )
 
 

@@ -48,7 +48,7 @@ def run_demo(config: Config, *, workdir: Path, images: int | None = None) -> str
             force=True,
         )
         print(metrics["summary"], flush=True)
-        runs.append(config.runs_dir / f"{head}-{backbones.replace(',', '+')}")
+        runs.append(metrics["run_dir"])
 
     board = config.runs_dir / "leaderboard.md"
     board.write_text(leaderboard(runs), encoding="utf-8")

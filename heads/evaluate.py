@@ -85,6 +85,21 @@ def run_labels(run_dir: Path) -> list[str]:
     return list(labels)
 
 
+def check_labels(data: HeadData, label_names) -> None:
+    """Refuse label names that are not the data's label columns, in order.
+
+    The config may list a subset of the labels in any order; a run evaluated under another list would
+    otherwise score each disease's probabilities against another disease's column.
+    """
+    label_names = list(label_names)
+    columns = list(data.label_names) or [f"{data.labels.shape[1]} columns"]
+    if data.labels.shape[1] != len(label_names) or (data.label_names and columns != label_names):
+        raise InputError(
+            f"the run's labels {label_names} are not the index's label columns {columns}; "
+            "set [data] labels to the run's own (its config.json) and load the index again"
+        )
+
+
 def split_metrics(
     data: HeadData, scores: np.ndarray, *, split: str, label_names, n_boot: int, seed: int
 ) -> dict:
@@ -92,10 +107,11 @@ def split_metrics(
     rows = data.rows(split)
     if rows.size == 0:
         raise InputError(f"the {split} split has no images with features; check the split lists and caches")
-    if scores.shape != (rows.size, len(label_names)) or data.labels.shape[1] != len(label_names):
+    check_labels(data, label_names)
+    if scores.shape != (rows.size, len(label_names)):
         raise InputError(
-            f"the head gives {scores.shape[1]} probabilities per image, the index has {data.labels.shape[1]} "
-            f"labels and the run lists {len(label_names)}; use the labels the run was trained with"
+            f"the head gives {scores.shape[1]} probabilities per image but the run lists "
+            f"{len(label_names)} labels; use the labels the run was trained with"
         )
     metrics = evaluate(
         data.labels[rows],

@@ -102,7 +102,7 @@ def run_train_head(config: Config, *, options: dict, name: str | None, force: bo
         config_snapshot=snapshot(config, plan),
         force=force,
     )
-    return {**metrics, "summary": summarize_metrics(metrics, run_dir=run_dir)}
+    return {**metrics, "run_dir": run_dir, "summary": summarize_metrics(metrics, run_dir=run_dir)}
 
 
 def run_evaluate(config: Config, *, run_dir: Path, split: str) -> dict:

@@ -61,6 +61,8 @@ def _check(*, kind: str, inputs: dict[str, tuple], head: HeadConfig) -> None:
         raise InputError(
             f"a backbone may not be called {METADATA_INPUT!r}: that input name is the metadata's"
         )
+    if not 0.0 <= head.dropout < 1.0:
+        raise InputError(f"heads.{kind}.dropout = {head.dropout}; expected a rate in [0, 1)")
     if kind == "ensemble" and len(inputs) < 2:
         raise InputError(f"the ensemble head fuses two or more backbones, got {list(inputs)}; use --head fc")
     if kind == "ensemble" and head.fusion not in FUSIONS:

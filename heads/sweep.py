@@ -5,6 +5,7 @@ import hashlib
 import itertools
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 from extract.config import Config, read_toml
@@ -92,7 +93,7 @@ def plan_trials(config: Config, combos: list[dict]) -> tuple[dict[str, RunPlan],
         try:
             plan = plan_run(config, combo)
         except InputError as err:
-            skipped.append(f"{combo}: {err}")
+            skipped.append({"combination": combo, "reason": str(err)})
             continue
         plans.setdefault(trial_name(plan), plan)
     return plans, skipped
@@ -123,7 +124,8 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     combos = expand_grid(axes, fixed)
     plans, skipped = plan_trials(config, combos)
     if not plans:
-        raise InputError(f"{grid_path}: no valid combination to train; skipped: {skipped[:3]}")
+        reasons = sorted({s["reason"] for s in skipped})
+        raise InputError(f"{grid_path}: no valid combination to train; every one was skipped: {reasons}")
     sweep_dir = config.runs_dir / name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(grid_path, sweep_dir / "grid.toml")
@@ -159,7 +161,7 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
             )
         else:
             print(
-                f"[{i}/{len(plans)}] {trial}: finished earlier, val mean AUC {done['mean_auc']:.4f}",
+                f"[{i}/{len(plans)}] {trial}: finished earlier, val mean AUC {_auc_text(done['mean_auc'])}",
                 flush=True,
             )
         results[trial] = done
@@ -197,6 +199,11 @@ def _sort_key(value) -> float:
     return -1.0 if value is None or value != value else float(value)
 
 
+def _auc_text(value) -> str:
+    """A mean AUC to 4 places; None or NaN (no label with both classes) reads as undefined."""
+    return "undefined" if _sort_key(value) < 0 else f"{value:.4f}"
+
+
 def _describe(plan: RunPlan) -> str:
     head, train = plan.head, plan.train
     parts = [f"head={head.kind}", f"backbones={'+'.join(plan.backbones)}"]
@@ -221,16 +228,18 @@ def format_leaderboard(*, name, ranked, plans, results, test, skipped) -> str:
     ]
     for rank, trial in enumerate(ranked, 1):
         m = results[trial]
-        auc = "undefined" if _sort_key(m["mean_auc"]) < 0 else f"{m['mean_auc']:.4f}"
-        lines.append(f"| {rank} | {trial} | {auc} | {m.get('epochs', '')} | {_describe(plans[trial])} |")
+        lines.append(
+            f"| {rank} | {trial} | {_auc_text(m['mean_auc'])} | {m.get('epochs', '')} | {_describe(plans[trial])} |"
+        )
     lo, hi = test["mean_ci"]
     interval = "" if lo is None else f" (95% CI {lo:.4f}–{hi:.4f}, patient bootstrap)"
     lines += [
         "",
-        f"Winner: **{ranked[0]}**. Test mean ROC AUC {test['mean_auc']:.4f}{interval}, "
+        f"Winner: **{ranked[0]}**. Test mean ROC AUC {_auc_text(test['mean_auc'])}{interval}, "
         f"{test['images']} test images; per disease in winner-test-auc.md.",
     ]
     if skipped:
+        # One line per reason: a grid crossing heads with backbone lists skips many alike (full list in sweep.json).
         lines += ["", f"Skipped {len(skipped)} combinations that make no sense:"]
-        lines += [f"- {reason}" for reason in skipped]
+        lines += [f"- {n} × {reason}" for reason, n in Counter(s["reason"] for s in skipped).items()]
     return "\n".join(lines) + "\n"

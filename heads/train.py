@@ -16,7 +16,7 @@ from keras import ops
 from extract.config import HeadConfig, TrainConfig
 from extract.errors import InputError
 from heads.data import HeadData
-from heads.evaluate import head_inputs, predict_arrays, predict_probabilities, split_metrics
+from heads.evaluate import check_labels, head_inputs, predict_arrays, predict_probabilities, split_metrics
 from heads.losses import make_loss
 from heads.metrics import mean_defined, roc_auc_per_label
 from heads.models import METADATA_INPUT, build_head
@@ -123,14 +123,16 @@ def train_head(
         seed=train.seed,
     )
     evaluated = time.perf_counter()
+    # Never NaN: _check_data makes sure some label has both classes in val, and NaN scores raise.
+    best = int(history[MONITOR].to_numpy().argmax())
     metrics = {
         **metrics,
         "run": run_dir.name,
         "head": head.kind,
         "backbones": list(data.features),
-        "val_mean_auc": _best(history[MONITOR]),
+        "val_mean_auc": float(history[MONITOR].iloc[best]),
         "epochs": len(history),
-        "best_epoch": int(np.nanargmax(history[MONITOR].to_numpy())) + 1,
+        "best_epoch": best + 1,
         "rows": {split: int(r.size) for split, r in rows.items()},
         "excluded": data.excluded,
     }
@@ -170,10 +172,7 @@ def _prepare_run_dir(run_dir: Path, *, force: bool) -> Path:
 
 
 def _check_data(data: HeadData, *, rows: dict, label_names: list[str], augment: bool) -> None:
-    if data.labels.shape[1] != len(label_names):
-        raise InputError(
-            f"the data has {data.labels.shape[1]} label columns but {len(label_names)} label names are given"
-        )
+    check_labels(data, label_names)
     for split in ("train", "val"):
         if rows[split].size == 0:
             raise InputError(
@@ -294,11 +293,6 @@ def _row_batches(labels: np.ndarray, *, batch_size: int, seed: int) -> tf.data.D
     # flat_map hides the length; stating it lets Keras count steps and run whole executions.
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(full + (rest > 0)))
     return dataset.prefetch(2)
-
-
-def _best(values: pd.Series) -> float | None:
-    best = np.nanmax(values.to_numpy()) if values.notna().any() else math.nan
-    return None if math.isnan(best) else float(best)
 
 
 def _write_outputs(

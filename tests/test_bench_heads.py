@@ -23,7 +23,9 @@ def test_synthetic_index_and_cache(tmp_path):
     for split in ("train", "val", "test"):
         assert set(index.patients[splits.mask(split)]).isdisjoint(index.patients[~splits.mask(split)])
     assert 0.6 < splits.mask("train").mean() < 0.8
+    (tmp_path / "resnet.h5").write_bytes(b"a real cache")
     write_synthetic_cache(tmp_path, index=index, dim=32, seed=0)
+    assert (tmp_path / "resnet.h5").read_bytes() == b"a real cache"  # other caches are left alone
     stored = read_features(cache_path(tmp_path, BACKBONE))
     assert stored.features.shape == (2000, 32) and stored.features.dtype == np.float16
     np.testing.assert_array_equal(stored.names, index.names)

@@ -73,3 +73,9 @@ def test_unknown_backbone_lists_the_configured_ones():
     config = load_config(ROOT / "cxr14.toml")
     with pytest.raises(InputError, match="offline_cnn"):
         config.backbone("resnet152")
+
+
+def test_frozen_dir_is_taken_from_the_config_folder(tmp_path):
+    config = load_config(write(tmp_path, "[split]\npolicy = 'frozen'\nfrozen_dir = 'splits'\n"))
+    assert config.split.frozen_dir == str(tmp_path / "splits")
+    assert load_config(write(tmp_path, "")).split.frozen_dir == ""

@@ -86,7 +86,7 @@ def test_rows_are_joined_by_name_not_position(tmp_path, index):
     np.testing.assert_array_equal(shuffled.names, index.names)
     np.testing.assert_array_equal(shuffled.labels, index.labels.astype(np.float32))
     np.testing.assert_array_equal(shuffled.split, splits.assignment)
-    assert shuffled.split_source == "patient-random"
+    assert shuffled.split_source == "patient-random" and shuffled.label_names == index.label_names
     assert shuffled.excluded == {"failed_extraction": 0, "not_in_cache": 0, "not_in_index": 0, "no_split": 0}
 
 

@@ -230,7 +230,7 @@ def _real_sized_rows(n: int = 112_120):
 
 
 @pytest.mark.parametrize("shape", ["2017", "2020"])
-def test_real_sized_csv_parses_fast_with_right_counts(tmp_path, shape):
+def test_real_sized_csv_parses_with_right_counts(tmp_path, shape):
     rows, pick, patients = _real_sized_rows()
     path = write_csv(tmp_path / "Data_Entry_2017.csv", rows, shape=shape)
     # Speed is measured by `run.py index --json` on such a file (see the README), not asserted here.

@@ -102,6 +102,7 @@ def test_l2_adds_a_penalty():
         ("fc", {"px": (8, 8)}, HeadConfig(kind="fc"), "cached pixels go with --head cnn"),
         ("fc", {"metadata": (4,)}, HeadConfig(kind="fc"), "may not be called 'metadata'"),
         ("fc", {}, HeadConfig(kind="fc"), "at least one backbone"),
+        ("fc", {"bb": (4,)}, HeadConfig(kind="fc", dropout=1.0), "dropout = 1.0"),
     ],
 )
 def test_bad_head_requests(kind, inputs, head, message):

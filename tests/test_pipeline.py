@@ -123,6 +123,10 @@ def test_bad_spec_is_input_error():
         ImageSpec(size=16, normalization="zscore")
     with pytest.raises(InputError, match="keras_family 'resnet_v9'.*resnet_v2"):
         ImageSpec(size=16, normalization="keras", keras_family="resnet_v9")
+    with pytest.raises(InputError, match="channels must be 1 or 3, got 2"):
+        ImageSpec(size=16, normalization="unit", channels=2)
+    with pytest.raises(InputError, match="image size must be positive, got 0"):
+        ImageSpec(size=0, normalization="unit")
 
 
 # --- decoding --------------------------------------------------------------------------------------

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from extract.chest import Canvas, draw_chest
 from extract.config import LABELS
 from extract.errors import InputError
 from extract.index import find_images, read_index
-from extract.sample import PREVALENCE_FLOOR, _Canvas, _draw_chest, _png_bytes, make_sample
+from extract.sample import PREVALENCE_FLOOR, _png_bytes, make_sample
 from extract.splits import assign_splits, patient_overlap
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -162,10 +163,10 @@ def test_label_subset(tmp_path):
 
 @pytest.mark.parametrize("label", LABELS)
 def test_every_label_draws_a_visible_finding(label):
-    canvas = _Canvas.make(64)
+    canvas = Canvas.make(64)
 
     def film(findings):
-        return _draw_chest(canvas, np.random.default_rng(1), findings=findings, view="PA", patient=5, seed=0)
+        return draw_chest(canvas, np.random.default_rng(1), findings=findings, view="PA", patient=5, seed=0)
 
     change = np.abs(film((label,)) - film(()))
     # Only the finding differs (noise comes from its own stream), and it must stand out from that noise.

@@ -87,6 +87,8 @@ def test_stored_layout_matches_the_readme(tmp_path):
         assert isinstance(f.attrs["backbone_config"], str)  # dicts are JSON strings
     for key in store.REQUIRED_ATTRS:
         assert f"`{key}`" in README.read_text()
+    for status in Status:  # the README's table of status codes is the enum's
+        assert re.search(rf"\|\s*{status.value}\s*\|\s*`{status.name}`\s*\|", README.read_text()), status
 
 
 def test_readme_example_writes_a_readable_file(tmp_path, monkeypatch):
@@ -157,6 +159,16 @@ def test_unknown_schema_or_foreign_file_is_refused_on_read(tmp_path):
         store.read_features(tmp_path / "text.h5")
     with pytest.raises(InputError, match="run `run.py extract`"):
         store.read_features(tmp_path / "absent.h5")
+
+
+def test_file_without_a_dataset_is_refused(tmp_path):
+    path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **sample())
+    with h5py.File(path, "a") as f:
+        del f["status"]
+    with pytest.raises(InputError, match="dataset 'status' is missing"):
+        store.read_features(path)
+    with pytest.raises(InputError, match="dataset 'status' is missing"):
+        store.read_status(path)
 
 
 def write_all_shards(directory, data, *, shard_size, fingerprint="fp", skip=()):

@@ -94,6 +94,31 @@ def test_evaluate_run_recomputes_the_test_metrics(tmp_path, cache_dir, index):
     assert (tmp_path / "run" / "evaluate-val.json").is_file()
 
 
+def test_label_with_one_class_in_test_is_undefined_not_a_crash(tmp_path, cache_dir, index):
+    data = _data(cache_dir, index, ["plain"])
+    labels = data.labels.copy()
+    labels[data.split == "test", LABELS.index("Hernia")] = 0
+    data = dataclasses.replace(data, labels=labels)
+    metrics = _train(tmp_path / "run", data, train=dataclasses.replace(FAST, epochs=1, loss="weighted"))
+    assert metrics["undefined"] == ["Hernia"] and metrics["labels"]["Hernia"]["auc"] is None
+    assert (
+        metrics["mean_auc"] is not None
+        and "| Hernia | 0 | undefined |" in (tmp_path / "run" / "auc.md").read_text()
+    )
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(OUTPUTS)
+
+
+def test_evaluating_under_other_labels_is_refused(tmp_path, cache_dir, index):
+    data = _data(cache_dir, index, ["plain"])
+    _train(tmp_path / "run", data, train=dataclasses.replace(FAST, epochs=1))
+    # The config's labels reordered after training: every AUC would go to the wrong disease.
+    reordered = dataclasses.replace(data, label_names=tuple(reversed(data.label_names)))
+    with pytest.raises(InputError, match="not the index's label columns"):
+        evaluate_run(run_dir=tmp_path / "run", data=reordered, split="test", n_boot=0, seed=0)
+    with pytest.raises(InputError, match="not the index's label columns"):
+        _train(tmp_path / "other", reordered)
+
+
 def test_cache_row_order_does_not_change_the_result(tmp_path, cache_dir, index):
     in_order = _train(tmp_path / "a", _data(cache_dir, index, ["plain"]))
     shuffled_data = _data(cache_dir, index, ["shuffled"])
