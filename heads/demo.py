@@ -57,6 +57,6 @@ def run_demo(config: Config, *, workdir: Path, images: int | None = None) -> str
         f"demo finished in {time.perf_counter() - start:.0f} s",
         f"leaderboard: {board}",
         *(f"run: {run}  (auc.md, roc.png, auc.png, metrics.json, predictions.csv)" for run in runs),
-        f"try: python run.py predict --run {runs[-1]} ../shared/real-cxr",
+        f"next: python run.py predict --run {runs[-1]} YOUR_XRAY.png",
     ]
     return "\n".join(lines)
