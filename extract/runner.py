@@ -17,6 +17,18 @@ def _images(config: Config, *, limit: int | None):
     return names, find_images(config.data_dir, names)
 
 
+def _load_backbone(config: Config, chosen, *, mixed_precision: bool | None, xla: bool | None):
+    """The backbone, with mixed precision and XLA from the flags, else from the config's [extract]."""
+    from extract.backbones import load_backbone
+
+    settings = config.extract
+    return load_backbone(
+        chosen,
+        mixed_precision=settings.mixed_precision if mixed_precision is None else mixed_precision,
+        xla=settings.xla if xla is None else xla,
+    )
+
+
 def run_extract(
     config: Config,
     *,
@@ -31,17 +43,12 @@ def run_extract(
     dtype: str | None = None,
 ):
     """Extract one backbone's features for the index into <cache_dir>/<backbone>.h5."""
-    from extract.backbones import load_backbone
     from extract.extraction import extract_features
 
     settings = config.extract
     chosen = config.backbone(backbone)  # an unknown name fails before the index is read
     names, paths = _images(config, limit=limit)
-    model = load_backbone(
-        chosen,
-        mixed_precision=settings.mixed_precision if mixed_precision is None else mixed_precision,
-        xla=settings.xla if xla is None else xla,
-    )
+    model = _load_backbone(config, chosen, mixed_precision=mixed_precision, xla=xla)
     return extract_features(
         backbone=model,
         names=names,
@@ -70,7 +77,6 @@ def run_bench_extract(
 
     Mixed precision and XLA default to the config's [extract] settings, as in `run_extract`.
     """
-    from extract.backbones import load_backbone
     from extract.bench import bench_extract
 
     chosen = config.backbone(backbone)
@@ -80,16 +86,10 @@ def run_bench_extract(
         raise InputError(
             f"{config.data_dir}: no image files found to benchmark (make one with run.py make-sample)"
         )
-    settings = config.extract
-    model = load_backbone(
-        chosen,
-        mixed_precision=settings.mixed_precision if mixed_precision is None else mixed_precision,
-        xla=settings.xla if xla is None else xla,
-    )
     return bench_extract(
-        backbone=model,
+        backbone=_load_backbone(config, chosen, mixed_precision=mixed_precision, xla=xla),
         paths=present,
-        batch_size=batch_size or settings.batch_size,
+        batch_size=batch_size or config.extract.batch_size,
         images=len(present),
     )
 
