@@ -5,13 +5,17 @@ One CLI; each subcommand loads the config, calls one library function and prints
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
-from extract.config import Config, load_config, with_overrides
-from extract.errors import InputError
+from cache.store import FEATURE_DTYPES
+from cxr14 import __version__
+from cxr14.config import HEAD_FIELDS, TRAIN_FIELDS, Config, load_config, override, with_training
+from cxr14.errors import InputError
+from heads.registry import FUSIONS, HEAD_KINDS, LOSSES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "cxr14.toml"
 
@@ -61,17 +65,9 @@ def cmd_extract(args, config: Config) -> None:
     _quiet_tensorflow()
     from extract.runner import format_extract_summary, run_extract
 
+    config = _with_extract_flags(args, config)
     summary = run_extract(
-        config,
-        backbone=args.backbone,
-        batch_size=args.batch_size,
-        shard=args.shard,
-        limit=args.limit,
-        force=args.force,
-        views=args.views,
-        mixed_precision=args.mixed_precision,
-        xla=args.xla,
-        dtype=args.dtype,
+        config, backbone=args.backbone, shard=args.shard, limit=args.limit, force=args.force
     )
     print(format_extract_summary(summary))
 
@@ -86,7 +82,10 @@ def cmd_train_head(args, config: Config) -> None:
     _quiet_tensorflow()
     from heads.experiment import run_train_head
 
-    metrics = run_train_head(config, options=_head_options(args), name=args.name, force=args.force)
+    config = with_training(config, kind=args.head, **_flags(args, TRAIN_FIELDS + HEAD_FIELDS))
+    metrics = run_train_head(
+        config, kind=args.head, backbones=args.backbone, name=args.name, force=args.force
+    )
     print(metrics["summary"])
 
 
@@ -146,14 +145,8 @@ def cmd_bench(args, config: Config) -> None:
     if args.what == "extract":
         from extract.runner import run_bench_extract
 
-        result = run_bench_extract(
-            config,
-            backbone=args.backbone,
-            images=args.images,
-            batch_size=args.batch_size,
-            mixed_precision=args.mixed_precision,
-            xla=args.xla,
-        )
+        config = _with_extract_flags(args, config)
+        result = run_bench_extract(config, backbone=args.backbone, images=args.images)
     else:
         import tempfile
 
@@ -168,25 +161,14 @@ def cmd_bench(args, config: Config) -> None:
             print(f"{key:>28}: {value}")
 
 
-def _head_options(args) -> dict:
-    """Head and training flags the user set (None = take the config's value)."""
-    keys = (
-        "head",
-        "backbone",
-        "epochs",
-        "batch_size",
-        "lr",
-        "seed",
-        "loss",
-        "units",
-        "dropout",
-        "transition",
-        "fusion",
-        "metadata",
-        "augment",
-        "patience",
-    )
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+def _with_extract_flags(args, config: Config) -> Config:
+    names = ("batch_size", "views", "dtype", "mixed_precision", "xla")
+    return dataclasses.replace(config, extract=override(config.extract, **_flags(args, names)))
+
+
+def _flags(args, names) -> dict:
+    """The flags among `names` that the user set (None: keep the config's value)."""
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -194,9 +176,17 @@ def _shard(text: str) -> tuple[int, int]:
         k, n = (int(x) for x in text.split("/"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--shard must look like K/N (e.g. 0/4), got {text!r}") from None
-    if not (n >= 1 and 0 <= k < n):
-        raise argparse.ArgumentTypeError(f"--shard K/N needs 0 <= K < N, got {text!r}")
     return k, n
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
 
 
 def _units(text: str) -> tuple[int, ...]:
@@ -208,6 +198,7 @@ def _units(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cxr14 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name, func, help_text, *, folders=("data", "cache", "runs")):
@@ -254,9 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", required=True)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N", help="take every N-th shard from K")
-    p.add_argument("--limit", type=int, help="only the first N images of the index")
+    p.add_argument("--limit", type=_positive, help="only the first N images of the index")
     p.add_argument("--views", type=int, help="store K views per image (1 plain + K-1 augmented)")
-    p.add_argument("--dtype", choices=("float16", "float32"))
+    p.add_argument("--dtype", choices=FEATURE_DTYPES)
     p.add_argument("--mixed-precision", action="store_true", default=None)
     p.add_argument("--xla", action="store_true", default=None)
     p.add_argument(
@@ -267,18 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", required=True)
 
     p = command("train-head", cmd_train_head, "Train a head on cached features and evaluate it.")
-    p.add_argument("--head", required=True, help="linear | fc | ensemble | cnn")
+    p.add_argument("--head", required=True, choices=HEAD_KINDS, help="the head kind")
     p.add_argument("--backbone", required=True, help="NAME or NAME,NAME,... for the ensemble")
     p.add_argument("--name", help="run folder name under runs/ (default: HEAD-BACKBONES)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--loss", choices=("bce", "weighted", "focal"))
+    p.add_argument("--loss", choices=LOSSES)
     p.add_argument("--units", type=_units, help="FC layer sizes, e.g. 512,256")
     p.add_argument("--dropout", type=float)
     p.add_argument("--transition", type=int)
-    p.add_argument("--fusion", choices=("add", "concat"))
+    p.add_argument("--fusion", choices=FUSIONS)
     p.add_argument("--patience", type=int)
     p.add_argument("--metadata", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
@@ -344,12 +335,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config)
-        config = with_overrides(
-            config,
-            data_dir=getattr(args, "data_dir", None),
-            cache_dir=getattr(args, "cache_dir", None),
-            runs_dir=getattr(args, "runs_dir", None),
-        )
+        config = dataclasses.replace(config, **_flags(args, ("data_dir", "cache_dir", "runs_dir")))
         return args.func(args, config) or 0
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 
 from cache.status import Status
-from extract.errors import InputError
+from cxr14.errors import InputError
 
 SCHEMA_VERSION = 1
 REQUIRED_ATTRS = ("schema_version", "backbone", "kind", "dtype", "views")
@@ -31,6 +31,7 @@ RECIPE_ATTRS = (
 DATASETS = ("names", "features", "status", "errors")
 SHARD_ATTRS = ("shard_start", "shard_stop", "shard_total_rows")
 DTYPES = {"features": ("float16", "float32"), "pixels": ("uint8",)}
+FEATURE_DTYPES = DTYPES["features"]
 LIBRARIES = ("numpy", "h5py", "tensorflow", "keras", "tensorflow-hub")
 
 

@@ -11,11 +11,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from extract.config import BackboneConfig
-from extract.errors import InputError
+from cxr14.config import BackboneConfig
+from cxr14.errors import InputError
 from extract.pipeline import ImageSpec
+from extract.registry import SOURCES
 
-SOURCES = ("hub", "keras", "random", "pixels")
 RANDOM_STAGES = 3  # stride-2 3x3 convs: 128 px -> 16x16 maps before grid pooling
 
 
@@ -37,17 +37,12 @@ class Backbone:
 
 def load_backbone(cfg: BackboneConfig, *, mixed_precision: bool = False, xla: bool = False) -> Backbone:
     """Build or load the backbone `cfg` names, wrapped in one tf.function with a fixed input signature."""
-    loaders = {"hub": _load_hub, "keras": _load_keras, "random": _load_random, "pixels": _load_pixels}
-    if cfg.source not in loaders:
-        raise BackboneError(
-            f"backbones.{cfg.name}.source = {cfg.source!r} is not one of: {', '.join(SOURCES)}"
-        )
-    call, spec, resolved = loaders[cfg.source](cfg, mixed_precision=mixed_precision)
+    call, spec, resolved = LOADERS[cfg.source](cfg, mixed_precision=mixed_precision)
     signature = [tf.TensorSpec([None, spec.size, spec.size, spec.channels], tf.float32)]
     # One signature with a free batch size: padded and short batches share a single trace.
     fn = tf.function(call, input_signature=signature, jit_compile=xla or None)
     probe = fn(tf.zeros([1, spec.size, spec.size, spec.channels]))
-    kind = "pixels" if cfg.source == "pixels" else "features"
+    kind = SOURCES[cfg.source]
     dim = spec.size if kind == "pixels" else int(probe.shape[-1])
     resolved |= {"kind": kind, "dim": dim, "xla": bool(xla), "spec": spec.as_dict()}
     return Backbone(
@@ -262,10 +257,6 @@ def grid_pooling_matrix(n: int, grid: int) -> np.ndarray:
 
 
 def _load_random(cfg: BackboneConfig, *, mixed_precision: bool):
-    if cfg.width < 1 or cfg.grid < 1:
-        raise BackboneError(
-            f"backbones.{cfg.name}: width and grid must be >= 1, got {cfg.width} and {cfg.grid}"
-        )
     compute = tf.float16 if mixed_precision else tf.float32
     kernels = [tf.constant(k, compute) for k in random_kernels(width=cfg.width, seed=cfg.seed)]
 
@@ -298,3 +289,7 @@ def _load_pixels(cfg: BackboneConfig, *, mixed_precision: bool):
         return tf.round(tf.clip_by_value(images[..., 0], 0.0, 255.0))
 
     return call, _spec(cfg, channels=1), {"loader": "pixels", "mixed_precision": False}
+
+
+# One loader per source in extract.registry.SOURCES: (config, mixed_precision) -> (call, spec, resolved).
+LOADERS = {"hub": _load_hub, "keras": _load_keras, "random": _load_random, "pixels": _load_pixels}

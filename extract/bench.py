@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from extract.errors import InputError
+from cxr14.errors import InputError
 from extract.extraction import pad_batch
 from extract.pipeline import make_dataset
 

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from extract.config import Config
+from cxr14.config import Config
 from extract.index import Index, find_csv, read_index
 from extract.splits import Splits, assign_splits
 

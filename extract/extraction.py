@@ -11,8 +11,8 @@ from tqdm import tqdm
 
 from cache import store
 from cache.status import Status
+from cxr14.errors import InputError
 from extract import pipeline
-from extract.errors import InputError
 
 MAX_FAILURES_SHOWN = 10
 
@@ -54,7 +54,7 @@ def extract_features(
     """
     started = time.perf_counter()
     names, paths = np.asarray(names, dtype=object), np.asarray(paths, dtype=object)
-    _check_args(names=names, paths=paths, batch_size=batch_size, dtype=dtype, shard=shard, views=views)
+    _check_args(names=names, paths=paths, shard=shard)
     dtype = "uint8" if backbone.kind == "pixels" else dtype
     attrs = file_attrs(
         backbone=backbone, names=names, dtype=dtype, views=views, seed=seed, shard_size=shard_size
@@ -120,18 +120,14 @@ def file_attrs(*, backbone, names: np.ndarray, dtype: str, views: int, seed: int
     }
 
 
-def _check_args(*, names, paths, batch_size: int, dtype: str, shard: tuple[int, int], views: int) -> None:
+def _check_args(*, names, paths, shard: tuple[int, int]) -> None:
     if len(names) == 0:
         raise InputError("no images to extract: the index is empty (check --limit and the CSV)")
     if len(names) != len(paths):
         raise InputError(f"got {len(names)} image names but {len(paths)} paths; they must align")
     k, n = shard
     if not (n >= 1 and 0 <= k < n):
-        raise InputError(f"--shard {k}/{n}: expected K/N with 0 <= K < N, e.g. --shard 0/2 and --shard 1/2")
-    if batch_size < 1 or views < 1:
-        raise InputError(f"batch_size={batch_size} and views={views} must both be at least 1")
-    if dtype not in store.DTYPES["features"]:
-        raise InputError(f"dtype={dtype!r}: expected one of {store.DTYPES['features']}")
+        raise InputError(f"shard {k}/{n}: expected K/N with 0 <= K < N, e.g. shards 0/2 and 1/2")
 
 
 def _existing(final: Path, *, wanted: dict, name: str, mine: int, started: float) -> ExtractSummary:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from extract.config import LABELS
-from extract.errors import InputError
+from cxr14.config import LABELS
+from cxr14.errors import InputError
 from extract.splits import SPLITS, Splits, patient_overlap
 
 CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")

@@ -14,9 +14,9 @@ import numpy as np
 import tensorflow as tf
 
 from cache.status import Status
-from extract.errors import InputError
+from cxr14.errors import InputError, check_choice
+from extract.registry import NORMALIZATIONS
 
-NORMALIZATIONS = ("unit", "keras", "standardize", "bytes")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # IEND is the last chunk (4 length + 4 type + 4 CRC bytes); a little slack allows trailing junk.
 _TAIL_BYTES = 64
@@ -42,10 +42,7 @@ class ImageSpec:
     channels: int = 3
 
     def __post_init__(self):
-        if self.normalization not in NORMALIZATIONS:
-            raise InputError(
-                f"normalization {self.normalization!r} is not one of: {', '.join(NORMALIZATIONS)}"
-            )
+        check_choice(self.normalization, NORMALIZATIONS, what="normalization")
         if self.normalization == "keras":
             keras_preprocess(self.keras_family)  # fail now, not inside a tf.data worker
         if self.channels not in (1, 3):

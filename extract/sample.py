@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr14.config import LABELS
+from cxr14.errors import InputError
 from extract.chest import Canvas, draw_chest
-from extract.config import LABELS
-from extract.errors import InputError
 
 # Real prevalence in Data_Entry_2017.csv (positives / 112,120 images).
 REAL_PREVALENCE = {

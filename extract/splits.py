@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from extract.errors import InputError
+from cxr14.errors import InputError
 
 SPLITS = ("train", "val", "test")
 POLICIES = ("auto", "official", "patient-random", "frozen")
@@ -105,11 +105,17 @@ def _official(index, *, data_dir: Path, seed: int, val_fraction: float) -> np.nd
     return assignment
 
 
-def _patient_random(patients: np.ndarray, *, seed: int, fractions: Sequence[float]) -> np.ndarray:
-    """Seeded random split of the patients by `fractions` (train, val, test)."""
+def check_fractions(fractions: Sequence[float], *, what: str = "split.fractions") -> tuple[float, ...]:
+    """Three non-negative shares (train, val, test) that add up to 1, or an InputError naming `what`."""
     fractions = tuple(float(f) for f in fractions)
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise InputError(f"split.fractions must be three non-negative numbers summing to 1, got {fractions}")
+        raise InputError(f"{what} must be three non-negative numbers summing to 1, got {list(fractions)}")
+    return fractions
+
+
+def _patient_random(patients: np.ndarray, *, seed: int, fractions: Sequence[float]) -> np.ndarray:
+    """Seeded random split of the patients by `fractions` (train, val, test)."""
+    fractions = check_fractions(fractions)
     unique = np.unique(patients)
     shuffled = np.random.default_rng(seed).permutation(unique)
     cuts = np.round(np.cumsum(fractions)[:2] * unique.size).astype(int)

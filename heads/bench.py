@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from cache.store import cache_path, write_features
-from extract.config import LABELS, HeadConfig, TrainConfig
+from cxr14.config import LABELS, HeadConfig, TrainConfig
 from extract.index import Index
 from extract.splits import Splits
 from heads.data import load_head_data

@@ -9,7 +9,7 @@ import pandas as pd
 
 from cache.status import Status
 from cache.store import cache_path, read_features, shard_dir
-from extract.errors import InputError
+from cxr14.errors import InputError
 from extract.splits import SPLITS
 
 # Metadata columns concatenated to the features (--metadata): age scaled to ~[0, 1], a flag for a

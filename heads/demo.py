@@ -1,9 +1,10 @@
 """The one-command demo: sample data, two offline backbones, the fc and ensemble heads, an AUC table."""
 
+import dataclasses
 import time
 from pathlib import Path
 
-from extract.config import Config, with_overrides
+from cxr14.config import Config, with_training
 
 DEMO_BACKBONES = ("offline_cnn", "offline_cnn_wide")
 DEMO_IMAGES = 2000
@@ -25,7 +26,7 @@ def run_demo(config: Config, *, workdir: Path, images: int | None = None) -> str
 
     start = time.perf_counter()
     workdir = Path(workdir)
-    config = with_overrides(
+    config = dataclasses.replace(
         config, data_dir=workdir / "data", cache_dir=workdir / "features", runs_dir=workdir / "runs"
     )
     if (config.data_dir / "Data_Entry_2017.csv").is_file():
@@ -42,8 +43,9 @@ def run_demo(config: Config, *, workdir: Path, images: int | None = None) -> str
     for head, backbones in (("fc", DEMO_BACKBONES[0]), ("ensemble", ",".join(DEMO_BACKBONES))):
         _step(f"stage two: training the {head} head on {backbones}")
         metrics = run_train_head(
-            config,
-            options={"head": head, "backbone": backbones, "batch_size": DEMO_BATCH_SIZE},
+            with_training(config, kind=head, batch_size=DEMO_BATCH_SIZE),
+            kind=head,
+            backbones=backbones,
             name=None,
             force=True,
         )

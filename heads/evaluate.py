@@ -6,7 +6,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from extract.errors import InputError
+from cxr14.errors import InputError
 from heads.data import HeadData
 from heads.metrics import evaluate
 from heads.models import METADATA_INPUT

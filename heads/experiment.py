@@ -2,14 +2,14 @@
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
-from extract.config import Config, HeadConfig, TrainConfig
+from cxr14.config import Config, HeadConfig, TrainConfig
+from cxr14.errors import InputError
 from extract.dataset import open_dataset
-from extract.errors import InputError
-
-HEAD_OPTIONS = ("units", "dropout", "transition", "fusion")
-TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "seed", "loss", "metadata", "augment", "patience")
+from extract.registry import SOURCES
+from heads.registry import HEAD_KINDS, head_kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,31 +24,28 @@ class RunPlan:
         return f"{self.head.kind}-{'+'.join(self.backbones)}"
 
 
-def plan_run(config: Config, options: dict) -> RunPlan:
-    """Resolve the config's presets with the options the user gave (absent = preset)."""
-    head = config.head(options["head"])
-    head = dataclasses.replace(head, **{k: options[k] for k in HEAD_OPTIONS if k in options})
-    train = dataclasses.replace(config.train, **{k: options[k] for k in TRAIN_OPTIONS if k in options})
-    backbones = options["backbone"]
+def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> RunPlan:
+    """The head preset of `kind` and [train] from `config` (flags already applied), over `backbones`."""
+    spec = head_kind(kind)
     if isinstance(backbones, str):
         backbones = [b.strip() for b in backbones.split(",") if b.strip()]
     backbones = tuple(backbones)
+    most = spec.max_backbones or len(backbones)
+    if not spec.min_backbones <= len(backbones) <= most:
+        others = [k.name for k in HEAD_KINDS.values() if k.max_backbones != 1]
+        raise InputError(
+            f"the {kind} head takes {spec.min_backbones if most == spec.min_backbones else 'two or more'} "
+            f"backbone(s), got {list(backbones)}"
+            + (f"; for several, use the {' or '.join(others)} head" if spec.max_backbones == 1 else "")
+        )
     for name in backbones:
-        config.backbone(name)
-    if head.kind == "ensemble" and len(backbones) < 2:
-        raise InputError(
-            f"--head ensemble needs two or more backbones (--backbone A,B), got {list(backbones)}"
-        )
-    if head.kind != "ensemble" and len(backbones) != 1:
-        raise InputError(f"--head {head.kind} takes one backbone, got {list(backbones)}; use --head ensemble")
-    is_pixels = [config.backbones[b].source == "pixels" for b in backbones]
-    if head.kind == "cnn" and not all(is_pixels):
-        raise InputError(
-            f'--head cnn trains on cached pixels: pass a backbone with source = "pixels", got {backbones[0]}'
-        )
-    if head.kind != "cnn" and any(is_pixels):
-        raise InputError(f"--head {head.kind} needs feature backbones; cached pixels go with --head cnn")
-    return RunPlan(head=head, train=train, backbones=backbones)
+        holds = SOURCES[config.backbone(name).source]
+        if holds != spec.takes:
+            raise InputError(
+                f"the {kind} head trains on cached {spec.takes}, but backbone {name!r} holds {holds}; "
+                f"heads for {holds}: {', '.join(k.name for k in HEAD_KINDS.values() if k.takes == holds)}"
+            )
+    return RunPlan(head=config.head(kind), train=config.train, backbones=backbones)
 
 
 def snapshot(config: Config, plan: RunPlan) -> dict:
@@ -76,12 +73,14 @@ def load_plan(run_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def run_train_head(config: Config, *, options: dict, name: str | None, force: bool) -> dict:
+def run_train_head(
+    config: Config, *, kind: str, backbones: str | Sequence[str], name: str | None, force: bool
+) -> dict:
     """Load the data set and cached features, train the head, write runs/NAME/."""
     from heads.data import load_head_data
     from heads.train import train_head
 
-    plan = plan_run(config, options)
+    plan = plan_run(config, kind=kind, backbones=backbones)
     run_dir = config.runs_dir / (name or plan.default_name())
     if run_dir.exists() and not force:
         raise InputError(f"{run_dir} exists; pick another --name or pass --force to overwrite it")

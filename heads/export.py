@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from extract.config import Config
-from extract.errors import InputError
+from cxr14.config import Config
+from cxr14.errors import InputError
 from extract.pipeline import decode, load_image, preprocess
 from heads.predict import TrainedRun, fused_probabilities, load_run
 

@@ -9,9 +9,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from extract.errors import InputError
-
-LOSSES = ("bce", "weighted", "focal")
+from cxr14.errors import InputError, check_choice
+from heads.registry import LOSSES
 
 
 def positive_weights(labels: np.ndarray) -> np.ndarray:
@@ -93,14 +92,11 @@ def focal_loss(gamma: float = 2.0, alpha: float | None = None) -> FocalLoss:
     return FocalLoss(gamma=gamma, alpha=alpha)
 
 
-def make_loss(name: str, *, labels_train: np.ndarray | None = None, gamma: float = 2.0) -> keras.losses.Loss:
-    """The loss named in the config: "bce", "weighted" (needs labels_train) or "focal"."""
-    if name == "bce":
-        return keras.losses.BinaryCrossentropy()
-    if name == "weighted":
-        if labels_train is None:
-            raise ValueError("make_loss('weighted') needs labels_train, the training split's labels")
-        return weighted_bce(positive_weights(labels_train))
-    if name == "focal":
-        return focal_loss(gamma)
-    raise InputError(f"unknown loss {name!r} (train.loss / --loss); valid: {', '.join(LOSSES)}")
+def make_loss(name: str, *, labels_train: np.ndarray, gamma: float = 2.0) -> keras.losses.Loss:
+    """The loss named in the config (heads.registry.LOSSES); "weighted" weighs by the training labels."""
+    makers = {
+        "bce": keras.losses.BinaryCrossentropy,
+        "weighted": lambda: weighted_bce(positive_weights(labels_train)),
+        "focal": lambda: focal_loss(gamma),
+    }
+    return makers[check_choice(name, LOSSES, what="train.loss")]()

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import sparse
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from extract.errors import InputError
+from cxr14.errors import InputError
 
 # Resamples drawn together; bounds memory at chunk x patients counts.
 _CHUNK = 250

@@ -1,7 +1,8 @@
-"""The heads (Keras 3): a linear probe, two FC layers, a transition-and-fuse ensemble, a small pixel CNN.
+"""The heads (Keras 3): a trunk over the inputs, optional fully-connected layers, one sigmoid per label.
 
-Every head takes one named input per backbone (the backbone's name; plus "metadata" when asked) and
-ends in one sigmoid per label. Layer seeds are derived from `seed`, so a head is the same every build.
+Every head takes one named input per backbone (the backbone's name; plus "metadata" when asked). The kinds
+are listed in heads/registry.py; each names its trunk here (TRUNKS). Layer seeds are derived from `seed`,
+so a head is the same every build.
 """
 
 import itertools
@@ -10,10 +11,10 @@ from collections.abc import Iterator
 import keras
 import tensorflow as tf
 
-from extract.config import HEAD_KINDS, HeadConfig
-from extract.errors import InputError
+from cxr14.config import HeadConfig
+from cxr14.errors import InputError
+from heads.registry import HeadKind, head_kind
 
-FUSIONS = ("add", "concat")
 METADATA_INPUT = "metadata"
 
 
@@ -32,51 +33,37 @@ def build_head(
     byte_dropout swaps keras Dropout for ByteDropout (same weights, cheaper masks) for training only;
     save the stock head, with the trained weights copied in, so model.keras needs no custom layer.
     """
-    _check(kind=kind, inputs=inputs, head=head)
+    spec = head_kind(kind)
+    check_inputs(spec, inputs=inputs)
     seeds = itertools.count(seed)
     tensors = {name: keras.Input(shape=tuple(shape), name=name) for name, shape in inputs.items()}
     model_inputs = dict(tensors)
+    x = TRUNKS[spec.trunk](tensors, head=head, seeds=seeds)
     if metadata_dim:
         model_inputs[METADATA_INPUT] = keras.Input(shape=(metadata_dim,), name=METADATA_INPUT)
-    if kind == "cnn":
-        x = _conv_tower(next(iter(tensors.values())), head=head, seeds=seeds)
-    elif kind == "ensemble":
-        x = _fuse(tensors, head=head, seeds=seeds)
-    else:
-        x = _join(list(tensors.values()))
-    if metadata_dim:
         x = _join([x, model_inputs[METADATA_INPUT]])
-    if kind != "linear":
+    if spec.hidden:
         x = _fully_connected(x, head=head, seeds=seeds, byte_dropout=byte_dropout)
     outputs = _dense(n_labels, "sigmoid", head=head, seeds=seeds, name="labels")(x)
     return keras.Model(model_inputs, outputs, name=f"{kind}_head")
 
 
-def _check(*, kind: str, inputs: dict[str, tuple], head: HeadConfig) -> None:
-    if kind not in HEAD_KINDS:
-        raise InputError(f"unknown head kind {kind!r}; valid: {', '.join(HEAD_KINDS)}")
+def check_inputs(spec: HeadKind, *, inputs: dict[str, tuple]) -> None:
+    """Refuse inputs the kind cannot take: their number, their shapes, a backbone called "metadata"."""
     if not inputs:
-        raise InputError("a head needs at least one backbone's features; pass --backbone NAME")
+        raise InputError("a head needs at least one backbone's features")
     if METADATA_INPUT in inputs:
         raise InputError(
             f"a backbone may not be called {METADATA_INPUT!r}: that input name is the metadata's"
         )
-    if not 0.0 <= head.dropout < 1.0:
-        raise InputError(f"heads.{kind}.dropout = {head.dropout}; expected a rate in [0, 1)")
-    if kind == "ensemble" and len(inputs) < 2:
-        raise InputError(f"the ensemble head fuses two or more backbones, got {list(inputs)}; use --head fc")
-    if kind == "ensemble" and head.fusion not in FUSIONS:
-        raise InputError(f"heads.ensemble.fusion = {head.fusion!r}; valid: {', '.join(FUSIONS)}")
-    if kind == "cnn" and (len(inputs) != 1 or len(next(iter(inputs.values()))) not in (2, 3)):
-        raise InputError(
-            f"the cnn head takes one cached pixel array (S, S) per image, got inputs {dict(inputs)}; "
-            'use a backbone with source = "pixels"'
-        )
-    if kind != "cnn" and any(len(shape) != 1 for shape in inputs.values()):
-        raise InputError(
-            f"the {kind} head takes one feature vector per image, got input shapes {dict(inputs)}; "
-            "cached pixels go with --head cnn"
-        )
+    most = spec.max_backbones or len(inputs)
+    if not spec.min_backbones <= len(inputs) <= most:
+        wanted = spec.min_backbones if most == spec.min_backbones else f"{spec.min_backbones} or more"
+        raise InputError(f"the {spec.name} head takes {wanted} backbone(s), got {list(inputs)}")
+    ranks = (2, 3) if spec.takes == "pixels" else (1,)
+    if any(len(shape) not in ranks for shape in inputs.values()):
+        what = "one cached pixel array (S, S)" if spec.takes == "pixels" else "one feature vector"
+        raise InputError(f"the {spec.name} head takes {what} per image, got input shapes {dict(inputs)}")
 
 
 def _dense(units: int, activation: str, *, head: HeadConfig, seeds: Iterator[int], name=None):
@@ -91,6 +78,11 @@ def _dense(units: int, activation: str, *, head: HeadConfig, seeds: Iterator[int
 
 def _join(tensors: list) -> keras.KerasTensor:
     return tensors[0] if len(tensors) == 1 else keras.layers.Concatenate()(tensors)
+
+
+def _concatenated(tensors: dict, *, head: HeadConfig, seeds: Iterator[int]):
+    """The features themselves, concatenated when there are several."""
+    return _join(list(tensors.values()))
 
 
 def _fully_connected(x, *, head: HeadConfig, seeds: Iterator[int], byte_dropout: bool):
@@ -141,7 +133,7 @@ def _fuse(tensors: dict, *, head: HeadConfig, seeds: Iterator[int]):
 CNN_GRID = 4  # the conv tower ends on a CNN_GRID x CNN_GRID map, flattened
 
 
-def _conv_tower(pixels, *, head: HeadConfig, seeds: Iterator[int]):
+def _conv_tower(pixels: dict, *, head: HeadConfig, seeds: Iterator[int]):
     """The blog's base-case CNN on cached 0..255 pixels: per-image standardisation (the blog's own
     preprocessing), conv-ReLU-maxpool blocks, then a coarse spatial grid, flattened.
 
@@ -150,6 +142,7 @@ def _conv_tower(pixels, *, head: HeadConfig, seeds: Iterator[int]):
     mean AUC 0.39 after six epochs; 0.94 after four with the grid). No batch normalisation: its moving
     averages lag behind the few hundred steps a cached-pixel run takes, and the test AUC fell below 0.5.
     """
+    pixels = next(iter(pixels.values()))
     x = pixels
     if len(pixels.shape) == 3:
         x = keras.layers.Reshape((*pixels.shape[1:], 1))(x)
@@ -168,3 +161,7 @@ def _conv_tower(pixels, *, head: HeadConfig, seeds: Iterator[int]):
     if size > CNN_GRID:
         x = keras.layers.AveragePooling2D(size // CNN_GRID)(x)
     return keras.layers.Flatten()(x)
+
+
+# Trunk name (heads.registry.HeadKind.trunk) -> builder ({name: input tensor}, head, seeds) -> tensor.
+TRUNKS = {"join": _concatenated, "fuse": _fuse, "conv": _conv_tower}

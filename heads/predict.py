@@ -10,9 +10,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cxr14.config import BackboneConfig, Config
+from cxr14.errors import InputError
 from extract.backbones import load_backbone
-from extract.config import BackboneConfig, Config
-from extract.errors import InputError
 from extract.pipeline import ImageError, load_image
 from heads.experiment import load_plan
 

@@ -3,7 +3,7 @@
 import csv
 from pathlib import Path
 
-from extract.errors import InputError
+from cxr14.errors import InputError
 
 _SOURCE_PREFIX = "# source:"
 _SOURCE_FIELDS = ("key", "title", "citation", "split")

@@ -15,9 +15,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, roc_curve
 
-from extract.errors import InputError
+from cxr14.errors import InputError
 from heads.metrics import mean_defined
 from heads.references import load_references
+from heads.registry import describe_settings
 
 UNDEFINED = "undefined"
 _MISSING = "—"
@@ -194,25 +195,6 @@ def _read_json(path: Path, what: str) -> dict:
         raise InputError(f"{path}: not valid JSON ({error}); re-run run.py evaluate on the run") from error
 
 
-def _options(config: dict) -> str:
-    head, train = config.get("head", {}), config.get("train", {})
-    parts = [f"loss={train.get('loss', 'bce')}"]
-    if train.get("loss") == "focal":
-        parts.append(f"gamma={train.get('focal_gamma')}")
-    parts += [flag for flag in ("metadata", "augment") if train.get(flag)]
-    if head.get("kind") in ("fc", "ensemble"):
-        parts.append("units=" + "-".join(str(u) for u in head.get("units", ())))
-        parts.append(f"dropout={head.get('dropout')}")
-    if head.get("kind") == "ensemble":
-        parts.append(f"fusion={head.get('fusion')}")
-    if head.get("kind") == "cnn":
-        parts.append("filters=" + "-".join(str(f) for f in head.get("filters", ())))
-    if head.get("l2"):
-        parts.append(f"l2={head['l2']}")
-    parts += [f"{key}={train[key]}" for key in ("lr", "batch_size", "seed") if key in train]
-    return ", ".join(parts)
-
-
 def _read_metrics(run_dir: Path) -> dict:
     path = run_dir / "metrics.json"
     return _test_metrics(_read_json(path, "metrics.json"), source=str(path))
@@ -234,7 +216,7 @@ def _leaderboard_row(run_dir: Path, label_names: Sequence[str]) -> tuple[float, 
         _fmt_auc_ci(metrics["mean_auc"], metrics["mean_ci"]),
         str(config.get("head", {}).get("kind", "?")),
         "+".join(backbones),
-        _options(config),
+        ", ".join(describe_settings(config.get("head", {}), config.get("train", {}))),
         f"{metrics.get('split', 'test')} ({metrics['images']})",
     ]
     row += [_auc_cell(results, name) for name in label_names]

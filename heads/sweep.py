@@ -1,17 +1,19 @@
 """Head sweeps: every combination of a TOML grid trained on features loaded once, chosen on validation."""
 
 import dataclasses
-import hashlib
 import itertools
 import json
+import re
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
-from extract.config import Config, read_toml
+from cxr14.config import Config, read_toml, with_training
+from cxr14.errors import InputError
 from extract.dataset import open_dataset
-from extract.errors import InputError
 from heads.experiment import RunPlan, plan_run, snapshot
+from heads.registry import describe_settings
 
 # Grid keys and the type of one value; every key but those in [fixed] holds a list of values.
 GRID_KEYS = {
@@ -78,24 +80,40 @@ def expand_grid(axes: dict[str, list], fixed: dict) -> list[dict]:
     return [{**fixed, **dict(zip(keys, combo, strict=True))} for combo in itertools.product(*axes.values())]
 
 
-def trial_name(plan: RunPlan) -> str:
-    """A stable folder name for a resolved plan: the same trial keeps its folder across resumes."""
-    text = json.dumps(
-        [dataclasses.asdict(plan.head), dataclasses.asdict(plan.train), plan.backbones], sort_keys=True
-    )
-    return f"{plan.head.kind}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+def trial_name(combo: dict, *, axes: Sequence[str]) -> str:
+    """A readable folder name from the values the grid varies, e.g. fc-units512-256-dropout0.5-lr0.001.
+
+    The same combination keeps its folder across resumes."""
+    parts = [str(combo["head"])]
+    for key in axes:
+        value = combo[key]
+        if key == "head":
+            continue
+        if key == "backbone":
+            parts.append("+".join(b.strip() for b in str(value).split(",") if b.strip()))
+        elif isinstance(value, bool):
+            parts.append(key if value else f"no{key}")
+        elif isinstance(value, tuple | list):
+            parts.append(key + "-".join(map(str, value)))
+        else:
+            parts.append(f"{key}{value:g}" if isinstance(value, float) else f"{key}{value}")
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", "-".join(parts))
 
 
-def plan_trials(config: Config, combos: list[dict]) -> tuple[dict[str, RunPlan], list[str]]:
+def plan_trials(
+    config: Config, combos: list[dict], *, axes: Sequence[str]
+) -> tuple[dict[str, RunPlan], list[str]]:
     """Resolve combinations into distinct plans; combinations that make no sense are skipped with why."""
     plans, skipped = {}, []
     for combo in combos:
+        settings = {k: v for k, v in combo.items() if k not in REQUIRED}
         try:
-            plan = plan_run(config, combo)
+            trial_config = with_training(config, kind=combo["head"], **settings)
+            plan = plan_run(trial_config, kind=combo["head"], backbones=combo["backbone"])
         except InputError as err:
             skipped.append({"combination": combo, "reason": str(err)})
             continue
-        plans.setdefault(trial_name(plan), plan)
+        plans.setdefault(trial_name(combo, axes=axes), plan)
     return plans, skipped
 
 
@@ -122,7 +140,7 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
 
     axes, fixed = read_grid(grid_path)
     combos = expand_grid(axes, fixed)
-    plans, skipped = plan_trials(config, combos)
+    plans, skipped = plan_trials(config, combos, axes=list(axes))
     if not plans:
         reasons = sorted({s["reason"] for s in skipped})
         raise InputError(f"{grid_path}: no valid combination to train; every one was skipped: {reasons}")
@@ -205,14 +223,8 @@ def _auc_text(value) -> str:
 
 
 def _describe(plan: RunPlan) -> str:
-    head, train = plan.head, plan.train
-    parts = [f"head={head.kind}", f"backbones={'+'.join(plan.backbones)}"]
-    if head.kind != "linear":
-        parts.append(f"units={list(head.units)} dropout={head.dropout}")
-    if head.kind == "ensemble":
-        parts.append(f"transition={head.transition} fusion={head.fusion}")
-    parts.append(f"lr={train.lr} loss={train.loss} metadata={train.metadata}")
-    return " ".join(parts)
+    settings = describe_settings(dataclasses.asdict(plan.head), dataclasses.asdict(plan.train))
+    return " ".join([f"head={plan.head.kind}", f"backbones={'+'.join(plan.backbones)}", *settings])
 
 
 def format_leaderboard(*, name, ranked, plans, results, test, skipped) -> str:

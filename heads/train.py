@@ -13,8 +13,8 @@ import pandas as pd
 import tensorflow as tf
 from keras import ops
 
-from extract.config import HeadConfig, TrainConfig
-from extract.errors import InputError
+from cxr14.config import HeadConfig, TrainConfig
+from cxr14.errors import InputError
 from heads.data import HeadData
 from heads.evaluate import check_labels, head_inputs, predict_arrays, predict_probabilities, split_metrics
 from heads.losses import make_loss

@@ -53,7 +53,7 @@ def write_tiny_config(root: Path, extra: str = "") -> Path:
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory):
     """A 200-image sample with both offline backbones extracted; tests copy what they change."""
-    from extract.config import load_config
+    from cxr14.config import load_config
     from extract.runner import run_extract
     from extract.sample import make_sample
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from cxr14.config import BackboneConfig
+from cxr14.errors import InputError
 from extract.backbones import BackboneError, grid_pooling_matrix, load_backbone, random_kernels
-from extract.config import BackboneConfig
-from extract.errors import InputError
 
 
 def _cfg(**kw) -> BackboneConfig:
@@ -100,9 +100,9 @@ def test_hub_handle_errors_say_what_to_do(tmp_path):
 
 
 def test_unknown_source_and_bad_random_shape_are_refused():
-    with pytest.raises(BackboneError, match="source = 'onnx' is not one of: hub, keras, random, pixels"):
+    with pytest.raises(InputError, match="source = 'onnx' is not one of: hub, keras, random, pixels"):
         load_backbone(_cfg(source="onnx"))
-    with pytest.raises(BackboneError, match="width and grid must be >= 1, got 0 and 2"):
+    with pytest.raises(InputError, match="backbones.b.width = 0 is out of range"):
         load_backbone(_cfg(width=0, grid=2))
 
 

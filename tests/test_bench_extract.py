@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from cxr14.config import BackboneConfig
+from cxr14.errors import InputError
 from extract.backbones import load_backbone
 from extract.bench import bench_extract
-from extract.config import BackboneConfig
-from extract.errors import InputError
 
 KEYS = {
     "decode_images_per_s",

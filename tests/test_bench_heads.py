@@ -3,7 +3,7 @@
 import numpy as np
 
 from cache.store import cache_path, read_features
-from extract.config import LABELS, HeadConfig
+from cxr14.config import LABELS, HeadConfig
 from heads.bench import BACKBONE, bench_heads, synthetic_index, training_flops, write_synthetic_cache
 from heads.models import build_head
 

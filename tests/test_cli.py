@@ -89,11 +89,17 @@ def test_train_head_without_cache_prints_the_extract_command(tmp_path, tiny_proj
     assert "python run.py extract --backbone offline_cnn" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("shard", ["2/2", "x", "1/0"])
-def test_bad_shard_is_a_usage_error(shard):
+def test_a_shard_that_is_not_k_of_n_is_a_usage_error():
     with pytest.raises(SystemExit) as err:
-        run.build_parser().parse_args(["extract", "--backbone", "b", "--shard", shard])
+        run.build_parser().parse_args(["extract", "--backbone", "b", "--shard", "x"])
     assert err.value.code == 2
+
+
+@pytest.mark.parametrize("shard", ["2/2", "1/0"])
+def test_a_shard_out_of_range_is_refused(shard, tiny_project, capsys):
+    args = ["extract", "--config", str(tiny_project.path), "--backbone", "offline_cnn", "--shard", shard]
+    assert run.main(args) == 2
+    assert f"shard {shard}" in capsys.readouterr().err
 
 
 def test_train_evaluate_report_round_trip(tmp_path, tiny_project, capsys):

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from extract.config import LABELS, load_config, with_overrides
-from extract.errors import InputError
+from cxr14.config import LABELS, ExtractConfig, load_config, override, with_training
+from cxr14.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,11 +62,45 @@ def test_bad_config_names_the_key_and_the_file(tmp_path, text, needle):
     assert str(path) in str(err.value)
 
 
-def test_ints_are_accepted_for_floats_and_overrides_replace_folders(tmp_path):
+def test_ints_are_accepted_for_floats(tmp_path):
     config = load_config(write(tmp_path, "[train]\nlr = 1\n"))
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
-    changed = with_overrides(config, data_dir=Path("/d"), cache_dir=None)
-    assert changed.data_dir == Path("/d") and changed.cache_dir == config.cache_dir
+
+
+@pytest.mark.parametrize(
+    "toml, needle",
+    [
+        ("[train]\nlr = -0.1\n", "train.lr = -0.1 is out of range"),
+        ("[train]\nepochs = 0\n", "train.epochs = 0 is out of range"),
+        ("[train]\nbatch_size = 0\n", "train.batch_size = 0"),
+        ("[heads.fc]\nunits = [512, -3]\n", "heads.fc.units"),
+        ("[heads.fc]\ndropout = 1.0\n", "heads.fc.dropout = 1.0 must be below 1.0"),
+        ("[extract]\nviews = 0\n", "extract.views = 0"),
+        ("[extract]\ndtype = 'float64'\n", "extract.dtype = 'float64' is not one of"),
+        ("[heads.mlp]\nunits = [3]\n", "[heads.mlp] = 'mlp' is not one of"),
+        ("[backbones.b]\nsource = 'random'\nimage_size = 100000\npreprocess = 'unit'\n", "image_size"),
+        ("[backbones.b]\nsource = 'random'\nimage_size = 64\npreprocess = 'unit'\nseed = -1\n", "seed = -1"),
+    ],
+)
+def test_values_out_of_range_name_the_key(tmp_path, toml, needle):
+    path = write(tmp_path, toml)
+    with pytest.raises(InputError) as err:
+        load_config(path)
+    assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_overrides_are_checked_like_the_toml():
+    with pytest.raises(InputError, match="extract.batch_size = 0"):
+        override(ExtractConfig(), batch_size=0)
+    assert override(ExtractConfig(), views=None) == ExtractConfig()
+    config = load_config(ROOT / "cxr14.toml")
+    changed = with_training(config, kind="fc", lr=0.01, dropout=0.25, units=None)
+    assert changed.train.lr == 0.01 and changed.heads["fc"].dropout == 0.25
+    assert changed.heads["fc"].units == config.heads["fc"].units
+    with pytest.raises(InputError, match="train.epochs = 0"):
+        with_training(config, kind="fc", epochs=0)
+    with pytest.raises(InputError, match="not one of"):
+        with_training(config, kind="mlp")
 
 
 def test_unknown_backbone_lists_the_configured_ones():

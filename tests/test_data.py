@@ -6,8 +6,8 @@ import pytest
 
 from cache.status import Status
 from cache.store import cache_path, shard_dir, write_features
-from extract.config import LABELS
-from extract.errors import InputError
+from cxr14.config import LABELS
+from cxr14.errors import InputError
 from extract.index import Index
 from extract.splits import Splits
 from heads.data import METADATA_COLUMNS, encode_metadata, load_head_data

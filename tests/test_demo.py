@@ -2,7 +2,7 @@
 
 import json
 
-from extract.config import load_config
+from cxr14.config import load_config
 from heads.demo import DEMO_BACKBONES, run_demo
 from tests.conftest import write_tiny_config
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from extract.config import LABELS, BackboneConfig
-from extract.errors import InputError
+from cxr14.config import LABELS, BackboneConfig
+from cxr14.errors import InputError
 from extract.pipeline import decode
 from heads.export import export_run
 from heads.predict import predict_images

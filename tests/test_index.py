@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract.config import LABELS
-from extract.errors import InputError
+from cxr14.config import LABELS
+from cxr14.errors import InputError
 from extract.index import find_csv, find_images, format_summary, read_index, summarize
 from extract.splits import Splits
 

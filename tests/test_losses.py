@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from extract.errors import InputError
+from cxr14.errors import InputError
 from heads.losses import (
     FocalLoss,
     WeightedBinaryCrossentropy,

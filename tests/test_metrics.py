@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from extract.errors import InputError
+from cxr14.errors import InputError
 from heads.metrics import (
     bootstrap_auc,
     evaluate,

@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from extract.config import HeadConfig
-from extract.errors import InputError
+from cxr14.config import HeadConfig
+from cxr14.errors import InputError
 from heads.models import METADATA_INPUT, ByteDropout, build_head
 
 N_LABELS = 14
@@ -95,14 +95,12 @@ def test_l2_adds_a_penalty():
 @pytest.mark.parametrize(
     ("kind", "inputs", "head", "message"),
     [
-        ("mlp", {"bb": (4,)}, HeadConfig(kind="fc"), "unknown head kind 'mlp'"),
-        ("ensemble", {"bb": (4,)}, HeadConfig(kind="ensemble"), "two or more backbones"),
-        ("ensemble", {"a": (4,), "b": (4,)}, HeadConfig(kind="ensemble", fusion="mul"), "fusion = 'mul'"),
+        ("mlp", {"bb": (4,)}, HeadConfig(kind="fc"), "head = 'mlp' is not one of: linear, fc"),
+        ("ensemble", {"bb": (4,)}, HeadConfig(kind="ensemble"), "takes 2 or more backbone"),
         ("cnn", {"bb": (4,)}, HeadConfig(kind="cnn"), "cached pixel array"),
-        ("fc", {"px": (8, 8)}, HeadConfig(kind="fc"), "cached pixels go with --head cnn"),
+        ("fc", {"px": (8, 8)}, HeadConfig(kind="fc"), "takes one feature vector per image"),
         ("fc", {"metadata": (4,)}, HeadConfig(kind="fc"), "may not be called 'metadata'"),
         ("fc", {}, HeadConfig(kind="fc"), "at least one backbone"),
-        ("fc", {"bb": (4,)}, HeadConfig(kind="fc", dropout=1.0), "dropout = 1.0"),
     ],
 )
 def test_bad_head_requests(kind, inputs, head, message):

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from cache.status import Status
-from extract.errors import InputError
+from cxr14.errors import InputError
 from extract.pipeline import (
     ImageError,
     ImageSpec,
@@ -119,7 +119,7 @@ def test_upscaling_keeps_range(gray_png):
 
 
 def test_bad_spec_is_input_error():
-    with pytest.raises(InputError, match="normalization 'zscore'"):
+    with pytest.raises(InputError, match="normalization = 'zscore' is not one of"):
         ImageSpec(size=16, normalization="zscore")
     with pytest.raises(InputError, match="keras_family 'resnet_v9'.*resnet_v2"):
         ImageSpec(size=16, normalization="keras", keras_family="resnet_v9")

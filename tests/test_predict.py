@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 
 from cache.store import cache_path, read_features
+from cxr14.config import LABELS, BackboneConfig, Config, ExtractConfig, HeadConfig, SplitConfig
+from cxr14.errors import InputError
 from extract.backbones import load_backbone
-from extract.config import LABELS, BackboneConfig, Config, ExtractConfig, HeadConfig, SplitConfig
-from extract.errors import InputError
 from extract.extraction import extract_features
 from extract.pipeline import load_image
 from heads.models import build_head

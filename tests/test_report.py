@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from extract.errors import InputError
+from cxr14.errors import InputError
 from heads.metrics import evaluate
 from heads.references import load_references
 from heads.report import leaderboard, plot_auc_comparison, plot_roc, write_auc_table

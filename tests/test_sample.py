@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxr14.config import LABELS
+from cxr14.errors import InputError
 from extract.chest import Canvas, draw_chest
-from extract.config import LABELS
-from extract.errors import InputError
 from extract.index import find_images, read_index
 from extract.sample import PREVALENCE_FLOOR, _png_bytes, make_sample
 from extract.splits import assign_splits, patient_overlap

@@ -3,8 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract.config import LABELS
-from extract.errors import InputError
+from cxr14.config import LABELS
+from cxr14.errors import InputError
 from extract.index import read_index
 from extract.splits import SPLITS, Splits, assign_splits, patient_overlap, write_split_lists
 

@@ -9,7 +9,7 @@ import pytest
 
 from cache import store
 from cache.status import Status
-from extract.errors import InputError
+from cxr14.errors import InputError
 
 README = Path(__file__).resolve().parents[1] / "cache" / "README.md"
 

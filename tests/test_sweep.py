@@ -7,7 +7,7 @@ import json
 import pytest
 
 import heads.train
-from extract.errors import InputError
+from cxr14.errors import InputError
 from heads.sweep import expand_grid, read_grid, run_sweep
 
 REAL_TRAIN_HEAD = heads.train.train_head

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from extract.config import LABELS, HeadConfig, TrainConfig
-from extract.errors import InputError
+from cxr14.config import LABELS, HeadConfig, TrainConfig
+from cxr14.errors import InputError
 from heads.data import load_head_data
 from heads.evaluate import evaluate_run
 from heads.train import OUTPUTS, train_head

@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from extract.errors import InputError
+from cache.store import FEATURE_DTYPES
+from cxr14.errors import InputError, check_choice
+from extract.registry import NORMALIZATIONS, SOURCES
+from extract.splits import POLICIES, check_fractions
+from heads.registry import FUSIONS, HEAD_KINDS, LOSSES
 
 # Default order as in Wang et al. 2017 and CheXNet.
 LABELS = (
@@ -27,27 +31,28 @@ LABELS = (
     "Hernia",
 )
 
-BACKBONE_SOURCES = ("hub", "keras", "random", "pixels")
-PREPROCESSING = ("unit", "keras", "standardize", "bytes")
-SPLIT_POLICIES = ("auto", "official", "patient-random", "frozen")
-HEAD_KINDS = ("linear", "fc", "ensemble", "cnn")
-LOSSES = ("bce", "weighted", "focal")
-FEATURE_DTYPES = ("float16", "float32")
+
+def _range(default, *, low=None, high=None, below=None, choices=None):
+    """A field with its allowed values, checked wherever the config is built or overridden."""
+    return field(default=default, metadata={"low": low, "high": high, "below": below, "choices": choices})
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
     name: str
-    source: str
-    image_size: int
-    preprocess: str
+    source: str = _range(dataclasses.MISSING, choices=tuple(SOURCES))
+    image_size: int = _range(dataclasses.MISSING, low=8, high=2048)
+    preprocess: str = _range(dataclasses.MISSING, choices=NORMALIZATIONS)
     handle: str = ""
     output_key: str = ""
     model: str = ""
     weights: str = "imagenet"
-    seed: int = 0
-    width: int = 32
-    grid: int = 4
+    seed: int = _range(0, low=0)
+    width: int = _range(32, low=1, high=1024)
+    grid: int = _range(4, low=1, high=16)
+
+    def __post_init__(self):
+        check_ranges(self, section=f"backbones.{self.name}")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -55,50 +60,62 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    batch_size: int = 64
-    shard_size: int = 1024
-    dtype: str = "float16"
+    batch_size: int = _range(64, low=1, high=65536)
+    shard_size: int = _range(1024, low=1)
+    dtype: str = _range("float16", choices=FEATURE_DTYPES)
     mixed_precision: bool = False
     xla: bool = False
-    views: int = 1
-    seed: int = 0
+    views: int = _range(1, low=1, high=64)
+    seed: int = _range(0, low=0)
+
+    def __post_init__(self):
+        check_ranges(self, section="extract")
 
 
 @dataclass(frozen=True)
 class HeadConfig:
     kind: str
     units: tuple[int, ...] = (512, 256)
-    dropout: float = 0.5
-    transition: int = 512
-    fusion: str = "add"
+    dropout: float = _range(0.5, low=0.0, below=1.0)
+    transition: int = _range(512, low=1)
+    fusion: str = _range("add", choices=FUSIONS)
     filters: tuple[int, ...] = (32, 64, 128)
-    l2: float = 0.0
+    l2: float = _range(0.0, low=0.0)
+
+    def __post_init__(self):
+        check_ranges(self, section=f"heads.{self.kind}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 50
-    batch_size: int = 1024
-    lr: float = 1e-3
-    seed: int = 0
-    loss: str = "bce"
-    focal_gamma: float = 2.0
-    patience: int = 5
-    lr_patience: int = 2
-    lr_factor: float = 0.5
+    epochs: int = _range(50, low=1)
+    batch_size: int = _range(1024, low=1)
+    lr: float = _range(1e-3, low=1e-12, high=10.0)
+    seed: int = _range(0, low=0)
+    loss: str = _range("bce", choices=LOSSES)
+    focal_gamma: float = _range(2.0, low=0.0)
+    patience: int = _range(5, low=1)
+    lr_patience: int = _range(2, low=1)
+    lr_factor: float = _range(0.5, low=1e-6, below=1.0)
     metadata: bool = False
     augment: bool = False
-    bootstrap: int = 1000
-    steps_per_execution: int = 32
+    bootstrap: int = _range(1000, low=0)
+    steps_per_execution: int = _range(32, low=1)
+
+    def __post_init__(self):
+        check_ranges(self, section="train")
 
 
 @dataclass(frozen=True)
 class SplitConfig:
-    policy: str = "auto"
-    seed: int = 0
+    policy: str = _range("auto", choices=POLICIES)
+    seed: int = _range(0, low=0)
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    val_fraction: float = 0.1
+    val_fraction: float = _range(0.1, low=0.0, below=1.0)
     frozen_dir: str = ""
+
+    def __post_init__(self):
+        check_ranges(self, section="split")
 
 
 @dataclass(frozen=True)
@@ -125,9 +142,9 @@ class Config:
         return self.backbones[name]
 
     def head(self, kind: str) -> HeadConfig:
-        if kind not in self.heads:
-            return HeadConfig(kind=_choice(kind, HEAD_KINDS, key="--head", path=self.path))
-        return self.heads[kind]
+        """The [heads.KIND] preset, or the defaults for a kind without a table."""
+        check_choice(kind, HEAD_KINDS, what="head kind")
+        return self.heads.get(kind) or HeadConfig(kind=kind)
 
     def as_dict(self) -> dict:
         """JSON-able snapshot, saved beside every run."""
@@ -144,10 +161,26 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _choice(value: str, valid: tuple[str, ...], *, key: str, path: Path) -> str:
-    if value not in valid:
-        raise InputError(f"{path}: {key} = {value!r} is not one of: {', '.join(valid)}")
-    return value
+def check_ranges(settings: Any, *, section: str) -> None:
+    """An InputError naming the key when a field of `settings` (a config dataclass) is outside its
+    allowed values; every config dataclass runs it when made, so overrides are checked like the TOML."""
+    for f in dataclasses.fields(settings):
+        value, rule = getattr(settings, f.name), f.metadata
+        key = f"{section}.{f.name}"
+        if rule.get("choices") is not None:
+            check_choice(value, rule["choices"], what=f"{key}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high, below = rule.get("low"), rule.get("high"), rule.get("below")
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise InputError(
+                    f"{key} = {value} is out of range [{low}, {high if high is not None else '∞'}]"
+                )
+            if below is not None and value >= below:
+                raise InputError(f"{key} = {value} must be below {below}")
+    for name in ("units", "filters"):
+        sizes = getattr(settings, name, ())
+        if any(size < 1 for size in sizes):
+            raise InputError(f"{section}.{name} = {list(sizes)}: every size must be at least 1")
 
 
 def _convert(value: Any, annotation: Any, *, key: str, path: Path) -> Any:
@@ -196,7 +229,10 @@ def _build(cls: type, table: dict, *, section: str, path: Path, fixed: dict | No
     ]
     if missing:
         raise InputError(f"{path}: [{section}] is missing required key {missing[0]!r}")
-    return cls(**fixed, **values)
+    try:
+        return cls(**fixed, **values)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
 
 
 def _pop_table(raw: dict, key: str, *, path: Path) -> dict:
@@ -208,10 +244,6 @@ def _pop_table(raw: dict, key: str, *, path: Path) -> dict:
 
 def _check_backbone(b: BackboneConfig, *, path: Path) -> None:
     section = f"backbones.{b.name}"
-    _choice(b.source, BACKBONE_SOURCES, key=f"{section}.source", path=path)
-    _choice(b.preprocess, PREPROCESSING, key=f"{section}.preprocess", path=path)
-    if b.image_size < 8:
-        raise InputError(f"{path}: {section}.image_size must be at least 8, got {b.image_size}")
     if b.source == "hub" and not b.handle:
         raise InputError(f'{path}: {section}.handle is required when source = "hub"')
     if b.source == "keras" and not b.model:
@@ -235,9 +267,8 @@ def load_config(path: Path) -> Config:
     path = Path(path)
     raw = read_toml(path, what="config file (pass --config PATH)")
     base = path.resolve().parent
-
-    data = _pop_table(raw, "data", path=path)
-    paths = _pop_table(raw, "paths", path=path)
+    data = _plain_table(raw, "data", {"dir": str, "csv": str, "labels": list}, path=path)
+    paths = _plain_table(raw, "paths", {"cache_dir": str, "runs_dir": str}, path=path)
     split = _build(SplitConfig, _pop_table(raw, "split", path=path), section="split", path=path)
     extract = _build(ExtractConfig, _pop_table(raw, "extract", path=path), section="extract", path=path)
     train = _build(TrainConfig, _pop_table(raw, "train", path=path), section="train", path=path)
@@ -246,7 +277,9 @@ def load_config(path: Path) -> Config:
         for name, table in _pop_table(raw, "backbones", path=path).items()
     }
     heads = {
-        kind: _build(HeadConfig, table, section=f"heads.{kind}", path=path, fixed={"kind": kind})
+        check_choice(kind, HEAD_KINDS, what=f"{path}: [heads.{kind}]"): _build(
+            HeadConfig, table, section=f"heads.{kind}", path=path, fixed={"kind": kind}
+        )
         for kind, table in _pop_table(raw, "heads", path=path).items()
     }
     if raw:
@@ -254,43 +287,17 @@ def load_config(path: Path) -> Config:
             f"{path}: unknown top-level key {sorted(raw)[0]!r} "
             "(valid: data, paths, split, extract, backbones, train, heads)"
         )
-    data_keys = {"dir": str, "csv": str, "labels": list}
-    paths_keys = {"cache_dir": str, "runs_dir": str}
-    for section, table, keys in (("data", data, data_keys), ("paths", paths, paths_keys)):
-        for key, value in table.items():
-            if key not in keys:
-                raise InputError(f"{path}: unknown key {section}.{key} (valid: {', '.join(keys)})")
-            if not isinstance(value, keys[key]):
-                raise InputError(f"{path}: {section}.{key} must be {keys[key].__name__}, got {value!r}")
-
-    labels = tuple(data.get("labels", LABELS))
-    if not labels or any(not isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
-        raise InputError(f"{path}: data.labels must be a list of distinct label names")
-    unknown = [x for x in labels if x not in LABELS]
-    if unknown:
-        raise InputError(
-            f"{path}: data.labels has {unknown[0]!r}, not a ChestX-ray14 label ({', '.join(LABELS)})"
-        )
-
-    _choice(split.policy, SPLIT_POLICIES, key="split.policy", path=path)
-    _choice(extract.dtype, FEATURE_DTYPES, key="extract.dtype", path=path)
-    _choice(train.loss, LOSSES, key="train.loss", path=path)
-    for kind, head in heads.items():
-        _choice(kind, HEAD_KINDS, key=f"heads.{kind}", path=path)
-        _choice(head.fusion, ("add", "concat"), key=f"heads.{kind}.fusion", path=path)
     for backbone in backbones.values():
         _check_backbone(backbone, path=path)
     if split.frozen_dir:
         # Like every folder in the config, a relative frozen_dir is taken from the config file's folder.
         split = dataclasses.replace(split, frozen_dir=str(base / split.frozen_dir))
-    if abs(sum(split.fractions) - 1.0) > 1e-6:
-        raise InputError(f"{path}: split.fractions must add up to 1, got {list(split.fractions)}")
-
+    check_fractions(split.fractions, what=f"{path}: split.fractions")
     return Config(
         path=path,
         data_dir=base / data.get("dir", "data"),
         csv=data.get("csv", "auto"),
-        labels=labels,
+        labels=_labels(data.get("labels", LABELS), path=path),
         split=split,
         cache_dir=base / paths.get("cache_dir", "features"),
         runs_dir=base / paths.get("runs_dir", "runs"),
@@ -301,6 +308,44 @@ def load_config(path: Path) -> Config:
     )
 
 
-def with_overrides(config: Config, **changes: Any) -> Config:
-    """A copy with command-line overrides (None means keep the config's value)."""
-    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+def _plain_table(raw: dict, section: str, keys: dict[str, type], *, path: Path) -> dict:
+    """A table of plain values ([data], [paths]): only `keys`, each of its type."""
+    table = _pop_table(raw, section, path=path)
+    for key, value in table.items():
+        if key not in keys:
+            raise InputError(f"{path}: unknown key {section}.{key} (valid: {', '.join(keys)})")
+        if not isinstance(value, keys[key]):
+            raise InputError(f"{path}: {section}.{key} must be {keys[key].__name__}, got {value!r}")
+    return table
+
+
+def _labels(labels, *, path: Path) -> tuple[str, ...]:
+    labels = tuple(labels)
+    if not labels or any(not isinstance(x, str) for x in labels) or len(set(labels)) != len(labels):
+        raise InputError(f"{path}: data.labels must be a list of distinct label names")
+    unknown = [x for x in labels if x not in LABELS]
+    if unknown:
+        raise InputError(
+            f"{path}: data.labels has {unknown[0]!r}, not a ChestX-ray14 label ({', '.join(LABELS)})"
+        )
+    return labels
+
+
+def override(settings: Any, **changes: Any) -> Any:
+    """A copy of a config dataclass with command-line values (None keeps the config's), checked again."""
+    return dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
+
+
+HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(HeadConfig) if f.name != "kind")
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def with_training(config: Config, *, kind: str, **changes: Any) -> Config:
+    """`config` with the head preset of `kind` and [train] changed (None keeps a value); each key goes to
+    the table that holds it, and the result is checked like the TOML."""
+    unknown = sorted(set(changes) - set(HEAD_FIELDS) - set(TRAIN_FIELDS))
+    if unknown:
+        raise InputError(f"unknown head or training setting {unknown[0]!r}")
+    head = override(config.head(kind), **{k: v for k, v in changes.items() if k in HEAD_FIELDS})
+    train = override(config.train, **{k: v for k, v in changes.items() if k in TRAIN_FIELDS})
+    return dataclasses.replace(config, heads={**config.heads, kind: head}, train=train)
