@@ -1,7 +1,8 @@
-"""The rows a head trains on: cached features joined by image name with labels, patients, splits, metadata."""
+"""The rows a head trains on: cached features joined by image name with labels, patients, splits and
+metadata, each cache's description (kind, views, dtype, recipe) beside them; and a head's inputs from them."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from cache.store import cache_path, read_features, shard_dir
 from cxr14.errors import InputError
 from extract.splits import SPLITS
 
+METADATA_INPUT = "metadata"  # the head's input name for the metadata columns
 # Metadata columns concatenated to the features (--metadata): age scaled to ~[0, 1], a flag for a
 # missing age (filled with the training median), sex and view position one-hot.
 METADATA_COLUMNS = ("age", "age_missing", "sex_M", "sex_F", "view_PA", "view_AP")
@@ -31,6 +33,18 @@ class HeadData:
     excluded: dict[str, int]  # index rows left out, by reason
     split_source: str = ""  # "official" | "patient-random" | "frozen"
     label_names: tuple[str, ...] = ()  # names of the label columns, in order
+    caches: dict[str, dict] = field(default_factory=dict)  # per backbone: the store's attributes
+
+    def views(self, name: str) -> int:
+        """Views per image in backbone `name`'s cache (1: one plain view, stored without a views axis)."""
+        if name in self.caches:
+            return int(self.caches[name]["views"])
+        return 1
+
+    def item_shape(self, name: str) -> tuple:
+        """The per-image shape of one view of backbone `name`: (D,) features or (S, S) pixels."""
+        array = self.features[name]
+        return tuple(array.shape[2:] if self.views(name) > 1 else array.shape[1:])
 
     def rows(self, split: str) -> np.ndarray:
         """Positions of the rows in `split`."""
@@ -54,9 +68,9 @@ def load_head_data(*, cache_dir: Path, backbones: Sequence[str], index, splits, 
     absent = np.zeros(len(index.names), bool)
     failed = np.zeros(len(index.names), bool)
     unknown = 0
-    cached = {}
+    cached, attrs = {}, {}
     for name in backbones:
-        stored, position, status, not_in_index = _read_cache(Path(cache_dir), name, index)
+        stored, position, status, not_in_index, attrs[name] = _read_cache(Path(cache_dir), name, index)
         absent |= position < 0
         failed |= (position >= 0) & (status != Status.OK)
         unknown = max(unknown, not_in_index)
@@ -87,12 +101,15 @@ def load_head_data(*, cache_dir: Path, backbones: Sequence[str], index, splits, 
         excluded=excluded,
         split_source=splits.source,
         label_names=tuple(index.label_names),
+        caches=attrs,
     )
 
 
-def _read_cache(cache_dir: Path, backbone: str, index) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _read_cache(
+    cache_dir: Path, backbone: str, index
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, dict]:
     """A cache's features as stored, the stored row of each index row (-1: absent), each index row's
-    status (meaningful where present) and how many stored names the index does not know."""
+    status (meaningful where present), how many stored names the index does not know, and its attributes."""
     path = cache_path(cache_dir, backbone)
     if not path.is_file():
         pending = shard_dir(cache_dir, backbone)
@@ -115,7 +132,7 @@ def _read_cache(cache_dir: Path, backbone: str, index) -> tuple[np.ndarray, np.n
         )
     status = np.full(len(position), Status.MISSING, dtype=np.int8)
     status[found] = cached.status[position[found]]
-    return cached.features, position, status, len(cached.names) - int(found.sum())
+    return cached.features, position, status, len(cached.names) - int(found.sum()), cached.attrs
 
 
 def _take(stored: np.ndarray, position: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -149,3 +166,38 @@ def encode_metadata(*, age: np.ndarray, sex: np.ndarray, view: np.ndarray, fill_
         view == "AP",
     ]
     return np.stack(columns, axis=1).astype(np.float32)
+
+
+def head_inputs(model, data: HeadData, rows: np.ndarray, *, all_views: bool = False) -> dict:
+    """{input name: array} for `rows` of a built head; cached views beyond the plain one (view 0) only
+    with all_views."""
+    arrays = {}
+    for tensor in model.inputs:
+        name = tensor.name
+        if name == METADATA_INPUT:
+            if data.metadata is None:
+                raise InputError("this head was trained with metadata; load the data with metadata=True")
+            arrays[name] = data.metadata[rows]
+        elif name not in data.features:
+            raise InputError(
+                f"the head takes backbone {name!r} but the loaded features are {list(data.features)}; "
+                "pass the run's backbones (see its config.json)"
+            )
+        else:
+            arrays[name] = _rows_of(data, name, rows, item_shape=tuple(tensor.shape[1:]), all_views=all_views)
+    return arrays
+
+
+def _rows_of(data: HeadData, name: str, rows: np.ndarray, *, item_shape: tuple, all_views: bool):
+    """The requested rows of one cache, view 0 of a multi-view cache unless all views are wanted."""
+    features, has_views = data.features[name], data.views(name) > 1
+    if data.item_shape(name) != item_shape:
+        raise InputError(
+            f"cached features of {name!r} have per-image shape {data.item_shape(name)} but the "
+            f"head was built for {item_shape}; the cache was re-extracted differently: retrain the head"
+        )
+    if has_views and not all_views:
+        return features[rows, 0]
+    if len(rows) == len(features) and np.array_equal(rows, np.arange(len(features))):
+        return features  # every row, in order: no copy of a large array
+    return features[rows]

@@ -1,7 +1,6 @@
 """One training run from the config and command-line options: data in, run folder out."""
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from cxr14.errors import InputError
 from extract.dataset import open_dataset
 from extract.registry import SOURCES
 from heads.registry import HEAD_KINDS, head_kind
+from heads.run_folder import read_config, refuse_existing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +65,6 @@ def snapshot(config: Config, plan: RunPlan) -> dict:
     }
 
 
-def load_plan(run_dir: Path) -> dict:
-    """A run's config.json, or an error saying the folder is not a run."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise InputError(f"{run_dir}: not a run folder (no config.json); train one with run.py train-head")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def run_train_head(
     config: Config, *, kind: str, backbones: str | Sequence[str], name: str | None, force: bool
 ) -> dict:
@@ -82,8 +74,7 @@ def run_train_head(
 
     plan = plan_run(config, kind=kind, backbones=backbones)
     run_dir = config.runs_dir / (name or plan.default_name())
-    if run_dir.exists() and not force:
-        raise InputError(f"{run_dir} exists; pick another --name or pass --force to overwrite it")
+    refuse_existing(run_dir, force=force)
     dataset = open_dataset(config)
     data = load_head_data(
         cache_dir=config.cache_dir,
@@ -107,9 +98,9 @@ def run_train_head(
 def run_evaluate(config: Config, *, run_dir: Path, split: str) -> dict:
     """Recompute a run's metrics on `split` from its saved model and the cache."""
     from heads.data import load_head_data
-    from heads.evaluate import evaluate_run
+    from heads.scoring import score_run
 
-    saved = load_plan(run_dir)
+    saved = read_config(run_dir)
     dataset = open_dataset(config)
     data = load_head_data(
         cache_dir=config.cache_dir,
@@ -118,7 +109,7 @@ def run_evaluate(config: Config, *, run_dir: Path, split: str) -> dict:
         splits=dataset.splits,
         metadata=saved["train"]["metadata"],
     )
-    metrics = evaluate_run(
+    metrics = score_run(
         run_dir=run_dir,
         data=data,
         split=split,

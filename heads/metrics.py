@@ -184,7 +184,7 @@ def _json_float(value) -> float | None:
     return None if math.isnan(value) else value
 
 
-def evaluate(y_true, y_score, *, groups, label_names: Sequence[str], n_boot: int, seed: int) -> dict:
+def label_metrics(y_true, y_score, *, groups, label_names: Sequence[str], n_boot: int, seed: int) -> dict:
     """Per-label and mean ROC AUC with patient-bootstrap 95% intervals, PR AUC and counts; JSON-ready.
 
     Undefined values are None (null in JSON); labels without an AUC are listed under "undefined".

@@ -13,9 +13,8 @@ import tensorflow as tf
 
 from cxr14.config import HeadConfig
 from cxr14.errors import InputError
+from heads.data import METADATA_INPUT
 from heads.registry import HeadKind, head_kind
-
-METADATA_INPUT = "metadata"
 
 
 def build_head(

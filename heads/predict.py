@@ -14,7 +14,7 @@ from cxr14.config import BackboneConfig, Config
 from cxr14.errors import InputError
 from extract.backbones import load_backbone
 from extract.pipeline import ImageError, load_image
-from heads.experiment import load_plan
+from heads.run_folder import load_model, read_config
 
 FORMATS = ("table", "json")
 CACHED_DTYPES = ("float16", "float32", "uint8")
@@ -34,23 +34,17 @@ class TrainedRun:
 def load_run(run_dir: Path) -> TrainedRun:
     """Rebuild a run's backbones from config.json and load its head from model.keras."""
     run_dir = Path(run_dir)
-    plan = load_plan(run_dir)
+    plan = read_config(run_dir)
     if plan["train"].get("metadata"):
         raise InputError(
             f"{run_dir} was trained with metadata (age, sex, view position concatenated to the features); "
             "new images come without them, so it cannot predict. Train a run without --metadata to predict."
         )
-    model_path = run_dir / "model.keras"
-    if not model_path.is_file():
-        raise InputError(
-            f"{run_dir}: no model.keras (an unfinished run?); train it again with run.py train-head"
-        )
-    # compile=False: the training loss is not needed, and a custom one would have to be importable here.
-    head = keras.saving.load_model(model_path, compile=False)
+    head = load_model(run_dir)
     names = [t.name for t in head.inputs]
     if sorted(names) != sorted(plan["backbones"]):
         raise InputError(
-            f"{model_path} takes inputs {names} but {run_dir / 'config.json'} lists backbones "
+            f"{run_dir / 'model.keras'} takes inputs {names} but {run_dir / 'config.json'} lists backbones "
             f"{list(plan['backbones'])}; the run folder is inconsistent, train it again"
         )
     dtypes = plan["feature_dtypes"]

@@ -134,8 +134,8 @@ def _finished(trial_dir: Path) -> dict | None:
 def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     """Train every trial not already finished, rank by validation mean AUC, test only the winner."""
     from heads.data import load_head_data
-    from heads.evaluate import evaluate_run
     from heads.report import write_auc_table
+    from heads.scoring import score_run
     from heads.train import train_head
 
     axes, fixed = read_grid(grid_path)
@@ -187,7 +187,7 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     ranked = sorted(results, key=lambda t: _sort_key(results[t]["mean_auc"]), reverse=True)
     winner = ranked[0]
     winner_plan = plans[winner]
-    test = evaluate_run(
+    test = score_run(
         run_dir=sweep_dir / winner,
         data=_trial_data(data, winner_plan),
         split="test",

@@ -1,6 +1,5 @@
 """Train one head on cached features, keep the best epoch by validation mean ROC AUC, write runs/RUN/."""
 
-import json
 import math
 import shutil
 import time
@@ -15,23 +14,14 @@ from keras import ops
 
 from cxr14.config import HeadConfig, TrainConfig
 from cxr14.errors import InputError
-from heads.data import HeadData
-from heads.evaluate import check_labels, head_inputs, predict_arrays, predict_probabilities, split_metrics
+from heads.data import HeadData, head_inputs
 from heads.losses import make_loss
 from heads.metrics import mean_defined, roc_auc_per_label
 from heads.models import METADATA_INPUT, build_head
 from heads.report import plot_auc_comparison, plot_roc, write_auc_table
+from heads.run_folder import finish_run, start_run, write_json
+from heads.scoring import check_labels, predict_arrays, predict_probabilities, split_metrics
 
-OUTPUTS = (
-    "config.json",
-    "model.keras",
-    "history.csv",
-    "predictions.csv",
-    "auc.md",
-    "roc.png",
-    "auc.png",
-    "metrics.json",
-)
 MONITOR = "val_mean_auc"
 
 
@@ -90,43 +80,76 @@ def train_head(
     A sweep passes eval_split="val" so that trials are compared without ever looking at the test split.
     """
     start = time.perf_counter()
-    run_dir = _prepare_run_dir(Path(run_dir), force=force)
-    label_names = list(label_names)
+    run_dir, label_names = Path(run_dir), list(label_names)
     rows = {split: data.rows(split) for split in ("train", "val", "test")}
     _check_data(data, rows=rows, label_names=label_names, augment=train.augment)
     if progress:
         print(data.describe(), flush=True)
-    (run_dir / "config.json").write_text(json.dumps(config_snapshot, indent=2, default=str), encoding="utf-8")
+    tmp = start_run(run_dir, force=force)
+    try:
+        model, history = fit_head(
+            data, rows=rows, head=head, train=train, n_labels=len(label_names), progress=progress
+        )
+        fitted = time.perf_counter()
+        scores = predict_probabilities(model, data, np.arange(len(data.names)))
+        metrics = split_metrics(
+            data,
+            scores[rows[eval_split]],
+            split=eval_split,
+            label_names=label_names,
+            n_boot=train.bootstrap,
+            seed=train.seed,
+        )
+        metrics |= _run_facts(run_dir, data=data, head=head, rows=rows, history=history)
+        evaluated = time.perf_counter()
+        write_json(tmp / "config.json", config_snapshot)
+        _write_outputs(
+            tmp,
+            model=model,
+            data=data,
+            history=history,
+            metrics=metrics,
+            label_names=label_names,
+            scores=scores,
+        )
+        metrics["seconds"] = {
+            "train": round(fitted - start, 2),
+            "evaluate": round(evaluated - fitted, 2),
+            "write": round(time.perf_counter() - evaluated, 2),
+            "total": round(time.perf_counter() - start, 2),
+        }
+        write_json(tmp / "metrics.json", metrics)
+        finish_run(tmp, run_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return metrics
 
+
+def fit_head(
+    data: HeadData, *, rows: dict, head: HeadConfig, train: TrainConfig, n_labels: int, progress: bool
+) -> tuple[keras.Model, pd.DataFrame]:
+    """The trained head (stock layers only, so model.keras loads anywhere) and its history."""
     keras.utils.set_random_seed(train.seed)
     spec = {
         "kind": head.kind,
-        "inputs": {name: _item_shape(array) for name, array in data.features.items()},
-        "n_labels": len(label_names),
+        "inputs": {name: data.item_shape(name) for name in data.features},
+        "n_labels": n_labels,
         "head": head,
         "metadata_dim": 0 if data.metadata is None else data.metadata.shape[1],
         "seed": train.seed,
     }
     trained = build_head(**spec, byte_dropout=True)
     history = _fit(trained, data=data, rows=rows, train=train, progress=progress)
-    model = build_head(**spec)  # stock layers only, so model.keras loads anywhere
+    model = build_head(**spec)
     model.set_weights(trained.get_weights())
-    fitted = time.perf_counter()
+    return model, history
 
-    scores = predict_probabilities(model, data, np.arange(len(data.names)))
-    metrics = split_metrics(
-        data,
-        scores[rows[eval_split]],
-        split=eval_split,
-        label_names=label_names,
-        n_boot=train.bootstrap,
-        seed=train.seed,
-    )
-    evaluated = time.perf_counter()
+
+def _run_facts(run_dir: Path, *, data: HeadData, head: HeadConfig, rows: dict, history: pd.DataFrame) -> dict:
+    """What metrics.json says about the run beside its scores."""
     # Never NaN: _check_data makes sure some label has both classes in val, and NaN scores raise.
     best = int(history[MONITOR].to_numpy().argmax())
-    metrics = {
-        **metrics,
+    return {
         "run": run_dir.name,
         "head": head.kind,
         "backbones": list(data.features),
@@ -136,39 +159,6 @@ def train_head(
         "rows": {split: int(r.size) for split, r in rows.items()},
         "excluded": data.excluded,
     }
-    _write_outputs(
-        run_dir,
-        model=model,
-        data=data,
-        history=history,
-        metrics=metrics,
-        label_names=label_names,
-        scores=scores,
-    )
-    metrics["seconds"] = {
-        "train": round(fitted - start, 2),
-        "evaluate": round(evaluated - fitted, 2),
-        "write": round(time.perf_counter() - evaluated, 2),
-        "total": round(time.perf_counter() - start, 2),
-    }
-    # metrics.json last: a run folder holding it is complete.
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    return metrics
-
-
-def _prepare_run_dir(run_dir: Path, *, force: bool) -> Path:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise InputError(f"{run_dir} exists; pick another --name or pass --force to overwrite it")
-        # Only what a run writes is removed, never other files a user put there.
-        for name in OUTPUTS:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def _check_data(data: HeadData, *, rows: dict, label_names: list[str], augment: bool) -> None:
@@ -184,21 +174,11 @@ def _check_data(data: HeadData, *, rows: dict, label_names: list[str], augment: 
             f"no label has both classes in the val split ({len(val)} images), so early stopping has no "
             "AUC to watch; use more images or a larger val_fraction"
         )
-    if augment and not any(_has_views(array) for array in data.features.values()):
+    if augment and not any(data.views(name) > 1 for name in data.features):
         raise InputError(
-            "--augment trains on cached augmented views, but the caches hold one view per image; "
-            "extract with [extract] views > 1 (e.g. views = 4) and --force, or drop --augment"
+            "augmenting trains on cached augmented views, but the caches hold one view per image; "
+            "extract with [extract] views > 1 (e.g. views = 4), or train without augmentation"
         )
-
-
-def _has_views(array: np.ndarray) -> bool:
-    """A (N, K, D) feature array, or a (N, K, S, S) pixel array."""
-    # The store keeps pixels as uint8 and features as floats, so rank and dtype together tell.
-    return (array.ndim == 3 and array.dtype != np.uint8) or array.ndim == 4
-
-
-def _item_shape(array: np.ndarray) -> tuple:
-    return tuple(array.shape[2:] if _has_views(array) else array.shape[1:])
 
 
 def compile_for_training(model: keras.Model, *, train: TrainConfig, labels_train: np.ndarray) -> None:
@@ -310,7 +290,7 @@ def _write_outputs(
     label_names: list[str],
     scores: np.ndarray,
 ) -> None:
-    """Everything but metrics.json; `scores` are the probabilities of every row, in data order."""
+    """Everything but config.json and metrics.json; `scores` are the probabilities of every row, in data order."""
     model.save(run_dir / "model.keras")
     history.to_csv(run_dir / "history.csv", index=False)
     predictions = pd.DataFrame(scores, columns=label_names)

@@ -8,7 +8,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from cxr14.errors import InputError
 from heads.metrics import (
     bootstrap_auc,
-    evaluate,
+    label_metrics,
     mean_defined,
     pr_auc_per_label,
     roc_auc_per_label,
@@ -150,7 +150,7 @@ def test_evaluate_reports_undefined_label_as_null_and_keeps_it():
     names = ("Atelectasis", "Hernia", "Mass")
     y_true, y_score = make_scores(images=120, labels=3, seed=8)
     y_true[:, 1] = 0
-    result = evaluate(y_true, y_score, groups=np.arange(120) // 2, label_names=names, n_boot=50, seed=0)
+    result = label_metrics(y_true, y_score, groups=np.arange(120) // 2, label_names=names, n_boot=50, seed=0)
     text = json.dumps(result, allow_nan=False)  # JSON-ready: no NaN anywhere
     back = json.loads(text)
     hernia = back["labels"]["Hernia"]
@@ -169,7 +169,7 @@ def test_evaluate_reports_undefined_label_as_null_and_keeps_it():
 
 def test_evaluate_without_bootstrap_leaves_intervals_empty():
     y_true, y_score = make_scores(images=50, labels=2, seed=9)
-    result = evaluate(y_true, y_score, groups=np.arange(50), label_names=("a", "b"), n_boot=0, seed=0)
+    result = label_metrics(y_true, y_score, groups=np.arange(50), label_names=("a", "b"), n_boot=0, seed=0)
     assert result["mean_ci"] == [None, None]
     assert result["labels"]["a"]["ci"] == [None, None] and result["labels"]["a"]["auc"] is not None
 
@@ -186,4 +186,4 @@ def test_evaluate_without_bootstrap_leaves_intervals_empty():
 )
 def test_bad_input_is_an_input_error(y_true, y_score, groups, message):
     with pytest.raises(InputError, match=message):
-        evaluate(y_true, y_score, groups=groups, label_names=("a", "b"), n_boot=10, seed=0)
+        label_metrics(y_true, y_score, groups=groups, label_names=("a", "b"), n_boot=10, seed=0)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cxr14.errors import InputError
-from heads.metrics import evaluate
+from heads.metrics import label_metrics
 from heads.references import load_references
 from heads.report import leaderboard, plot_auc_comparison, plot_roc, write_auc_table
 
@@ -35,7 +35,7 @@ def fake_predictions(*, images: int = 240, seed: int = 0, undefined: str | None 
 
 def fake_metrics(**kwargs) -> dict:
     y_true, y_score, groups = fake_predictions(**kwargs)
-    return evaluate(y_true, y_score, groups=groups, label_names=LABELS, n_boot=50, seed=0)
+    return label_metrics(y_true, y_score, groups=groups, label_names=LABELS, n_boot=50, seed=0)
 
 
 def write_run(
@@ -122,7 +122,7 @@ def test_auc_table_puts_run_beside_references_and_shows_undefined(tmp_path):
 def test_plots_are_written_as_png(tmp_path):
     y_true, y_score, groups = fake_predictions()
     roc = plot_roc(y_true, y_score, tmp_path / "roc.png", label_names=LABELS)
-    metrics = evaluate(y_true, y_score, groups=groups, label_names=LABELS, n_boot=20, seed=0)
+    metrics = label_metrics(y_true, y_score, groups=groups, label_names=LABELS, n_boot=20, seed=0)
     auc = plot_auc_comparison(metrics, tmp_path / "auc.png", label_names=LABELS)
     for path in (roc, auc):
         data = path.read_bytes()
@@ -131,7 +131,7 @@ def test_plots_are_written_as_png(tmp_path):
 
 def test_plot_auc_comparison_without_intervals(tmp_path):
     y_true, y_score, groups = fake_predictions()
-    metrics = evaluate(y_true, y_score, groups=groups, label_names=LABELS, n_boot=0, seed=0)
+    metrics = label_metrics(y_true, y_score, groups=groups, label_names=LABELS, n_boot=0, seed=0)
     path = plot_auc_comparison(metrics, tmp_path / "auc.png", label_names=LABELS)
     assert path.read_bytes().startswith(PNG_MAGIC)
 

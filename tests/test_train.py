@@ -1,4 +1,4 @@
-"""heads.train and heads.evaluate: a run folder with every output, repeatable, independent of cache row order."""
+"""heads.train and heads.scoring: a run folder with every output, repeatable, independent of cache row order."""
 
 import dataclasses
 import json
@@ -10,8 +10,9 @@ import pytest
 from cxr14.config import LABELS, HeadConfig, TrainConfig
 from cxr14.errors import InputError
 from heads.data import load_head_data
-from heads.evaluate import evaluate_run
-from heads.train import OUTPUTS, train_head
+from heads.run_folder import OUTPUTS
+from heads.scoring import score_run
+from heads.train import train_head
 from tests.test_data import make_index, make_splits, signal_features, write_cache
 
 FAST = TrainConfig(epochs=6, batch_size=32, lr=1e-2, bootstrap=20, patience=2, steps_per_execution=8)
@@ -84,12 +85,12 @@ def test_fc_run_writes_every_output_and_learns(tmp_path, cache_dir, index):
 def test_evaluate_run_recomputes_the_test_metrics(tmp_path, cache_dir, index):
     data = _data(cache_dir, index, ["plain"])
     metrics = _train(tmp_path / "run", data)
-    again = evaluate_run(
+    again = score_run(
         run_dir=tmp_path / "run", data=data, split="test", n_boot=FAST.bootstrap, seed=FAST.seed
     )
     assert again["mean_auc"] == pytest.approx(metrics["mean_auc"], abs=1e-6)
     assert again["mean_ci"] == pytest.approx(metrics["mean_ci"], abs=1e-6)
-    val = evaluate_run(run_dir=tmp_path / "run", data=data, split="val", n_boot=0, seed=0)
+    val = score_run(run_dir=tmp_path / "run", data=data, split="val", n_boot=0, seed=0)
     assert val["mean_auc"] == pytest.approx(metrics["val_mean_auc"], abs=1e-6)  # best weights were kept
     assert (tmp_path / "run" / "evaluate-val.json").is_file()
 
@@ -114,7 +115,7 @@ def test_evaluating_under_other_labels_is_refused(tmp_path, cache_dir, index):
     # The config's labels reordered after training: every AUC would go to the wrong disease.
     reordered = dataclasses.replace(data, label_names=tuple(reversed(data.label_names)))
     with pytest.raises(InputError, match="not the index's label columns"):
-        evaluate_run(run_dir=tmp_path / "run", data=reordered, split="test", n_boot=0, seed=0)
+        score_run(run_dir=tmp_path / "run", data=reordered, split="test", n_boot=0, seed=0)
     with pytest.raises(InputError, match="not the index's label columns"):
         _train(tmp_path / "other", reordered)
 
@@ -133,11 +134,23 @@ def test_existing_run_is_not_overwritten_without_force(tmp_path, cache_dir, inde
     data = _data(cache_dir, index, ["plain"])
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="--force"):
+    with pytest.raises(InputError, match="run exists; pick another run name"):
         _train(tmp_path / "run", data)
     _train(tmp_path / "run", data, train=dataclasses.replace(FAST, epochs=1), force=True)
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_a_run_that_fails_leaves_no_folder_behind(tmp_path, cache_dir, index, monkeypatch):
+    import heads.train
+
+    def fail(*args, **kwargs):
+        raise InputError("disk full")
+
+    monkeypatch.setattr(heads.train, "_write_outputs", fail)
+    with pytest.raises(InputError, match="disk full"):
+        _train(tmp_path / "run", _data(cache_dir, index, ["plain"]), train=dataclasses.replace(FAST, epochs=1))
+    assert list(tmp_path.iterdir()) == []  # neither the run nor its temporary folder
 
 
 @pytest.mark.parametrize("loss", ["weighted", "focal"])
@@ -168,7 +181,7 @@ def test_augment_trains_on_cached_views(tmp_path, cache_dir, index):
     data = _data(cache_dir, index, ["views"], metadata=True)
     metrics = _train(tmp_path / "run", data, train=dataclasses.replace(FAST, augment=True))
     assert metrics["mean_auc"] > 0.75
-    again = evaluate_run(run_dir=tmp_path / "run", data=data, split="test", n_boot=0, seed=0)
+    again = score_run(run_dir=tmp_path / "run", data=data, split="test", n_boot=0, seed=0)
     assert again["mean_auc"] == pytest.approx(metrics["mean_auc"], abs=1e-6)
 
 

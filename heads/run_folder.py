@@ -1,0 +1,96 @@
+"""A run folder, runs/NAME/: its files, creating or refusing it, its config.json and its model.keras.
+
+Written under a temporary name and renamed when complete, so a failed run never leaves a folder that
+blocks its name; a folder holding metrics.json is a finished run.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import keras
+
+from cxr14.errors import InputError
+
+OUTPUTS = (
+    "config.json",
+    "model.keras",
+    "history.csv",
+    "predictions.csv",
+    "auc.md",
+    "roc.png",
+    "auc.png",
+    "metrics.json",
+)
+
+
+def refuse_existing(run_dir: Path, *, force: bool) -> None:
+    """Refuse a finished or non-empty run folder unless `force`; checked before any work starts."""
+    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise InputError(f"{run_dir} exists; pick another run name or allow overwriting it")
+
+
+def start_run(run_dir: Path, *, force: bool) -> Path:
+    """A fresh temporary folder beside run_dir, where the run is written until finish_run renames it."""
+    refuse_existing(run_dir, force=force)
+    tmp = run_dir.parent / f".{run_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def finish_run(tmp: Path, run_dir: Path) -> Path:
+    """Move a complete run into place; only files a run writes are replaced, never a user's own."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    # metrics.json last: a run folder holding it is complete.
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "metrics.json"):
+        os.replace(tmp / name, run_dir / name)
+    tmp.rmdir()
+    return run_dir
+
+
+def write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, default=str), encoding="utf-8")
+
+
+def read_config(run_dir: Path) -> dict:
+    """A run's config.json, or an error saying the folder is not a run."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise InputError(f"{run_dir}: not a run folder (no config.json); train one with run.py train-head")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not valid JSON ({err}); train the run again") from None
+
+
+def run_labels(run_dir: Path) -> list[str]:
+    """The label names a run was trained on, in its output order."""
+    labels = read_config(run_dir).get("labels")
+    if not labels:
+        raise InputError(
+            f"{Path(run_dir) / 'config.json'}: no 'labels' list; the run is incomplete, train it again"
+        )
+    return list(labels)
+
+
+def load_model(run_dir: Path) -> keras.Model:
+    """The run's head from model.keras, without its training loss (not needed to predict)."""
+    path = Path(run_dir) / "model.keras"
+    if not path.is_file():
+        raise InputError(
+            f"{run_dir}: no model.keras (an unfinished run?); train it again with run.py train-head"
+        )
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as err:  # noqa: BLE001 - Keras raises many types for a bad file; all mean the same
+        raise InputError(
+            f"{path}: cannot be loaded ({type(err).__name__}: {err}); train the run again"
+        ) from None
