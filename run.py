@@ -130,7 +130,7 @@ def cmd_export(args, config: Config) -> None:
     _quiet_tensorflow()
     from heads.export import export_run
 
-    print(f"exported: {export_run(run_dir=args.run, out_dir=args.out, config=config)}")
+    print(f"exported: {export_run(run_dir=args.run, out_dir=args.out)}")
 
 
 def cmd_demo(args, config: Config) -> None:
@@ -196,26 +196,33 @@ def _units(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--units must be comma-separated integers, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"cxr14 {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Help that shows a flag's default where it has a real one (not None, False, or said in the text)."""
 
-    def command(name, func, help_text, *, folders=("data", "cache", "runs")):
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(func=func)
-        p.add_argument(
-            "--config", type=Path, default=DEFAULT_CONFIG, help="config file (default: cxr14.toml)"
-        )
-        if "data" in folders:
-            p.add_argument("--data-dir", type=Path, help="override data.dir")
-        if "cache" in folders:
-            p.add_argument("--cache-dir", type=Path, help="override paths.cache_dir")
-        if "runs" in folders:
-            p.add_argument("--runs-dir", type=Path, help="override paths.runs_dir")
-        return p
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
-    p = command(
+
+def _command(sub, name, func, help_text, *, folders=("data", "cache", "runs")):
+    """A subcommand with --config and the folder overrides it uses."""
+    p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpWithDefaults)
+    p.set_defaults(func=func)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file")
+    if "data" in folders:
+        p.add_argument("--data-dir", type=Path, help="data set folder (default: data.dir in the config)")
+    if "cache" in folders:
+        p.add_argument("--cache-dir", type=Path, help="feature files folder (default: paths.cache_dir)")
+    if "runs" in folders:
+        p.add_argument("--runs-dir", type=Path, help="run folders (default: paths.runs_dir)")
+    return p
+
+
+def _add_data_commands(sub) -> None:
+    p = _command(
+        sub,
         "index",
         cmd_index,
         "Print the data set at a glance (needs only the CSV and split lists).",
@@ -225,109 +232,155 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--write-splits", type=Path, metavar="DIR", help="write train/val/test lists to DIR")
 
-    p = command(
+    p = _command(
+        sub,
         "make-sample",
         cmd_make_sample,
         "Write a small synthetic data set in the ChestX-ray14 layout.",
         folders=(),
     )
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--images", type=int, default=1000)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="folder to write it to")
+    p.add_argument("--images", type=_positive, default=1000, help="how many images")
+    p.add_argument("--size", type=_positive, default=256, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0, help="seed for the drawn findings")
 
-    p = command(
+
+def _add_extract_commands(sub) -> None:
+    p = _command(
+        sub,
         "extract",
         cmd_extract,
         "Run a frozen backbone over every image into <cache-dir>/NAME.h5.",
         folders=("data", "cache"),
     )
-    p.add_argument("--backbone", required=True)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N", help="take every N-th shard from K")
+    p.add_argument("--backbone", required=True, help="a [backbones.NAME] of the config")
+    _add_extract_flags(p)
+    p.add_argument("--shard", type=_shard, default="0/1", metavar="K/N", help="take every N-th shard from K")
     p.add_argument("--limit", type=_positive, help="only the first N images of the index")
-    p.add_argument("--views", type=int, help="store K views per image (1 plain + K-1 augmented)")
-    p.add_argument("--dtype", choices=FEATURE_DTYPES)
-    p.add_argument("--mixed-precision", action="store_true", default=None)
-    p.add_argument("--xla", action="store_true", default=None)
+    p.add_argument(
+        "--views",
+        type=_positive,
+        help="store K views per image (1 plain + K-1 augmented); default: extract.views",
+    )
+    p.add_argument("--dtype", choices=FEATURE_DTYPES, help="stored feature type (default: extract.dtype)")
     p.add_argument(
         "--force", action="store_true", help="discard shards/files made differently and start over"
     )
 
-    p = command("merge", cmd_merge, "Merge finished shards into <cache-dir>/NAME.h5.", folders=("cache",))
-    p.add_argument("--backbone", required=True)
+    p = _command(
+        sub, "merge", cmd_merge, "Merge finished shards into <cache-dir>/NAME.h5.", folders=("cache",)
+    )
+    p.add_argument("--backbone", required=True, help="the backbone whose shards to merge")
 
-    p = command("train-head", cmd_train_head, "Train a head on cached features and evaluate it.")
+
+def _add_extract_flags(p) -> None:
+    p.add_argument(
+        "--batch-size", type=_positive, help="images per backbone call (default: extract.batch_size)"
+    )
+    p.add_argument("--mixed-precision", action="store_true", default=None, help="float16 compute (GPU)")
+    p.add_argument("--xla", action="store_true", default=None, help="compile the backbone with XLA")
+
+
+def _add_head_commands(sub) -> None:
+    p = _command(sub, "train-head", cmd_train_head, "Train a head on cached features and evaluate it.")
     p.add_argument("--head", required=True, choices=HEAD_KINDS, help="the head kind")
-    p.add_argument("--backbone", required=True, help="NAME or NAME,NAME,... for the ensemble")
+    p.add_argument("--backbone", required=True, help="NAME, or NAME,NAME,... for the ensemble")
     p.add_argument("--name", help="run folder name under runs/ (default: HEAD-BACKBONES)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--loss", choices=LOSSES)
-    p.add_argument("--units", type=_units, help="FC layer sizes, e.g. 512,256")
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--transition", type=int)
-    p.add_argument("--fusion", choices=FUSIONS)
-    p.add_argument("--patience", type=int)
-    p.add_argument("--metadata", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--epochs", type=_positive, help="most epochs (default: train.epochs)")
+    p.add_argument("--batch-size", type=_positive, help="examples per step (default: train.batch_size)")
+    p.add_argument("--lr", type=float, help="learning rate (default: train.lr)")
+    p.add_argument("--seed", type=int, help="seed for init, shuffling and dropout (default: train.seed)")
+    p.add_argument("--loss", choices=LOSSES, help="loss (default: train.loss)")
+    p.add_argument("--units", type=_units, help="FC layer sizes, e.g. 512,256 (default: the head's preset)")
+    p.add_argument("--dropout", type=float, help="dropout rate (default: the head's preset)")
+    p.add_argument("--transition", type=_positive, help="ensemble: transition width (default: the preset)")
+    p.add_argument("--fusion", choices=FUSIONS, help="ensemble: how branches join (default: the preset)")
+    p.add_argument("--patience", type=_positive, help="epochs without improvement before stopping")
+    p.add_argument(
+        "--metadata", action=argparse.BooleanOptionalAction, default=None, help="add age, sex, view"
+    )
+    p.add_argument(
+        "--augment", action=argparse.BooleanOptionalAction, default=None, help="train on cached views"
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
 
-    p = command("evaluate", cmd_evaluate, "Recompute metrics of a run from its saved model and the cache.")
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--split", choices=("val", "test"), default="test")
+    p = _command(
+        sub, "evaluate", cmd_evaluate, "Recompute metrics of a run from its saved model and the cache."
+    )
+    p.add_argument("--run", type=Path, required=True, help="the run folder")
+    p.add_argument("--split", choices=("val", "test"), default="test", help="which split to score")
 
-    p = command("report", cmd_report, "Gather runs into one markdown leaderboard.", folders=("runs",))
+    p = _command(sub, "report", cmd_report, "Gather runs into one markdown leaderboard.", folders=("runs",))
     p.add_argument("runs", nargs="*", type=Path, help="run folders (default: every run under runs/)")
     p.add_argument("--out", type=Path, help="also write the leaderboard to this file")
 
-    p = command("sweep", cmd_sweep, "Train every head combination in a grid; pick the best on validation.")
-    p.add_argument("--grid", type=Path, required=True)
-    p.add_argument("--name", default="sweep")
+    p = _command(
+        sub, "sweep", cmd_sweep, "Train every head combination in a grid; pick the best on validation."
+    )
+    p.add_argument("--grid", type=Path, required=True, help="the grid TOML (see README)")
+    p.add_argument("--name", default="sweep", help="sweep folder name under runs/")
 
-    # predict and export read everything from the run folder; bench reads only images.
-    p = command("predict", cmd_predict, "Run a trained model on new PNG images.", folders=())
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
+
+def _add_model_commands(sub) -> None:
+    # predict and export read everything from the run folder.
+    p = _command(sub, "predict", cmd_predict, "Run a trained model on new PNG images.", folders=())
+    p.add_argument("--run", type=Path, required=True, help="the run folder")
+    p.add_argument(
+        "images", nargs="+", type=Path, metavar="IMAGE_OR_DIR", help="PNG files or folders of them"
+    )
     out = p.add_mutually_exclusive_group()
-    out.add_argument("--json", action="store_true")
-    out.add_argument("--csv", type=Path, metavar="FILE")
+    out.add_argument("--json", action="store_true", help="print one JSON document")
+    out.add_argument("--csv", type=Path, metavar="FILE", help="write a CSV file instead of a table")
 
-    p = command(
+    p = _command(
+        sub,
         "export",
         cmd_export,
         "Write one self-contained model: image in, 14 probabilities out.",
         folders=(),
     )
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--run", type=Path, required=True, help="the run folder")
+    p.add_argument("--out", type=Path, required=True, help="a new or empty folder for the SavedModel")
 
-    p = command(
+    p = _command(
+        sub,
         "demo",
         cmd_demo,
         "Sample data -> two offline backbones -> fc and ensemble heads -> AUC table.",
         folders=(),
     )
-    p.add_argument("--workdir", type=Path, default=Path("demo"))
-    p.add_argument("--images", type=int, default=None, help="sample size (default: the demo's own)")
+    p.add_argument("--workdir", type=Path, default=Path("demo"), help="where the demo writes everything")
+    p.add_argument("--images", type=_positive, default=None, help="sample size (default: the demo's own)")
 
-    p = command("bench", cmd_bench, "Measure extraction or head-training speed.", folders=("data",))
-    p.add_argument("what", choices=("extract", "heads"))
-    p.add_argument("--backbone", default="offline_cnn", help="extract: backbone to measure")
-    p.add_argument("--images", type=int, default=512, help="extract: images to time")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument(
-        "--mixed-precision", action="store_true", default=None, help="extract: float16 compute (GPU)"
+
+def _add_bench_command(sub) -> None:
+    p = _command(sub, "bench", cmd_bench, "Measure extraction or head-training speed.", folders=("data",))
+    p.add_argument("what", choices=("extract", "heads"), help="what to measure")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    group = p.add_argument_group("bench extract")
+    group.add_argument("--backbone", default="offline_cnn", help="backbone to measure")
+    group.add_argument("--images", type=_positive, default=512, help="images to time")
+    _add_extract_flags(group)
+    group = p.add_argument_group("bench heads")
+    group.add_argument("--rows", type=_positive, default=112_120, help="rows of the synthetic cache")
+    group.add_argument("--dim", type=_positive, default=2048, help="feature dimension")
+    group.add_argument(
+        "--workdir", type=Path, help="where to write the synthetic cache (default: a temp dir)"
     )
-    p.add_argument("--xla", action="store_true", default=None, help="extract: compile the backbone with XLA")
-    p.add_argument("--rows", type=int, default=112_120, help="heads: rows of the synthetic cache")
-    p.add_argument("--dim", type=int, default=2048, help="heads: feature dimension")
-    p.add_argument(
-        "--workdir", type=Path, help="heads: where to write the synthetic cache (default: a temp dir)"
-    )
-    p.add_argument("--json", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cxr14 {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_data_commands,
+        _add_extract_commands,
+        _add_head_commands,
+        _add_model_commands,
+        _add_bench_command,
+    ):
+        add(sub)
     return parser
 
 

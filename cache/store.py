@@ -14,6 +14,7 @@ import numpy as np
 
 from cache.status import Status
 from cxr14.errors import InputError
+from cxr14.names import positions
 
 SCHEMA_VERSION = 1
 REQUIRED_ATTRS = ("schema_version", "backbone", "kind", "dtype", "views")
@@ -284,9 +285,8 @@ def _shard_attrs(path: Path) -> dict:
 
 def _select(full: FeatureSet, names: Sequence[str]) -> FeatureSet:
     """Rows of `full` in the order of `names`; names it lacks come back MISSING with zero features."""
-    position = {name: i for i, name in enumerate(full.names)}
     names = np.asarray(list(names), dtype=object)
-    rows = np.array([position.get(name, -1) for name in names], dtype=np.int64)
+    rows = positions(names, among=full.names)
     found = rows >= 0
     features = np.zeros((len(names), *full.features.shape[1:]), dtype=full.features.dtype)
     features[found] = full.features[rows[found]]

@@ -12,6 +12,7 @@ import pandas as pd
 
 from cxr14.config import LABELS
 from cxr14.errors import InputError
+from cxr14.names import positions as rows_of
 from extract.splits import SPLITS, Splits, patient_overlap
 
 CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
@@ -55,7 +56,7 @@ class Index:
 
     def rows(self, names: Sequence[str]) -> np.ndarray:
         """Positions of `names` in this index; an unknown name is an InputError."""
-        positions = pd.Index(self.names).get_indexer(np.asarray(names, dtype=object))
+        positions = rows_of(names, among=self.names)
         unknown = np.flatnonzero(positions < 0)
         if unknown.size:
             raise InputError(

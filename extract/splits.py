@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from cxr14.errors import InputError
+from cxr14.names import positions as rows_of
 
 SPLITS = ("train", "val", "test")
 POLICIES = ("auto", "official", "patient-random", "frozen")
@@ -169,7 +170,7 @@ def _read_list(path: Path, index) -> np.ndarray:
         raise InputError(f"{path}: cannot read the split list ({e})") from e
     names = np.array([line.strip() for line in lines], dtype=object)
     keep = names != ""
-    positions = pd.Index(index.names).get_indexer(names[keep])
+    positions = rows_of(names[keep], among=index.names)
     unknown = np.flatnonzero(positions < 0)
     if unknown.size:
         line = np.flatnonzero(keep)[unknown[0]] + 1

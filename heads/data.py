@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from cache.status import Status
 from cache.store import cache_path, read_features, shard_dir
 from cxr14.errors import InputError
+from cxr14.names import positions
 from extract.splits import SPLITS
 
 METADATA_INPUT = "metadata"  # the head's input name for the metadata columns
@@ -122,7 +122,7 @@ def _read_cache(
         raise InputError(f"no feature cache for backbone {backbone!r} ({path} not found); {hint}")
     cached = read_features(path)
     # Join by name, never by position: a cache may hold its rows in any order, or other images.
-    position = pd.Index(cached.names).get_indexer(np.asarray(index.names, dtype=object))
+    position = positions(index.names, among=cached.names)
     found = position >= 0
     if not found.any():
         raise InputError(

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from cxr14.config import Config
 from cxr14.errors import InputError
 from extract.pipeline import decode, load_image, preprocess
 from heads.predict import TrainedRun, fused_probabilities, load_run
@@ -30,11 +29,9 @@ labels = [s.decode() for s in model.labels.numpy()]
 """
 
 
-def export_run(*, run_dir: Path, out_dir: Path, config: Config) -> Path:
+def export_run(*, run_dir: Path, out_dir: Path) -> Path:
     """Write run_dir's backbone(s) + head as one SavedModel in out_dir (new or empty); returns out_dir.
-
-    Everything comes from the run folder; `config` is taken for the same call shape as the other commands.
-    """
+    Everything comes from the run folder."""
     out_dir = Path(out_dir)
     _check_target(out_dir)
     run = load_run(run_dir)

@@ -114,19 +114,6 @@ def _auc_of_weights(incidences: tuple, unit_weights: np.ndarray) -> np.ndarray:
         return np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1), np.nan)
 
 
-def weighted_roc_auc(y_true: np.ndarray, y_score: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """ROC AUC of one label for many weightings at once: weights (R, N) -> (R,), NaN where one-class.
-
-    Integer weights are multiplicities, so each row equals roc_auc_score on the data repeated that many
-    times. Scores are sorted once; each weighting then costs a sparse product and a short cumulative sum.
-    """
-    n_images = len(y_true)
-    incidences = _label_incidence(
-        np.asarray(y_true), np.asarray(y_score), units=np.arange(n_images), n_units=n_images
-    )
-    return _auc_of_weights(incidences, np.asarray(weights, dtype=np.float64))
-
-
 def _patient_counts(n_patients: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """(n_boot, n_patients) how often each patient is drawn when drawing n_patients with replacement."""
     draws = rng.integers(0, n_patients, size=(n_boot, n_patients))

@@ -37,11 +37,9 @@ def _fmt_auc_ci(auc: float | None, ci: Sequence[float | None] | None) -> str:
 
 
 def _test_metrics(metrics: dict, *, source: str = "metrics") -> dict:
-    """The evaluate() dict: metrics.json holds it at the top level (or under "test")."""
+    """The label_metrics() dict held at the top level of metrics.json."""
     if "labels" in metrics:
         return metrics
-    if isinstance(metrics.get("test"), dict) and "labels" in metrics["test"]:
-        return metrics["test"]
     raise InputError(f"{source}: no per-label results ('labels'); re-run run.py evaluate on the run")
 
 

@@ -136,7 +136,6 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     from heads.data import load_head_data
     from heads.report import write_auc_table
     from heads.scoring import score_run
-    from heads.train import train_head
 
     axes, fixed = read_grid(grid_path)
     combos = expand_grid(axes, fixed)
@@ -149,11 +148,10 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     shutil.copyfile(grid_path, sweep_dir / "grid.toml")
 
     dataset = open_dataset(config)
-    backbones = sorted({b for plan in plans.values() for b in plan.backbones})
     # One load for every trial: all trials then also see exactly the same rows.
     data = load_head_data(
         cache_dir=config.cache_dir,
-        backbones=backbones,
+        backbones=sorted({b for plan in plans.values() for b in plan.backbones}),
         index=dataset.index,
         splits=dataset.splits,
         metadata=True,
@@ -161,32 +159,13 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     print(
         f"sweep {name}: {len(plans)} trials ({len(combos)} combinations, {len(skipped)} skipped)", flush=True
     )
-    results = {}
-    for i, (trial, plan) in enumerate(plans.items(), 1):
-        trial_dir = sweep_dir / trial
-        done = _finished(trial_dir)
-        if done is None:
-            print(f"\n[{i}/{len(plans)}] {trial}: {_describe(plan)}", flush=True)
-            done = train_head(
-                run_dir=trial_dir,
-                data=_trial_data(data, plan),
-                head=plan.head,
-                train=plan.train,
-                label_names=config.labels,
-                config_snapshot=snapshot(config, plan),
-                force=True,
-                eval_split="val",
-            )
-        else:
-            print(
-                f"[{i}/{len(plans)}] {trial}: finished earlier, val mean AUC {_auc_text(done['mean_auc'])}",
-                flush=True,
-            )
-        results[trial] = done
+    results = {
+        trial: _run_trial(config, data, sweep_dir / trial, plan, step=f"[{i}/{len(plans)}] {trial}")
+        for i, (trial, plan) in enumerate(plans.items(), 1)
+    }
 
     ranked = sorted(results, key=lambda t: _sort_key(results[t]["mean_auc"]), reverse=True)
-    winner = ranked[0]
-    winner_plan = plans[winner]
+    winner, winner_plan = ranked[0], plans[ranked[0]]
     test = score_run(
         run_dir=sweep_dir / winner,
         data=_trial_data(data, winner_plan),
@@ -211,6 +190,27 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     }
     (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return {**summary, "summary": board + f"\nwritten to {sweep_dir}"}
+
+
+def _run_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, step: str) -> dict:
+    """A trial's validation metrics: trained now, or read back when an earlier run finished it."""
+    from heads.train import train_head
+
+    done = _finished(trial_dir)
+    if done is not None:
+        print(f"{step}: finished earlier, val mean AUC {_auc_text(done['mean_auc'])}", flush=True)
+        return done
+    print(f"\n{step}: {_describe(plan)}", flush=True)
+    return train_head(
+        run_dir=trial_dir,
+        data=_trial_data(data, plan),
+        head=plan.head,
+        train=plan.train,
+        label_names=config.labels,
+        config_snapshot=snapshot(config, plan),
+        force=True,
+        eval_split="val",
+    )
 
 
 def _sort_key(value) -> float:

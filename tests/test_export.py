@@ -48,7 +48,7 @@ def images(tmp_path) -> list[Path]:
 def test_round_trip_in_a_fresh_process_matches_predict(tmp_path, images):
     run_dir = make_run(tmp_path / "runs" / "fc", [TINY])
     config = make_config(tmp_path)
-    out = export_run(run_dir=run_dir, out_dir=tmp_path / "export" / "model", config=config)
+    out = export_run(run_dir=run_dir, out_dir=tmp_path / "export" / "model")
     expected = _probs(predict_images(run_dir=run_dir, inputs=images, config=config))
 
     outside = tmp_path / "elsewhere"
@@ -80,7 +80,7 @@ def test_ensemble_and_pixels_export_both_signatures(tmp_path, images):
     config = make_config(tmp_path)
     for name, backbones in (("ensemble", [TINY, TINY_STD]), ("cnn", [PIXELS])):
         run_dir = make_run(tmp_path / "runs" / name, backbones)
-        out = export_run(run_dir=run_dir, out_dir=tmp_path / "export" / name, config=config)
+        out = export_run(run_dir=run_dir, out_dir=tmp_path / "export" / name)
         expected = _probs(predict_images(run_dir=run_dir, inputs=images, config=config))
         model = tf.saved_model.load(str(out))
         pngs = tf.constant([p.read_bytes() for p in images])
@@ -95,17 +95,17 @@ def test_ensemble_and_pixels_export_both_signatures(tmp_path, images):
 
 def test_refuses_to_overwrite_and_leaves_no_temporary_folder(tmp_path):
     run_dir = make_run(tmp_path / "runs" / "fc", [TINY])
-    config = make_config(tmp_path)
+    make_config(tmp_path)
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")
     with pytest.raises(InputError, match="not an empty folder"):
-        export_run(run_dir=run_dir, out_dir=taken, config=config)
+        export_run(run_dir=run_dir, out_dir=taken)
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert export_run(run_dir=run_dir, out_dir=empty, config=config) == empty
+    assert export_run(run_dir=run_dir, out_dir=empty) == empty
     assert (empty / "saved_model.pb").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "runs", "taken"]
 
@@ -113,7 +113,7 @@ def test_refuses_to_overwrite_and_leaves_no_temporary_folder(tmp_path):
 def test_metadata_run_is_refused(tmp_path):
     run_dir = make_run(tmp_path / "meta", [TINY], metadata=True)
     with pytest.raises(InputError, match="metadata"):
-        export_run(run_dir=run_dir, out_dir=tmp_path / "out", config=make_config(tmp_path))
+        export_run(run_dir=run_dir, out_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -145,7 +145,7 @@ def test_backbones_with_variables_survive_export(tmp_path, images):
     config = make_config(tmp_path)
     run_dir = make_run(tmp_path / "runs" / "ensemble", [hub, app])
     expected = _probs(predict_images(run_dir=run_dir, inputs=images, config=config))
-    model = tf.saved_model.load(str(export_run(run_dir=run_dir, out_dir=tmp_path / "export", config=config)))
+    model = tf.saved_model.load(str(export_run(run_dir=run_dir, out_dir=tmp_path / "export")))
     got = model.predict_png(tf.constant([p.read_bytes() for p in images]))["probabilities"].numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     assert np.ptp(got, axis=0).max() > 1e-3

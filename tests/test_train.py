@@ -149,7 +149,9 @@ def test_a_run_that_fails_leaves_no_folder_behind(tmp_path, cache_dir, index, mo
 
     monkeypatch.setattr(heads.train, "_write_outputs", fail)
     with pytest.raises(InputError, match="disk full"):
-        _train(tmp_path / "run", _data(cache_dir, index, ["plain"]), train=dataclasses.replace(FAST, epochs=1))
+        _train(
+            tmp_path / "run", _data(cache_dir, index, ["plain"]), train=dataclasses.replace(FAST, epochs=1)
+        )
     assert list(tmp_path.iterdir()) == []  # neither the run nor its temporary folder
 
 
