@@ -1,0 +1,1 @@
+"""Stage one: images of the index through frozen backbones into the feature store."""

@@ -1,0 +1,1 @@
+"""Stage two: heads trained and scored on cached features, and what uses the trained runs."""
