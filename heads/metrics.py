@@ -138,9 +138,53 @@ def bootstrap_auc(y_true, y_score, *, groups, n_boot: int, seed: int, level: flo
     skipped for the mean (so every mean replicate averages the same labels).
     """
     y_true, y_score = _check_inputs(y_true, y_score)
-    groups = _check_groups(groups, y_true.shape[0])
+    _check_level(level)
+    replicates = _replicates(y_true, y_score, groups=groups, n_boot=n_boot, seed=seed)
+    complete, means = _mean_replicates(y_true, replicates)
+    return {
+        "per_label": np.array([_interval(replicates[:, j], level) for j in range(y_true.shape[1])]).reshape(
+            -1, 2
+        ),
+        "mean": _interval(means, level),
+        "replicates": (~np.isnan(replicates)).sum(axis=0),
+        "mean_replicates": int(complete.sum()),
+    }
+
+
+def bootstrap_difference(
+    y_true, score_a, score_b, *, groups, n_boot: int, seed: int, level: float = 0.95
+) -> dict:
+    """Mean ROC AUC of `score_a` minus that of `score_b` on the same images, with a paired patient-bootstrap
+    interval: both are scored on the very same resamples, so what they share cancels out."""
+    y_true, score_a = _check_inputs(y_true, score_a)
+    _, score_b = _check_inputs(y_true, score_b)
+    _check_level(level)
+    difference = mean_defined(roc_auc_per_label(y_true, score_a)) - mean_defined(
+        roc_auc_per_label(y_true, score_b)
+    )
+    if n_boot == 0:
+        return {"difference": _json_float(difference), "ci": [None, None]}
+    # The same seed draws the same patients for both.
+    _, means_a = _mean_replicates(
+        y_true, _replicates(y_true, score_a, groups=groups, n_boot=n_boot, seed=seed)
+    )
+    _, means_b = _mean_replicates(
+        y_true, _replicates(y_true, score_b, groups=groups, n_boot=n_boot, seed=seed)
+    )
+    return {
+        "difference": _json_float(difference),
+        "ci": [_json_float(v) for v in _interval(means_a - means_b, level)],
+    }
+
+
+def _check_level(level: float) -> None:
     if not 0.0 < level < 1.0:
         raise InputError(f"confidence level must be between 0 and 1; received level={level}")
+
+
+def _replicates(y_true: np.ndarray, y_score: np.ndarray, *, groups, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, L) AUC per label on each patient resample (NaN where one-class or undefined on the data)."""
+    groups = _check_groups(groups, y_true.shape[0])
     n_labels = y_true.shape[1]
     patients, patient_of_image = np.unique(groups, return_inverse=True)
     n_patients = patients.size
@@ -154,16 +198,18 @@ def bootstrap_auc(y_true, y_score, *, groups, n_boot: int, seed: int, level: flo
         counts = _patient_counts(n_patients, min(_CHUNK, n_boot - start), rng).astype(np.float64)
         for j, label_incidence in enumerate(incidences):
             replicates[start : start + counts.shape[0], j] = _auc_of_weights(label_incidence, counts)
+    replicates[:, ~_defined(y_true)] = np.nan
+    return replicates
+
+
+def _mean_replicates(y_true: np.ndarray, replicates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which resamples define every label defined on the data, and their mean AUCs. Whether a resample
+    is complete depends on the labels and the draw alone, so two score sets of one seed pair up."""
     defined = _defined(y_true)
-    replicates[:, ~defined] = np.nan
-    complete = ~np.isnan(replicates[:, defined]).any(axis=1) if defined.any() else np.zeros(n_boot, bool)
-    means = replicates[complete][:, defined].mean(axis=1)
-    return {
-        "per_label": np.array([_interval(replicates[:, j], level) for j in range(n_labels)]).reshape(-1, 2),
-        "mean": _interval(means, level),
-        "replicates": (~np.isnan(replicates)).sum(axis=0),
-        "mean_replicates": int(complete.sum()),
-    }
+    if not defined.any():
+        return np.zeros(replicates.shape[0], bool), np.empty(0)
+    complete = ~np.isnan(replicates[:, defined]).any(axis=1)
+    return complete, replicates[complete][:, defined].mean(axis=1)
 
 
 def _json_float(value) -> float | None:

@@ -10,6 +10,7 @@ from heads.metrics import (
     _auc_of_weights,
     _label_incidence,
     bootstrap_auc,
+    bootstrap_difference,
     label_metrics,
     mean_defined,
     pr_auc_per_label,
@@ -197,3 +198,25 @@ def test_evaluate_without_bootstrap_leaves_intervals_empty():
 def test_bad_input_is_an_input_error(y_true, y_score, groups, message):
     with pytest.raises(InputError, match=message):
         label_metrics(y_true, y_score, groups=groups, label_names=("a", "b"), n_boot=10, seed=0)
+
+
+def test_paired_difference_is_zero_for_equal_scores_and_tight_for_a_small_shift():
+    y_true, y_score = make_scores(images=400, labels=3, seed=5)
+    groups = np.arange(400) // 2
+    same = bootstrap_difference(y_true, y_score, y_score.copy(), groups=groups, n_boot=200, seed=1)
+    assert same["difference"] == 0.0 and same["ci"] == [0.0, 0.0]
+    noisy = y_score + np.random.default_rng(0).normal(0, 0.3, y_score.shape)
+    result = bootstrap_difference(y_true, y_score, noisy, groups=groups, n_boot=300, seed=1)
+    expected = np.mean(
+        [
+            roc_auc_score(y_true[:, j], y_score[:, j]) - roc_auc_score(y_true[:, j], noisy[:, j])
+            for j in range(3)
+        ]
+    )
+    assert result["difference"] == pytest.approx(expected)
+    low, high = result["ci"]
+    assert 0 < low < result["difference"] < high
+    # Paired: narrower than the difference of two independent resamplings would be.
+    a = bootstrap_auc(y_true, y_score, groups=groups, n_boot=300, seed=1)["mean"]
+    b = bootstrap_auc(y_true, noisy, groups=groups, n_boot=300, seed=2)["mean"]
+    assert high - low < np.hypot(a[1] - a[0], b[1] - b[0])
