@@ -76,11 +76,12 @@ class ExtractConfig:
 class HeadConfig:
     kind: str
     units: tuple[int, ...] = (512, 256)
-    dropout: float = _range(0.5, low=0.0, below=1.0)
+    dropout: float = _range(0.3, low=0.0, below=1.0)
     transition: int = _range(512, low=1)
     fusion: str = _range("add", choices=FUSIONS)
     filters: tuple[int, ...] = (32, 64, 128)
     l2: float = _range(0.0, low=0.0)
+    directions: int = _range(16, low=0, high=256)
 
     def __post_init__(self):
         check_ranges(self, section=f"heads.{self.kind}")
@@ -88,15 +89,15 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _range(50, low=1)
+    epochs: int = _range(30, low=1)
     batch_size: int = _range(1024, low=1)
     lr: float = _range(1e-3, low=1e-12, high=10.0)
     seed: int = _range(0, low=0)
     loss: str = _range("bce", choices=LOSSES)
     focal_gamma: float = _range(2.0, low=0.0)
-    patience: int = _range(5, low=1)
-    lr_patience: int = _range(2, low=1)
-    lr_factor: float = _range(0.5, low=1e-6, below=1.0)
+    patience: int = _range(6, low=1)
+    min_delta: float = _range(5e-4, low=0.0, below=1.0)
+    weight_decay: float = _range(1e-2, low=0.0, below=1.0)
     metadata: bool = False
     augment: bool = False
     bootstrap: int = _range(1000, low=0)

@@ -9,12 +9,14 @@ import itertools
 from collections.abc import Iterator
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from cxr14.config import HeadConfig
 from cxr14.errors import InputError
 from heads.data import METADATA_INPUT
 from heads.registry import HeadKind, head_kind
+from heads.start import HeadStart
 
 
 def build_head(
@@ -26,25 +28,93 @@ def build_head(
     metadata_dim: int = 0,
     seed: int,
     byte_dropout: bool = False,
+    start: HeadStart | None = None,
 ) -> keras.Model:
     """A head of `kind` over inputs {backbone name: per-example shape}; outputs (batch, n_labels) in [0, 1].
 
-    byte_dropout swaps keras Dropout for ByteDropout (same weights, cheaper masks) for training only;
-    save the stock head, with the trained weights copied in, so model.keras needs no custom layer.
+    With `start` (feature heads in training), every input is standardized by its training moments inside
+    the model, the logits are the probe's frozen ones plus the head's own, and the head's own output layer
+    starts at zero, so the untrained head is the probe. byte_dropout swaps keras Dropout for ByteDropout
+    (same weights, cheaper masks) for training only; save the stock head, with the trained weights copied
+    in, so model.keras needs no custom layer.
     """
     spec = head_kind(kind)
     check_inputs(spec, inputs=inputs)
     seeds = itertools.count(seed)
-    tensors = {name: keras.Input(shape=tuple(shape), name=name) for name, shape in inputs.items()}
-    model_inputs = dict(tensors)
-    x = TRUNKS[spec.trunk](tensors, head=head, seeds=seeds)
+    model_inputs = {name: keras.Input(shape=tuple(shape), name=name) for name, shape in inputs.items()}
     if metadata_dim:
         model_inputs[METADATA_INPUT] = keras.Input(shape=(metadata_dim,), name=METADATA_INPUT)
+    if start is None:
+        return _plain_head(
+            spec, model_inputs, n_labels=n_labels, head=head, seeds=seeds, byte_dropout=byte_dropout
+        )
+    standard = {name: _standardized(t, start=start, name=name) for name, t in model_inputs.items()}
+    joined = _join([standard[name] for name in start.inputs])
+    logits = [_shortcut(joined, start=start)]
+    if spec.hidden:
+        metadata = standard.pop(METADATA_INPUT, None)
+        x = TRUNKS[spec.trunk](standard, head=head, seeds=seeds)
+        x = _join([x, metadata]) if metadata is not None else x
+        x = _fully_connected(x, head=head, seeds=seeds, byte_dropout=byte_dropout)
+        logits.append(keras.layers.Dense(n_labels, kernel_initializer="zeros", name="head_logits")(x))
+    if start.directions.shape[1]:
+        logits.append(_spread_logits(joined, start=start))
+    logit = _sum(logits)
+    return keras.Model(
+        model_inputs, keras.layers.Activation("sigmoid", name="labels")(logit), name=f"{kind}_head"
+    )
+
+
+def _plain_head(
+    spec: HeadKind, model_inputs: dict, *, n_labels: int, head: HeadConfig, seeds, byte_dropout: bool
+):
+    """A head on the inputs as they come, randomly initialised: the cnn's, and any built without a start."""
+    tensors = {name: t for name, t in model_inputs.items() if name != METADATA_INPUT}
+    x = TRUNKS[spec.trunk](tensors, head=head, seeds=seeds)
+    if METADATA_INPUT in model_inputs:
         x = _join([x, model_inputs[METADATA_INPUT]])
     if spec.hidden:
         x = _fully_connected(x, head=head, seeds=seeds, byte_dropout=byte_dropout)
     outputs = _dense(n_labels, "sigmoid", head=head, seeds=seeds, name="labels")(x)
-    return keras.Model(model_inputs, outputs, name=f"{kind}_head")
+    return keras.Model(model_inputs, outputs, name=f"{spec.name}_head")
+
+
+def _standardized(tensor, *, start: HeadStart, name: str):
+    mean, variance = start.moments(name)
+    return keras.layers.Normalization(mean=mean, variance=variance, name=f"standardize_{name}")(tensor)
+
+
+def _shortcut(joined, *, start: HeadStart):
+    """The probe's Platt-scaled logits, frozen: the head adds to the reference, it does not relearn it."""
+    return keras.layers.Dense(
+        start.kernel.shape[1],
+        kernel_initializer=keras.initializers.Constant(start.kernel.astype("float32")),
+        bias_initializer=keras.initializers.Constant(start.bias.astype("float32")),
+        trainable=False,
+        name="probe_logits",
+    )(joined)
+
+
+def _spread_logits(joined, *, start: HeadStart):
+    """ReLU units on +v and -v for each second-order direction v (so |v.x| is in reach), their logits
+    starting at the closed-form optimum beside the probe; both layers train with the rest."""
+    directions = start.directions.astype("float32")
+    units = keras.layers.Dense(
+        2 * directions.shape[1],
+        activation="relu",
+        kernel_initializer=keras.initializers.Constant(np.concatenate([directions, -directions], axis=1)),
+        name="spread_units",
+    )(joined)
+    return keras.layers.Dense(
+        start.direction_weights.shape[1],
+        use_bias=False,
+        kernel_initializer=keras.initializers.Constant(start.direction_weights.astype("float32")),
+        name="spread_logits",
+    )(units)
+
+
+def _sum(tensors: list):
+    return tensors[0] if len(tensors) == 1 else keras.layers.Add()(tensors)
 
 
 def check_inputs(spec: HeadKind, *, inputs: dict[str, tuple]) -> None:

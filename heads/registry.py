@@ -21,13 +21,20 @@ class HeadKind:
     max_backbones: int | None = 1
     hidden: bool = True  # the fully-connected block (units, dropout) before the outputs
     options: tuple[str, ...] = ("units", "dropout")  # head settings it reads (descriptions, names)
+    directions: bool = False  # looks for second-order signal (heads/directions.py) to start units on
 
 
 HEAD_KINDS = {
     kind.name: kind
     for kind in (
         HeadKind("linear", "a linear probe", trunk="join", takes="features", hidden=False, options=()),
-        HeadKind("fc", "two fully-connected layers (the blog's model 2)", trunk="join", takes="features"),
+        HeadKind(
+            "fc",
+            "two fully-connected layers (the blog's model 2)",
+            trunk="join",
+            takes="features",
+            directions=True,
+        ),
         HeadKind(
             "ensemble",
             "per-backbone transition layers, fused, then fully-connected layers (the blog's model 3)",

@@ -87,7 +87,7 @@ def test_sweep_resumes_and_picks_on_validation_only(tmp_path, tiny_project, monk
     val = {t.name: json.loads((t / "metrics.json").read_text())["mean_auc"] for t in trials}
     for t in trials:
         assert json.loads((t / "metrics.json").read_text())["split"] == "val"
-    assert result["winner"] == max(val, key=val.get)
+    assert val[result["winner"]] == max(val.values())
     # Only the winner was ever evaluated on the test split.
     tested = [p.parent.name for p in sweep_dir.glob("*/evaluate-test.json")]
     assert tested == [result["winner"]]

@@ -68,13 +68,13 @@ def test_fc_run_writes_every_output_and_learns(tmp_path, cache_dir, index):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(OUTPUTS)
     assert metrics["mean_auc"] > 0.75, metrics["mean_auc"]  # labels are linear in the features
     lo, hi = metrics["mean_ci"]
-    assert lo < metrics["mean_auc"] < hi
+    assert lo <= metrics["mean_auc"] <= hi
     assert metrics["split"] == "test" and metrics["split_source"] == "patient-random"
     assert metrics["rows"] == {s: int((data.split == s).sum()) for s in ("train", "val", "test")}
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["mean_auc"] == metrics["mean_auc"] and saved["excluded"] == data.excluded
     history = pd.read_csv(tmp_path / "run" / "history.csv")
-    assert list(history["epoch"]) == list(range(1, len(history) + 1))
+    assert list(history["epoch"]) == list(range(len(history)))  # epoch 0: the untrained head (the probe)
     assert metrics["val_mean_auc"] == pytest.approx(history["val_mean_auc"].max())
     predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
     assert list(predictions.columns) == ["name", "split", *LABELS]

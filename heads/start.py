@@ -1,0 +1,93 @@
+"""Where a feature head starts: the ridge probe (also the run's reference), the inputs' training
+standardization, and, for heads that look for it, the directions of second-order signal.
+
+The head's logit is the probe's (Platt-scaled, frozen) plus what its own layers add, and those layers
+start at zero; so a head begins exactly at the reference and training can only move it where validation
+says it helps (measured: without this start, fc lost 0.02-0.09 mean AUC to the probe at full size).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from heads.data import METADATA_INPUT, HeadData
+from heads.directions import logistic_with_offset, spread_directions
+from heads.probe import RidgeProbe, fit_ridge_probe, platt_scaling, standardized_chunks
+
+
+@dataclass(frozen=True, eq=False)
+class HeadStart:
+    inputs: dict[str, int]  # input name -> width, in the probe's block order
+    probe: RidgeProbe
+    kernel: np.ndarray  # (D, L) shortcut logits on the standardized concatenated inputs
+    bias: np.ndarray  # (L,)
+    directions: np.ndarray  # (D, m) second-order directions (m may be 0)
+    direction_weights: np.ndarray  # (2m, L) logits of the units on +v and -v
+
+    def moments(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, variance) of input `name` on the training rows, for its Normalization layer."""
+        offset = 0
+        for other, width in self.inputs.items():
+            if other == name:
+                scale = self.probe.scale[offset : offset + width]
+                return self.probe.mean[offset : offset + width], scale**2
+            offset += width
+        raise KeyError(name)
+
+
+def probe_blocks(data: HeadData) -> dict[str, np.ndarray]:
+    """The plain view of every feature cache, then the metadata columns: what the probe and heads read."""
+    blocks = {
+        name: (data.features[name][:, 0] if data.views(name) > 1 else data.features[name])
+        for name in data.features
+    }
+    if data.metadata is not None:
+        blocks[METADATA_INPUT] = data.metadata
+    return blocks
+
+
+def fit_start(
+    data: HeadData, *, rows: dict, max_directions: int, seed: int
+) -> HeadStart:
+    """The probe on the training rows (penalty chosen on validation) and what a head starts from."""
+    blocks = probe_blocks(data)
+    arrays = list(blocks.values())
+    labels = data.labels
+    probe = fit_ridge_probe(arrays, labels, train_rows=rows["train"], val_rows=rows["val"])
+    train_scores = probe.scores(arrays, rows["train"])
+    slope, intercept = platt_scaling(train_scores, labels[rows["train"]])
+    kernel, bias = probe.logit_weights(slope=slope, intercept=intercept)
+    directions = np.zeros((probe.mean.size, 0), np.float32)
+    if max_directions > 0:
+        directions = spread_directions(
+            arrays, labels, rows=rows["train"], mean=probe.mean, scale=probe.scale, seed=seed
+        )[:, :max_directions]
+    weights = np.zeros((2 * directions.shape[1], labels.shape[1]))
+    if directions.shape[1]:
+        weights = _direction_weights(
+            arrays,
+            labels,
+            rows["train"],
+            probe=probe,
+            directions=directions,
+            offset=train_scores * slope + intercept,
+        )
+    return HeadStart(
+        inputs={name: array.shape[1] for name, array in blocks.items()},
+        probe=probe,
+        kernel=kernel,
+        bias=bias,
+        directions=directions,
+        direction_weights=weights,
+    )
+
+
+def _direction_weights(
+    arrays, labels, rows, *, probe: RidgeProbe, directions: np.ndarray, offset: np.ndarray
+):
+    """Output weights of the +v / -v ReLU units at their logistic optimum beside the probe's logits."""
+    projected = np.concatenate(
+        [c @ directions for c in standardized_chunks(arrays, rows, mean=probe.mean, scale=probe.scale)]
+    )
+    units = np.concatenate([np.maximum(projected, 0), np.maximum(-projected, 0)], axis=1)
+    return logistic_with_offset(units, labels[rows], offset)
