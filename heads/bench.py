@@ -15,11 +15,12 @@ import numpy as np
 import tensorflow as tf
 
 from cache.store import cache_path, write_features
-from cxr14.config import LABELS, HeadConfig, TrainConfig
+from cxr14.config import LABELS, Config, HeadConfig, TrainConfig, load_config, with_training
 from extract.index import Index
 from extract.splits import Splits
 from heads.data import load_head_data
 from heads.models import build_head
+from heads.planted import planted_caches, planted_index, write_planted_cache
 from heads.train import compile_for_training, train_head, training_setup
 
 BACKBONE = "bench_synthetic"
@@ -222,3 +223,86 @@ def time_fc_epochs(data, *, head: HeadConfig, train: TrainConfig, epochs: int) -
 def _device() -> str:
     gpus = tf.config.list_physical_devices("GPU")
     return f"GPU x{len(gpus)}" if gpus else "CPU"
+
+
+# (problem, head kind, caches, with metadata): what `bench heads --quality` trains.
+QUALITY_RUNS = (
+    ("linear", "linear", ("A",), False),
+    ("linear", "fc", ("A",), False),
+    ("nonlinear", "fc", ("A",), False),
+    ("complementary", "fc", ("A",), False),
+    ("complementary", "fc", ("B",), False),
+    ("complementary", "ensemble", ("A", "B"), False),
+    ("metadata", "fc", ("A",), True),
+)
+
+
+def bench_quality(
+    *, rows: int = 112120, dim: int = 2048, workdir: Path, seed: int = 0, runs=QUALITY_RUNS
+) -> dict:
+    """Each head with default settings on planted problems of the full size: its test mean AUC, the ridge
+    probe's on the same rows and features, the difference with its paired interval, and its time."""
+    results, made = [], {}
+    for problem, kind, caches, metadata in runs:
+        if problem not in made:
+            made[problem] = _planted_problem(
+                problem, rows=rows, dim=dim, seed=seed, cache_dir=Path(workdir) / problem
+            )
+        index, splits = made[problem]
+        results.append(
+            _quality_run(
+                problem,
+                kind,
+                caches,
+                metadata=metadata,
+                index=index,
+                splits=splits,
+                workdir=Path(workdir),
+                seed=seed,
+            )
+        )
+    return {"rows": rows, "dim": dim, "seed": seed, "runs": results}
+
+
+def _planted_problem(problem: str, *, rows: int, dim: int, seed: int, cache_dir: Path):
+    index, splits = planted_index(rows, seed=seed, metadata_signal=problem == "metadata")
+    for name, features in planted_caches(problem, index=index, dim=dim, seed=seed).items():
+        write_planted_cache(cache_dir, name, index=index, features=features)
+    return index, splits
+
+
+def _quality_run(problem, kind, caches, *, metadata: bool, index, splits, workdir: Path, seed: int) -> dict:
+    config = with_training(_bench_config(workdir), kind=kind, seed=seed, metadata=metadata)
+    start = time.perf_counter()
+    data = load_head_data(
+        cache_dir=workdir / problem, backbones=list(caches), index=index, splits=splits, metadata=metadata
+    )
+    metrics = train_head(
+        run_dir=workdir / "runs" / f"{problem}-{kind}-{'+'.join(caches)}",
+        data=data,
+        head=config.head(kind),
+        train=config.train,
+        label_names=LABELS,
+        config_snapshot={"bench": "quality", "labels": list(LABELS)},
+        force=True,
+        progress=False,
+    )
+    reference = metrics["reference"]
+    return {
+        "problem": problem,
+        "head": kind,
+        "caches": "+".join(caches) + ("+metadata" if metadata else ""),
+        "test_mean_auc": round(metrics["mean_auc"], 4),
+        "reference_mean_auc": round(reference["mean_auc"], 4),
+        "difference": round(reference["difference"], 4),
+        "difference_ci": [None if v is None else round(v, 4) for v in reference["difference_ci"]],
+        "best_epoch": metrics["best_epoch"],
+        "directions": reference["directions"],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _bench_config(workdir: Path) -> Config:
+    """The project's default config (cxr14.toml beside run.py), with folders under `workdir`."""
+    config = load_config(Path(__file__).resolve().parents[1] / "cxr14.toml")
+    return dataclasses.replace(config, cache_dir=workdir, runs_dir=workdir / "runs")

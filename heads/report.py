@@ -64,7 +64,9 @@ def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name
     """auc.md: this run's AUC per disease (with its interval) beside the published columns."""
     metrics = _test_metrics(metrics)
     references = load_references()
+    probe = metrics.get("reference")
     header = ["Disease", "Positives", f"{run_name} AUC [95% CI]", "PR AUC"]
+    header += ["ridge probe (same features)"] if probe else []
     header += [ref["title"] for ref in references.values()]
     rows = [header, ["---", "---:"] + ["---:"] * (len(header) - 2)]
     for name in label_names:
@@ -75,16 +77,20 @@ def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name
             _fmt_auc_ci(result["auc"], result["ci"]),
             _fmt(result["pr_auc"]),
         ]
+        row += [_fmt(probe["labels"].get(name))] if probe else []
         rows.append(row + [_fmt(ref["auc"].get(name)) for ref in references.values()])
     # Published means over the same labels as the run's mean, so the bottom row compares like with like.
     in_mean = [name for name in label_names if metrics["labels"][name]["auc"] is not None]
     mean = _fmt_auc_ci(metrics["mean_auc"], metrics["mean_ci"])
     rows.append(
         [f"**Mean** ({len(in_mean)} labels)", "", f"**{mean}**", _fmt(metrics.get("mean_pr_auc"))]
+        + ([_fmt(probe["mean_auc"])] if probe else [])
         + [_fmt(_reference_mean(ref, in_mean)) for ref in references.values()]
     )
     lines = [f"# ROC AUC per disease: {run_name}", ""]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if probe:
+        lines += ["", probe_line(probe)]
     lines += ["", "Splits (AUCs from different splits are not strictly comparable):", ""]
     lines += _split_lines(metrics, references, run_name)
     undefined = [name for name in label_names if metrics["labels"][name]["auc"] is None]
@@ -97,6 +103,17 @@ def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name
     path = Path(path)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def probe_line(probe: dict) -> str:
+    """What the head adds beyond a linear probe on the same features, with its paired interval."""
+    low, high = probe["difference_ci"]
+    interval = "" if low is None else f" [{low:+.3f}, {high:+.3f}]"
+    return (
+        f"Head minus the ridge probe on the same features and rows (penalty {probe['penalty']:.2g} x n_train, "
+        f"chosen on validation): **{probe['difference']:+.3f}**{interval} mean ROC AUC (95% paired "
+        "patient bootstrap). An interval above 0 means the head adds something a linear probe cannot."
+    )
 
 
 def _save(figure: Figure, path) -> Path:
@@ -215,10 +232,18 @@ def _leaderboard_row(run_dir: Path, label_names: Sequence[str]) -> tuple[float, 
         str(config.get("head", {}).get("kind", "?")),
         "+".join(backbones),
         ", ".join(describe_settings(config.get("head", {}), config.get("train", {}))),
+        _difference_cell(metrics.get("reference")),
         f"{metrics.get('split', 'test')} ({metrics['images']})",
     ]
     row += [_auc_cell(results, name) for name in label_names]
     return _nan_if_none(metrics["mean_auc"]), row
+
+
+def _difference_cell(probe: dict | None) -> str:
+    if not probe or probe.get("difference") is None:
+        return _MISSING
+    low, high = probe["difference_ci"]
+    return f"{probe['difference']:+.3f}" + ("" if low is None else f" [{low:+.3f}, {high:+.3f}]")
 
 
 def leaderboard(run_dirs: Sequence[Path]) -> str:
@@ -230,7 +255,17 @@ def leaderboard(run_dirs: Sequence[Path]) -> str:
     scored = [_leaderboard_row(d, label_names) for d in run_dirs]
     # Runs without a mean AUC go last rather than being dropped.
     scored.sort(key=lambda item: (math.isnan(item[0]), -item[0] if not math.isnan(item[0]) else 0.0))
-    header = ["#", "run", "mean AUC [95% CI]", "head", "backbones", "options", "split (images)", *label_names]
+    header = [
+        "#",
+        "run",
+        "mean AUC [95% CI]",
+        "head",
+        "backbones",
+        "options",
+        "vs ridge probe",
+        "split (images)",
+        *label_names,
+    ]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * len(header)) + " |"]
     for rank, (_, row) in enumerate(scored, start=1):
         lines.append("| " + " | ".join([str(rank), *row]) + " |")

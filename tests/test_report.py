@@ -141,6 +141,13 @@ def test_leaderboard_ranks_runs_by_mean_auc(tmp_path):
     strong = json.loads(json.dumps(weak))
     strong["mean_auc"] = weak["mean_auc"] + 0.1
     strong["labels"]["Mass"]["auc"] = 0.987
+    strong["reference"] = {
+        "mean_auc": 0.7,
+        "labels": {},
+        "penalty": 0.1,
+        "difference": 0.0123,
+        "difference_ci": [0.004, 0.021],
+    }
     runs = [
         write_run(tmp_path, "weak", metrics=weak),
         write_run(tmp_path, "strong", metrics=strong, kind="ensemble", backbones=("a", "b"),
@@ -148,14 +155,24 @@ def test_leaderboard_ranks_runs_by_mean_auc(tmp_path):
     ]  # fmt: skip
     lines = leaderboard(runs).splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header[:7] == ["#", "run", "mean AUC [95% CI]", "head", "backbones", "options", "split (images)"]
-    assert header[7:] == list(LABELS)
+    assert header[:8] == [
+        "#",
+        "run",
+        "mean AUC [95% CI]",
+        "head",
+        "backbones",
+        "options",
+        "vs ridge probe",
+        "split (images)",
+    ]
+    assert header[8:] == list(LABELS)
     first = [cell.strip() for cell in lines[2].strip("|").split("|")]
     second = [cell.strip() for cell in lines[3].strip("|").split("|")]
     assert first[:5] == ["1", "strong", first[2], "ensemble", "a+b"]
     assert first[2].startswith(f"{strong['mean_auc']:.3f} [")
     assert "loss=focal" in first[5] and "metadata" in first[5] and "fusion=add" in first[5]
-    assert first[7 + LABELS.index("Mass")] == "0.987"
+    assert first[6] == "+0.012 [+0.004, +0.021]" and second[6] == "—"  # a run without a reference
+    assert first[8 + LABELS.index("Mass")] == "0.987"
     assert second[:2] == ["2", "weak"] and second[-1] == "undefined"
 
 
