@@ -150,12 +150,22 @@ def cmd_bench(args, config: Config) -> None:
     else:
         import tempfile
 
-        from heads.bench import bench_heads
+        from heads.bench import bench_heads, bench_quality
 
         with tempfile.TemporaryDirectory(prefix="cxr14-bench-") as tmp:
-            result = bench_heads(rows=args.rows, dim=args.dim, workdir=args.workdir or Path(tmp))
+            workdir = args.workdir or Path(tmp)
+            if args.quality:
+                result = bench_quality(
+                    config=config, rows=args.rows, dim=args.dim, workdir=workdir, seed=args.seed
+                )
+            else:
+                result = bench_heads(rows=args.rows, dim=args.dim, workdir=workdir)
     if args.json:
         _print_json(result)
+    elif args.what == "heads" and args.quality:
+        from heads.bench import format_quality
+
+        print(format_quality(result))
     else:
         for key, value in result.items():
             print(f"{key:>28}: {value}")

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from cache.store import cache_path, write_features
-from cxr14.config import LABELS, Config, HeadConfig, TrainConfig, load_config, with_training
+from cxr14.config import LABELS, Config, HeadConfig, TrainConfig
 from extract.index import Index
 from extract.splits import Splits
 from heads.data import load_head_data
@@ -271,8 +271,8 @@ def _planted_problem(problem: str, *, rows: int, dim: int, seed: int, cache_dir:
     return index, splits
 
 
-def _quality_run(problem, kind, caches, *, metadata: bool, index, splits, workdir: Path, seed: int) -> dict:
-    config = with_training(_bench_config(workdir), kind=kind, seed=seed, metadata=metadata)
+def _quality_run(problem, kind, caches, *, config: Config, index, splits, workdir: Path) -> dict:
+    metadata = config.train.metadata
     start = time.perf_counter()
     data = load_head_data(
         cache_dir=workdir / problem, backbones=list(caches), index=index, splits=splits, metadata=metadata
@@ -302,7 +302,17 @@ def _quality_run(problem, kind, caches, *, metadata: bool, index, splits, workdi
     }
 
 
-def _bench_config(workdir: Path) -> Config:
-    """The project's default config (cxr14.toml beside run.py), with folders under `workdir`."""
-    config = load_config(Path(__file__).resolve().parents[1] / "cxr14.toml")
-    return dataclasses.replace(config, cache_dir=workdir, runs_dir=workdir / "runs")
+def format_quality(result: dict) -> str:
+    """bench heads --quality as a table for people."""
+    lines = [
+        f"planted problems: {result['rows']:,} rows, {result['dim']}-d features (B: {result['dim'] // 2}-d), seed {result['seed']}",
+        f"{'problem':<14} {'head':<9} {'caches':<12} {'test AUC':>8} {'probe':>7} {'head - probe [95% CI]':>26} {'time':>7}",
+    ]
+    for r in result["runs"]:
+        low, high = r["difference_ci"]
+        interval = "" if low is None else f" [{low:+.3f}, {high:+.3f}]"
+        lines.append(
+            f"{r['problem']:<14} {r['head']:<9} {r['caches']:<12} {r['test_mean_auc']:>8.3f} "
+            f"{r['reference_mean_auc']:>7.3f} {r['difference']:>+10.3f}{interval:>16} {r['seconds']:>6.0f}s"
+        )
+    return "\n".join(lines)

@@ -46,9 +46,7 @@ def probe_blocks(data: HeadData) -> dict[str, np.ndarray]:
     return blocks
 
 
-def fit_start(
-    data: HeadData, *, rows: dict, max_directions: int, seed: int
-) -> HeadStart:
+def fit_start(data: HeadData, *, rows: dict, max_directions: int, seed: int) -> HeadStart:
     """The probe on the training rows (penalty chosen on validation) and what a head starts from."""
     blocks = probe_blocks(data)
     arrays = list(blocks.values())

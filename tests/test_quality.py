@@ -1,14 +1,21 @@
 """Head quality on small planted problems: every default head matches or beats the ridge probe where it
 should (heads.bench.bench_quality, the code behind `run.py bench heads --quality`)."""
 
+from pathlib import Path
+
 import pytest
 
+from cxr14.config import load_config
 from heads.bench import bench_quality
+
+DEFAULTS = load_config(Path(__file__).resolve().parents[1] / "cxr14.toml")
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    runs = bench_quality(rows=6000, dim=64, workdir=tmp_path_factory.mktemp("quality"), seed=0)["runs"]
+    runs = bench_quality(
+        config=DEFAULTS, rows=6000, dim=64, workdir=tmp_path_factory.mktemp("quality"), seed=0
+    )["runs"]
     return {(r["problem"], r["head"], r["caches"]): r for r in runs}
 
 
