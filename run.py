@@ -377,6 +377,12 @@ def _add_bench_command(sub) -> None:
     group.add_argument(
         "--workdir", type=Path, help="where to write the synthetic cache (default: a temp dir)"
     )
+    group.add_argument(
+        "--quality", action="store_true", help="each default head against the ridge probe on planted problems"
+    )
+    group.add_argument(
+        "--seed", type=int, default=0, help="--quality: the seed that draws the planted problems"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

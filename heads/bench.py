@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from cache.store import cache_path, write_features
-from cxr14.config import LABELS, Config, HeadConfig, TrainConfig
+from cxr14.config import LABELS, Config, HeadConfig, TrainConfig, with_training
 from extract.index import Index
 from extract.splits import Splits
 from heads.data import load_head_data
@@ -238,10 +238,10 @@ QUALITY_RUNS = (
 
 
 def bench_quality(
-    *, rows: int = 112120, dim: int = 2048, workdir: Path, seed: int = 0, runs=QUALITY_RUNS
+    *, config: Config, rows: int = 112120, dim: int = 2048, workdir: Path, seed: int = 0, runs=QUALITY_RUNS
 ) -> dict:
-    """Each head with default settings on planted problems of the full size: its test mean AUC, the ridge
-    probe's on the same rows and features, the difference with its paired interval, and its time."""
+    """Each head with the config's settings on planted problems (`seed` draws them): its test mean AUC,
+    the ridge probe's on the same rows and features, the difference with its paired interval, its time."""
     results, made = [], {}
     for problem, kind, caches, metadata in runs:
         if problem not in made:
@@ -249,16 +249,10 @@ def bench_quality(
                 problem, rows=rows, dim=dim, seed=seed, cache_dir=Path(workdir) / problem
             )
         index, splits = made[problem]
+        settings = with_training(config, kind=kind, metadata=metadata)
         results.append(
             _quality_run(
-                problem,
-                kind,
-                caches,
-                metadata=metadata,
-                index=index,
-                splits=splits,
-                workdir=Path(workdir),
-                seed=seed,
+                problem, kind, caches, config=settings, index=index, splits=splits, workdir=Path(workdir)
             )
         )
     return {"rows": rows, "dim": dim, "seed": seed, "runs": results}
