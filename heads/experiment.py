@@ -134,5 +134,17 @@ def summarize_metrics(metrics: dict, *, run_dir: Path, split: str = "test") -> s
     mean = metrics["mean_auc"]
     mean_text = "undef" if mean is None or mean != mean else f"{mean:.3f}"
     lines.append(f"{'mean':<20} {mean_text:>6}  {_interval(metrics['mean_ci'])}")
+    reference = metrics.get("reference")
+    if reference:
+        low, high = reference["difference_ci"]
+        interval = "" if low is None else f" [{low:+.3f}, {high:+.3f}]"
+        lines.append(
+            f"{'ridge probe':<20} {reference['mean_auc']:>6.3f}  head - probe {reference['difference']:+.3f}{interval}"
+        )
+    if metrics.get("converged") is False:
+        lines.append(
+            f"not converged: validation AUC was still rising at the last allowed epoch ({metrics['epochs']}); "
+            "train with more epochs"
+        )
     lines.append(f"{split}: {metrics['images']} images, {metrics['patients']} patients; outputs in {run_dir}")
     return "\n".join(lines)

@@ -203,3 +203,19 @@ def test_empty_val_split_is_refused(tmp_path, cache_dir, index):
     )
     with pytest.raises(InputError, match="val split has no images"):
         _train(tmp_path / "run", no_val)
+
+
+def test_a_run_whose_best_epoch_is_the_last_allowed_says_it_did_not_converge(tmp_path, cache_dir, index):
+    from heads.train import MONITOR, _run_facts
+
+    data = _data(cache_dir, index, ["plain"])
+    rows = {s: data.rows(s) for s in ("train", "val", "test")}
+
+    def facts(scores, epochs):
+        history = pd.DataFrame({"epoch": range(len(scores)), "loss": 0.1, MONITOR: scores})
+        return _run_facts(tmp_path / "r", data=data, head=FC, rows=rows, history=history, epochs=epochs)
+
+    still_rising = facts([0.6, 0.62, 0.64], epochs=2)
+    assert still_rising["converged"] is False and still_rising["best_epoch"] == 2
+    assert facts([0.6, 0.62, 0.61], epochs=2)["converged"] is True
+    assert facts([0.6, 0.62, 0.64], epochs=10)["converged"] is True  # stopped early: not at the cap
