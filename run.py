@@ -6,6 +6,7 @@ One CLI; each subcommand loads the config, calls one library function and prints
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -31,13 +32,13 @@ def _print_json(obj) -> None:
 
 def cmd_index(args, config: Config) -> None:
     from extract.dataset import open_dataset
-    from extract.index import find_images, format_summary, summarize
+    from extract.index import count_missing, find_images, format_summary, summarize
     from extract.splits import write_split_lists
 
     dataset = open_dataset(config)
     missing = None
     if args.check_images:
-        missing = int((find_images(config.data_dir, dataset.index.names) == "").sum())
+        missing = count_missing(find_images(config.data_dir, dataset.index.names))
     summary = summarize(dataset.index, dataset.splits, missing_images=missing)
     if args.write_splits:
         summary["written"] = [
@@ -189,14 +190,22 @@ def _shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def _positive(text: str) -> int:
+def _whole(text: str, *, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected a number of at least {low}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _whole(text, low=1)
+
+
+def _seed(text: str) -> int:
+    return _whole(text, low=0)
 
 
 def _units(text: str) -> tuple[int, ...]:
@@ -252,7 +261,7 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder to write it to")
     p.add_argument("--images", type=_positive, default=1000, help="how many images")
     p.add_argument("--size", type=_positive, default=256, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0, help="seed for the drawn findings")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for the drawn findings")
 
 
 def _add_extract_commands(sub) -> None:
@@ -299,7 +308,7 @@ def _add_head_commands(sub) -> None:
     p.add_argument("--epochs", type=_positive, help="most epochs (default: train.epochs)")
     p.add_argument("--batch-size", type=_positive, help="examples per step (default: train.batch_size)")
     p.add_argument("--lr", type=float, help="learning rate (default: train.lr)")
-    p.add_argument("--seed", type=int, help="seed for init, shuffling and dropout (default: train.seed)")
+    p.add_argument("--seed", type=_seed, help="seed for init, shuffling and dropout (default: train.seed)")
     p.add_argument("--loss", choices=LOSSES, help="loss (default: train.loss)")
     p.add_argument("--units", type=_units, help="FC layer sizes, e.g. 512,256 (default: the head's preset)")
     p.add_argument("--dropout", type=float, help="dropout rate (default: the head's preset)")
@@ -408,6 +417,12 @@ def main(argv=None) -> int:
         return args.func(args, config) or 0
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Work already finished was written whole (shards, runs); the rerun resumes from it.
+        print(f"error: {os.strerror(err.errno).lower()}: {err.filename or ''}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader (e.g. `| head`) went away; nothing is wrong with the data.

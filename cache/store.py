@@ -1,5 +1,6 @@
 """The feature store: the one module that reads and writes HDF5 feature files (format: cache/README.md)."""
 
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import numpy as np
 from cache.status import Status
 from cxr14.errors import InputError
 from cxr14.names import positions
+from cxr14.temps import remove_stale_temps, temp_path
 
 SCHEMA_VERSION = 1
 REQUIRED_ATTRS = ("schema_version", "backbone", "kind", "dtype", "views")
@@ -34,6 +36,7 @@ SHARD_ATTRS = ("shard_start", "shard_stop", "shard_total_rows")
 DTYPES = {"features": ("float16", "float32"), "pixels": ("uint8",)}
 FEATURE_DTYPES = DTYPES["features"]
 LIBRARIES = ("numpy", "h5py", "tensorflow", "keras", "tensorflow-hub")
+FINITE_CHUNK = 8192  # rows checked for NaN/inf at a time, so the check needs no full-size mask
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,42 @@ def fingerprint(
         "views": views,
         "shard_size": shard_size,
     }
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    return recipe_fingerprint(recipe)
+
+
+def recipe_fingerprint(recipe: dict) -> str:
+    """The fingerprint of a recipe: RECIPE_ATTRS of `recipe` (for instance a file's own attributes)."""
+    hashed = {key: recipe[key] for key in RECIPE_ATTRS}
+    return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
+
+
+def check_recipe(path: Path, *, attrs: dict, names: Sequence[str]) -> None:
+    """Refuse a file changed after it was made: its names must hash to its image_list_sha256 and its
+    recipe attributes to its fingerprint, where it records them (as `run.py extract` does)."""
+    is_shard = any(key in attrs for key in SHARD_ATTRS)  # a shard's hash covers every shard's names
+    if "image_list_sha256" in attrs and not is_shard:
+        if image_list_sha256(list(names)) != attrs["image_list_sha256"]:
+            raise InputError(
+                f"{path}: its image names do not hash to its image_list_sha256, so they were changed after "
+                "the features were written (rows may be shifted); re-extract it with --force"
+            )
+    if "fingerprint" in attrs and all(key in attrs for key in RECIPE_ATTRS):
+        if recipe_fingerprint(attrs) != attrs["fingerprint"]:
+            raise InputError(
+                f"{path}: its attributes no longer give its fingerprint, so they were edited after "
+                "extraction; re-extract it with --force"
+            )
+
+
+def finite_rows(features: np.ndarray) -> np.ndarray:
+    """Per row, whether every value is finite (integer pixels always are)."""
+    finite = np.ones(len(features), dtype=bool)
+    if features.dtype.kind != "f":
+        return finite
+    flat = features.reshape(len(features), -1)
+    for start in range(0, len(flat), FINITE_CHUNK):
+        finite[start : start + FINITE_CHUNK] = np.isfinite(flat[start : start + FINITE_CHUNK]).all(axis=1)
+    return finite
 
 
 def library_versions() -> dict:
@@ -102,19 +140,64 @@ def write_features(path: Path, *, names, features, status, errors, attrs: dict) 
     status = np.asarray(status, dtype=np.int8)
     errors = np.asarray(errors, dtype=object)
     _check_attrs(path, attrs)
-    # Convert in numpy: letting HDF5 convert float32 -> float16 on write is ~7x slower.
-    features = np.asarray(features).astype(attrs["dtype"], copy=False)
+    # Convert in numpy: letting HDF5 convert float32 -> float16 on write is ~7x slower. Values that
+    # overflow become inf, which _check_finite then refuses with a message.
+    with np.errstate(over="ignore"):
+        features = np.asarray(features).astype(attrs["dtype"], copy=False)
     _check(path, names=names, features=features, status=status, errors=errors, attrs=attrs)
-    tmp = _tmp_path(path)
-    with _open(tmp, "w") as f:
+    _check_finite(path, names=names, features=features)
+
+    def fill(f: h5py.File) -> None:
         f.create_dataset("names", data=names, dtype=h5py.string_dtype())
         f.create_dataset("features", data=features)
         f.create_dataset("status", data=status)
         f.create_dataset("errors", data=errors, dtype=h5py.string_dtype())
         _set_attrs(f, attrs)
-        f.flush()
-    os.replace(tmp, path)
+
+    return _write_atomically(path, fill)
+
+
+def _check_finite(path: Path, *, names: np.ndarray, features: np.ndarray) -> None:
+    """NaN or inf features would train a head on garbage: refuse them, naming the first rows."""
+    bad = np.flatnonzero(~finite_rows(features))
+    if bad.size:
+        first = ", ".join(map(str, names[bad[:3]]))
+        raise InputError(
+            f"{path}: features of {bad.size} row(s) are NaN or infinite (first: {first}); nothing written. "
+            "Values beyond float16's range (65504) overflow: store float32 (extract.dtype)"
+        )
+
+
+def _write_atomically(path: Path, fill) -> Path:
+    """Write `path` whole: `fill(h5py.File)` into a temporary file, flushed, closed, then renamed.
+
+    Temporaries left by killed writers of the same file are removed first; on failure (a full disk) this
+    one is removed too, and the file already under `path`, if any, is left as it was.
+    """
+    remove_stale_temps(path)
+    tmp = temp_path(path)
+    try:
+        with _open(tmp, "w") as f:
+            fill(f)
+            f.flush()
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise InputError(_write_failure(path, err)) from None
+        raise
     return path
+
+
+def _write_failure(path: Path, err: OSError) -> str:
+    """One line for a failed write; HDF5's own message spans lines and repeats the C call stack."""
+    code = err.errno
+    if code is None and "No space left on device" in str(err):
+        code = errno.ENOSPC
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"{os.strerror(code).lower()}: {path}; free some space and rerun (finished work is kept)"
+    reason = os.strerror(code) if code else (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"{path}: cannot be written ({reason})"
 
 
 def read_attrs(path: Path) -> dict:
@@ -161,10 +244,11 @@ def write_shard(
 ) -> Path:
     """Write one finished shard (rows start..stop of total_rows) atomically into `directory`."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(_write_failure(directory, err)) from None
     path = shard_path(directory, start, stop)
-    for stale in directory.glob(f".{path.name}.*.tmp"):  # left by a killed run of this same shard
-        stale.unlink(missing_ok=True)
     shard_attrs = {**attrs, "shard_start": start, "shard_stop": stop, "shard_total_rows": total_rows}
     return write_features(
         path, names=names, features=features, status=status, errors=errors, attrs=shard_attrs
@@ -210,8 +294,7 @@ def discard_shards(directory: Path, *, fingerprint: str, ranges: Sequence[tuple[
             path.unlink(missing_ok=True)
             removed += 1
     for start, stop in ranges:
-        for stale in Path(directory).glob(f".{shard_path(directory, start, stop).name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+        remove_stale_temps(shard_path(directory, start, stop))
     return removed
 
 
@@ -226,8 +309,8 @@ def merge_shards(directory: Path, *, out_path: Path) -> Path:
     total = first.attrs["shard_total_rows"]
     attrs = {k: v for k, v in first.attrs.items() if k not in SHARD_ATTRS}
     attrs["created"] = _now()
-    tmp = _tmp_path(out_path)
-    with _open(tmp, "w") as out:
+
+    def fill(out: h5py.File) -> None:
         string = h5py.string_dtype()
         out.create_dataset("names", shape=(total,), dtype=string)
         out.create_dataset("features", shape=(total, *first.features.shape[1:]), dtype=first.features.dtype)
@@ -239,9 +322,8 @@ def merge_shards(directory: Path, *, out_path: Path) -> Path:
             for key in DATASETS:
                 out[key][rows] = getattr(part, key)
         _set_attrs(out, attrs)
-        out.flush()
-    os.replace(tmp, out_path)
-    return out_path
+
+    return _write_atomically(out_path, fill)
 
 
 def _complete_shards(directory: Path) -> list[Path]:
@@ -302,6 +384,11 @@ def _check_attrs(path: Path, attrs: dict) -> None:
     if version is None:
         raise InputError(
             f"{path}: no 'schema_version' attribute; this is not a cxr14 feature file (cache/README.md)"
+        )
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise InputError(
+            f"{path}: attribute schema_version is the {type(version).__name__} {version!r}; it must be the "
+            f"integer {SCHEMA_VERSION} (cache/README.md)"
         )
     if version != SCHEMA_VERSION:
         raise InputError(
@@ -381,11 +468,6 @@ def _open(path: Path, mode: str) -> h5py.File:
         return h5py.File(path, mode, locking=False)
     except OSError as err:
         raise InputError(f"{path} cannot be read as HDF5 ({err}); delete it or rerun with --force") from err
-
-
-def _tmp_path(path: Path) -> Path:
-    # Per-process name: two workers finishing at once each write their own file, then rename.
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def _now() -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 from cache.store import FEATURE_DTYPES
 from cxr14.errors import InputError, check_choice
-from extract.registry import NORMALIZATIONS, SOURCES
+from extract.registry import NORMALIZATIONS, RANDOM_STAGES, SOURCES
 from extract.splits import POLICIES, check_fractions
 from heads.registry import FUSIONS, HEAD_KINDS, LOSSES
 
@@ -53,6 +53,12 @@ class BackboneConfig:
 
     def __post_init__(self):
         check_ranges(self, section=f"backbones.{self.name}")
+        side = -(-self.image_size // 2**RANDOM_STAGES)  # the feature map the grid pools
+        if self.source == "random" and self.grid > side:
+            raise InputError(
+                f"backbones.{self.name}.grid = {self.grid} is larger than the {side}x{side} feature map of "
+                f"a {self.image_size}-pixel image; use a grid of at most {side}"
+            )
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -67,6 +73,8 @@ class ExtractConfig:
     xla: bool = False
     views: int = _range(1, low=1, high=64)
     seed: int = _range(0, low=0)
+    # Larger images are refused before decoding: a small PNG can decode to gigabytes.
+    max_pixels: int = _range(25_000_000, low=1)
 
     def __post_init__(self):
         check_ranges(self, section="extract")

@@ -14,9 +14,7 @@ import tensorflow as tf
 from cxr14.config import BackboneConfig
 from cxr14.errors import InputError
 from extract.pipeline import ImageSpec
-from extract.registry import SOURCES
-
-RANDOM_STAGES = 3  # stride-2 3x3 convs: 128 px -> 16x16 maps before grid pooling
+from extract.registry import RANDOM_STAGES, SOURCES
 
 
 class BackboneError(InputError):

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from cache import store
 from cache.status import Status
 from cxr14.errors import InputError
+from cxr14.temps import remove_stale_temps
 from extract import pipeline
 
 MAX_FAILURES_SHOWN = 10
@@ -46,11 +47,13 @@ def extract_features(
     seed: int = 0,
     force: bool = False,
     progress: bool = True,
+    max_pixels: int | None = None,
 ) -> ExtractSummary:
     """Run `backbone` (an extract.backbones.Backbone) over `paths`, writing shards K, K+N, ... of `shard=(K, N)`.
 
     `names` are in the index's fixed (sorted) order and `paths[i]` is the file for `names[i]` ("" when absent).
     Finished shards are skipped; when every shard exists the final `<cache_dir>/<backbone>.h5` is merged.
+    Images with more than `max_pixels` pixels (read from their header) are recorded as failed, not decoded.
     """
     started = time.perf_counter()
     names, paths = np.asarray(names, dtype=object), np.asarray(paths, dtype=object)
@@ -64,6 +67,7 @@ def extract_features(
     mine = ranges[shard[0] :: shard[1]]
     if force:
         final.unlink(missing_ok=True)
+        remove_stale_temps(final)  # a killed merge's temporary file is as large as the final one
         store.discard_shards(directory, fingerprint=attrs["fingerprint"], ranges=mine)
     elif final.exists():
         return _existing(final, wanted=attrs, name=backbone.name, mine=len(mine), started=started)
@@ -82,6 +86,7 @@ def extract_features(
             views=views,
             seed=seed,
             bar=bar,
+            max_pixels=max_pixels,
         )
     finished = store.finished_shards(directory, wanted=attrs)
     path = store.merge_shards(directory, out_path=final) if all(r in finished for r in ranges) else None
@@ -139,12 +144,16 @@ def _existing(final: Path, *, wanted: dict, name: str, mine: int, started: float
 
 
 def _extract_shards(
-    backbone, *, names, paths, todo, directory, attrs, batch_size, views, seed, bar
+    backbone, *, names, paths, todo, directory, attrs, batch_size, views, seed, bar, max_pixels
 ) -> dict[tuple[int, int], tuple]:
     """Extract and write each shard in `todo`; returns each shard's (names, status, errors) by range."""
     if not todo:
         return {}
-    checks = {int(row): pipeline.check_file(paths[row]) for a, b in todo for row in range(a, b)}
+    checks = {
+        int(row): pipeline.check_file(paths[row], max_pixels=max_pixels)
+        for a, b in todo
+        for row in range(a, b)
+    }
     batches = iter(
         _dataset(
             backbone, paths=paths, todo=todo, checks=checks, batch_size=batch_size, views=views, seed=seed

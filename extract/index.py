@@ -32,6 +32,8 @@ COLUMNS = {
     "width": ("OriginalImage[Width",),
     "height": ("Height]",),
 }
+# Largest value of each whole-number column: what its array type holds.
+INT_MAX = {"patient": 2**63 - 1, "follow_up": 2**31 - 1, "width": 2**31 - 1, "height": 2**31 - 1}
 SEXES = ("M", "F")
 VIEWS = ("PA", "AP")
 
@@ -200,6 +202,8 @@ def _check_names(names: pd.Series, where: _Where) -> np.ndarray:
         ),
         (names.str.contains("..", regex=False), "image name contains '..'"),
         (names.str.contains(r"[/\\]"), "image name has a folder part; expected a bare file name"),
+        # NUL cannot be stored in a feature file or passed to a file system; no real name has controls.
+        (names.str.contains(r"[\x00-\x1f\x7f]"), "image name holds a control character (NUL, tab...)"),
     )
     for bad, what in checks:
         rows = np.flatnonzero(bad.to_numpy())
@@ -251,13 +255,22 @@ def _parse_int(values: pd.Series, *, key: str, where: _Where) -> np.ndarray:
     if bad.size:
         value = values.iloc[bad[0]]
         raise InputError(f"{where(bad[0], key)}: {value!r} is not a non-negative whole number")
-    return values.astype(np.int64).to_numpy()
+    try:
+        numbers = values.astype(np.int64).to_numpy()
+        too_big = np.flatnonzero(numbers > INT_MAX[key])
+    except OverflowError:  # beyond int64 (a 23-digit id): find the row with Python ints
+        too_big = np.flatnonzero((values.map(int) > INT_MAX[key]).to_numpy())
+    if too_big.size:
+        value = values.iloc[too_big[0]]
+        raise InputError(f"{where(too_big[0], key)}: {value!r} is too large (at most {INT_MAX[key]})")
+    return numbers
 
 
 def _parse_age(values: pd.Series) -> np.ndarray:
     """Years as float32; the old "058Y" spelling is accepted; missing or impossible ages become NaN."""
     number = values.str.extract(r"^(\d+(?:\.\d+)?)\s*[Yy]?$", expand=False)
-    age = pd.to_numeric(number, errors="coerce").to_numpy(dtype=np.float64)
+    # A copy: pandas 3 may hand out a read-only view of its own data here.
+    age = np.array(pd.to_numeric(number, errors="coerce"), dtype=np.float64, copy=True)
     age[age > MAX_AGE] = np.nan
     return age.astype(np.float32)
 
@@ -270,15 +283,24 @@ def _parse_choice(values: pd.Series, *, key: str, choices: tuple[str, ...], wher
 
 
 def find_images(data_dir: Path, names: Sequence[str]) -> np.ndarray:
-    """Path of each image, or "" when absent, under images/ or images_001/images/ .. images_012/images/."""
-    found = {}
+    """Path of each image, or "" when absent, under images/ or images_001/images/ .. images_012/images/.
+
+    A name held only by something that is not a file (a folder, a broken link) gets that path, so the
+    extraction can say what is there; `count_missing` counts it as missing.
+    """
+    found, other = {}, {}
     for folder in _image_folders(Path(data_dir)):
         with os.scandir(folder) as entries:
             for entry in entries:
                 # The first folder holding a name wins, so the result does not depend on scan order.
-                if entry.name not in found and entry.is_file():
-                    found[entry.name] = entry.path
-    return np.array([found.get(name, "") for name in names], dtype=object)
+                chosen = found if entry.is_file() else other
+                chosen.setdefault(entry.name, entry.path)
+    return np.array([found.get(name) or other.get(name, "") for name in names], dtype=object)
+
+
+def count_missing(paths: Sequence[str]) -> int:
+    """How many of `paths` (from find_images) are not image files: absent, a folder or a broken link."""
+    return sum(1 for path in paths if not path or not os.path.isfile(path))
 
 
 def _image_folders(data_dir: Path) -> list[Path]:

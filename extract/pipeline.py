@@ -4,7 +4,9 @@ Extraction, prediction, export and the benchmark all go through here, so an imag
 preprocessed one way for training and another way for prediction.
 """
 
+import os
 import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,10 @@ from cxr14.errors import InputError, check_choice
 from extract.registry import NORMALIZATIONS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# IEND is the last chunk (4 length + 4 type + 4 CRC bytes); a little slack allows trailing junk.
+# The signature, then the IHDR chunk: 4 length + "IHDR" + 4 width + 4 height (big-endian) + ...
+_HEAD_BYTES = 24
+# IEND is the last chunk (4 length + 4 type + 4 CRC bytes); only when the last bytes lack it are the
+# chunks walked, which finds an IEND followed by extra bytes (decoders ignore them).
 _TAIL_BYTES = 64
 _BIT_DEPTH_OFFSET = 24  # 8 signature + 4 length + 4 "IHDR" + 4 width + 4 height
 
@@ -118,26 +123,73 @@ def preprocess(image01: tf.Tensor, spec: ImageSpec) -> tf.Tensor:
     return normalize(resize(image01, spec.size), spec)
 
 
-def check_file(path) -> tuple[Status, str]:
-    """Cheap file check without decoding: MISSING, EMPTY, UNDECODABLE (not a PNG), TRUNCATED or OK."""
-    path = Path(path) if str(path) else None
-    if path is None or not path.is_file():
-        return Status.MISSING, f"{path or '(no path)'}: image file not found"
-    size = path.stat().st_size
+def check_file(path, *, max_pixels: int | None = None) -> tuple[Status, str]:
+    """Cheap file check without decoding: MISSING, EMPTY, UNDECODABLE (unreadable, not a PNG, or more than
+    `max_pixels` pixels by its header), TRUNCATED or OK."""
+    if not str(path):
+        return Status.MISSING, "no image file of this name under the data folder"
+    path = Path(path)
+    try:
+        missing = _not_a_file(path)
+        if missing:
+            return Status.MISSING, missing
+        size, head, tail, has_iend = _read_ends(path)
+    except OSError as err:  # permission denied, an I/O error: this file only, the rest still run
+        return Status.UNDECODABLE, f"{path}: cannot be read ({err.strerror or type(err).__name__})"
     if size == 0:
         return Status.EMPTY, f"{path}: image file is empty (0 bytes)"
-    with open(path, "rb") as f:
-        head = f.read(len(PNG_SIGNATURE))
-        f.seek(max(0, size - _TAIL_BYTES))
-        tail = f.read()
-    if head != PNG_SIGNATURE:
-        return Status.UNDECODABLE, f"{path}: not a PNG file (starts with {head!r})"
-    if b"IEND" not in tail:
+    if head[: len(PNG_SIGNATURE)] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+        # The file's own bytes are not echoed: they may be anything, control characters included.
+        return Status.UNDECODABLE, f"{path}: not a PNG file (no PNG signature and IHDR header at its start)"
+    width, height = struct.unpack(">II", head[16:24])
+    if max_pixels is not None and width * height > max_pixels:
+        return (
+            Status.UNDECODABLE,
+            f"{path}: {width}x{height} pixels is more than the limit of {max_pixels:,} "
+            "(extract.max_pixels); not decoded",
+        )
+    if not has_iend:
         return (
             Status.TRUNCATED,
             f"{path}: PNG ends after {size} bytes without its IEND chunk (truncated copy?)",
         )
     return Status.OK, ""
+
+
+def _not_a_file(path: Path) -> str:
+    """Why `path` is not an image file to read ("" when it is one)."""
+    if path.is_file():
+        return ""
+    if path.is_symlink():
+        return f"{path}: broken symbolic link (to {os.readlink(path)}); image file not found"
+    if path.is_dir():
+        return f"{path}: a folder, not an image file"
+    if path.exists():
+        return f"{path}: not a regular file"
+    return f"{path}: image file not found"
+
+
+def _read_ends(path: Path) -> tuple[int, bytes, bytes, bool]:
+    """(size, first bytes, last bytes, whether the PNG chunks reach an IEND chunk)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(_HEAD_BYTES)
+        f.seek(max(0, size - _TAIL_BYTES))
+        tail = f.read()
+        has_iend = b"IEND" in tail or _walk_to_iend(f, size)
+    return size, head, tail, has_iend
+
+
+def _walk_to_iend(f, size: int) -> bool:
+    """Whether the chunks, followed by their lengths from the signature on, reach an IEND chunk."""
+    offset = len(PNG_SIGNATURE)
+    while offset + 8 <= size:
+        f.seek(offset)
+        length, kind = struct.unpack(">I4s", f.read(8))
+        if kind == b"IEND":
+            return True
+        offset += 12 + length  # length, type, data, CRC
+    return False
 
 
 def decode_error(path) -> str:
@@ -159,9 +211,10 @@ def _op_message(err: tf.errors.OpError) -> str:
     return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text).strip() or type(err).__name__
 
 
-def load_image(path, spec: ImageSpec) -> np.ndarray:
-    """One image, eagerly, through the same steps as make_dataset: (s, s, c) float32."""
-    status, reason = check_file(path)
+def load_image(path, spec: ImageSpec, *, max_pixels: int | None = None) -> np.ndarray:
+    """One image, eagerly, through the same steps as make_dataset: (s, s, c) float32; refused, not
+    decoded, when its header says it has more than `max_pixels` pixels."""
+    status, reason = check_file(path, max_pixels=max_pixels)
     if status != Status.OK:
         raise ImageError(status, reason)
     try:

@@ -1,5 +1,6 @@
 """Stage one from the config: find the images of the index, load the backbone, extract or benchmark."""
 
+import os
 from pathlib import Path
 
 from cxr14.config import Config
@@ -48,6 +49,7 @@ def run_extract(
         views=settings.views,
         seed=settings.seed,
         force=force,
+        max_pixels=settings.max_pixels,
     )
 
 
@@ -57,7 +59,7 @@ def run_bench_extract(config: Config, *, backbone: str, images: int) -> dict:
 
     chosen = config.backbone(backbone)
     names, paths = _images(config, limit=images)
-    present = [p for p in paths if p]
+    present = [p for p in paths if p and os.path.isfile(p)]
     if not present:
         raise InputError(
             f"{config.data_dir}: no image files found to benchmark (make one with run.py make-sample)"

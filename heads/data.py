@@ -4,11 +4,12 @@ metadata, each cache's description (kind, views, dtype, recipe) beside them; and
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from cache.status import Status
-from cache.store import cache_path, read_features, shard_dir
+from cache.store import cache_path, check_recipe, finite_rows, read_features, shard_dir
 from cxr14.errors import InputError
 from cxr14.names import positions
 from extract.splits import SPLITS
@@ -67,22 +68,25 @@ def load_head_data(*, cache_dir: Path, backbones: Sequence[str], index, splits, 
     in_split = np.isin(splits.assignment, SPLITS)
     absent = np.zeros(len(index.names), bool)
     failed = np.zeros(len(index.names), bool)
+    not_finite = np.zeros(len(index.names), bool)
     unknown = 0
     cached, attrs = {}, {}
     for name in backbones:
-        stored, position, status, not_in_index, attrs[name] = _read_cache(Path(cache_dir), name, index)
-        absent |= position < 0
-        failed |= (position >= 0) & (status != Status.OK)
-        unknown = max(unknown, not_in_index)
-        cached[name] = (stored, position)
-    # Each left-out row is counted once: absent from some cache first, else failed in some cache.
+        cache = _read_cache(Path(cache_dir), name, index)
+        absent |= cache.position < 0
+        failed |= (cache.position >= 0) & (cache.status != Status.OK)
+        not_finite |= cache.not_finite
+        unknown = max(unknown, cache.not_in_index)
+        cached[name], attrs[name] = (cache.features, cache.position), cache.attrs
+    # Each left-out row is counted once: absent from some cache first, else failed, else not finite.
     excluded = {
         "failed_extraction": int((in_split & failed & ~absent).sum()),
+        "not_finite": int((in_split & not_finite & ~failed & ~absent).sum()),
         "not_in_cache": int((in_split & absent).sum()),
         "not_in_index": unknown,
         "no_split": int((~in_split).sum()),
     }
-    keep = in_split & ~absent & ~failed
+    keep = in_split & ~absent & ~failed & ~not_finite
     rows = np.flatnonzero(keep)
     if rows.size == 0:
         raise InputError(
@@ -105,11 +109,20 @@ def load_head_data(*, cache_dir: Path, backbones: Sequence[str], index, splits, 
     )
 
 
-def _read_cache(
-    cache_dir: Path, backbone: str, index
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, dict]:
-    """A cache's features as stored, the stored row of each index row (-1: absent), each index row's
-    status (meaningful where present), how many stored names the index does not know, and its attributes."""
+class _Cache(NamedTuple):
+    """One cache read and aligned to the index: per index row its stored row (-1: absent), its status
+    (meaningful where present) and whether its features hold NaN or inf."""
+
+    features: np.ndarray  # as stored
+    position: np.ndarray
+    status: np.ndarray
+    not_finite: np.ndarray
+    not_in_index: int  # stored names the index does not know
+    attrs: dict
+
+
+def cache_file(cache_dir: Path, backbone: str) -> Path:
+    """The path of backbone's feature file, or an error saying how to make it."""
     path = cache_path(cache_dir, backbone)
     if not path.is_file():
         pending = shard_dir(cache_dir, backbone)
@@ -120,7 +133,14 @@ def _read_cache(
             else f"make it with `python run.py extract --backbone {backbone}`"
         )
         raise InputError(f"no feature cache for backbone {backbone!r} ({path} not found); {hint}")
+    return path
+
+
+def _read_cache(cache_dir: Path, backbone: str, index) -> _Cache:
+    """A cache's features as stored, aligned to the index by name; refused if changed since it was made."""
+    path = cache_file(cache_dir, backbone)
     cached = read_features(path)
+    check_recipe(path, attrs=cached.attrs, names=cached.names)
     # Join by name, never by position: a cache may hold its rows in any order, or other images.
     position = positions(index.names, among=cached.names)
     found = position >= 0
@@ -132,7 +152,11 @@ def _read_cache(
         )
     status = np.full(len(position), Status.MISSING, dtype=np.int8)
     status[found] = cached.status[position[found]]
-    return cached.features, position, status, len(cached.names) - int(found.sum()), cached.attrs
+    # NaN or inf would turn every score into a constant: such rows are left out and counted.
+    not_finite = np.zeros(len(position), dtype=bool)
+    not_finite[found] = (status[found] == Status.OK) & ~finite_rows(cached.features)[position[found]]
+    not_in_index = len(cached.names) - int(found.sum())
+    return _Cache(cached.features, position, status, not_finite, not_in_index, cached.attrs)
 
 
 def _take(stored: np.ndarray, position: np.ndarray, rows: np.ndarray) -> np.ndarray:

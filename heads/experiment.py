@@ -7,7 +7,7 @@ from pathlib import Path
 from cxr14.config import Config, HeadConfig, TrainConfig
 from cxr14.errors import InputError
 from extract.dataset import open_dataset
-from extract.registry import SOURCES
+from heads.provenance import cache_kind, check_caches, check_unchanged, extracted_backbone, recorded
 from heads.registry import HEAD_KINDS, head_kind
 from heads.run_folder import read_config, refuse_existing
 
@@ -25,7 +25,8 @@ class RunPlan:
 
 
 def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> RunPlan:
-    """The head preset of `kind` and [train] from `config` (flags already applied), over `backbones`."""
+    """The head preset of `kind` and [train] from `config` (flags already applied), over `backbones`
+    (each a [backbones] table, or a feature file of one's own in the cache folder)."""
     spec = head_kind(kind)
     if isinstance(backbones, str):
         backbones = [b.strip() for b in backbones.split(",") if b.strip()]
@@ -39,7 +40,7 @@ def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> Ru
             + (f"; for several, use the {' or '.join(others)} head" if spec.max_backbones == 1 else "")
         )
     for name in backbones:
-        holds = SOURCES[config.backbone(name).source]
+        holds = cache_kind(config, name)
         if holds != spec.takes:
             raise InputError(
                 f"the {kind} head trains on cached {spec.takes}, but backbone {name!r} holds {holds}; "
@@ -48,19 +49,20 @@ def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> Ru
     return RunPlan(head=config.head(kind), train=config.train, backbones=backbones)
 
 
-def snapshot(config: Config, plan: RunPlan) -> dict:
-    """The resolved config saved as runs/RUN/config.json: enough to evaluate, predict and export later."""
-    from cache.store import cache_path, read_attrs
+def snapshot(config: Config, plan: RunPlan, *, caches: dict[str, dict]) -> dict:
+    """The resolved config saved as runs/RUN/config.json: enough to evaluate, predict and export later.
 
+    The backbones are recorded as their caches were extracted (None for features of one's own), so a
+    later edit of the config cannot change what predict and export run.
+    """
     return {
         "head": dataclasses.asdict(plan.head),
         "train": dataclasses.asdict(plan.train),
-        "backbones": {name: config.backbones[name].as_dict() for name in plan.backbones},
+        "backbones": {name: extracted_backbone(caches[name]) for name in plan.backbones},
         "labels": list(config.labels),
         # Prediction must round features exactly as the cache did, so record how it stored them.
-        "feature_dtypes": {
-            name: read_attrs(cache_path(config.cache_dir, name))["dtype"] for name in plan.backbones
-        },
+        "feature_dtypes": {name: caches[name]["dtype"] for name in plan.backbones},
+        "caches": recorded({name: caches[name] for name in plan.backbones}),
         "config": config.as_dict(),
     }
 
@@ -73,6 +75,7 @@ def run_train_head(
     from heads.train import train_head
 
     plan = plan_run(config, kind=kind, backbones=backbones)
+    check_caches(config, plan.backbones)
     run_dir = config.runs_dir / (name or plan.default_name())
     refuse_existing(run_dir, force=force)
     dataset = open_dataset(config)
@@ -89,7 +92,7 @@ def run_train_head(
         head=plan.head,
         train=plan.train,
         label_names=config.labels,
-        config_snapshot=snapshot(config, plan),
+        config_snapshot=snapshot(config, plan, caches=data.caches),
         force=force,
     )
     return {**metrics, "run_dir": run_dir, "summary": summarize_metrics(metrics, run_dir=run_dir)}
@@ -109,6 +112,7 @@ def run_evaluate(config: Config, *, run_dir: Path, split: str) -> dict:
         splits=dataset.splits,
         metadata=saved["train"]["metadata"],
     )
+    check_unchanged(run_dir, saved=saved, caches=data.caches, cache_dir=config.cache_dir)
     metrics = score_run(
         run_dir=run_dir,
         data=data,

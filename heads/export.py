@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from cxr14.errors import InputError
+from cxr14.temps import remove_stale_temps, temp_path
 from extract.pipeline import decode, load_image, preprocess
 from heads.predict import TrainedRun, fused_probabilities, load_run
 
@@ -37,7 +38,8 @@ def export_run(*, run_dir: Path, out_dir: Path) -> Path:
     run = load_run(run_dir)
     module = build_module(run)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    remove_stale_temps(out_dir)  # left by killed exports to the same folder
+    tmp = temp_path(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_module(module, tmp, run=run)

@@ -1,6 +1,7 @@
 """Prediction on new PNG images with a trained run: backbone(s) and head, through extraction's own pipeline."""
 
 import csv
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,7 +55,10 @@ def load_run(run_dir: Path) -> TrainedRun:
                 f"{run_dir / 'config.json'}: feature_dtypes[{name!r}] = {dtypes.get(name)!r}, "
                 f"expected one of {', '.join(CACHED_DTYPES)}"
             )
-    backbones = {name: load_backbone(BackboneConfig(**plan["backbones"][name])) for name in names}
+    backbones = {
+        name: load_backbone(_backbone_config(run_dir, name, plan["backbones"][name])) for name in names
+    }
+    _check_shapes(run_dir, head=head, backbones=backbones)
     return TrainedRun(
         run_dir=run_dir,
         labels=tuple(plan["labels"]),
@@ -62,6 +66,39 @@ def load_run(run_dir: Path) -> TrainedRun:
         dtypes={name: dtypes[name] for name in names},
         head=head,
     )
+
+
+def _backbone_config(run_dir: Path, name: str, settings: dict | None) -> BackboneConfig:
+    """The backbone `name` as the run's cache was extracted with it; a run on features of one's own has
+    no image pipeline to run."""
+    if settings is None:
+        raise InputError(
+            f"{run_dir} was trained on features of your own for backbone {name!r} (its cache records no "
+            "backbone settings), so there is no image pipeline to run on new images; predict and export "
+            "need backbones extracted with run.py extract"
+        )
+    fields = {f.name for f in dataclasses.fields(BackboneConfig)}
+    try:
+        return BackboneConfig(**{key: value for key, value in settings.items() if key in fields})
+    except (TypeError, InputError) as err:
+        raise InputError(
+            f"{run_dir / 'config.json'}: backbones[{name!r}] is not a backbone's settings ({err}); "
+            "train the run again"
+        ) from None
+
+
+def _check_shapes(run_dir: Path, *, head: keras.Model, backbones: dict) -> None:
+    """Refuse a head whose inputs do not take its backbones' outputs (config.json and model.keras from
+    different runs): Keras would fail deep inside the first call."""
+    for tensor in head.inputs:
+        backbone = backbones[tensor.name]
+        gives = (backbone.dim,) if backbone.kind == "features" else (backbone.dim, backbone.dim)
+        takes = tuple(tensor.shape[1:])
+        if takes != gives:
+            raise InputError(
+                f"{run_dir / 'model.keras'} takes inputs of shape {takes} for backbone {tensor.name!r}, "
+                f"but that backbone gives {gives}; the run folder is inconsistent, train it again"
+            )
 
 
 def as_cached(outputs: tf.Tensor, dtype: str) -> tf.Tensor:
@@ -116,16 +153,20 @@ def predict_images(*, run_dir: Path, inputs: Sequence[Path], config: Config) -> 
     batch_size = config.extract.batch_size
     results = []
     for start in range(0, len(paths), batch_size):
-        results.extend(_predict_batch(run, paths[start : start + batch_size]))
+        batch = paths[start : start + batch_size]
+        results.extend(_predict_batch(run, batch, max_pixels=config.extract.max_pixels))
     return results
 
 
-def _predict_batch(run: TrainedRun, paths: Sequence[Path]) -> list[dict]:
+def _predict_batch(run: TrainedRun, paths: Sequence[Path], *, max_pixels: int) -> list[dict]:
     images = {name: [] for name in run.backbones}
     errors = {}
     for i, path in enumerate(paths):
         try:
-            loaded = {name: load_image(path, backbone.spec) for name, backbone in run.backbones.items()}
+            loaded = {
+                name: load_image(path, backbone.spec, max_pixels=max_pixels)
+                for name, backbone in run.backbones.items()
+            }
         except ImageError as err:
             errors[i] = err.reason
             continue

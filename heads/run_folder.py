@@ -12,6 +12,7 @@ from pathlib import Path
 import keras
 
 from cxr14.errors import InputError
+from cxr14.temps import remove_stale_temps, temp_path
 
 OUTPUTS = (
     "config.json",
@@ -34,7 +35,8 @@ def refuse_existing(run_dir: Path, *, force: bool) -> None:
 def start_run(run_dir: Path, *, force: bool) -> Path:
     """A fresh temporary folder beside run_dir, where the run is written until finish_run renames it."""
     refuse_existing(run_dir, force=force)
-    tmp = run_dir.parent / f".{run_dir.name}.tmp-{os.getpid()}"
+    remove_stale_temps(run_dir)  # left by killed runs of the same name
+    tmp = temp_path(run_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -91,6 +93,8 @@ def load_model(run_dir: Path) -> keras.Model:
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as err:  # noqa: BLE001 - Keras raises many types for a bad file; all mean the same
+        # Keras' messages span many lines (a refused Lambda layer explains safe_mode at length).
+        detail = (str(err).strip().splitlines() or [""])[0][:300]
         raise InputError(
-            f"{path}: cannot be loaded ({type(err).__name__}: {err}); train the run again"
+            f"{path}: cannot be loaded ({type(err).__name__}: {detail}); train the run again"
         ) from None

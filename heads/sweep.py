@@ -13,6 +13,7 @@ from cxr14.config import Config, read_toml, with_training
 from cxr14.errors import InputError
 from extract.dataset import open_dataset
 from heads.experiment import RunPlan, plan_run, snapshot
+from heads.provenance import check_caches
 from heads.registry import describe_settings
 
 # Grid keys and the type of one value; every key but those in [fixed] holds a list of values.
@@ -143,19 +144,20 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     if not plans:
         reasons = sorted({s["reason"] for s in skipped})
         raise InputError(f"{grid_path}: no valid combination to train; every one was skipped: {reasons}")
-    sweep_dir = config.runs_dir / name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(grid_path, sweep_dir / "grid.toml")
-
+    backbones = sorted({b for plan in plans.values() for b in plan.backbones})
+    check_caches(config, backbones)
     dataset = open_dataset(config)
     # One load for every trial: all trials then also see exactly the same rows.
     data = load_head_data(
         cache_dir=config.cache_dir,
-        backbones=sorted({b for plan in plans.values() for b in plan.backbones}),
+        backbones=backbones,
         index=dataset.index,
         splits=dataset.splits,
         metadata=True,
     )
+    sweep_dir = config.runs_dir / name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(grid_path, sweep_dir / "grid.toml")
     print(
         f"sweep {name}: {len(plans)} trials ({len(combos)} combinations, {len(skipped)} skipped)", flush=True
     )
@@ -207,7 +209,7 @@ def _run_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, step: st
         head=plan.head,
         train=plan.train,
         label_names=config.labels,
-        config_snapshot=snapshot(config, plan),
+        config_snapshot=snapshot(config, plan, caches=data.caches),
         force=True,
         eval_split="val",
     )

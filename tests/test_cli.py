@@ -119,3 +119,41 @@ def test_train_evaluate_report_round_trip(tmp_path, tiny_project, capsys):
     capsys.readouterr()
     assert run.main(["report", *common]) == 0
     assert "| e |" in capsys.readouterr().out.replace("|  e |", "| e |")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train-head", "--head", "fc", "--backbone", "offline_cnn", "--epochs", "0"],
+        ["train-head", "--head", "fc", "--backbone", "offline_cnn", "--epochs", "-1"],
+        ["train-head", "--head", "fc", "--backbone", "offline_cnn", "--batch-size", "0"],
+        ["train-head", "--head", "fc", "--backbone", "offline_cnn", "--lr", "-0.001"],
+        ["train-head", "--head", "fc", "--backbone", "offline_cnn", "--units", "64,-1"],
+        ["train-head", "--head", "fc", "--backbone", "offline_cnn", "--seed", "-1"],
+        ["train-head", "--head", "fc", "--backbone", "offline_cnn", "--dropout", "1.5"],
+        ["extract", "--backbone", "offline_cnn", "--views", "0"],
+        ["extract", "--backbone", "offline_cnn", "--batch-size", "0"],
+        ["make-sample", "--out", "x", "--seed", "-1"],
+    ],
+)
+def test_numbers_out_of_range_on_the_command_line_exit_2(tmp_path, args, capsys):
+    """Never a traceback, and never silently replaced by the config's value (`x or settings.x`)."""
+    config = write_tiny_config(tmp_path)
+    try:
+        code = run.main([*args, "--config", str(config)])
+    except SystemExit as exit:  # argparse's own refusal
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(("error: ", "run.py ")), err
+
+
+def test_a_full_disk_outside_the_store_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "x.png"))
+
+    monkeypatch.setattr("extract.sample.make_sample", full)
+    assert run.main(["make-sample", "--out", str(tmp_path / "out"), "--images", "5"]) == 2
+    assert capsys.readouterr().err == f"error: no space left on device: {tmp_path / 'out' / 'x.png'}\n"

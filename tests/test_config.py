@@ -80,6 +80,14 @@ def test_ints_are_accepted_for_floats(tmp_path):
         ("[heads.mlp]\nunits = [3]\n", "[heads.mlp] = 'mlp' is not one of"),
         ("[backbones.b]\nsource = 'random'\nimage_size = 100000\npreprocess = 'unit'\n", "image_size"),
         ("[backbones.b]\nsource = 'random'\nimage_size = 64\npreprocess = 'unit'\nseed = -1\n", "seed = -1"),
+        # A grid finer than the random backbone's feature map only repeats cells, and multiplies memory.
+        (
+            "[backbones.b]\nsource = 'random'\nimage_size = 32\npreprocess = 'unit'\ngrid = 5\n",
+            "backbones.b.grid = 5 is larger than the 4x4 feature map of a 32-pixel image",
+        ),
+        ("[extract]\nmax_pixels = 0\n", "extract.max_pixels = 0 is out of range"),
+        ("[train]\nseed = -2\n", "train.seed = -2"),
+        ("[heads.fc]\nunits = [0]\n", "heads.fc.units = [0]"),
     ],
 )
 def test_values_out_of_range_name_the_key(tmp_path, toml, needle):
@@ -113,3 +121,11 @@ def test_frozen_dir_is_taken_from_the_config_folder(tmp_path):
     config = load_config(write(tmp_path, "[split]\npolicy = 'frozen'\nfrozen_dir = 'splits'\n"))
     assert config.split.frozen_dir == str(tmp_path / "splits")
     assert load_config(write(tmp_path, "")).split.frozen_dir == ""
+
+
+def test_the_pixel_limit_is_in_the_shipped_config_with_a_comment():
+    text = (ROOT / "cxr14.toml").read_text()
+    assert "\nmax_pixels = 25000000\n" in text or "\nmax_pixels = 25_000_000\n" in text
+    comment = text.split("max_pixels =")[0].rsplit("\n\n", 1)[-1]
+    assert "decod" in comment
+    assert load_config(ROOT / "cxr14.toml").extract.max_pixels == 25_000_000 == ExtractConfig().max_pixels

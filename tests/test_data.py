@@ -87,7 +87,13 @@ def test_rows_are_joined_by_name_not_position(tmp_path, index):
     np.testing.assert_array_equal(shuffled.labels, index.labels.astype(np.float32))
     np.testing.assert_array_equal(shuffled.split, splits.assignment)
     assert shuffled.split_source == "patient-random" and shuffled.label_names == index.label_names
-    assert shuffled.excluded == {"failed_extraction": 0, "not_in_cache": 0, "not_in_index": 0, "no_split": 0}
+    assert shuffled.excluded == {
+        "failed_extraction": 0,
+        "not_finite": 0,
+        "not_in_cache": 0,
+        "not_in_index": 0,
+        "no_split": 0,
+    }
 
 
 def test_failed_absent_and_unknown_rows_are_counted(tmp_path, index):
@@ -103,13 +109,39 @@ def test_failed_absent_and_unknown_rows_are_counted(tmp_path, index):
     data = load_head_data(
         cache_dir=tmp_path, backbones=["bb"], index=index, splits=make_splits(index), metadata=False
     )
-    assert data.excluded == {"failed_extraction": 3, "not_in_cache": 2, "not_in_index": 1, "no_split": 0}
+    assert data.excluded == {
+        "failed_extraction": 3,
+        "not_finite": 0,
+        "not_in_cache": 2,
+        "not_in_index": 1,
+        "no_split": 0,
+    }
     dropped = [0, 5, 7, 10, 11]
     expected = np.delete(np.arange(len(index)), dropped)
     np.testing.assert_array_equal(data.names, index.names[expected])
     np.testing.assert_array_equal(data.features["bb"], features[expected])
     np.testing.assert_array_equal(data.patients, index.patients[expected])
     assert "115 images" in data.describe() and "failed_extraction 3" in data.describe()
+
+
+def test_rows_with_non_finite_features_are_left_out_and_counted(tmp_path, index):
+    """A file written by other tools may hold NaN or inf: such rows would make every score constant."""
+    features = signal_features(index)
+    features[3, 0], features[8, 5], features[9] = np.nan, np.inf, -np.inf
+    status = np.zeros(len(index), np.int8)
+    status[9] = Status.EMPTY  # a failed row is counted as failed, whatever it holds
+    with h5py.File(cache_path(tmp_path, "bb"), "w") as f:  # the store itself refuses to write these
+        f.create_dataset("names", data=index.names.astype(str).tolist(), dtype=h5py.string_dtype())
+        f.create_dataset("features", data=features)
+        f.create_dataset("status", data=status)
+        f.create_dataset("errors", data=[""] * len(index), dtype=h5py.string_dtype())
+        f.attrs.update(schema_version=1, backbone="bb", kind="features", dtype="float16", views=1)
+    data = load_head_data(
+        cache_dir=tmp_path, backbones=["bb"], index=index, splits=make_splits(index), metadata=False
+    )
+    assert data.excluded["not_finite"] == 2 and data.excluded["failed_extraction"] == 1
+    assert np.isfinite(data.features["bb"]).all() and len(data.names) == len(index) - 3
+    assert "not_finite 2" in data.describe()
 
 
 def test_ensemble_keeps_images_ok_in_every_cache(tmp_path, index):

@@ -107,7 +107,7 @@ def test_every_failure_kind_is_recorded_and_good_rows_match_the_backbone(images,
     assert summary.path == tmp_path / "cache" / "fake.h5"
     for row, status in EXPECTED_STATUS.items():
         assert got.status[row] == status, (row, got.errors[row])
-        assert names[row] in got.errors[row] or "no path" in got.errors[row]
+        assert names[row] in got.errors[row] or "no image file of this name" in got.errors[row]
         assert not got.features[row].any()
     assert "IEND" in got.errors[7] and "not a PNG" in got.errors[8] and "cannot be decoded" in got.errors[10]
     ok = [row for row in range(12) if row not in EXPECTED_STATUS]
@@ -351,3 +351,75 @@ def test_real_random_and_pixels_backbones_on_a_sample_data_set(tmp_path):
                 got.features[row], expected.astype(got.features.dtype), rtol=2e-3, atol=2e-3
             )
         assert got.attrs["backbone_config"]["source"] == backbone.config["source"]
+
+
+# --- bad input and faults: a recorded failure or a one-line error, and nothing finished is lost --------
+
+
+def test_an_unreadable_image_is_a_failed_row_and_the_rest_is_extracted(images, tmp_path, monkeypatch):
+    import builtins
+
+    names, paths = images
+    denied = paths[1]
+
+    def deny(name, *args, **kwargs):  # tests run as root, so chmod cannot make a file unreadable
+        if str(name) == denied:
+            raise PermissionError(13, "Permission denied", str(name))
+        return builtins.open(name, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "open", deny, raising=False)
+    summary = extract(names, paths, tmp_path / "cache")
+    got = store.read_features(summary.path)
+    assert got.status[1] == Status.UNDECODABLE and "Permission denied" in got.errors[1]
+    assert (summary.done, summary.failed) == (6, 6)  # the 7 readable images less this one
+
+
+def test_a_full_disk_stops_with_one_line_and_the_rerun_resumes(images, tmp_path, monkeypatch):
+    import h5py
+
+    names, paths = images
+    reference = extract(names, paths, tmp_path / "reference")
+    real, written = h5py.Group.create_dataset, []
+
+    def create_dataset(self, *args, **kwargs):  # the disk fills up during the second shard
+        written.append(1)
+        if len(written) > 4:
+            raise OSError(28, "Can't synchronously write data (error message = 'No space left on device')")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
+    with pytest.raises(InputError) as err:
+        extract(names, paths, tmp_path / "cache")
+    assert str(err.value).startswith("no space left on device: ") and "\n" not in str(err.value)
+    shards = store.shard_dir(tmp_path / "cache", "fake")
+    assert [p.name for p in shards.iterdir()] == ["000000000-000000004.h5"]  # no temporary file left
+    monkeypatch.undo()
+    resumed = extract(names, paths, tmp_path / "cache")
+    assert (resumed.shards_skipped, resumed.shards_done) == (1, 2)
+    assert_same_file(resumed.path, reference.path)
+
+
+def test_images_above_the_pixel_limit_are_failed_rows(images, tmp_path):
+    names, paths = images
+    big = Path(paths[0])
+    write_png(big, np.zeros((40, 30, 1), np.uint8))  # 1,200 pixels; the others have 144
+    summary = extract(names, paths, tmp_path / "cache", max_pixels=1000)
+    got = store.read_features(summary.path)
+    assert got.status[0] == Status.UNDECODABLE
+    assert "30x40 pixels is more than the limit of 1,000" in got.errors[0]
+    assert (got.status[[2, 4, 6]] == Status.OK).all()
+
+
+def test_force_removes_a_killed_merges_temporary_file(images, tmp_path):
+    from cxr14.temps import temp_path
+
+    names, paths = images
+    first = extract(names, paths, tmp_path / "cache")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a writer that is gone
+    leftover = first.path.with_name(
+        temp_path(first.path).name.replace(f".{os.getpid()}.tmp", f".{child.pid}.tmp")
+    )
+    leftover.write_bytes(b"x" * 1000)  # 460 MB on the full data set
+    extract(names, paths, tmp_path / "cache", force=True)
+    assert not leftover.exists()

@@ -3,11 +3,12 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cxr14.config import LABELS
 from cxr14.errors import InputError
-from extract.index import find_csv, find_images, format_summary, read_index, summarize
+from extract.index import count_missing, find_csv, find_images, format_summary, read_index, summarize
 from extract.splits import Splits
 
 HEADER = (
@@ -69,6 +70,28 @@ def test_impossible_age_is_missing_and_counted_and_old_spelling_parses(index):
     assert index.ages_invalid == 1
 
 
+@pytest.mark.parametrize("age", ["", "abc", "58.5.1", "-3"])
+def test_missing_or_non_integer_ages_become_nan_and_are_counted(tmp_path, age):
+    # Under pandas 3 (what installs today) the parsed ages came back read-only and every command crashed.
+    rows = [ROWS[0].replace(",81,", f",{age},"), *ROWS[1:]]
+    index = read_index(write_csv(tmp_path / "a.csv", rows), label_names=LABELS)
+    assert np.isnan(index.age[2]) and index.ages_invalid == 2  # this one and the 148
+
+
+def test_ages_are_parsed_into_a_copy_of_a_read_only_array(tmp_path, monkeypatch):
+    """The same crash under any pandas: numbers handed out as a read-only array must not be written to."""
+    to_numeric = pd.to_numeric
+
+    def read_only_numbers(values, **kwargs):
+        array = to_numeric(values, **kwargs).to_numpy(dtype=np.float64, copy=True)
+        array.flags.writeable = False
+        return pd.Series(array, index=values.index, copy=False)
+
+    monkeypatch.setattr(pd, "to_numeric", read_only_numbers)
+    index = read_index(write_csv(tmp_path / "a.csv"), label_names=LABELS)
+    assert np.isnan(index.age[3]) and index.ages_invalid == 1
+
+
 def test_v2020_shape_gives_the_same_index(tmp_path, index):
     other = read_index(write_csv(tmp_path / "v2020.csv", shape="2020"), label_names=LABELS)
     for field in ("names", "labels", "patients", "follow_up", "sex", "view", "width", "height"):
@@ -120,6 +143,16 @@ def _error(tmp_path, rows=ROWS, header=HEADER) -> str:
         ("00000009_000.png,Mass,0,9,50,X,PA,1,1,0.1,0.1", r"line 4, column 'Patient Gender'.*'X'"),
         ("00000009_000.png,Mass,0,9,50,M,LL,1,1,0.1,0.1", r"line 4, column 'View Position'.*'LL'"),
         ("00000009_000.png,Mass,0,9,50,M,PA,1,1,0.1,0.1,extra,more", r"fields in line 4, saw"),
+        # A NUL cannot be stored in a feature file; a 23-digit id overflows int64, a width int32.
+        ("0000\x00009_000.png,Mass,0,9,50,M,PA,1,1,0.1,0.1", r"line 4, column 'Image Index'.*control"),
+        (
+            "00000009_000.png,Mass,0,12345678901234567890123,50,M,PA,1,1,0.1,0.1",
+            r"line 4, column 'Patient ID': '12345678901234567890123' is too large",
+        ),
+        (
+            "00000009_000.png,Mass,0,9,50,M,PA,99999999999,1,0.1,0.1",
+            r"line 4, column 'OriginalImage\[Width': '99999999999' is too large",
+        ),
     ],
 )
 def test_bad_row_names_file_line_and_problem(tmp_path, row, expected):
@@ -166,8 +199,23 @@ def test_find_images_in_each_layout(tmp_path, layout):
     (tmp_path / layout).mkdir(parents=True)
     (tmp_path / layout / "b.png").write_bytes(b"x")
     (tmp_path / layout / "c.png").mkdir()  # a folder is not an image
-    paths = find_images(tmp_path, ["a.png", "b.png", "c.png"])
-    assert paths.tolist() == ["", str(tmp_path / layout / "b.png"), ""]
+    (tmp_path / layout / "d.png").symlink_to(tmp_path / "gone.png")  # nor is a broken link
+    paths = find_images(tmp_path, ["a.png", "b.png", "c.png", "d.png"])
+    # A folder or broken link is returned, so the extraction can say what is there; it counts as missing.
+    assert paths.tolist() == [
+        "",
+        str(tmp_path / layout / "b.png"),
+        str(tmp_path / layout / "c.png"),
+        str(tmp_path / layout / "d.png"),
+    ]
+    assert count_missing(paths) == 3
+
+
+def test_a_file_wins_over_a_folder_of_the_same_name(tmp_path):
+    (tmp_path / "images" / "a.png").mkdir(parents=True)
+    (tmp_path / "images_001" / "images").mkdir(parents=True)
+    (tmp_path / "images_001" / "images" / "a.png").write_bytes(b"x")
+    assert find_images(tmp_path, ["a.png"]).tolist() == [str(tmp_path / "images_001/images/a.png")]
 
 
 def test_find_images_across_archives_first_folder_wins(tmp_path):

@@ -269,3 +269,87 @@ def test_augment_deterministic_and_in_range():
     assert a.shape == (32, 32, 1) and not np.allclose(a, b)
     assert a.min() >= 0.0 and a.max() <= 1.0
     assert np.abs(a - image.numpy()).mean() > 0.01
+
+
+# --- what check_file says, and what it refuses --------------------------------------------------------
+
+
+def _unreadable(monkeypatch, path):
+    """Opening `path` fails as for a file without read permission (tests run as root, so chmod cannot)."""
+    import builtins
+
+    import extract.pipeline as pipeline
+
+    def deny(name, *args, **kwargs):
+        if str(name) == str(path):
+            raise PermissionError(13, "Permission denied", str(name))
+        return builtins.open(name, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "open", deny, raising=False)
+
+
+def test_an_unreadable_file_is_a_failure_with_its_reason(broken_files, monkeypatch):
+    path = broken_files / "good.png"
+    _unreadable(monkeypatch, path)
+    assert check_file(path) == (Status.UNDECODABLE, f"{path}: cannot be read (Permission denied)")
+    with pytest.raises(ImageError) as err:
+        load_image(path, ImageSpec(size=16, normalization="unit"))
+    assert err.value.status == Status.UNDECODABLE and "Permission denied" in err.value.reason
+
+
+def test_a_folder_or_broken_link_says_what_it_is(tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "link.png").symlink_to(tmp_path / "gone.png")
+    assert check_file(tmp_path / "folder.png") == (
+        Status.MISSING,
+        f"{tmp_path / 'folder.png'}: a folder, not an image file",
+    )
+    status, reason = check_file(tmp_path / "link.png")
+    assert status == Status.MISSING and "broken symbolic link" in reason and "gone.png" in reason
+    status, reason = check_file("")
+    assert status == Status.MISSING and "(no path)" not in reason
+
+
+def test_the_reason_for_a_non_png_does_not_echo_its_bytes(tmp_path):
+    path = tmp_path / "evil.png"
+    path.write_bytes(b"\x1b[2J\x1b[31mowned\r\n" + bytes(range(256)))
+    status, reason = check_file(path)
+    assert status == Status.UNDECODABLE and "not a PNG file" in reason
+    assert "owned" not in reason and reason.isprintable()
+
+
+def test_bytes_after_iend_are_accepted_like_decoders_do(tmp_path):
+    clean = _write_png(tmp_path / "clean.png", _gray(2))
+    padded = tmp_path / "padded.png"
+    padded.write_bytes(clean.read_bytes() + b"\x00junk after the image" * 20)
+    assert check_file(padded) == (Status.OK, "")
+    spec = ImageSpec(size=16, normalization="unit")
+    np.testing.assert_array_equal(load_image(padded, spec), load_image(clean, spec))
+    cut = tmp_path / "cut.png"  # without IEND it is still a truncated file, however long the chunks run
+    cut.write_bytes(clean.read_bytes()[:-12] + b"\x00" * 100)
+    assert check_file(cut)[0] == Status.TRUNCATED
+
+
+def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch):
+    import extract.pipeline as pipeline
+
+    path = _write_png(tmp_path / "big.png", _gray(3))  # 64 x 64 = 4,096 pixels
+    assert check_file(path, max_pixels=4096) == (Status.OK, "")
+    status, reason = check_file(path, max_pixels=4095)
+    assert status == Status.UNDECODABLE and "64x64 pixels is more than the limit of 4,095" in reason
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a refused image was decoded")
+
+    monkeypatch.setattr(pipeline, "decode", no_decoding)
+    with pytest.raises(ImageError, match="more than the limit"):
+        load_image(path, ImageSpec(size=16, normalization="unit"), max_pixels=4095)
+
+
+def test_a_bomb_header_is_read_without_decoding(tmp_path):
+    """A 20000 x 20000 16-bit header: the size comes from IHDR, so nothing is decompressed."""
+    png = bytearray(_write_png(tmp_path / "small.png", _gray(4)).read_bytes())
+    png[16:24] = (20000).to_bytes(4, "big") * 2
+    (tmp_path / "bomb.png").write_bytes(bytes(png))
+    status, reason = check_file(tmp_path / "bomb.png", max_pixels=25_000_000)
+    assert status == Status.UNDECODABLE and "20000x20000 pixels" in reason

@@ -1,6 +1,7 @@
 """heads/predict.py: new PNGs through the run's backbone(s) and head, errors per file."""
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import run
 from cache.store import cache_path, read_features
 from cxr14.config import LABELS, BackboneConfig, Config, ExtractConfig, HeadConfig, SplitConfig
 from cxr14.errors import InputError
@@ -317,3 +319,45 @@ def test_output_formats(fc_run, images, tmp_path):
     assert rows[3]["error"] and rows[3][LABELS[0]] == ""
     with pytest.raises(InputError, match="table, json"):
         format_predictions(results, fmt="xml")
+
+
+def test_unreadable_and_oversized_images_are_reported_and_the_rest_answered(
+    fc_run, images, tmp_path, monkeypatch
+):
+    import builtins
+
+    import extract.pipeline as pipeline
+
+    def deny(name, *args, **kwargs):  # tests run as root, so chmod cannot make a file unreadable
+        if str(name) == str(images[1]):
+            raise PermissionError(13, "Permission denied", str(name))
+        return builtins.open(name, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "open", deny, raising=False)
+    config = dataclasses.replace(make_config(tmp_path), extract=ExtractConfig(max_pixels=45 * 45))
+    results = predict_images(run_dir=fc_run, inputs=images, config=config)
+    errors = [r["error"] for r in results]
+    assert errors[0] is None  # 40 x 40
+    assert "cannot be read (Permission denied)" in errors[1]
+    assert "50x50 pixels is more than the limit of 2,025" in errors[2]
+
+
+def test_a_model_that_fails_to_load_is_one_line(tmp_path, images):
+    run_dir = make_run(tmp_path / "lambda", [TINY])
+    x = keras.Input((load_backbone(TINY).dim,), name="tiny")
+    out = keras.layers.Dense(len(LABELS), activation="sigmoid")(keras.layers.Lambda(lambda t: t * 2)(x))
+    keras.Model(x, out).save(run_dir / "model.keras")  # Lambda layers are refused when loading safely
+    with pytest.raises(InputError) as err:
+        load_run(run_dir)
+    assert "model.keras: cannot be loaded (ValueError: " in str(err.value) and "\n" not in str(err.value)
+    assert run.main(["predict", "--run", str(run_dir), str(images[0])]) == 2
+
+
+def test_a_head_of_another_input_shape_is_refused(tmp_path, images):
+    run_dir = make_run(tmp_path / "mixed", [TINY])
+    x = keras.Input((7,), name="tiny")  # tiny gives 32 features
+    keras.Model(x, keras.layers.Dense(len(LABELS), activation="sigmoid")(x)).save(run_dir / "model.keras")
+    with pytest.raises(
+        InputError, match=r"takes inputs of shape \(7,\) for backbone 'tiny', but that backbone gives \(32,\)"
+    ):
+        predict_images(run_dir=run_dir, inputs=images, config=make_config(tmp_path))

@@ -1,6 +1,9 @@
 """The feature store: schema checks, atomic writes, shards, merging, and the README's format."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -10,6 +13,7 @@ import pytest
 from cache import store
 from cache.status import Status
 from cxr14.errors import InputError
+from cxr14.temps import temp_path
 
 README = Path(__file__).resolve().parents[1] / "cache" / "README.md"
 
@@ -218,3 +222,95 @@ def test_discard_keeps_only_matching_shards_of_other_workers(tmp_path):
     removed = store.discard_shards(tmp_path / "s", fingerprint="fp", ranges=[(0, 3)])
     assert removed == 2  # (0, 3) is ours to redo, (6, 7) was made by another recipe
     assert set(store.finished_shards(tmp_path / "s", wanted=attrs_for())) == {(3, 6)}
+
+
+@pytest.mark.parametrize(
+    "bad, dtype",
+    [(np.nan, "float16"), (np.inf, "float32"), (1e6, "float16")],  # 1e6 overflows float16 to inf
+)
+def test_non_finite_features_are_refused_on_write(tmp_path, bad, dtype):
+    data = sample()
+    data["features"][2, 1] = bad
+    with pytest.raises(InputError, match=r"1 row\(s\) are NaN or infinite \(first: 00000002_000.png\)"):
+        store.write_features(tmp_path / "f.h5", attrs=attrs_for(dtype=dtype), **data)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_finite_rows_marks_each_row(monkeypatch):
+    monkeypatch.setattr(store, "FINITE_CHUNK", 2)  # rows checked in chunks: cross a chunk boundary
+    features = np.ones((5, 2, 3), np.float16)
+    features[1, 0, 2], features[4, 1, 0] = np.nan, -np.inf
+    assert store.finite_rows(features).tolist() == [True, False, True, True, False]
+    assert store.finite_rows(np.zeros((3, 4, 4), np.uint8)).all()
+
+
+def test_a_string_schema_version_says_it_is_a_string(tmp_path):
+    path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **sample())
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = "1"
+    with pytest.raises(InputError) as err:
+        store.read_features(path)
+    assert "schema_version is the str '1'; it must be the integer 1" in str(err.value)
+
+
+def _full_disk(monkeypatch, *, after: int = 0):
+    """Make HDF5 dataset writes fail as on a full disk (errno 28), after `after` successful ones."""
+    real = h5py.Group.create_dataset
+    calls = []
+
+    def create_dataset(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise OSError(
+                28,
+                "Can't synchronously write data (file write failed: time = ..., filename = 'x', "
+                "errno = 28, error message = 'No space left on device')",
+            )
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **sample())
+    _full_disk(monkeypatch, after=1)
+    with pytest.raises(InputError) as err:
+        store.write_features(path, attrs=attrs_for(), **sample(seed=1))
+    message = str(err.value)
+    assert message.startswith(f"no space left on device: {path}") and "\n" not in message
+    assert [p.name for p in tmp_path.iterdir()] == ["f.h5"]  # no temporary file left behind
+    np.testing.assert_array_equal(store.read_features(path).features, sample()["features"].astype(np.float16))
+    monkeypatch.undo()
+    write_all_shards(tmp_path / "s", sample(n=7), shard_size=3)
+    _full_disk(monkeypatch)
+    with pytest.raises(InputError, match="^no space left on device: .*m.h5"):
+        store.merge_shards(tmp_path / "s", out_path=tmp_path / "m.h5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5", "s"]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_shard_write_keeps_a_live_writers_temporary_file(tmp_path):
+    data = sample(n=3)
+    directory = tmp_path / "s"
+    directory.mkdir()
+    mine = temp_path(store.shard_path(directory, 0, 3)).name
+    live = directory / mine.replace(f".{os.getpid()}.tmp", f".{os.getppid()}.tmp")  # pytest's parent lives
+    dead = directory / mine.replace(f".{os.getpid()}.tmp", f".{_dead_pid()}.tmp")
+    live.write_bytes(b"another worker, still writing")
+    dead.write_bytes(b"a killed worker's leftover")
+    store.write_shard(directory, start=0, stop=3, total_rows=3, attrs=attrs_for(shard_size=3), **data)
+    assert live.exists() and not dead.exists()
+
+
+def test_a_killed_merges_temporary_file_is_removed_by_the_next_merge(tmp_path):
+    write_all_shards(tmp_path / "s", sample(n=7), shard_size=3)
+    out = tmp_path / "m.h5"
+    leftover = out.with_name(temp_path(out).name.replace(f".{os.getpid()}.tmp", f".{_dead_pid()}.tmp"))
+    leftover.write_bytes(b"x" * 1000)  # as large as the merged file, on the full data set
+    store.merge_shards(tmp_path / "s", out_path=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5", "s"]
