@@ -93,8 +93,15 @@ def load_model(run_dir: Path) -> keras.Model:
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as err:  # noqa: BLE001 - Keras raises many types for a bad file; all mean the same
-        # Keras' messages span many lines (a refused Lambda layer explains safe_mode at length).
-        detail = (str(err).strip().splitlines() or [""])[0][:300]
         raise InputError(
-            f"{path}: cannot be loaded ({type(err).__name__}: {detail}); train the run again"
+            f"{path}: cannot be loaded ({type(err).__name__}: {_first_cause(err)}); train the run again"
         ) from None
+
+
+def _first_cause(err: Exception) -> str:
+    """One line of a Keras loading error: its own cause where it names one, else its first line."""
+    # An unknown layer class reads "<class Functional> could not be deserialized ... config={...}
+    # ... Exception encountered: Could not locate class 'Twice'. ..." over many lines.
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    cause = next((line for line in lines if line.startswith("Exception encountered:")), lines[0])
+    return cause.removeprefix("Exception encountered:").strip()[:300]

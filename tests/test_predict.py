@@ -342,15 +342,39 @@ def test_unreadable_and_oversized_images_are_reported_and_the_rest_answered(
     assert "50x50 pixels is more than the limit of 2,025" in errors[2]
 
 
-def test_a_model_that_fails_to_load_is_one_line(tmp_path, images):
-    run_dir = make_run(tmp_path / "lambda", [TINY])
+@keras.saving.register_keras_serializable(package="cxr14_test")
+class Twice(keras.layers.Layer):
+    def call(self, x):
+        return x * 2
+
+
+def _lambda_head(x):
+    return keras.layers.Lambda(lambda t: t * 2)(x)  # refused when loading safely
+
+
+def _unknown_layer_head(x):
+    return Twice()(x)  # unregistered below: a class the loading process does not know
+
+
+@pytest.mark.parametrize("layer", [_lambda_head, _unknown_layer_head])
+def test_a_model_that_fails_to_load_is_one_line(tmp_path, images, capsys, layer):
+    run_dir = make_run(tmp_path / "broken", [TINY])
     x = keras.Input((load_backbone(TINY).dim,), name="tiny")
-    out = keras.layers.Dense(len(LABELS), activation="sigmoid")(keras.layers.Lambda(lambda t: t * 2)(x))
-    keras.Model(x, out).save(run_dir / "model.keras")  # Lambda layers are refused when loading safely
-    with pytest.raises(InputError) as err:
-        load_run(run_dir)
-    assert "model.keras: cannot be loaded (ValueError: " in str(err.value) and "\n" not in str(err.value)
-    assert run.main(["predict", "--run", str(run_dir), str(images[0])]) == 2
+    keras.Model(x, keras.layers.Dense(len(LABELS), activation="sigmoid")(layer(x))).save(
+        run_dir / "model.keras"
+    )
+    registered = keras.saving.get_custom_objects()
+    registered.pop("cxr14_test>Twice", None)
+    try:
+        with pytest.raises(InputError) as err:
+            load_run(run_dir)
+        message = str(err.value)
+        assert "model.keras: cannot be loaded (" in message and "\n" not in message and len(message) < 500
+        assert "Lambda" in message or "Could not locate class 'Twice'" in message
+        assert run.main(["predict", "--run", str(run_dir), str(images[0])]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    finally:
+        registered["cxr14_test>Twice"] = Twice
 
 
 def test_a_head_of_another_input_shape_is_refused(tmp_path, images):
