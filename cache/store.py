@@ -36,7 +36,7 @@ SHARD_ATTRS = ("shard_start", "shard_stop", "shard_total_rows")
 DTYPES = {"features": ("float16", "float32"), "pixels": ("uint8",)}
 FEATURE_DTYPES = DTYPES["features"]
 LIBRARIES = ("numpy", "h5py", "tensorflow", "keras", "tensorflow-hub")
-FINITE_CHUNK = 8192  # rows checked for NaN/inf at a time, so the check needs no full-size mask
+FINITE_CHUNK = 4096  # rows checked for NaN/inf at a time, so the check needs no full-size copy
 
 
 @dataclass(frozen=True)
@@ -113,12 +113,21 @@ def check_recipe(path: Path, *, attrs: dict, names: Sequence[str]) -> None:
 def finite_rows(features: np.ndarray) -> np.ndarray:
     """Per row, whether every value is finite (integer pixels always are)."""
     finite = np.ones(len(features), dtype=bool)
-    if features.dtype.kind != "f":
-        return finite
     flat = features.reshape(len(features), -1)
+    if features.dtype.kind != "f" or flat.shape[1] == 0:
+        return finite
     for start in range(0, len(flat), FINITE_CHUNK):
-        finite[start : start + FINITE_CHUNK] = np.isfinite(flat[start : start + FINITE_CHUNK]).all(axis=1)
+        finite[start : start + FINITE_CHUNK] = _finite(flat[start : start + FINITE_CHUNK])
     return finite
+
+
+def _finite(rows: np.ndarray) -> np.ndarray:
+    if rows.dtype != np.float16:
+        return np.isfinite(rows).all(axis=1)
+    # NaN and inf are the float16 values whose exponent bits are all ones: on the integer view, one AND
+    # and a max per row. np.isfinite has no fast float16 path: 1.5 s for 112,120 x 2,048 here, this 0.3 s.
+    bits = np.ascontiguousarray(rows).view(np.uint16)
+    return (bits & np.uint16(0x7FFF)).max(axis=1) < 0x7C00
 
 
 def library_versions() -> dict:
