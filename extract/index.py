@@ -290,11 +290,14 @@ def find_images(data_dir: Path, names: Sequence[str]) -> np.ndarray:
     """
     found, other = {}, {}
     for folder in _image_folders(Path(data_dir)):
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                # The first folder holding a name wins, so the result does not depend on scan order.
-                chosen = found if entry.is_file() else other
-                chosen.setdefault(entry.name, entry.path)
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    # The first folder holding a name wins, so the result does not depend on scan order.
+                    chosen = found if entry.is_file() else other
+                    chosen.setdefault(entry.name, entry.path)
+        except OSError as err:
+            raise InputError(f"{folder}: cannot list the image folder ({err.strerror})") from None
     return np.array([found.get(name) or other.get(name, "") for name in names], dtype=object)
 
 

@@ -137,7 +137,10 @@ def list_images(inputs: Sequence[Path]) -> list[Path]:
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+            try:
+                found = sorted(p for p in item.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+            except OSError as err:
+                raise InputError(f"{item}: cannot list the folder ({err.strerror})") from None
             if not found:
                 raise InputError(f"{item}: folder holds no .png files; pass PNG files or a folder of them")
             paths.extend(found)

@@ -218,6 +218,22 @@ def test_a_file_wins_over_a_folder_of_the_same_name(tmp_path):
     assert find_images(tmp_path, ["a.png"]).tolist() == [str(tmp_path / "images_001/images/a.png")]
 
 
+def test_an_unreadable_image_folder_is_one_line(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "images").mkdir()
+    scandir = os.scandir
+
+    def deny(path):  # tests run as root, so chmod cannot make a folder unreadable
+        if str(path) == str(tmp_path / "images"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", deny)
+    with pytest.raises(InputError, match="images: cannot list the image folder \\(Permission denied\\)"):
+        find_images(tmp_path, ["a.png"])
+
+
 def test_find_images_across_archives_first_folder_wins(tmp_path):
     for folder, name in [("images", "a.png"), ("images_001/images", "b.png"), ("images_012/images", "a.png")]:
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)

@@ -385,3 +385,16 @@ def test_a_head_of_another_input_shape_is_refused(tmp_path, images):
         InputError, match=r"takes inputs of shape \(7,\) for backbone 'tiny', but that backbone gives \(32,\)"
     ):
         predict_images(run_dir=run_dir, inputs=images, config=make_config(tmp_path))
+
+
+def test_an_unreadable_folder_of_images_is_one_line(images, monkeypatch):
+    iterdir = Path.iterdir
+
+    def deny(self):  # tests run as root, so chmod cannot make a folder unreadable
+        if self == images[0].parent:
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", deny)
+    with pytest.raises(InputError, match="images: cannot list the folder \\(Permission denied\\)"):
+        list_images([images[0].parent])
