@@ -192,12 +192,14 @@ def encode_metadata(*, age: np.ndarray, sex: np.ndarray, view: np.ndarray, fill_
     return np.stack(columns, axis=1).astype(np.float32)
 
 
-def head_inputs(model, data: HeadData, rows: np.ndarray, *, all_views: bool = False) -> dict:
-    """{input name: array} for `rows` of a built head; cached views beyond the plain one (view 0) only
-    with all_views."""
+def head_inputs(model, data: HeadData, rows: np.ndarray, *, all_views: bool = False, only: str = "") -> dict:
+    """{input name: array} for `rows` of a built head (or of its input `only`); cached views beyond the
+    plain one (view 0) only with all_views."""
     arrays = {}
     for tensor in model.inputs:
         name = tensor.name
+        if only and name != only:
+            continue
         if name == METADATA_INPUT:
             if data.metadata is None:
                 raise InputError("this head was trained with metadata; load the data with metadata=True")
