@@ -67,10 +67,15 @@ def cmd_extract(args, config: Config) -> None:
     from extract.runner import format_extract_summary, run_extract
 
     config = _with_extract_flags(args, config)
-    summary = run_extract(
-        config, backbone=args.backbone, shard=args.shard, limit=args.limit, force=args.force
+    summaries = run_extract(
+        config,
+        backbones=args.backbone,
+        from_pixels=args.from_pixels,
+        shard=args.shard,
+        limit=args.limit,
+        force=args.force,
     )
-    print(format_extract_summary(summary))
+    print("\n".join(format_extract_summary(summary) for summary in summaries))
 
 
 def cmd_merge(args, config: Config) -> None:
@@ -147,7 +152,9 @@ def cmd_bench(args, config: Config) -> None:
         from extract.runner import run_bench_extract
 
         config = _with_extract_flags(args, config)
-        result = run_bench_extract(config, backbone=args.backbone, images=args.images)
+        result = run_bench_extract(
+            config, backbones=args.backbone, images=args.images, from_pixels=args.from_pixels
+        )
     else:
         import tempfile
 
@@ -188,6 +195,13 @@ def _shard(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--shard must look like K/N (e.g. 0/4), got {text!r}") from None
     return k, n
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME,NAME,... got {text!r}")
+    return names
 
 
 def _whole(text: str, *, low: int) -> int:
@@ -269,10 +283,15 @@ def _add_extract_commands(sub) -> None:
         sub,
         "extract",
         cmd_extract,
-        "Run a frozen backbone over every image into <cache-dir>/NAME.h5.",
+        "Run frozen backbones over every image into <cache-dir>/NAME.h5, decoding each image once.",
         folders=("data", "cache"),
     )
-    p.add_argument("--backbone", required=True, help="a [backbones.NAME] of the config")
+    p.add_argument(
+        "--backbone",
+        type=_names,
+        required=True,
+        help="NAME or NAME,NAME,... of [backbones.NAME] in the config: all in one pass, one file each",
+    )
     _add_extract_flags(p)
     p.add_argument("--shard", type=_shard, default="0/1", metavar="K/N", help="take every N-th shard from K")
     p.add_argument("--limit", type=_positive, help="only the first N images of the index")
@@ -293,6 +312,12 @@ def _add_extract_commands(sub) -> None:
 
 
 def _add_extract_flags(p) -> None:
+    p.add_argument(
+        "--from-pixels",
+        metavar="NAME",
+        help='read the images from the pixel cache <cache-dir>/NAME.h5 (a source = "pixels" backbone) '
+        "instead of decoding the PNGs",
+    )
     p.add_argument(
         "--batch-size", type=_positive, help="images per backbone call (default: extract.batch_size)"
     )
@@ -373,11 +398,15 @@ def _add_model_commands(sub) -> None:
 
 
 def _add_bench_command(sub) -> None:
-    p = _command(sub, "bench", cmd_bench, "Measure extraction or head-training speed.", folders=("data",))
+    p = _command(
+        sub, "bench", cmd_bench, "Measure extraction or head-training speed.", folders=("data", "cache")
+    )
     p.add_argument("what", choices=("extract", "heads"), help="what to measure")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     group = p.add_argument_group("bench extract")
-    group.add_argument("--backbone", default="offline_cnn", help="backbone to measure")
+    group.add_argument(
+        "--backbone", type=_names, default="offline_cnn", help="backbone(s) to measure, NAME,NAME,..."
+    )
     group.add_argument("--images", type=_positive, default=512, help="images to time")
     _add_extract_flags(group)
     group = p.add_argument_group("bench heads")

@@ -5,7 +5,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -242,6 +242,27 @@ def read_status(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         _check_attrs(path, _get_attrs(f))
         _check_datasets(path, f)
         return f["names"].asstr()[()].astype(object), f["status"][()], f["errors"].asstr()[()].astype(object)
+
+
+def iter_rows(path: Path, rows: Sequence[int], *, chunk: int) -> Iterator[np.ndarray]:
+    """`features[rows]` of a file, `chunk` rows at a time in the order given; memory holds one chunk."""
+    path = Path(path)
+    rows = np.asarray(rows, dtype=np.int64)
+    with _open(path, "r") as f:
+        _check_attrs(path, _get_attrs(f))
+        _check_datasets(path, f)
+        features = f["features"]
+        for begin in range(0, len(rows), chunk):
+            part = rows[begin : begin + chunk]
+            order = np.argsort(part, kind="stable")
+            wanted = part[order]
+            lo, hi = int(wanted[0]), int(wanted[-1]) + 1
+            # One contiguous read is far faster than an h5py point selection, and a shard's rows are
+            # nearly always contiguous; scattered rows fall back to the selection (increasing order).
+            block = features[lo:hi][wanted - lo] if hi - lo <= 2 * len(part) else features[wanted]
+            out = np.empty_like(block)
+            out[order] = block
+            yield out
 
 
 def shard_path(directory: Path, start: int, stop: int) -> Path:

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from cxr14.config import BackboneConfig
 from cxr14.errors import InputError
-from extract.pipeline import ImageSpec
+from extract.pipeline import ImageSpec, normalize
 from extract.registry import RANDOM_STAGES, SOURCES
 
 
@@ -23,7 +23,10 @@ class BackboneError(InputError):
 
 @dataclass(frozen=True)
 class Backbone:
-    """A loaded backbone. `fn`: (b, s, s, c) float32 -> (b, dim) float32, or (b, s, s) 0..255 for pixels."""
+    """A loaded backbone. `fn`: uint8 pixels (b, s, s, 1) -> (b, dim) float32, or (b, s, s) 0..255 for pixels.
+
+    `fn` casts and normalises the pixels itself (extract.pipeline.normalize), on the device it runs on.
+    """
 
     name: str
     kind: str  # "features" | "pixels"
@@ -36,10 +39,15 @@ class Backbone:
 def load_backbone(cfg: BackboneConfig, *, mixed_precision: bool = False, xla: bool = False) -> Backbone:
     """Build or load the backbone `cfg` names, wrapped in one tf.function with a fixed input signature."""
     call, spec, resolved = LOADERS[cfg.source](cfg, mixed_precision=mixed_precision)
-    signature = [tf.TensorSpec([None, spec.size, spec.size, spec.channels], tf.float32)]
-    # One signature with a free batch size: padded and short batches share a single trace.
-    fn = tf.function(call, input_signature=signature, jit_compile=xla or None)
-    probe = fn(tf.zeros([1, spec.size, spec.size, spec.channels]))
+
+    def on_pixels(pixels):
+        return call(normalize(pixels, spec))
+
+    # uint8 in: a batch crosses to the device at a quarter of float32's size (a twelfth with one channel
+    # instead of three). One signature with a free batch size: padded and short batches share a trace.
+    signature = [tf.TensorSpec([None, spec.size, spec.size, 1], tf.uint8)]
+    fn = tf.function(on_pixels, input_signature=signature, jit_compile=xla or None)
+    probe = fn(tf.zeros([1, spec.size, spec.size, 1], tf.uint8))
     kind = SOURCES[cfg.source]
     dim = spec.size if kind == "pixels" else int(probe.shape[-1])
     resolved |= {"kind": kind, "dim": dim, "xla": bool(xla), "spec": spec.as_dict()}
@@ -284,7 +292,7 @@ def _load_pixels(cfg: BackboneConfig, *, mixed_precision: bool):
         )
 
     def call(images):
-        return tf.round(tf.clip_by_value(images[..., 0], 0.0, 255.0))
+        return images[..., 0]  # "bytes" of uint8 pixels: whole numbers 0..255 already
 
     return call, _spec(cfg, channels=1), {"loader": "pixels", "mixed_precision": False}
 

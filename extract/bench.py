@@ -1,41 +1,54 @@
-"""`bench extract`: decoding alone, the backbone alone, and the whole pipeline, on the same images."""
+"""`bench extract`: decoding (one core, all cores), each backbone alone and the one-pass pipeline, on the
+same images; optionally the same pipeline reading a pixel cache instead of the PNGs."""
 
 import os
 import resource
 import time
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from cache.status import Status
 from cxr14.errors import InputError
-from extract.extraction import pad_batch
-from extract.pipeline import make_dataset
+from extract.extraction import embed_all
+from extract.pipeline import PngFiles, cores, make_dataset
 
-KEPT_BATCHES = 8  # the backbone-alone pass cycles over these, so memory does not grow with `images`
+FULL_SET_IMAGES = 112_120  # ChestX-ray14
+KEPT_BATCHES = 8  # the backbone-alone passes cycle over these, so memory does not grow with the images
 
 
-def bench_extract(*, backbone, paths: Sequence[str], batch_size: int, images: int, repeats: int = 3) -> dict:
-    """Time decode+preprocess, backbone on in-memory batches, and both together; JSON-ready figures.
+def bench_extract(
+    *, backbones: Sequence, paths: Sequence[str], batch_size: int, pixels=None, repeats: int = 3
+) -> dict:
+    """Time the stages of one extraction pass over `paths`; JSON-ready figures.
 
-    ratio = pipeline time per image / (decode time per image + backbone time per image): below 1
-    when decoding overlaps the backbone, about 1 when they run one after the other. Each figure is
-    the best of `repeats` interleaved passes, so a burst of load from other processes skews none of them.
+    decode: read + decode + resize to every backbone's size, on one core and on all. ratio = pipeline
+    time / (decode time + the sum of the backbones' times): about 1 when decoding and the backbones take
+    turns (one CPU does both), below 1 when they overlap (a GPU fed by the cores). With `pixels` (an
+    extract.inputs.PixelInput over the same images) the pipeline is also timed reading stored pixels.
+    Each figure is the best of `repeats` interleaved passes, so a burst of load from other processes
+    skews none of them.
     """
-    paths = [str(p) for p in list(paths)[:images]]
-    if not paths or batch_size < 1:
+    paths = np.asarray([str(p) for p in paths])
+    if not len(paths) or batch_size < 1 or not backbones:
         raise InputError(
-            f"bench extract needs images and a positive batch size, got {len(paths)} and {batch_size}"
+            f"bench extract needs images, backbones and a positive batch size, got {len(paths)}, "
+            f"{len(backbones)} and {batch_size}"
         )
     for path in paths:  # warm the OS file cache, so the first timed pass is not the only one reading disk
         if os.path.isfile(path):
             Path(path).read_bytes()
+    sizes = sorted({b.spec.size for b in backbones})
+    sources = {"png": PngFiles(paths=paths, rows=np.arange(len(paths)))}
+    if pixels is not None:
+        sources["pixels"] = pixels.source(np.flatnonzero(pixels.status == Status.OK))
 
-    def dataset():
+    def dataset(source="png", workers=None):
+        shards = [(0, len(sources[source]))]
         return make_dataset(
-            paths, np.arange(len(paths)), spec=backbone.spec, batch_size=batch_size, shards=[(0, len(paths))]
+            sources[source], sizes=sizes, batch_size=batch_size, shards=shards, workers=workers
         )
 
     first = next(iter(dataset()), None)
@@ -43,77 +56,137 @@ def bench_extract(*, backbone, paths: Sequence[str], batch_size: int, images: in
         raise InputError(
             f"bench extract: none of the {len(paths)} images could be decoded (first: {paths[0]})"
         )
-    backbone.fn(pad_batch(first[1], batch_size)).numpy()  # trace once, outside every timing
-
-    wall, cpu = {"decode": [], "backbone": [], "pipeline": []}, {"decode": [], "backbone": [], "pipeline": []}
-    for _ in range(max(1, repeats)):
-        (decoded, kept), *spent = _measure(partial(_decode_all, dataset(), batch_size=batch_size))
-        _record(wall, cpu, "decode", spent)
-        _, *spent = _measure(partial(_run_backbone, backbone, kept, batches=-(-decoded // batch_size)))
-        _record(wall, cpu, "backbone", spent)
-        piped, *spent = _measure(partial(_run_pipeline, dataset(), backbone, batch_size=batch_size))
-        _record(wall, cpu, "pipeline", spent)
-        assert piped == decoded, (piped, decoded)  # both passes must see the same images
-    decode_s, backbone_s, pipeline_s = (min(wall[k]) for k in ("decode", "backbone", "pipeline"))
-    decode_cpu, backbone_cpu, pipeline_cpu = (min(cpu[k]) for k in ("decode", "backbone", "pipeline"))
-
-    return {
-        "backbone": backbone.name,
+    _embed(backbones, first[1], sizes=sizes, batch_size=batch_size)  # trace once, outside every timing
+    timings = [
+        _time_pass(dataset, backbones, sizes=sizes, batch_size=batch_size, with_pixels=pixels is not None)
+        for _ in range(max(1, repeats))
+    ]
+    # Per stage, the repeat with the least wall time; images, wall and CPU seconds come from that one.
+    best = {key: min((t[key] for t in timings), key=lambda m: m[1]) for key in timings[0]}
+    result = {
+        "backbones": [b.name for b in backbones],
         "device": _device(),
+        "cores": cores(),
         "images": len(paths),
-        "decoded": decoded,
         "batch_size": batch_size,
         "repeats": max(1, repeats),
-        "image_size": backbone.spec.size,
-        "mixed_precision": bool(backbone.config.get("resolved", {}).get("mixed_precision", False)),
-        "xla": bool(backbone.config.get("resolved", {}).get("xla", False)),
+        "image_sizes": {b.name: b.spec.size for b in backbones},
+        "mixed_precision": {
+            b.name: bool(b.config.get("resolved", {}).get("mixed_precision")) for b in backbones
+        },
+        "xla": {b.name: bool(b.config.get("resolved", {}).get("xla")) for b in backbones},
+        **_figures(best, backbones),
+    }
+    if pixels is not None:
+        result |= _pixel_figures(best, pixels, backbones, png_rate=result["pipeline_images_per_s"])
+    result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return result
+
+
+def _time_pass(dataset, backbones, *, sizes, batch_size, with_pixels: bool) -> dict:
+    """One repeat: {stage: (images, wall s, cpu s)}."""
+    out = {"decode_per_core": _measure(lambda: _decode_all(dataset(workers=1)))}
+    out["decode"] = _measure(lambda: _decode_all(dataset()))
+    kept = _keep_batches(dataset())
+    batches = -(-out["decode"][0] // batch_size)
+    for i, backbone in enumerate(backbones):
+        work = [batch[sizes.index(backbone.spec.size)] for batch in kept]
+        out[f"backbone {i}"] = _measure(
+            lambda b=backbone, w=work: _run_backbone(b, w, batches=batches, batch_size=batch_size)
+        )
+    out["pipeline"] = _measure(
+        lambda: _run_pipeline(dataset(), backbones, sizes=sizes, batch_size=batch_size)
+    )
+    if with_pixels:
+        out["pixels_read"] = _measure(lambda: _decode_all(dataset("pixels")))
+        out["pixels_pipeline"] = _measure(
+            lambda: _run_pipeline(dataset("pixels"), backbones, sizes=sizes, batch_size=batch_size)
+        )
+    return out
+
+
+def _figures(best: dict, backbones: Sequence) -> dict:
+    """Rates, the one-pass ratio and the full-set projection from the best timings."""
+    decoded = best["decode"][0]
+    assert best["pipeline"][0] == best["decode_per_core"][0] == decoded, "the passes saw different images"
+    per_backbone = [best[f"backbone {i}"] for i in range(len(backbones))]
+    pipeline_s, decode_s = best["pipeline"][1], best["decode"][1]
+    pipeline_cpu, decode_cpu = best["pipeline"][2], best["decode"][2]
+    names = [b.name for b in backbones]
+    minutes = FULL_SET_IMAGES / (decoded / pipeline_s) / 60
+    return {
+        "decoded": decoded,
+        "decode_images_per_s_per_core": decoded / best["decode_per_core"][1],
         "decode_images_per_s": decoded / decode_s,
-        "backbone_images_per_s": decoded / backbone_s,
+        "backbone_images_per_s": {n: decoded / t[1] for n, t in zip(names, per_backbone, strict=True)},
         "pipeline_images_per_s": decoded / pipeline_s,
-        "ratio": pipeline_s / (decode_s + backbone_s),
+        "ratio": pipeline_s / (decode_s + sum(t[1] for t in per_backbone)),
         "decode_s": decode_s,
-        "backbone_s": backbone_s,
+        "backbone_s": {n: t[1] for n, t in zip(names, per_backbone, strict=True)},
         "pipeline_s": pipeline_s,
         # CPU seconds of this process: unlike wall time, not inflated by other processes on the machine.
         "decode_cpu_ms_per_image": 1000 * decode_cpu / decoded,
-        "backbone_cpu_ms_per_image": 1000 * backbone_cpu / decoded,
+        "backbone_cpu_ms_per_image": {
+            n: 1000 * t[2] / decoded for n, t in zip(names, per_backbone, strict=True)
+        },
         "pipeline_cpu_ms_per_image": 1000 * pipeline_cpu / decoded,
-        "cpu_ratio": pipeline_cpu / (decode_cpu + backbone_cpu),
-        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "cpu_ratio": pipeline_cpu / (decode_cpu + sum(t[2] for t in per_backbone)),
+        "full_set_minutes": minutes,
+        "projection": f"full ChestX-ray14 on this machine: {minutes:.1f} min for backbones "
+        f"[{', '.join(names)}] in one pass",
     }
 
 
-def _measure(work) -> tuple:
-    """(result, wall seconds, process CPU seconds) of calling `work`."""
+def _pixel_figures(best: dict, pixels, backbones: Sequence, *, png_rate: float) -> dict:
+    """The same pass reading the pixel cache: its rates, its projection and its speed-up over PNGs."""
+    read, piped = best["pixels_read"], best["pixels_pipeline"]
+    rate = piped[0] / piped[1]
+    minutes = FULL_SET_IMAGES / rate / 60
+    return {
+        "from_pixels": pixels.name,
+        "pixels_image_size": pixels.size,
+        "pixels_read_images_per_s": read[0] / read[1],
+        "pixels_pipeline_images_per_s": rate,
+        "pixels_speedup": rate / png_rate,
+        "pixels_full_set_minutes": minutes,
+        "pixels_projection": f"full ChestX-ray14 on this machine: {minutes:.1f} min for backbones "
+        f"[{', '.join(b.name for b in backbones)}] in one pass from pixel cache {pixels.name}",
+    }
+
+
+def _measure(work) -> tuple[int, float, float]:
+    """(images `work` returned, wall seconds, process CPU seconds)."""
     wall, cpu = time.perf_counter(), time.process_time()
-    result = work()
-    return result, time.perf_counter() - wall, time.process_time() - cpu
+    images = work()
+    return images, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _record(wall: dict, cpu: dict, key: str, spent: list) -> None:
-    wall[key].append(spent[0])
-    cpu[key].append(spent[1])
+def _decode_all(dataset) -> int:
+    return sum(int(rows.shape[0]) for rows, _ in dataset)
 
 
-def _decode_all(dataset, *, batch_size: int) -> tuple[int, list]:
-    kept, decoded = [], 0
-    for _, images in dataset:
-        decoded += int(images.shape[0])
-        if len(kept) < KEPT_BATCHES:
-            kept.append(pad_batch(images, batch_size))
-    return decoded, kept
+def _keep_batches(dataset) -> list:
+    """The first few decoded batches, for the backbone-alone passes."""
+    return [pixels for _, pixels in dataset.take(KEPT_BATCHES)]
 
 
-def _run_backbone(backbone, kept: list, *, batches: int) -> None:
+def _embed(backbones, pixels, *, sizes, batch_size) -> None:
+    embed_all(
+        backbones, [pixels[sizes.index(b.spec.size)] for b in backbones], batch_size=batch_size, views=1
+    )
+
+
+def _run_backbone(backbone, kept: list, *, batches: int, batch_size: int) -> int:
     for i in range(batches):
-        backbone.fn(kept[i % len(kept)]).numpy()
+        embed_all([backbone], [kept[i % len(kept)]], batch_size=batch_size, views=1)
+    return batches
 
 
-def _run_pipeline(dataset, backbone, *, batch_size: int) -> int:
+def _run_pipeline(dataset, backbones, *, sizes, batch_size: int) -> int:
     done = 0
-    for _, images in dataset:
-        backbone.fn(pad_batch(images, batch_size)).numpy()
-        done += int(images.shape[0])
+    for _, pixels in dataset:
+        _embed(backbones, pixels, sizes=sizes, batch_size=batch_size)
+        done += int(pixels[0].shape[0])
     return done
 
 
@@ -122,5 +195,4 @@ def _device() -> str:
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
         return f"GPU: {details.get('device_name', gpus[0].name)} (x{len(gpus)})"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"CPU ({cores} cores)"
+    return f"CPU ({cores()} cores)"

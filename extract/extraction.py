@@ -1,4 +1,8 @@
-"""The extraction loop: a frozen backbone over every image, shard by shard, into the feature store."""
+"""The extraction loop: frozen backbones over every image, shard by shard, into the feature store.
+
+One pass decodes each image once and feeds every backbone it was given; each backbone still gets its
+own file, the very file a pass with that backbone alone writes (same rows, batches and attributes).
+"""
 
 import time
 from collections.abc import Sequence
@@ -20,7 +24,7 @@ MAX_FAILURES_SHOWN = 10
 
 @dataclass(frozen=True)
 class ExtractSummary:
-    """What one `extract_features` call did; counts cover this worker's shards, old and new."""
+    """What one `extract_features` call did for one backbone; counts cover this worker's shards, old and new."""
 
     backbone: str
     path: Path | None  # the merged file, or None while other workers' shards are pending
@@ -33,11 +37,25 @@ class ExtractSummary:
     images_per_s: float  # over the images this call extracted
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One backbone's share of a pass: its file's attributes and paths, and the shards it still needs."""
+
+    backbone: object  # extract.backbones.Backbone
+    attrs: dict
+    final: Path
+    directory: Path
+    ranges: list[tuple[int, int]]  # every shard of the file
+    mine: list[tuple[int, int]]  # this worker's shards
+    todo: list[tuple[int, int]]  # this worker's shards not yet written
+    reused: bool  # the merged file exists with this recipe
+
+
 def extract_features(
     *,
-    backbone,
+    backbones: Sequence,
     names: Sequence[str],
-    paths: Sequence[str],
+    images,
     cache_dir: Path,
     batch_size: int,
     shard_size: int,
@@ -47,58 +65,40 @@ def extract_features(
     seed: int = 0,
     force: bool = False,
     progress: bool = True,
-    max_pixels: int | None = None,
-) -> ExtractSummary:
-    """Run `backbone` (an extract.backbones.Backbone) over `paths`, writing shards K, K+N, ... of `shard=(K, N)`.
+) -> list[ExtractSummary]:
+    """Run `backbones` (extract.backbones.Backbone) over `images` in one pass; one summary per backbone.
 
-    `names` are in the index's fixed (sorted) order and `paths[i]` is the file for `names[i]` ("" when absent).
-    Finished shards are skipped; when every shard exists the final `<cache_dir>/<backbone>.h5` is merged.
-    Images with more than `max_pixels` pixels (read from their header) are recorded as failed, not decoded.
+    `names` are in the index's fixed (sorted) order; `images` (extract.inputs.PngInput or PixelInput)
+    holds row i's image. Shards K, K+N, ... of `shard=(K, N)` are written for each backbone; each image
+    is decoded once for all of them. Every recipe is checked before any work starts; finished shards are
+    skipped; when every shard of a backbone exists, its `<cache_dir>/<backbone>.h5` is merged.
     """
     started = time.perf_counter()
-    names, paths = np.asarray(names, dtype=object), np.asarray(paths, dtype=object)
-    _check_args(names=names, paths=paths, shard=shard)
-    dtype = "uint8" if backbone.kind == "pixels" else dtype
-    attrs = file_attrs(
-        backbone=backbone, names=names, dtype=dtype, views=views, seed=seed, shard_size=shard_size
+    names = np.asarray(names, dtype=object)
+    _check_args(names=names, images=images, backbones=backbones, shard=shard)
+    options = dict(dtype=dtype, views=views, seed=seed, shard_size=shard_size, shard=shard, force=force)
+    plans = [
+        _plan(b, names=names, source=images.describe(), cache_dir=cache_dir, **options) for b in backbones
+    ]
+    todo = sorted(set().union(*(plan.todo for plan in plans)))
+    bar = tqdm(
+        total=sum(b - a for a, b in todo),
+        unit="img",
+        desc=",".join(plan.backbone.name for plan in plans),
+        disable=not progress,
     )
-    final, directory = store.cache_path(cache_dir, backbone.name), store.shard_dir(cache_dir, backbone.name)
-    ranges = store.shard_ranges(len(names), shard_size)
-    mine = ranges[shard[0] :: shard[1]]
-    if force:
-        final.unlink(missing_ok=True)
-        remove_stale_temps(final)  # a killed merge's temporary file is as large as the final one
-        store.discard_shards(directory, fingerprint=attrs["fingerprint"], ranges=mine)
-    elif final.exists():
-        return _existing(final, wanted=attrs, name=backbone.name, mine=len(mine), started=started)
-    finished = store.finished_shards(directory, wanted=attrs)
-    todo = [r for r in mine if r not in finished]
-    bar = tqdm(total=sum(b - a for a, b in todo), unit="img", desc=backbone.name, disable=not progress)
     with bar:
         written = _extract_shards(
-            backbone,
+            plans,
             names=names,
-            paths=paths,
+            images=images,
             todo=todo,
-            directory=directory,
-            attrs=attrs,
             batch_size=batch_size,
             views=views,
             seed=seed,
             bar=bar,
-            max_pixels=max_pixels,
         )
-    finished = store.finished_shards(directory, wanted=attrs)
-    path = store.merge_shards(directory, out_path=final) if all(r in finished for r in ranges) else None
-    records = [written[r] if r in written else store.read_status(finished[r]) for r in mine]
-    return _summary(
-        backbone.name,
-        path,
-        records,
-        shards=(len(todo), len(mine) - len(todo)),
-        extracted=sum(b - a for a, b in todo),
-        started=started,
-    )
+    return [_finish(plan, written=written, started=started) for plan in plans]
 
 
 def merge(*, cache_dir: Path, backbone_name: str) -> Path:
@@ -107,9 +107,14 @@ def merge(*, cache_dir: Path, backbone_name: str) -> Path:
     return store.merge_shards(directory, out_path=store.cache_path(cache_dir, backbone_name))
 
 
-def file_attrs(*, backbone, names: np.ndarray, dtype: str, views: int, seed: int, shard_size: int) -> dict:
-    """The attributes stamped on every shard and on the merged file, fingerprint included."""
-    preprocess = backbone.spec.as_dict()
+def file_attrs(
+    *, backbone, names: np.ndarray, dtype: str, views: int, seed: int, shard_size: int, source: dict
+) -> dict:
+    """The attributes stamped on every shard and on the merged file, fingerprint included.
+
+    `source` describes where the pixels came from (PNG decoding, or a pixel cache and its fingerprint).
+    """
+    preprocess = backbone.spec.as_dict() | {"input": source}
     if views > 1:  # the seed only shapes the augmented views, so it only counts when there are some
         preprocess["augment_seed"] = seed
     recipe = dict(backbone_config=backbone.config, preprocess=preprocess, dtype=dtype, views=views)
@@ -125,97 +130,193 @@ def file_attrs(*, backbone, names: np.ndarray, dtype: str, views: int, seed: int
     }
 
 
-def _check_args(*, names, paths, shard: tuple[int, int]) -> None:
+def _check_args(*, names, images, backbones: Sequence, shard: tuple[int, int]) -> None:
     if len(names) == 0:
         raise InputError("no images to extract: the index is empty (check --limit and the CSV)")
-    if len(names) != len(paths):
-        raise InputError(f"got {len(names)} image names but {len(paths)} paths; they must align")
+    if len(names) != len(images):
+        raise InputError(f"got {len(names)} image names but {len(images)} images; they must align")
     k, n = shard
     if not (n >= 1 and 0 <= k < n):
         raise InputError(f"shard {k}/{n}: expected K/N with 0 <= K < N, e.g. shards 0/2 and 1/2")
+    given = [b.name for b in backbones]
+    if not given or len(set(given)) != len(given):
+        raise InputError(f"backbones {given}: name each backbone once, e.g. --backbone a,b")
+    images.check_backbones(backbones)
 
 
-def _existing(final: Path, *, wanted: dict, name: str, mine: int, started: float) -> ExtractSummary:
-    """A finished file is reused only when it was made by exactly this recipe."""
-    found = store.read_attrs(final)
-    if found.get("fingerprint") != wanted["fingerprint"]:
-        raise InputError(store.recipe_mismatch(final, found=found, wanted=wanted))
-    return _summary(name, final, [store.read_status(final)], shards=(0, mine), extracted=0, started=started)
+def _plan(
+    backbone, *, names, source: dict, cache_dir: Path, dtype, views, seed, shard_size, shard, force
+) -> _Plan:
+    """What this worker still owes `backbone`; a file or shard of another recipe is refused here, early."""
+    dtype = "uint8" if backbone.kind == "pixels" else dtype
+    attrs = file_attrs(
+        backbone=backbone,
+        names=names,
+        dtype=dtype,
+        views=views,
+        seed=seed,
+        shard_size=shard_size,
+        source=source,
+    )
+    final, directory = store.cache_path(cache_dir, backbone.name), store.shard_dir(cache_dir, backbone.name)
+    ranges = store.shard_ranges(len(names), shard_size)
+    mine = ranges[shard[0] :: shard[1]]
+    plan = dict(backbone=backbone, attrs=attrs, final=final, directory=directory, ranges=ranges, mine=mine)
+    if force:
+        final.unlink(missing_ok=True)
+        remove_stale_temps(final)  # a killed merge's temporary file is as large as the final one
+        store.discard_shards(directory, fingerprint=attrs["fingerprint"], ranges=mine)
+    elif final.exists():
+        found = store.read_attrs(final)
+        if found.get("fingerprint") != attrs["fingerprint"]:
+            raise InputError(store.recipe_mismatch(final, found=found, wanted=attrs))
+        return _Plan(**plan, todo=[], reused=True)
+    finished = store.finished_shards(directory, wanted=attrs)
+    return _Plan(**plan, todo=[r for r in mine if r not in finished], reused=False)
 
 
-def _extract_shards(
-    backbone, *, names, paths, todo, directory, attrs, batch_size, views, seed, bar, max_pixels
-) -> dict[tuple[int, int], tuple]:
-    """Extract and write each shard in `todo`; returns each shard's (names, status, errors) by range."""
+def _finish(plan: _Plan, *, written: dict, started: float) -> ExtractSummary:
+    """Merge the backbone's file when all its shards exist; sum up its part of the pass."""
+    name = plan.backbone.name
+    if plan.reused:
+        records = [store.read_status(plan.final)]
+        return _summary(name, plan.final, records, shards=(0, len(plan.mine)), extracted=0, started=started)
+    finished = store.finished_shards(plan.directory, wanted=plan.attrs)
+    complete = all(r in finished for r in plan.ranges)
+    path = store.merge_shards(plan.directory, out_path=plan.final) if complete else None
+    records = [written.get((name, r)) or store.read_status(finished[r]) for r in plan.mine]
+    shards = (len(plan.todo), len(plan.mine) - len(plan.todo))
+    extracted = sum(b - a for a, b in plan.todo)
+    return _summary(name, path, records, shards=shards, extracted=extracted, started=started)
+
+
+def _extract_shards(plans, *, names, images, todo, batch_size, views, seed, bar) -> dict:
+    """Decode the rows of `todo` once and write each shard for every backbone that needs it.
+
+    Returns each written shard's (names, status, errors), keyed by (backbone name, range).
+    """
     if not todo:
         return {}
-    checks = {
-        int(row): pipeline.check_file(paths[row], max_pixels=max_pixels)
-        for a, b in todo
-        for row in range(a, b)
-    }
-    batches = iter(
-        _dataset(
-            backbone, paths=paths, todo=todo, checks=checks, batch_size=batch_size, views=views, seed=seed
-        )
+    checks = images.check([row for a, b in todo for row in range(a, b)])
+    sizes = sorted({plan.backbone.spec.size for plan in plans if plan.todo})
+    dataset = _dataset(
+        images, todo=todo, checks=checks, sizes=sizes, batch_size=batch_size, views=views, seed=seed
     )
-    pending = next(batches, None)
     written = {}
-    for start, stop in todo:
-        part = _empty_part(backbone, names=names[start:stop], dtype=attrs["dtype"], views=views)
-        # Batches never cross a shard boundary, so every batch starting before `stop` belongs here.
-        while pending is not None and int(pending[0][0]) < stop:
-            rows, images = pending
-            at = rows.numpy() - start
-            assert at.min() >= 0 and at.max() < stop - start, "a batch crossed a shard boundary"
-            part["features"][at] = _embed(backbone, images, batch_size=batch_size, views=views)
-            part["filled"][at] = True
-            bar.update(len(at))
-            pending = next(batches, None)
-        _record_failures(part, start=start, paths=paths, checks=checks)
-        bar.update(int((~part.pop("filled")).sum()))
-        store.write_shard(directory, start=start, stop=stop, total_rows=len(names), attrs=attrs, **part)
-        written[(start, stop)] = (part["names"], part["status"], part["errors"])
+    for (start, stop), batches in zip(todo, _by_shard(dataset, todo), strict=True):
+        needing = [plan for plan in plans if (start, stop) in plan.todo]
+        features, filled = _run_shard(
+            needing,
+            batches,
+            start=start,
+            rows=stop - start,
+            sizes=sizes,
+            batch_size=batch_size,
+            views=views,
+            bar=bar,
+        )
+        status, errors = _statuses(filled, start=start, images=images, checks=checks)
+        bar.update(int((~filled).sum()))
+        for plan in needing:
+            name = plan.backbone.name
+            store.write_shard(
+                plan.directory,
+                start=start,
+                stop=stop,
+                total_rows=len(names),
+                attrs=plan.attrs,
+                names=names[start:stop],
+                features=features[name],
+                status=status,
+                errors=errors,
+            )
+            written[(name, (start, stop))] = (names[start:stop], status, errors)
     return written
 
 
-def _dataset(backbone, *, paths, todo, checks, batch_size, views, seed):
+def _by_shard(dataset, todo):
+    """For each shard of `todo` in turn, an iterator over its batches (none when all its images failed)."""
+    batches = iter(dataset)
+    pending = next(batches, None)
+
+    def shard_batches(stop):
+        nonlocal pending
+        # Batches never cross a shard boundary, so every batch starting before `stop` belongs here.
+        while pending is not None and int(pending[0][0]) < stop:
+            yield pending
+            pending = next(batches, None)
+
+    for _, stop in todo:
+        yield shard_batches(stop)
+
+
+def _run_shard(plans, batches, *, start, rows, sizes, batch_size, views, bar) -> tuple[dict, np.ndarray]:
+    """Every backbone of `plans` over one shard's batches: (features by backbone name, rows filled)."""
+    backbones = [plan.backbone for plan in plans]
+    features = {
+        plan.backbone.name: _empty_features(plan.backbone, rows=rows, dtype=plan.attrs["dtype"], views=views)
+        for plan in plans
+    }
+    filled = np.zeros(rows, dtype=bool)
+    for batch_rows, pixels in batches:
+        at = batch_rows.numpy() - start
+        assert at.min() >= 0 and at.max() < rows, "a batch crossed a shard boundary"
+        inputs = [pixels[sizes.index(b.spec.size)] for b in backbones]
+        outputs = embed_all(backbones, inputs, batch_size=batch_size, views=views)
+        for backbone, out in zip(backbones, outputs, strict=True):
+            features[backbone.name][at] = out
+        filled[at] = True
+        bar.update(len(at))
+    return features, filled
+
+
+def _dataset(images, *, todo, checks, sizes, batch_size, views, seed):
     """The pipeline over the rows of `todo` that passed the cheap check, cut at the same shard bounds."""
-    # Missing, empty, truncated and non-PNG files are classified up front and never reach the pipeline.
-    readable = np.array([row for row, (status, _) in checks.items() if status == Status.OK], dtype=np.int64)
+    # Rows that fail the cheap check (a missing, empty, truncated or non-PNG file; a row that failed in
+    # the pixel cache) are classified up front and never reach the pipeline.
+    readable = np.array(
+        sorted(row for row, (status, _) in checks.items() if status == Status.OK), dtype=np.int64
+    )
     positions = [tuple(np.searchsorted(readable, bounds).tolist()) for bounds in todo]
     return pipeline.make_dataset(
-        paths[readable],
-        readable,
-        spec=backbone.spec,
-        batch_size=batch_size,
-        shards=positions,
-        views=views,
-        seed=seed,
+        images.source(readable), sizes=sizes, batch_size=batch_size, shards=positions, views=views, seed=seed
     )
 
 
-def _empty_part(backbone, *, names, dtype: str, views: int) -> dict:
-    """Preallocated arrays for one shard; rows start as NOT_RUN until filled or classified."""
+def _empty_features(backbone, *, rows: int, dtype: str, views: int) -> np.ndarray:
+    """Preallocated features for one shard; rows that never get filled stay zero, as failed rows must."""
     item = (backbone.dim,) if backbone.kind == "features" else (backbone.dim, backbone.dim)
-    shape = (len(names), *((views,) if views > 1 else ()), *item)
-    return {
-        "names": names,
-        "features": np.zeros(shape, dtype=dtype),
-        "status": np.full(len(names), Status.NOT_RUN, dtype=np.int8),
-        "errors": np.full(len(names), "", dtype=object),
-        "filled": np.zeros(len(names), dtype=bool),
-    }
+    return np.zeros((rows, *((views,) if views > 1 else ()), *item), dtype=dtype)
 
 
-def _embed(backbone, images: tf.Tensor, *, batch_size: int, views: int) -> np.ndarray:
-    """Backbone outputs for one batch, padded to a fixed batch so the tf.function never retraces."""
-    b = int(images.shape[0])
-    flat = tf.reshape(images, (-1, *images.shape[-3:])) if views > 1 else images
-    out = np.asarray(backbone.fn(pad_batch(flat, batch_size * views)))[: b * views].astype(np.float32)
+def embed_all(
+    backbones: Sequence, pixels: Sequence[tf.Tensor], *, batch_size: int, views: int
+) -> list[np.ndarray]:
+    """Each backbone's outputs for its uint8 batch, as float32 (uint8 for pixels) numpy arrays.
+
+    Every backbone is called before any result is read back, so a GPU runs them back to back.
+    """
+    calls = [_call(b, x, batch_size=batch_size, views=views) for b, x in zip(backbones, pixels, strict=True)]
+    return [
+        _collect(b, out, rows=int(x.shape[0]), views=views)
+        for b, out, x in zip(backbones, calls, pixels, strict=True)
+    ]
+
+
+def _call(backbone, pixels: tf.Tensor, *, batch_size: int, views: int):
+    """Start the backbone on one batch, padded to a fixed size so its tf.function never retraces."""
     if backbone.kind == "pixels":
-        out = np.clip(np.rint(out), 0, 255)
-    return out.reshape(b, views, *out.shape[1:]) if views > 1 else out
+        # The stored image is the uint8 input itself; a round trip through the device would only copy it back.
+        return pixels
+    flat = tf.reshape(pixels, (-1, *pixels.shape[-3:])) if views > 1 else pixels
+    return backbone.fn(pad_batch(flat, batch_size * views))
+
+
+def _collect(backbone, out, *, rows: int, views: int) -> np.ndarray:
+    if backbone.kind == "pixels":
+        return np.asarray(out)[..., 0]
+    out = np.asarray(out)[: rows * views].astype(np.float32)
+    return out.reshape(rows, views, *out.shape[1:]) if views > 1 else out
 
 
 def pad_batch(images: tf.Tensor, size: int) -> tf.Tensor:
@@ -226,14 +327,16 @@ def pad_batch(images: tf.Tensor, size: int) -> tf.Tensor:
     return tf.concat([images, tf.zeros((short, *images.shape[1:]), images.dtype)], axis=0)
 
 
-def _record_failures(part: dict, *, start: int, paths, checks: dict) -> None:
-    """Mark filled rows OK; rows the pipeline dropped get the pre-check's reason or a decode error."""
-    part["status"][part["filled"]] = Status.OK
-    for i in np.flatnonzero(~part["filled"]):
-        status, reason = checks[start + int(i)]
-        if status == Status.OK:  # passed the cheap check, so decoding itself failed
-            status, reason = Status.UNDECODABLE, pipeline.decode_error(paths[start + int(i)])
-        part["status"][i], part["errors"][i] = status, reason or Status(status).name.lower()
+def _statuses(filled: np.ndarray, *, start: int, images, checks: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Status and reason per row of a shard: OK where filled, else the pre-check's or the decoder's reason."""
+    status = np.full(len(filled), Status.OK, dtype=np.int8)
+    errors = np.full(len(filled), "", dtype=object)
+    for i in np.flatnonzero(~filled):
+        code, reason = checks[start + int(i)]
+        if code == Status.OK:  # passed the cheap check, so reading it in the pipeline failed
+            code, reason = images.explain(start + int(i))
+        status[i], errors[i] = code, reason or Status(code).name.lower()
+    return status, errors
 
 
 def _summary(

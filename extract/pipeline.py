@@ -1,7 +1,9 @@
-"""The one image pipeline: PNG bytes -> gray [0,1] -> resize -> backbone normalisation -> channels.
+"""The one image pipeline: PNG bytes -> gray [0,1] -> resize -> uint8 pixels | backbone normalisation.
 
-Extraction, prediction, export and the benchmark all go through here, so an image is never
-preprocessed one way for training and another way for prediction.
+The host decodes and resizes (to_pixels); the backbone casts and normalises on its device (normalize,
+inside extract.backbones' tf.function), so a batch crosses to the device as uint8: 4x less than float32
+with one channel instead of three. Extraction, prediction, export and the benchmark all go through here,
+so an image is never preprocessed one way for training and another way for prediction.
 """
 
 import os
@@ -61,8 +63,7 @@ class ImageSpec:
             "normalization": self.normalization,
             "keras_family": self.keras_family,
             "channels": self.channels,
-            "decode": "png gray [0,1], 8/16-bit",
-            "resize": "area (down) / bilinear (up), square",
+            "resize": "area (down) / bilinear (up), square, rounded to uint8",
         }
 
 
@@ -103,24 +104,28 @@ def resize(image01: tf.Tensor, size: int) -> tf.Tensor:
     )
 
 
-def normalize(image01: tf.Tensor, spec: ImageSpec) -> tf.Tensor:
-    """(s, s, 1) [0,1] -> the backbone's input range, with spec.channels channels."""
+def quantize(image01: tf.Tensor) -> tf.Tensor:
+    """[0,1] float -> uint8 0..255, rounded to nearest."""
+    return tf.cast(tf.round(tf.clip_by_value(image01 * 255.0, 0.0, 255.0)), tf.uint8)
+
+
+def to_pixels(image01: tf.Tensor, size: int) -> tf.Tensor:
+    """Decoded gray [0,1] (H, W, 1) -> (size, size, 1) uint8: what a backbone takes, and what a pixel cache stores."""
+    return quantize(resize(image01, size))
+
+
+def normalize(pixels: tf.Tensor, spec: ImageSpec) -> tf.Tensor:
+    """uint8 (..., s, s, 1) -> float32 (..., s, s, spec.channels) in the backbone's input range."""
+    image = tf.cast(pixels, tf.float32)  # 0..255
     if spec.normalization == "standardize":
-        image = tf.image.per_image_standardization(image01)
+        image = tf.image.per_image_standardization(image / 255.0)
     elif spec.normalization == "unit":
-        image = image01
-    else:  # "bytes" and "keras" both start from 0..255
-        image = image01 * 255.0
+        image = image / 255.0
     if spec.channels == 3:
         image = tf.repeat(image, 3, axis=-1)
-    if spec.normalization == "keras":
+    if spec.normalization == "keras":  # "bytes" and "keras" both start from 0..255
         image = tf.cast(keras_preprocess(spec.keras_family)(image), tf.float32)
     return image
-
-
-def preprocess(image01: tf.Tensor, spec: ImageSpec) -> tf.Tensor:
-    """Decoded gray [0,1] image -> (s, s, c) float32 ready for the backbone."""
-    return normalize(resize(image01, spec.size), spec)
 
 
 def check_file(path, *, max_pixels: int | None = None) -> tuple[Status, str]:
@@ -212,8 +217,8 @@ def _op_message(err: tf.errors.OpError) -> str:
 
 
 def load_image(path, spec: ImageSpec, *, max_pixels: int | None = None) -> np.ndarray:
-    """One image, eagerly, through the same steps as make_dataset: (s, s, c) float32; refused, not
-    decoded, when its header says it has more than `max_pixels` pixels."""
+    """One image, eagerly, through the same steps as make_dataset: (s, s, 1) uint8 for `backbone.fn`;
+    refused, not decoded, when its header says it has more than `max_pixels` pixels."""
     status, reason = check_file(path, max_pixels=max_pixels)
     if status != Status.OK:
         raise ImageError(status, reason)
@@ -221,7 +226,7 @@ def load_image(path, spec: ImageSpec, *, max_pixels: int | None = None) -> np.nd
         image01 = decode(tf.io.read_file(str(path)))
     except tf.errors.OpError:
         raise ImageError(Status.UNDECODABLE, decode_error(path)) from None
-    return preprocess(image01, spec).numpy()
+    return to_pixels(image01, spec.size).numpy()
 
 
 def augment(image: tf.Tensor, *, seed: tf.Tensor) -> tf.Tensor:
@@ -264,56 +269,89 @@ def _rotate_zoom(image: tf.Tensor, *, seed: tf.Tensor) -> tf.Tensor:
     return out[0]
 
 
-def _load_views(path, row, *, spec: ImageSpec, views: int, seed: int):
-    image = resize(decode(tf.io.read_file(path)), spec.size)
+def cores() -> int:
+    """CPU cores this process may use (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class PngFiles:
+    """Images as PNG files: `paths[i]` is the file of row `rows[i]` (a source for make_dataset)."""
+
+    paths: np.ndarray  # str
+    rows: np.ndarray  # int64
+    may_fail = True  # a file can turn out undecodable only when decoded
+
+    def __post_init__(self):
+        object.__setattr__(self, "paths", np.asarray(self.paths, dtype=str))
+        object.__setattr__(self, "rows", np.asarray(self.rows, dtype=np.int64))
+        if self.paths.shape != self.rows.shape or self.paths.ndim != 1:
+            raise ValueError(
+                f"paths and rows must be 1-D and aligned, got {self.paths.shape}, {self.rows.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def items(self, start: tf.Tensor, stop: tf.Tensor) -> tf.data.Dataset:
+        """`(row, path)` for positions start..stop."""
+        rows, paths = tf.constant(self.rows, tf.int64), tf.constant(self.paths.astype(str))
+        return tf.data.Dataset.from_tensor_slices((rows[start:stop], paths[start:stop]))
+
+    def gray01(self, path: tf.Tensor) -> tf.Tensor:
+        return decode(tf.io.read_file(path))
+
+
+def _pixel_views(image01, row, *, size: int, views: int, seed: int) -> tf.Tensor:
+    """(s, s, 1) uint8, or (K, s, s, 1): the plain image, then K-1 seeded augmentations of it."""
+    image = resize(image01, size)
     if views == 1:
-        return row, normalize(image, spec)
+        return quantize(image)
     image_seed = tf.stack([tf.constant(seed, tf.int64), row])
     stack = [image] + [
         augment(image, seed=tf.random.experimental.stateless_fold_in(image_seed, v)) for v in range(1, views)
     ]
-    return row, tf.stack([normalize(view, spec) for view in stack])
+    return quantize(tf.stack(stack))
 
 
 def make_dataset(
-    paths: Sequence[str],
-    rows: Sequence[int],
+    source,
     *,
-    spec: ImageSpec,
+    sizes: Sequence[int],
     batch_size: int,
     shards: Sequence[tuple[int, int]],
     views: int = 1,
     seed: int = 0,
+    workers: int | None = None,
 ) -> tf.data.Dataset:
-    """Batches `(rows int64[b], images float32[b, s, s, c])` ([b, K, s, s, c] when views > 1).
+    """Batches `(rows int64[b], pixels)`, `pixels` a tuple with one uint8 [b, s, s, 1] per size in `sizes`
+    ([b, K, s, s, 1] when views > 1): each image is decoded once, then resized for every size.
 
-    `paths[i]` is the image of `rows[i]`; `shards` are (start, stop) position ranges over `paths`,
-    read in the order given, and no batch mixes two shards. Images that cannot be read or decoded
-    are dropped: the rows carried with each image say which ones arrived (see check_file,
-    decode_error). Decoding runs in parallel but the order is deterministic.
+    `source` (PngFiles, or extract.inputs' stored pixels) gives `(row, raw)` items by position and turns
+    `raw` into gray [0,1]. `shards` are (start, stop) position ranges, read in the order given, and no
+    batch mixes two shards. Images that cannot be decoded are dropped: the rows carried with each image
+    say which ones arrived (see check_file, decode_error). Decoding runs on `workers` threads (default:
+    every core) but the order is deterministic.
     """
-    paths = np.asarray(paths, dtype=str)
-    rows = np.asarray(rows, dtype=np.int64)
-    if paths.shape != rows.shape or paths.ndim != 1:
-        raise ValueError(f"paths and rows must be 1-D and aligned, got {paths.shape} and {rows.shape}")
-    if views < 1 or batch_size < 1:
-        raise ValueError(f"views and batch_size must be >= 1, got views={views} batch_size={batch_size}")
+    if views < 1 or batch_size < 1 or not sizes:
+        raise ValueError(f"need views, batch_size >= 1 and sizes, got {views}, {batch_size}, {sizes}")
     for start, stop in shards:
-        if not 0 <= start <= stop <= len(paths):
-            raise ValueError(f"shard ({start}, {stop}) is outside 0..{len(paths)}")
-    all_paths, all_rows = tf.constant(paths), tf.constant(rows)
+        if not 0 <= start <= stop <= len(source):
+            raise ValueError(f"shard ({start}, {stop}) is outside 0..{len(source)}")
 
-    def load(path, row):
-        return _load_views(path, row, spec=spec, views=views, seed=seed)
+    def load(row, raw):
+        image01 = source.gray01(raw)
+        return row, tuple(_pixel_views(image01, row, size=s, views=views, seed=seed) for s in sizes)
 
     def shard_batches(start, stop):
         # Per shard, so a batch never spans a shard boundary even after failed images are dropped.
-        items = tf.data.Dataset.from_tensor_slices((all_paths[start:stop], all_rows[start:stop]))
-        items = items.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return items.ignore_errors(log_warning=False).batch(batch_size)
+        items = source.items(start, stop).map(load, num_parallel_calls=workers or cores(), deterministic=True)
+        return (items.ignore_errors(log_warning=False) if source.may_fail else items).batch(batch_size)
 
     bounds = np.asarray(list(shards), dtype=np.int64).reshape(-1, 2)
     dataset = tf.data.Dataset.from_tensor_slices((bounds[:, 0], bounds[:, 1])).flat_map(shard_batches)
     options = tf.data.Options()
     options.deterministic = True
+    # Parallelism comes from decoding one image per worker; an op spreading over cores only contends.
+    options.threading.max_intra_op_parallelism = 1
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)

@@ -1,46 +1,63 @@
-"""Stage one from the config: find the images of the index, load the backbone, extract or benchmark."""
+"""Stage one from the config: find the images of the index, load the backbones, extract or benchmark."""
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
+from cache import store
 from cxr14.config import Config
 from cxr14.errors import InputError
 from extract.dataset import open_dataset
 from extract.index import find_images
 
 
-def _images(config: Config, *, limit: int | None):
-    """Names (index order) and their paths; names without a file keep an empty path and are recorded."""
-    index = open_dataset(config).index
-    names = index.names if limit is None else index.names[:limit]
-    return names, find_images(config.data_dir, names)
+def _names(config: Config, *, limit: int | None):
+    """Image names in the index's order (the first `limit`)."""
+    names = open_dataset(config).index.names
+    return names if limit is None else names[:limit]
 
 
-def _load_backbone(config: Config, chosen):
-    """The backbone, with mixed precision and XLA as the config's [extract] says."""
+def _input(config: Config, *, names, from_pixels: str | None):
+    """PNG files found under the data folder (names without a file are recorded), or a pixel cache."""
+    from extract.inputs import PixelInput, PngInput
+
+    if from_pixels:
+        return PixelInput.open(store.cache_path(config.cache_dir, from_pixels), names=names)
+    return PngInput(find_images(config.data_dir, names), max_pixels=config.extract.max_pixels)
+
+
+def _load_backbones(config: Config, names: Sequence[str]) -> list:
+    """The backbones, with mixed precision and XLA as the config's [extract] says."""
     from extract.backbones import load_backbone
 
-    return load_backbone(chosen, mixed_precision=config.extract.mixed_precision, xla=config.extract.xla)
+    chosen = [config.backbone(name) for name in names]  # an unknown name fails before any loading
+    settings = config.extract
+    return [load_backbone(c, mixed_precision=settings.mixed_precision, xla=settings.xla) for c in chosen]
 
 
 def run_extract(
     config: Config,
     *,
-    backbone: str,
+    backbones: Sequence[str],
+    from_pixels: str | None = None,
     shard: tuple[int, int] = (0, 1),
     limit: int | None = None,
     force: bool = False,
-):
-    """Extract one backbone's features for the index into <cache_dir>/<backbone>.h5."""
+) -> list:
+    """Extract every backbone named in one pass (each image decoded once) into <cache_dir>/<backbone>.h5."""
     from extract.extraction import extract_features
 
     settings = config.extract
-    chosen = config.backbone(backbone)  # an unknown name fails before the index is read
-    names, paths = _images(config, limit=limit)
+    for name in backbones:
+        config.backbone(name)  # an unknown name fails before the index is read
+    names = _names(config, limit=limit)
+    images = _input(config, names=names, from_pixels=from_pixels)
     return extract_features(
-        backbone=_load_backbone(config, chosen),
+        backbones=_load_backbones(config, backbones),
         names=names,
-        paths=paths,
+        images=images,
         cache_dir=Path(config.cache_dir),
         batch_size=settings.batch_size,
         shard_size=settings.shard_size,
@@ -49,26 +66,33 @@ def run_extract(
         views=settings.views,
         seed=settings.seed,
         force=force,
-        max_pixels=settings.max_pixels,
     )
 
 
-def run_bench_extract(config: Config, *, backbone: str, images: int) -> dict:
-    """Time decoding, the backbone and the whole pipeline on the first `images` images of the index."""
+def run_bench_extract(
+    config: Config, *, backbones: Sequence[str], images: int, from_pixels: str | None = None
+) -> dict:
+    """Time decoding, each backbone and the one-pass pipeline on the first `images` images of the index."""
     from extract.bench import bench_extract
+    from extract.inputs import PixelInput
 
-    chosen = config.backbone(backbone)
-    names, paths = _images(config, limit=images)
-    present = [p for p in paths if p and os.path.isfile(p)]
-    if not present:
+    for name in backbones:
+        config.backbone(name)
+    names = _names(config, limit=images)
+    paths = find_images(config.data_dir, names)
+    present = np.array([bool(p) and os.path.isfile(p) for p in paths], dtype=bool)
+    if not present.any():
         raise InputError(
             f"{config.data_dir}: no image files found to benchmark (make one with run.py make-sample)"
         )
+    pixels = None
+    if from_pixels:
+        pixels = PixelInput.open(store.cache_path(config.cache_dir, from_pixels), names=names[present])
     return bench_extract(
-        backbone=_load_backbone(config, chosen),
-        paths=present,
+        backbones=_load_backbones(config, backbones),
+        paths=paths[present],
+        pixels=pixels,
         batch_size=config.extract.batch_size,
-        images=len(present),
     )
 
 

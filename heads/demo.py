@@ -35,9 +35,9 @@ def run_demo(config: Config, *, workdir: Path, images: int | None = None) -> str
         _step(f"making a sample data set in {config.data_dir}")
         make_sample(config.data_dir, images=images or DEMO_IMAGES, seed=0, label_names=config.labels)
 
-    for backbone in DEMO_BACKBONES:
-        _step(f"stage one: extracting {backbone} (finished shards are reused)")
-        print(format_extract_summary(run_extract(config, backbone=backbone)), flush=True)
+    _step(f"stage one: extracting {', '.join(DEMO_BACKBONES)} in one pass (finished shards are reused)")
+    for summary in run_extract(config, backbones=DEMO_BACKBONES):
+        print(format_extract_summary(summary), flush=True)
 
     runs = []
     for head, backbones in (("fc", DEMO_BACKBONES[0]), ("ensemble", ",".join(DEMO_BACKBONES))):

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from cxr14.errors import InputError
 from cxr14.temps import remove_stale_temps, temp_path
-from extract.pipeline import decode, load_image, preprocess
+from extract.pipeline import decode, load_image, to_pixels
 from heads.predict import TrainedRun, fused_probabilities, load_run
 
 # Largest |exported - predict| accepted when the export checks itself after saving.
@@ -84,13 +84,13 @@ def build_module(run: TrainedRun) -> tf.Module:
 
 
 def _preprocessed(run: TrainedRun, batch: tf.Tensor, *, to_gray01) -> dict:
-    """Per image: to gray [0,1] once, then each backbone's own preprocess; {name: (b, s, s, c)}."""
+    """Per image: to gray [0,1] once, then each backbone's own pixels; {name: (b, s, s, 1) uint8}."""
     specs = [backbone.spec for backbone in run.backbones.values()]
-    signature = tuple(tf.TensorSpec((s.size, s.size, s.channels), tf.float32) for s in specs)
+    signature = tuple(tf.TensorSpec((s.size, s.size, 1), tf.uint8) for s in specs)
 
     def one(item):
         image01 = to_gray01(item)
-        return tuple(preprocess(image01, spec) for spec in specs)
+        return tuple(to_pixels(image01, spec.size) for spec in specs)
 
     images = tf.map_fn(one, batch, fn_output_signature=signature)
     return dict(zip(run.backbones, images, strict=True))

@@ -112,15 +112,15 @@ def as_cached(outputs: tf.Tensor, dtype: str) -> tf.Tensor:
 
 
 def cached_features(run: TrainedRun, images: dict) -> dict:
-    """Preprocessed images per backbone {name: (b, s, s, c)} -> features as the cache holds them."""
+    """uint8 pixels per backbone {name: (b, s, s, 1)} -> features as the cache holds them."""
     return {
-        name: as_cached(backbone.fn(tf.convert_to_tensor(images[name], tf.float32)), run.dtypes[name])
+        name: as_cached(backbone.fn(tf.convert_to_tensor(images[name], tf.uint8)), run.dtypes[name])
         for name, backbone in run.backbones.items()
     }
 
 
 def fused_probabilities(run: TrainedRun, images: dict) -> tf.Tensor:
-    """Preprocessed images per backbone {name: (b, s, s, c)} -> (b, L) probabilities; eager or traced."""
+    """uint8 pixels per backbone {name: (b, s, s, 1)} -> (b, L) probabilities; eager or traced."""
     return run.head(_head_inputs(run.head, cached_features(run, images)), training=False)
 
 

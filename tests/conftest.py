@@ -60,6 +60,5 @@ def tiny_project(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
     config = load_config(write_tiny_config(root))
     make_sample(config.data_dir, images=200, size=64, seed=0, label_names=config.labels)
-    for backbone in ("offline_cnn", "offline_cnn_wide"):
-        run_extract(config, backbone=backbone)
+    run_extract(config, backbones=("offline_cnn", "offline_cnn_wide"))
     return config

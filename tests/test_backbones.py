@@ -15,8 +15,14 @@ def _cfg(**kw) -> BackboneConfig:
     return BackboneConfig(**(defaults | kw))
 
 
-def _images(n=4, size=16, channels=3, seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).random((n, size, size, channels)).astype(np.float32)
+def _pixels(n=4, size=16, seed=0) -> np.ndarray:
+    """What a backbone takes: uint8 gray (n, size, size, 1)."""
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 1), dtype=np.uint8)
+
+
+def _unit_rgb(pixels: np.ndarray) -> np.ndarray:
+    """The "unit" normalisation of `pixels` by hand: [0, 1], three channels."""
+    return np.repeat(pixels.astype(np.float32) / 255, 3, axis=-1)
 
 
 def _tiny_keras_model(size=16) -> keras.Model:
@@ -48,10 +54,10 @@ def test_hub_style_saved_model_matches_original(tmp_path):
     model = _tiny_keras_model()
     tf.saved_model.save(_HubStyle(model), str(tmp_path / "hub"))
     backbone = load_backbone(_cfg(source="hub", handle=str(tmp_path / "hub"), image_size=16))
-    x = _images()
+    x = _pixels()
     assert backbone.kind == "features" and backbone.dim == 5
     assert backbone.spec.channels == 3 and backbone.spec.normalization == "unit"
-    np.testing.assert_allclose(backbone.fn(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(backbone.fn(x).numpy(), model(_unit_rgb(x)).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_dict_outputs_need_output_key(tmp_path):
@@ -63,16 +69,16 @@ def test_dict_outputs_need_output_key(tmp_path):
     backbone = load_backbone(
         _cfg(source="hub", handle=str(tmp_path / "hub"), image_size=16, output_key="twice")
     )
-    x = _images()
-    np.testing.assert_allclose(backbone.fn(x).numpy(), 2 * model(x).numpy(), rtol=1e-5, atol=1e-6)
+    x = _pixels()
+    np.testing.assert_allclose(backbone.fn(x).numpy(), 2 * model(_unit_rgb(x)).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_keras_export_uses_serve(tmp_path):
     model = _tiny_keras_model()
     model.export(str(tmp_path / "exported"), verbose=False)
     backbone = load_backbone(_cfg(source="hub", handle=str(tmp_path / "exported"), image_size=16))
-    x = _images()
-    np.testing.assert_allclose(backbone.fn(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+    x = _pixels()
+    np.testing.assert_allclose(backbone.fn(x).numpy(), model(_unit_rgb(x)).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_signature_only_saved_model(tmp_path):
@@ -84,9 +90,10 @@ def test_signature_only_saved_model(tmp_path):
     )
     tf.saved_model.save(module, str(tmp_path / "sig"), signatures={"serving_default": module.f})
     backbone = load_backbone(_cfg(source="hub", handle=str(tmp_path / "sig"), image_size=16))
-    x = _images()
+    x = _pixels()
     assert backbone.dim == 6
-    np.testing.assert_allclose(backbone.fn(x).numpy(), x.mean(axis=(1, 2)) @ module.w.numpy(), rtol=1e-5)
+    expected = _unit_rgb(x).mean(axis=(1, 2)) @ module.w.numpy()
+    np.testing.assert_allclose(backbone.fn(x).numpy(), expected, rtol=1e-5)
 
 
 def test_hub_handle_errors_say_what_to_do(tmp_path):
@@ -122,10 +129,10 @@ def test_keras_weights_file_and_mixed_precision(tmp_path):
     reference.save_weights(weights)
     cfg = _cfg(source="keras", model="MobileNetV2", weights=str(weights), preprocess="keras")
     backbone = load_backbone(cfg)
-    x = _images(size=32) * 2 - 1  # already in the [-1, 1] range of mobilenet_v2 preprocessing
+    x = _pixels(size=32)
     assert backbone.dim == 1280 and backbone.spec.keras_family == "mobilenet_v2"
     assert backbone.config["resolved"]["keras_family"] == "mobilenet_v2"
-    expected = reference(x, training=False).numpy()
+    expected = reference(_unit_rgb(x) * 2 - 1, training=False).numpy()  # mobilenet_v2 takes [-1, 1]
     np.testing.assert_allclose(backbone.fn(x).numpy(), expected, rtol=1e-4, atol=1e-5)
 
     half = load_backbone(cfg, mixed_precision=True)
@@ -160,7 +167,7 @@ def test_random_is_seeded_and_sized():
     cfg = _cfg(width=8, grid=2, seed=3)
     a, b = load_backbone(cfg), load_backbone(cfg)
     other = load_backbone(_cfg(width=8, grid=2, seed=4))
-    x = _images(size=32, channels=1)
+    x = _pixels(size=32)
     assert a.dim == 32 and a.spec.channels == 1 and a.kind == "features"
     np.testing.assert_array_equal(a.fn(x).numpy(), b.fn(x).numpy())
     assert not np.allclose(a.fn(x).numpy(), other.fn(x).numpy())
@@ -172,9 +179,9 @@ def test_random_is_seeded_and_sized():
 def test_random_keeps_spatial_layout():
     grid, width = 4, 16
     backbone = load_backbone(_cfg(image_size=64, width=width, grid=grid))
-    base = np.full((1, 64, 64, 1), 0.3, np.float32)
+    base = np.full((1, 64, 64, 1), 77, np.uint8)
     blob = base.copy()
-    blob[0, 2:14, 2:14, 0] = 1.0  # top-left cell only
+    blob[0, 2:14, 2:14, 0] = 255  # top-left cell only
     diff = np.abs(backbone.fn(blob).numpy() - backbone.fn(base).numpy()).reshape(grid, grid, width).sum(-1)
     assert diff[0, 0] > 0 and diff[0, 0] == diff.max()
     assert diff[grid - 1, grid - 1] == 0.0  # far corner untouched: not a global average
@@ -182,7 +189,7 @@ def test_random_keeps_spatial_layout():
 
 def test_random_mixed_precision_and_xla_agree():
     cfg = _cfg(image_size=64)
-    x = _images(size=64, channels=1)
+    x = _pixels(size=64)
     full = load_backbone(cfg).fn(x).numpy()
     np.testing.assert_allclose(load_backbone(cfg, xla=True).fn(x).numpy(), full, rtol=1e-4, atol=1e-5)
     half = load_backbone(cfg, mixed_precision=True).fn(x)
@@ -193,13 +200,13 @@ def test_random_mixed_precision_and_xla_agree():
 # --- pixels -------------------------------------------------------------------------------------------
 
 
-def test_pixels_round_to_bytes():
+def test_pixels_are_the_bytes_themselves():
     backbone = load_backbone(_cfg(source="pixels", image_size=8, preprocess="bytes"))
-    x = np.full((2, 8, 8, 1), 100.4, np.float32)
-    x[0, 0, 0, 0], x[1, 0, 0, 0] = 300.0, -5.0
+    x = _pixels(n=2, size=8)
     out = backbone.fn(x).numpy()
     assert backbone.kind == "pixels" and backbone.dim == 8 and backbone.spec.channels == 1
-    assert out.shape == (2, 8, 8) and out[0, 0, 0] == 255 and out[1, 0, 0] == 0 and out[0, 1, 1] == 100
+    assert out.shape == (2, 8, 8)
+    np.testing.assert_array_equal(out, x[..., 0])
     with pytest.raises(BackboneError, match='preprocess = "bytes"'):
         load_backbone(_cfg(source="pixels", image_size=8, preprocess="unit"))
 

@@ -1,4 +1,5 @@
-"""The extraction loop: failures recorded, kill + resume, shard workers, fingerprints, views, pixels."""
+"""The extraction loop: failures recorded, kill + resume, shard workers, fingerprints, views, pixels,
+several backbones in one pass, and a pixel cache as the input."""
 
 import json
 import os
@@ -18,6 +19,7 @@ from cache import store
 from cache.status import Status
 from cxr14.errors import InputError
 from extract import extraction, pipeline
+from extract.inputs import PixelInput, PngInput
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 8  # backbone input size: tiny, so every test runs in a second or two
@@ -25,7 +27,7 @@ SIZE = 8  # backbone input size: tiny, so every test runs in a second or two
 
 @dataclass(frozen=True)
 class FakeBackbone:
-    """Stands in for extract.backbones.Backbone: 2x2 average-pooled pixels, optionally slow."""
+    """Stands in for extract.backbones.Backbone: normalised uint8 pixels, 2x2 average-pooled; optionally slow."""
 
     name: str = "fake"
     kind: str = "features"
@@ -35,12 +37,14 @@ class FakeBackbone:
     calls: list = field(default_factory=list)
     config: dict = field(default_factory=lambda: {"name": "fake", "source": "test"})
 
-    def fn(self, images):
-        self.calls.append(tuple(images.shape))
+    def fn(self, pixels):
+        self.calls.append(tuple(pixels.shape))
         time.sleep(self.delay)
+        images = pipeline.normalize(pixels, self.spec)
         if self.kind == "pixels":
-            return tf.round(images[..., 0])  # "bytes" normalisation: already 0..255
-        pooled = tf.nn.avg_pool2d(images, ksize=SIZE // 2, strides=SIZE // 2, padding="VALID")
+            return images[..., 0]  # "bytes" normalisation: already 0..255
+        side = self.spec.size // 2
+        pooled = tf.nn.avg_pool2d(images, ksize=side, strides=side, padding="VALID")
         return tf.reshape(pooled, (tf.shape(images)[0], -1))
 
 
@@ -82,12 +86,18 @@ EXPECTED_STATUS = {
 }
 
 
-def extract(names, paths, cache_dir, *, backbone=None, **options):
+def extract(names, paths, cache_dir, *, backbone=None, backbones=None, images=None, **options):
+    """One backbone: its summary. `backbones=[...]`: one pass over all of them, a summary each."""
     settings = dict(batch_size=2, shard_size=4, progress=False) | options
-    backbone = backbone or FakeBackbone()
-    return extraction.extract_features(
-        backbone=backbone, names=names, paths=paths, cache_dir=cache_dir, **settings
+    max_pixels = settings.pop("max_pixels", None)
+    summaries = extraction.extract_features(
+        backbones=backbones or [backbone or FakeBackbone()],
+        names=names,
+        images=images or PngInput(paths, max_pixels=max_pixels),
+        cache_dir=cache_dir,
+        **settings,
     )
+    return summaries if backbones else summaries[0]
 
 
 def assert_same_file(a: Path, b: Path):
@@ -134,20 +144,43 @@ def test_last_batch_is_padded_so_the_backbone_sees_one_shape(images, tmp_path):
     names, paths = images
     backbone = FakeBackbone()
     extract(names, paths, tmp_path / "cache", backbone=backbone, batch_size=3)
-    assert set(backbone.calls) == {(3, SIZE, SIZE, 3)}
+    assert set(backbone.calls) == {(3, SIZE, SIZE, 1)}  # uint8, one channel: the backbone makes three
+
+
+def second_backbone(**changes) -> FakeBackbone:
+    """Another fake backbone with its own size, normalisation and channels, to share a pass with the first."""
+    spec = pipeline.ImageSpec(size=6, normalization="standardize", channels=1)
+    config = {"name": "second", "source": "test"}
+    return FakeBackbone(**({"name": "second", "spec": spec, "dim": 4, "config": config} | changes))
+
+
+def pixel_backbone(size: int = 10, name: str = "pix") -> FakeBackbone:
+    spec = pipeline.ImageSpec(size=size, normalization="bytes", channels=1)
+    return FakeBackbone(
+        name=name, kind="pixels", spec=spec, dim=size, config={"name": name, "source": "pixels"}
+    )
+
+
+def assert_same_files(cache_a: Path, cache_b: Path, names=("fake", "second")):
+    for name in names:
+        assert_same_file(store.cache_path(cache_a, name), store.cache_path(cache_b, name))
 
 
 CHILD = """
 import json, sys
-from tests.test_extraction import FakeBackbone, extract
+from tests.test_extraction import FakeBackbone, extract, second_backbone
 job = json.load(open(sys.argv[1]))
-extract(job["names"], job["paths"], job["cache"], backbone=FakeBackbone(delay=0.4), shard_size=2)
+backbones = [FakeBackbone(delay=0.4), second_backbone()]
+extract(job["names"], job["paths"], job["cache"], backbones=backbones, shard_size=2)
 """
 
 
-def test_kill_mid_run_then_resume_gives_identical_features(images, tmp_path):
+def test_kill_mid_pass_then_resume_gives_identical_files(images, tmp_path):
     names, paths = images
-    reference = extract(names, paths, tmp_path / "reference", shard_size=2)
+    reference = [
+        extract(names, paths, tmp_path / "reference", backbone=b, shard_size=2)
+        for b in (FakeBackbone(), second_backbone())
+    ]
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"names": names, "paths": paths, "cache": str(tmp_path / "killed")}))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
@@ -160,13 +193,84 @@ def test_kill_mid_run_then_resume_gives_identical_features(images, tmp_path):
         time.sleep(0.02)
     os.kill(child.pid, signal.SIGKILL)  # no chance to clean up: the worst case
     child.wait()
-    finished = len(list(shards.glob("*.h5")))
-    assert 2 <= finished < 6, "the child should die mid-run"
+    finished = {
+        b: len(list(store.shard_dir(tmp_path / "killed", b).glob("*.h5"))) for b in ("fake", "second")
+    }
+    assert 2 <= finished["fake"] < 6 and finished["second"] < 6, "the child should die mid-pass"
     assert not store.cache_path(tmp_path / "killed", "fake").exists()
-    resumed = extract(names, paths, tmp_path / "killed", shard_size=2)
-    assert (resumed.shards_skipped, resumed.shards_done) == (finished, 6 - finished)
-    assert (resumed.done, resumed.failed) == (reference.done, reference.failed)
-    assert_same_file(resumed.path, reference.path)
+    resumed = extract(
+        names, paths, tmp_path / "killed", backbones=[FakeBackbone(), second_backbone()], shard_size=2
+    )
+    for summary, ref in zip(resumed, reference, strict=True):
+        assert (summary.shards_skipped, summary.shards_done) == (
+            finished[ref.backbone],
+            6 - finished[ref.backbone],
+        )
+        assert (summary.done, summary.failed) == (ref.done, ref.failed)
+    assert_same_files(tmp_path / "killed", tmp_path / "reference")
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_one_pass_over_several_backbones_writes_the_files_of_separate_runs(images, tmp_path, views):
+    names, paths = images
+    separate = [
+        extract(names, paths, tmp_path / "separate", backbone=b, views=views, seed=3)
+        for b in (FakeBackbone(), second_backbone(), pixel_backbone())
+    ]
+    fake, second = FakeBackbone(), second_backbone()
+    together = extract(
+        names, paths, tmp_path / "together", backbones=[fake, second, pixel_backbone()], views=views, seed=3
+    )
+    assert [s.backbone for s in together] == ["fake", "second", "pix"]
+    assert_same_files(tmp_path / "together", tmp_path / "separate", names=("fake", "second", "pix"))
+    for one, other in zip(together, separate, strict=True):
+        assert (one.done, one.failed, one.failures) == (other.done, other.failed, other.failures)
+        status = store.read_features(one.path).status
+        assert {
+            row: Status(status[row]) for row in np.flatnonzero(status)
+        } == EXPECTED_STATUS  # failed for all
+    # Each backbone saw every batch at its own size: decoded once, resized per backbone.
+    assert set(fake.calls) == {(2 * views, SIZE, SIZE, 1)} and set(second.calls) == {(2 * views, 6, 6, 1)}
+
+
+def test_one_pass_with_shard_workers_gives_the_files_of_one_worker(images, tmp_path):
+    names, paths = images
+    extract(names, paths, tmp_path / "one", backbones=[FakeBackbone(), second_backbone()], shard_size=2)
+    for k in (1, 0):
+        last = extract(
+            names,
+            paths,
+            tmp_path / "two",
+            backbones=[FakeBackbone(), second_backbone()],
+            shard_size=2,
+            shard=(k, 2),
+        )
+    assert [s.shards_done for s in last] == [3, 3] and all(s.path is not None for s in last)
+    assert_same_files(tmp_path / "two", tmp_path / "one")
+
+
+def test_one_pass_only_runs_what_each_backbone_still_needs(images, tmp_path):
+    names, paths = images
+    extract(names, paths, tmp_path / "reference", backbones=[FakeBackbone(), second_backbone()])
+    extract(names, paths, tmp_path / "cache", backbone=FakeBackbone())  # fake finished and merged
+    extract(names, paths, tmp_path / "cache", backbone=second_backbone(), shard=(1, 3))  # one shard of three
+    fake, second = FakeBackbone(), second_backbone()
+    first, other = extract(names, paths, tmp_path / "cache", backbones=[fake, second])
+    assert fake.calls == [] and (first.shards_done, first.shards_skipped) == (0, 3)
+    assert (other.shards_done, other.shards_skipped) == (2, 1)
+    assert len(second.calls) == 3  # rows 0-4 and 8-12 only: 3 + 2 images that decode, in batches of 2
+    assert_same_files(tmp_path / "cache", tmp_path / "reference")
+
+
+def test_a_recipe_clash_in_any_backbone_stops_the_pass_before_any_work(images, tmp_path):
+    names, paths = images
+    extract(names, paths, tmp_path / "cache", backbone=second_backbone())
+    changed = second_backbone(config={"name": "second", "source": "test", "seed": 1})
+    with pytest.raises(InputError, match=r"second.h5 was made differently.*backbone_config differ"):
+        extract(names, paths, tmp_path / "cache", backbones=[FakeBackbone(), changed])
+    assert not store.shard_dir(tmp_path / "cache", "fake").exists()
+    with pytest.raises(InputError, match="name each backbone once"):
+        extract(names, paths, tmp_path / "cache", backbones=[FakeBackbone(), FakeBackbone()])
 
 
 def test_two_shard_workers_give_the_same_file_as_one(images, tmp_path):
@@ -285,7 +389,7 @@ def test_pixels_are_stored_as_uint8_images(images, tmp_path):
     )
     assert got.features.dtype == np.uint8 and got.features.shape == (12, SIZE, SIZE)
     assert got.attrs["dtype"] == "uint8" and got.attrs["kind"] == "pixels"
-    expected = np.rint(pipeline.load_image(paths[0], spec)[..., 0]).astype(np.uint8)
+    expected = pipeline.load_image(paths[0], spec)[..., 0]
     np.testing.assert_array_equal(got.features[0], expected)
 
 
@@ -312,7 +416,7 @@ def test_bad_options_are_refused(images, tmp_path, options, message):
 
 def test_misaligned_or_empty_input_is_refused(images, tmp_path):
     names, paths = images
-    with pytest.raises(InputError, match="12 image names but 11 paths"):
+    with pytest.raises(InputError, match="12 image names but 11 images"):
         extract(names, paths[:11], tmp_path / "cache")
     with pytest.raises(InputError, match="no images"):
         extract([], [], tmp_path / "cache")
@@ -339,8 +443,10 @@ def test_real_random_and_pixels_backbones_on_a_sample_data_set(tmp_path):
         BackboneConfig(name="rand", source="random", image_size=16, preprocess="unit", width=4, grid=2)
     )
     pixels = load_backbone(BackboneConfig(name="pix", source="pixels", image_size=16, preprocess="bytes"))
-    for backbone in (random, pixels):
-        summary = extract(list(index.names), list(paths), tmp_path / "cache", backbone=backbone, batch_size=4)
+    summaries = extract(
+        list(index.names), list(paths), tmp_path / "cache", backbones=[random, pixels], batch_size=4
+    )
+    for backbone, summary in zip((random, pixels), summaries, strict=True):
         got = store.read_features(summary.path)
         failed = {name: Status(status) for name, status in zip(got.names, got.status, strict=True) if status}
         assert failed == {name: BROKEN[kind] for name, kind in made["broken"].items()} and summary.done == 12
@@ -423,3 +529,74 @@ def test_force_removes_a_killed_merges_temporary_file(images, tmp_path):
     leftover.write_bytes(b"x" * 1000)  # 460 MB on the full data set
     extract(names, paths, tmp_path / "cache", force=True)
     assert not leftover.exists()
+
+
+def test_a_pixel_cache_at_the_images_own_size_gives_the_png_features(images, tmp_path):
+    names, paths = images
+    pixels = extract(names, paths, tmp_path / "cache", backbone=pixel_backbone(size=12))  # the PNGs are 12 px
+    stored = PixelInput.open(pixels.path, names=names)
+    from_pixels = extract(
+        names, paths, tmp_path / "cache", backbones=[FakeBackbone(), second_backbone()], images=stored
+    )
+    from_png = extract(names, paths, tmp_path / "png", backbones=[FakeBackbone(), second_backbone()])
+    for a, b in zip(from_pixels, from_png, strict=True):
+        x, y = store.read_features(a.path), store.read_features(b.path)
+        assert x.features.tobytes() == y.features.tobytes()  # one resampling either way
+        assert (
+            list(x.errors) == list(y.errors) and (x.status == y.status).all()
+        )  # reasons copied from the cache
+        assert x.attrs["preprocess"]["input"] == {
+            "source": "pixels",
+            "cache": "pix",
+            "image_size": 12,
+            "fingerprint": store.read_attrs(pixels.path)["fingerprint"],
+        }
+        assert y.attrs["preprocess"]["input"]["source"] == "png"
+        assert x.attrs["fingerprint"] != y.attrs["fingerprint"]
+
+
+def test_features_from_a_smaller_pixel_cache_are_close_and_recorded_as_such(images, tmp_path):
+    names, paths = images
+    pixels = extract(names, paths, tmp_path / "cache", backbone=pixel_backbone(size=10, name="pix10"))
+    stored = PixelInput.open(pixels.path, names=names)
+    from_pixels = store.read_features(extract(names, paths, tmp_path / "cache", images=stored).path)
+    from_png = store.read_features(extract(names, paths, tmp_path / "png").path)
+    ok = from_png.status == Status.OK
+    gap = np.abs(from_pixels.features[ok].astype(np.float32) - from_png.features[ok].astype(np.float32))
+    assert 0 < gap.max() < 0.05  # resampled twice (12 -> 10 -> 8 px) instead of once: close, not equal
+    with pytest.raises(InputError, match=r"fake.h5 was made differently from this run \(preprocess differ\)"):
+        extract(names, paths, tmp_path / "cache")  # the PNG recipe is another recipe
+
+
+def test_a_pixel_cache_that_cannot_feed_the_backbones_is_refused(images, tmp_path):
+    names, paths = images
+    cache = tmp_path / "cache"
+    small = extract(names, paths, cache, backbone=pixel_backbone(size=6, name="pix6"))
+    with pytest.raises(InputError, match=r"stores 6 px images, smaller than the 8 px backbone 'fake'"):
+        extract(names, paths, cache, images=PixelInput.open(small.path, names=names))
+    with pytest.raises(InputError, match="cannot also be written"):
+        extract(
+            names,
+            paths,
+            cache,
+            backbones=[pixel_backbone(size=6, name="pix6")],
+            images=PixelInput.open(small.path, names=names),
+        )
+    features = extract(names, paths, cache)
+    with pytest.raises(InputError, match="kind='features'.*needs a one-view cache"):
+        PixelInput.open(features.path, names=names)
+    with pytest.raises(
+        InputError, match=r"no pixel cache; make it first with `run.py extract --backbone absent`"
+    ):
+        PixelInput.open(cache / "absent.h5", names=names)
+
+
+def test_images_missing_from_the_pixel_cache_are_recorded(images, tmp_path):
+    names, paths = images
+    part = extract(names[:8], paths[:8], tmp_path / "cache", backbone=pixel_backbone(size=12))
+    got = store.read_features(
+        extract(names, paths, tmp_path / "cache", images=PixelInput.open(part.path, names=names)).path
+    )
+    assert (got.status[8:] == Status.MISSING).all() and "not in pixel cache" in got.errors[9]
+    assert got.status[7] == Status.TRUNCATED and "IEND" in got.errors[7]  # the cache's own record
+    assert (got.status[[0, 1, 2, 4, 6]] == Status.OK).all()

@@ -16,6 +16,7 @@ from cxr14.config import LABELS, BackboneConfig, Config, ExtractConfig, HeadConf
 from cxr14.errors import InputError
 from extract.backbones import load_backbone
 from extract.extraction import extract_features
+from extract.inputs import PngInput
 from extract.pipeline import load_image
 from heads.models import build_head
 from heads.predict import (
@@ -254,9 +255,9 @@ def test_features_equal_the_extracted_cache(tmp_path, images):
     names = [p.name for p in images]
     for name, backbone in run.backbones.items():
         extract_features(
-            backbone=backbone,
+            backbones=[backbone],
             names=names,
-            paths=[str(p) for p in images],
+            images=PngInput([str(p) for p in images]),
             cache_dir=tmp_path / "features",
             batch_size=2,
             shard_size=2,
