@@ -79,6 +79,7 @@ def bench_extract(
     }
     if pixels is not None:
         result |= _pixel_figures(best, pixels, backbones, png_rate=result["pipeline_images_per_s"])
+        result["pixels_vs_png"] = _gap(dataset, backbones, sizes=sizes, batch_size=batch_size)
     result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return result
 
@@ -152,6 +153,41 @@ def _pixel_figures(best: dict, pixels, backbones: Sequence, *, png_rate: float) 
         "pixels_projection": f"full ChestX-ray14 on this machine: {minutes:.1f} min for backbones "
         f"[{', '.join(b.name for b in backbones)}] in one pass from pixel cache {pixels.name}",
     }
+
+
+def _gap(dataset, backbones: Sequence, *, sizes, batch_size: int) -> dict:
+    """How far the pass from the pixel cache (resampled twice) lands from the pass from PNGs (once)."""
+    png, stored = (
+        _outputs(dataset(source), backbones, sizes=sizes, batch_size=batch_size)
+        for source in ("png", "pixels")
+    )
+    rows = sorted(set(png) & set(stored))
+    levels = [
+        np.stack([png[r][0][i].astype(np.int16) - stored[r][0][i] for r in rows]) for i in range(len(sizes))
+    ]
+    relative = []
+    for j in range(len(backbones)):
+        a, b = (np.stack([out[r][1][j].ravel() for r in rows]).astype(np.float64) for out in (png, stored))
+        relative.append(np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(a, axis=1), 1e-12))
+    names = [b.name for b in backbones]
+    return {
+        "images": len(rows),
+        "gray_levels_mean_abs": {s: float(np.abs(d).mean()) for s, d in zip(sizes, levels, strict=True)},
+        "gray_levels_max_abs": {s: int(np.abs(d).max()) for s, d in zip(sizes, levels, strict=True)},
+        "feature_relative_l2_median": {n: float(np.median(r)) for n, r in zip(names, relative, strict=True)},
+        "feature_relative_l2_max": {n: float(r.max()) for n, r in zip(names, relative, strict=True)},
+    }
+
+
+def _outputs(dataset, backbones, *, sizes, batch_size) -> dict:
+    """{row: (pixels per size, output per backbone)} of one pass."""
+    out = {}
+    for rows, pixels in dataset:
+        inputs = [pixels[sizes.index(b.spec.size)] for b in backbones]
+        features = embed_all(backbones, inputs, batch_size=batch_size, views=1)
+        for i, row in enumerate(rows.numpy()):
+            out[int(row)] = ([p[i].numpy() for p in pixels], [f[i] for f in features])
+    return out
 
 
 def _measure(work) -> tuple[int, float, float]:

@@ -105,6 +105,12 @@ def test_bench_times_the_pass_from_a_pixel_cache(pngs, backbones, tmp_path):
         result["pixels_pipeline_images_per_s"] / result["pipeline_images_per_s"]
     )
     assert result["pixels_projection"].endswith("in one pass from pixel cache pix")
+    # 48 -> 40 -> 32 px against 48 -> 32 px, on white noise (the worst case for resampling): not equal.
+    gap = result["pixels_vs_png"]
+    assert gap["images"] == 15 and set(gap["gray_levels_mean_abs"]) == {24, 32}
+    assert 0 < gap["gray_levels_mean_abs"][32] <= gap["gray_levels_max_abs"][32] < 255
+    assert set(gap["feature_relative_l2_median"]) == {"tiny", "wide"}
+    assert 0 < gap["feature_relative_l2_median"]["tiny"] <= gap["feature_relative_l2_max"]["tiny"] < 1
 
 
 def test_bench_refuses_nothing_to_decode(tmp_path, backbones):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import run
@@ -157,3 +158,51 @@ def test_a_full_disk_outside_the_store_exits_2_with_one_line(tmp_path, capsys, m
     monkeypatch.setattr("extract.sample.make_sample", full)
     assert run.main(["make-sample", "--out", str(tmp_path / "out"), "--images", "5"]) == 2
     assert capsys.readouterr().err == f"error: no space left on device: {tmp_path / 'out' / 'x.png'}\n"
+
+
+PIXELS64 = """
+[backbones.pixels64]
+source = "pixels"
+image_size = 64
+preprocess = "bytes"
+"""
+
+
+def test_one_pass_then_a_pixel_cache_as_input(tmp_path, tiny_project, capsys):
+    from cache import store
+    from extract.index import find_images
+
+    config = write_tiny_config(tmp_path, PIXELS64)
+    features = tmp_path / "features"
+    common = ["--config", str(config), "--data-dir", str(tiny_project.data_dir), "--cache-dir", str(features)]
+    assert run.main(["extract", *common, "--backbone", "offline_cnn,pixels64"]) == 0
+    out = capsys.readouterr().out
+    assert "offline_cnn: 197 images done, 3 failed" in out and "pixels64: 197 images done, 3 failed" in out
+    args = [
+        "extract",
+        *common,
+        "--backbone",
+        "offline_cnn_wide",
+        "--from-pixels",
+        "pixels64",
+        "--limit",
+        "60",
+    ]
+    assert run.main(args) == 0
+    got = store.read_features(features / "offline_cnn_wide.h5")
+    assert got.attrs["preprocess"]["input"]["cache"] == "pixels64"
+    # The sample's images are 64 px: a 64 px pixel cache resamples once, like the PNGs themselves, so
+    # 8-bit files give the very same features; 16-bit ones lose their low bits in the uint8 cache.
+    reference = store.read_features(tiny_project.cache_dir / "offline_cnn_wide.h5", names=got.names)
+    paths = find_images(tiny_project.data_dir, got.names)
+    deep = np.array([bool(p) and Path(p).read_bytes()[24] == 16 for p in paths])
+    assert deep.any() and (got.status == 0).sum() > 50
+    np.testing.assert_array_equal(got.features[~deep], reference.features[~deep])
+    np.testing.assert_allclose(got.features[deep], reference.features[deep], atol=0.05)
+    assert list(got.errors) == list(reference.errors)
+    assert (
+        run.main(["extract", *common, "--backbone", "offline_cnn_wide", "--from-pixels", "offline_cnn"]) == 2
+    )
+    assert "needs a one-view cache" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.build_parser().parse_args(["extract", "--backbone", "a,,b"])

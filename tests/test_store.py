@@ -314,3 +314,14 @@ def test_a_killed_merges_temporary_file_is_removed_by_the_next_merge(tmp_path):
     leftover.write_bytes(b"x" * 1000)  # as large as the merged file, on the full data set
     store.merge_shards(tmp_path / "s", out_path=out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5", "s"]
+
+
+def test_iter_rows_reads_rows_in_the_order_asked_a_chunk_at_a_time(tmp_path):
+    data = sample(n=40, d=5)
+    path = store.write_features(tmp_path / "f.h5", **data, attrs=attrs_for())
+    stored = store.read_features(path).features
+    for rows in ([3, 4, 5, 6, 7], [9, 2, 30, 31, 0], [0, 39], list(range(40))[::-1]):
+        chunks = list(store.iter_rows(path, rows, chunk=2))
+        assert [len(c) for c in chunks] == [2] * (len(rows) // 2) + [1] * (len(rows) % 2)
+        np.testing.assert_array_equal(np.concatenate(chunks), stored[rows])
+    assert list(store.iter_rows(path, [], chunk=2)) == []
