@@ -41,16 +41,7 @@ def bench_extract(
         if os.path.isfile(path):
             Path(path).read_bytes()
     sizes = sorted({b.spec.size for b in backbones})
-    sources = {"png": PngFiles(paths=paths, rows=np.arange(len(paths)))}
-    if pixels is not None:
-        sources["pixels"] = pixels.source(np.flatnonzero(pixels.status == Status.OK))
-
-    def dataset(source="png", workers=None):
-        shards = [(0, len(sources[source]))]
-        return make_dataset(
-            sources[source], sizes=sizes, batch_size=batch_size, shards=shards, workers=workers
-        )
-
+    dataset = _dataset_maker(paths, pixels=pixels, sizes=sizes, batch_size=batch_size)
     first = next(iter(dataset()), None)
     if first is None:
         raise InputError(
@@ -64,17 +55,7 @@ def bench_extract(
     # Per stage, the repeat with the least wall time; images, wall and CPU seconds come from that one.
     best = {key: min((t[key] for t in timings), key=lambda m: m[1]) for key in timings[0]}
     result = {
-        "backbones": [b.name for b in backbones],
-        "device": _device(),
-        "cores": cores(),
-        "images": len(paths),
-        "batch_size": batch_size,
-        "repeats": max(1, repeats),
-        "image_sizes": {b.name: b.spec.size for b in backbones},
-        "mixed_precision": {
-            b.name: bool(b.config.get("resolved", {}).get("mixed_precision")) for b in backbones
-        },
-        "xla": {b.name: bool(b.config.get("resolved", {}).get("xla")) for b in backbones},
+        **_setting(backbones, images=len(paths), batch_size=batch_size, repeats=max(1, repeats)),
         **_figures(best, backbones),
     }
     if pixels is not None:
@@ -82,6 +63,37 @@ def bench_extract(
         result["pixels_vs_png"] = _gap(dataset, backbones, sizes=sizes, batch_size=batch_size)
     result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return result
+
+
+def _dataset_maker(paths: np.ndarray, *, pixels, sizes: list[int], batch_size: int):
+    """dataset(source="png" | "pixels", workers=None): a fresh one-pass pipeline over all the images."""
+    sources = {"png": PngFiles(paths=paths, rows=np.arange(len(paths)))}
+    if pixels is not None:
+        sources["pixels"] = pixels.source(np.flatnonzero(pixels.status == Status.OK))
+
+    def dataset(source="png", workers=None):
+        shards = [(0, len(sources[source]))]
+        return make_dataset(
+            sources[source], sizes=sizes, batch_size=batch_size, shards=shards, workers=workers
+        )
+
+    return dataset
+
+
+def _setting(backbones: Sequence, *, images: int, batch_size: int, repeats: int) -> dict:
+    """What was measured, and on what."""
+    resolved = {b.name: b.config.get("resolved", {}) for b in backbones}
+    return {
+        "backbones": [b.name for b in backbones],
+        "device": _device(),
+        "cores": cores(),
+        "images": images,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "image_sizes": {b.name: b.spec.size for b in backbones},
+        "mixed_precision": {name: bool(r.get("mixed_precision")) for name, r in resolved.items()},
+        "xla": {name: bool(r.get("xla")) for name, r in resolved.items()},
+    }
 
 
 def _time_pass(dataset, backbones, *, sizes, batch_size, with_pixels: bool) -> dict:

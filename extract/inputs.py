@@ -167,7 +167,7 @@ class PixelInput:
 
     def explain(self, row: int) -> tuple[Status, str]:
         # Stored pixels are never dropped by the pipeline (a read error stops the run), so this is a guard.
-        return Status.UNDECODABLE, f"{self.path}: row of image {row} was not read"
+        return Status.UNDECODABLE, f"{self.path}: the stored pixels of row {row} were not read"
 
 
 def _stored_size(path: Path, rows: np.ndarray) -> int:
