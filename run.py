@@ -292,6 +292,12 @@ def _add_extract_commands(sub) -> None:
         required=True,
         help="NAME or NAME,NAME,... of [backbones.NAME] in the config: all in one pass, one file each",
     )
+    p.add_argument(
+        "--from-pixels",
+        metavar="NAME",
+        help='read the images from the pixel cache <cache-dir>/NAME.h5 (a source = "pixels" backbone) '
+        "instead of decoding the PNGs",
+    )
     _add_extract_flags(p)
     p.add_argument("--shard", type=_shard, default="0/1", metavar="K/N", help="take every N-th shard from K")
     p.add_argument("--limit", type=_positive, help="only the first N images of the index")
@@ -312,12 +318,6 @@ def _add_extract_commands(sub) -> None:
 
 
 def _add_extract_flags(p) -> None:
-    p.add_argument(
-        "--from-pixels",
-        metavar="NAME",
-        help='read the images from the pixel cache <cache-dir>/NAME.h5 (a source = "pixels" backbone) '
-        "instead of decoding the PNGs",
-    )
     p.add_argument(
         "--batch-size", type=_positive, help="images per backbone call (default: extract.batch_size)"
     )
@@ -408,6 +408,11 @@ def _add_bench_command(sub) -> None:
         "--backbone", type=_names, default="offline_cnn", help="backbone(s) to measure, NAME,NAME,..."
     )
     group.add_argument("--images", type=_positive, default=512, help="images to time")
+    group.add_argument(
+        "--from-pixels",
+        metavar="NAME",
+        help="also time the pass reading the pixel cache <cache-dir>/NAME.h5, against the PNGs",
+    )
     _add_extract_flags(group)
     group = p.add_argument_group("bench heads")
     group.add_argument("--rows", type=_positive, default=112_120, help="rows of the synthetic cache")
