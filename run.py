@@ -14,9 +14,17 @@ from pathlib import Path
 
 from cache.store import FEATURE_DTYPES
 from cxr14 import __version__
-from cxr14.config import HEAD_FIELDS, TRAIN_FIELDS, Config, load_config, override, with_training
+from cxr14.config import (
+    DECISION_FIELDS,
+    HEAD_FIELDS,
+    TRAIN_FIELDS,
+    Config,
+    load_config,
+    override,
+    with_training,
+)
 from cxr14.errors import InputError
-from heads.registry import FUSIONS, HEAD_KINDS, LOSSES
+from heads.registry import CALIBRATIONS, FUSIONS, HEAD_KINDS, LOSSES, OPERATING_POINTS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "cxr14.toml"
 
@@ -39,7 +47,7 @@ def cmd_index(args, config: Config) -> None:
     missing = None
     if args.check_images:
         missing = count_missing(find_images(config.data_dir, dataset.index.names))
-    summary = summarize(dataset.index, dataset.splits, missing_images=missing)
+    summary = summarize(dataset.index, dataset.splits, missing_images=missing, synthetic=dataset.synthetic)
     if args.write_splits:
         summary["written"] = [
             str(p) for p in write_split_lists(dataset.index, dataset.splits, args.write_splits)
@@ -89,6 +97,7 @@ def cmd_train_head(args, config: Config) -> None:
     from heads.experiment import run_train_head
 
     config = with_training(config, kind=args.head, **_flags(args, TRAIN_FIELDS + HEAD_FIELDS))
+    config = dataclasses.replace(config, decision=override(config.decision, **_flags(args, DECISION_FIELDS)))
     metrics = run_train_head(
         config, kind=args.head, backbones=args.backbone, name=args.name, force=args.force
     )
@@ -99,7 +108,7 @@ def cmd_evaluate(args, config: Config) -> None:
     _quiet_tensorflow()
     from heads.experiment import run_evaluate
 
-    metrics = run_evaluate(config, run_dir=args.run, split=args.split)
+    metrics = run_evaluate(config, run_dir=args.run, split=args.split, expert=args.expert)
     print(metrics["summary"])
 
 
@@ -122,10 +131,17 @@ def cmd_sweep(args, config: Config) -> None:
     print(result["summary"])
 
 
+def _warn(text: str) -> None:
+    """One warning line on stderr, so that --json output on stdout stays one JSON document."""
+    if text:
+        print(f"warning: {text}", file=sys.stderr)
+
+
 def cmd_predict(args, config: Config) -> int:
     _quiet_tensorflow()
-    from heads.predict import format_predictions, predict_images
+    from heads.predict import format_predictions, predict_images, run_warning
 
+    _warn(run_warning(args.run))
     results = predict_images(run_dir=args.run, inputs=args.images, config=config)
     print(format_predictions(results, fmt="json" if args.json else "table", csv_path=args.csv))
     # Some unreadable files are reported in the output; only when none could be read is it a failure.
@@ -135,7 +151,9 @@ def cmd_predict(args, config: Config) -> int:
 def cmd_export(args, config: Config) -> None:
     _quiet_tensorflow()
     from heads.export import export_run
+    from heads.predict import run_warning
 
+    _warn(run_warning(args.run))
     print(f"exported: {export_run(run_dir=args.run, out_dir=args.out)}")
 
 
@@ -325,6 +343,20 @@ def _add_extract_flags(p) -> None:
     p.add_argument("--xla", action="store_true", default=None, help="compile the backbone with XLA")
 
 
+def _add_decision_flags(p) -> None:
+    p.add_argument(
+        "--calibration", choices=CALIBRATIONS, help="fitted on validation (default: decision.calibration)"
+    )
+    p.add_argument(
+        "--operating-point",
+        choices=OPERATING_POINTS,
+        help="how each label's threshold is chosen on validation (default: decision.operating_point)",
+    )
+    p.add_argument(
+        "--target", type=float, help="target sensitivity or specificity (default: decision.target)"
+    )
+
+
 def _add_head_commands(sub) -> None:
     p = _command(sub, "train-head", cmd_train_head, "Train a head on cached features and evaluate it.")
     p.add_argument("--head", required=True, choices=HEAD_KINDS, help="the head kind")
@@ -346,6 +378,7 @@ def _add_head_commands(sub) -> None:
     p.add_argument(
         "--augment", action=argparse.BooleanOptionalAction, default=None, help="train on cached views"
     )
+    _add_decision_flags(p)
     p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
 
     p = _command(
@@ -353,6 +386,14 @@ def _add_head_commands(sub) -> None:
     )
     p.add_argument("--run", type=Path, required=True, help="the run folder")
     p.add_argument("--split", choices=("val", "test"), default="test", help="which split to score")
+    p.add_argument(
+        "--expert",
+        nargs="?",
+        const=True,
+        type=Path,
+        metavar="FILE",
+        help="score against Google's expert labels (found in the data folder, or FILE) beside the NIH labels",
+    )
 
     p = _command(sub, "report", cmd_report, "Gather runs into one markdown leaderboard.", folders=("runs",))
     p.add_argument("runs", nargs="*", type=Path, help="run folders (default: every run under runs/)")

@@ -11,7 +11,7 @@ from cache.store import FEATURE_DTYPES
 from cxr14.errors import InputError, check_choice
 from extract.registry import NORMALIZATIONS, RANDOM_STAGES, SOURCES
 from extract.splits import POLICIES, check_fractions
-from heads.registry import FUSIONS, HEAD_KINDS, LOSSES
+from heads.registry import CALIBRATIONS, FUSIONS, HEAD_KINDS, LOSSES, OPERATING_POINTS
 
 # Default order as in Wang et al. 2017 and CheXNet.
 LABELS = (
@@ -116,6 +116,19 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DecisionConfig:
+    """How a run turns probabilities into calls; fitted on the validation split after training."""
+
+    calibration: str = _range("platt", choices=CALIBRATIONS)
+    operating_point: str = _range("youden", choices=OPERATING_POINTS)
+    target: float = _range(0.9, low=0.0, high=1.0)
+    bins: int = _range(10, low=2, high=100)
+
+    def __post_init__(self):
+        check_ranges(self, section="decision")
+
+
+@dataclass(frozen=True)
 class SplitConfig:
     policy: str = _range("auto", choices=POLICIES)
     seed: int = _range(0, low=0)
@@ -140,6 +153,7 @@ class Config:
     backbones: dict[str, BackboneConfig] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     heads: dict[str, HeadConfig] = field(default_factory=dict)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
 
     def backbone(self, name: str) -> BackboneConfig:
         """The backbone called `name`, or an error listing the configured ones."""
@@ -281,6 +295,7 @@ def load_config(path: Path) -> Config:
     split = _build(SplitConfig, _pop_table(raw, "split", path=path), section="split", path=path)
     extract = _build(ExtractConfig, _pop_table(raw, "extract", path=path), section="extract", path=path)
     train = _build(TrainConfig, _pop_table(raw, "train", path=path), section="train", path=path)
+    decision = _build(DecisionConfig, _pop_table(raw, "decision", path=path), section="decision", path=path)
     backbones = {
         name: _build(BackboneConfig, table, section=f"backbones.{name}", path=path, fixed={"name": name})
         for name, table in _pop_table(raw, "backbones", path=path).items()
@@ -294,7 +309,7 @@ def load_config(path: Path) -> Config:
     if raw:
         raise InputError(
             f"{path}: unknown top-level key {sorted(raw)[0]!r} "
-            "(valid: data, paths, split, extract, backbones, train, heads)"
+            "(valid: data, paths, split, extract, backbones, train, heads, decision)"
         )
     for backbone in backbones.values():
         _check_backbone(backbone, path=path)
@@ -314,6 +329,7 @@ def load_config(path: Path) -> Config:
         backbones=backbones,
         train=train,
         heads=heads,
+        decision=decision,
     )
 
 
@@ -347,6 +363,7 @@ def override(settings: Any, **changes: Any) -> Any:
 
 HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(HeadConfig) if f.name != "kind")
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+DECISION_FIELDS = tuple(f.name for f in dataclasses.fields(DecisionConfig))
 
 
 def with_training(config: Config, *, kind: str, **changes: Any) -> Config:

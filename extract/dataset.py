@@ -1,7 +1,10 @@
-"""The data set as every command sees it: the index and its splits, from the config."""
+"""The data set as every command sees it: the index and its splits, from the config, and whether it is
+a synthetic sample (then its split is never called "official")."""
 
+import dataclasses
 from dataclasses import dataclass
 
+from cxr14.caveats import is_synthetic, synthetic_split_source
 from cxr14.config import Config
 from extract.index import Index, find_csv, read_index
 from extract.splits import Splits, assign_splits
@@ -11,6 +14,7 @@ from extract.splits import Splits, assign_splits
 class Dataset:
     index: Index
     splits: Splits
+    synthetic: bool = False  # made by make-sample: results on it are not comparable with published ones
 
 
 def open_dataset(config: Config) -> Dataset:
@@ -26,4 +30,7 @@ def open_dataset(config: Config) -> Dataset:
         val_fraction=split.val_fraction,
         frozen_dir=split.frozen_dir,
     )
-    return Dataset(index=index, splits=splits)
+    synthetic = is_synthetic(config.data_dir)
+    if synthetic:
+        splits = dataclasses.replace(splits, source=synthetic_split_source(splits.source))
+    return Dataset(index=index, splits=splits, synthetic=synthetic)

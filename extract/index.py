@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.config import LABELS
 from cxr14.errors import InputError
 from cxr14.names import positions as rows_of
@@ -313,10 +314,13 @@ def _image_folders(data_dir: Path) -> list[Path]:
     return [p for p in candidates if p.is_dir()]
 
 
-def summarize(index: Index, splits: Splits, *, missing_images: int | None = None) -> dict:
+def summarize(
+    index: Index, splits: Splits, *, missing_images: int | None = None, synthetic: bool = False
+) -> dict:
     """The data set at a glance as a JSON-ready dict (keys listed in issue 2, plus per-split labels)."""
     summary = {
         "csv": str(index.csv_path),
+        "synthetic": synthetic,
         "images": len(index),
         "patients": int(np.unique(index.patients).size),
         "no_finding": int((index.labels.sum(axis=1) == 0).sum()),
@@ -352,7 +356,8 @@ def _counts(values: np.ndarray, choices: tuple[str, ...]) -> dict[str, int]:
 def format_summary(summary: dict) -> str:
     """A human-readable table of `summarize`'s output, for `run.py index`."""
     splits = summary["splits"]
-    lines = [
+    lines = [f"** {SYNTHETIC_NOTICE} **"] if summary.get("synthetic") else []
+    lines += [
         f"metadata     {summary['csv']}",
         f"images       {summary['images']:,} from {summary['patients']:,} patients",
         f"splits       {summary['split_source']}; patients in more than one split: {summary['patient_overlap']}",

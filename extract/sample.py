@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr14.caveats import SAMPLE_README, SYNTHETIC_MARKER, SYNTHETIC_NOTICE
 from cxr14.config import LABELS
 from cxr14.errors import InputError
 from extract.chest import Canvas, draw_chest
@@ -90,7 +91,8 @@ def make_sample(
     """Write `images` synthetic chest films in the ChestX-ray14 layout under `out_dir`; same seed, same bytes.
 
     Writes Data_Entry_2017.csv (2017 shape: trailing commas, 12 fields), images/*.png (8-bit gray; ~3%
-    RGBA, ~3% 16-bit), train_val_list.txt / test_list.txt (by patient, ~80/20) and README_SAMPLE.txt.
+    RGBA, ~3% 16-bit), train_val_list.txt / test_list.txt (by patient, ~80/20), README_SAMPLE.txt and
+    SYNTHETIC.txt, the mark every later output reads to say its results are not comparable with published ones.
     Labels follow the real prevalence and co-occurrence, except that every label has at least
     PREVALENCE_FLOOR (8%) positives so that ~1000-2000 images are enough to learn and score each one.
     A few ages are impossible (148, 412, ...) as in the real file. `broken` files (empty, truncated,
@@ -103,6 +105,10 @@ def make_sample(
     _check_out_dir(out_dir)
     # A rewrite first removes the old CSV, so a run killed half-way leaves no set that looks complete.
     (out_dir / "Data_Entry_2017.csv").unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(
+        out_dir / SYNTHETIC_MARKER, f"{SYNTHETIC_NOTICE}\n{_readme(images=images, size=size, seed=seed)}"
+    )
     records = _make_records(np.random.default_rng([seed, 0]), images=images, label_names=label_names)
     broken_kind = _choose_broken(np.random.default_rng([seed, 1]), records=records, broken=broken)
     canvas = Canvas.make(size)
@@ -118,7 +124,7 @@ def make_sample(
         (out_dir / "images" / record.name).write_bytes(data)
     test_patients = _choose_test_patients(np.random.default_rng([seed, 3]), records)
     _write_lists(out_dir, records, test_patients)
-    _write_text(out_dir / "README_SAMPLE.txt", _readme(images=images, size=size, seed=seed))
+    _write_text(out_dir / SAMPLE_README, _readme(images=images, size=size, seed=seed))
     _write_text(out_dir / "Data_Entry_2017.csv", _csv_text(records))  # last: it marks the set complete
     return _summary(out_dir, records, label_names, broken_kind, test_patients, size=size, seed=seed)
 
@@ -138,7 +144,7 @@ def _check_arguments(*, images: int, size: int, broken: int, label_names: tuple[
 def _check_out_dir(out_dir: Path) -> None:
     """Refuse to overwrite a real data set: only a folder made by make_sample (or with no CSV) is written."""
     has_csv = any((out_dir / name).exists() for name in ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv"))
-    if has_csv and not (out_dir / "README_SAMPLE.txt").is_file():
+    if has_csv and not (out_dir / SAMPLE_README).is_file():
         raise InputError(
             f"{out_dir}: holds a metadata CSV that make-sample did not write; choose an empty folder for --out"
         )

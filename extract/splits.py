@@ -20,7 +20,7 @@ FROZEN_LISTS = tuple(f"{split}_list.txt" for split in SPLITS)
 @dataclass(frozen=True, eq=False)
 class Splits:
     assignment: np.ndarray  # (N,) object, one of SPLITS per row, aligned with index.names
-    source: str  # "official" | "patient-random" | "frozen"
+    source: str  # "official" | "patient-random" | "frozen"; "synthetic sample (...)" on a make-sample set
 
     def mask(self, split: str) -> np.ndarray:
         if split not in SPLITS:

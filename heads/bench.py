@@ -102,6 +102,8 @@ def bench_heads(
         "train_head_s": round(full_s, 1),
         "train_head_epochs": metrics["epochs"],
         "train_head_test_mean_auc": round(metrics["mean_auc"], 4),
+        # Scoring after training: test AUCs, the metadata baseline, calibration and operating points.
+        "train_head_evaluate_s": metrics["seconds"]["evaluate"],
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "batch_size": train.batch_size,
         "steps_per_execution": train.steps_per_execution,

@@ -32,9 +32,12 @@ class HeadData:
     features: dict[str, np.ndarray]  # per backbone: (N, D) | (N, K, D) | (N, S, S) | (N, K, S, S)
     metadata: np.ndarray | None  # (N, len(METADATA_COLUMNS)) float32, or None
     excluded: dict[str, int]  # index rows left out, by reason
-    split_source: str = ""  # "official" | "patient-random" | "frozen"
+    split_source: str = ""  # "official" | "patient-random" | "frozen" | "synthetic sample (...)"
     label_names: tuple[str, ...] = ()  # names of the label columns, in order
     caches: dict[str, dict] = field(default_factory=dict)  # per backbone: the store's attributes
+    # The metadata columns of every row, whether or not the head takes them: the metadata-only baseline's.
+    covariates: np.ndarray | None = None
+    synthetic: bool = False  # a make-sample data set: no result on it is comparable with published ones
 
     def views(self, name: str) -> int:
         """Views per image in backbone `name`'s cache (1: one plain view, stored without a views axis)."""
@@ -61,8 +64,11 @@ class HeadData:
         return f"{len(self.names)} images present in {caches} ({counts}); left out: {left_out}"
 
 
-def load_head_data(*, cache_dir: Path, backbones: Sequence[str], index, splits, metadata: bool) -> HeadData:
-    """Read each backbone's cache once, align its rows to the index by name, keep rows OK in every cache."""
+def load_head_data(
+    *, cache_dir: Path, backbones: Sequence[str], index, splits, metadata: bool, synthetic: bool = False
+) -> HeadData:
+    """Read each backbone's cache once, align its rows to the index by name, keep rows OK in every cache.
+    `metadata`: the head takes the metadata columns; `synthetic`: the data set is a make-sample one."""
     if not backbones:
         raise InputError("no backbone given; pass --backbone NAME (one of the [backbones.*] in the config)")
     in_split = np.isin(splits.assignment, SPLITS)
@@ -95,17 +101,20 @@ def load_head_data(*, cache_dir: Path, backbones: Sequence[str], index, splits, 
         )
     # Gather one cache at a time, dropping each stored array as soon as its rows are taken.
     features = {name: _take(*cached.pop(name), rows) for name in backbones}
+    covariates = _metadata(index, splits, rows)
     return HeadData(
         names=index.names[rows],
         labels=index.labels[rows].astype(np.float32),
         patients=np.asarray(index.patients)[rows],
         split=np.asarray(splits.assignment, dtype=object)[rows],
         features=features,
-        metadata=_metadata(index, splits, rows) if metadata else None,
+        metadata=covariates if metadata else None,
         excluded=excluded,
         split_source=splits.source,
         label_names=tuple(index.label_names),
         caches=attrs,
+        covariates=covariates,
+        synthetic=synthetic,
     )
 
 

@@ -4,6 +4,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.config import Config, with_training
 
 DEMO_BACKBONES = ("offline_cnn", "offline_cnn_wide")
@@ -58,7 +59,13 @@ def run_demo(config: Config, *, workdir: Path, images: int | None = None) -> str
         "",
         f"demo finished in {time.perf_counter() - start:.0f} s",
         f"leaderboard: {board}",
-        *(f"run: {run}  (auc.md, roc.png, auc.png, metrics.json, predictions.csv)" for run in runs),
+        *(
+            f"run: {run}  (auc.md, roc.png, auc.png, calibration.png, metrics.json, predictions.csv)"
+            for run in runs
+        ),
+        f"every result above is on a {SYNTHETIC_NOTICE}",
         f"next: python run.py predict --run {runs[-1]} YOUR_XRAY.png",
+        "      (this shows the command works; it is not a medical model: the demo's backbones have random "
+        "weights and it learned drawn chests)",
     ]
     return "\n".join(lines)

@@ -4,6 +4,7 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.config import Config, HeadConfig, TrainConfig
 from cxr14.errors import InputError
 from extract.dataset import open_dataset
@@ -49,17 +50,20 @@ def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> Ru
     return RunPlan(head=config.head(kind), train=config.train, backbones=backbones)
 
 
-def snapshot(config: Config, plan: RunPlan, *, caches: dict[str, dict]) -> dict:
+def snapshot(config: Config, plan: RunPlan, *, caches: dict[str, dict], synthetic: bool = False) -> dict:
     """The resolved config saved as runs/RUN/config.json: enough to evaluate, predict and export later.
 
     The backbones are recorded as their caches were extracted (None for features of one's own), so a
-    later edit of the config cannot change what predict and export run.
+    later edit of the config cannot change what predict and export run. `synthetic`: trained on a
+    make-sample data set (predict and export then warn).
     """
     return {
         "head": dataclasses.asdict(plan.head),
         "train": dataclasses.asdict(plan.train),
+        "decision": dataclasses.asdict(config.decision),
         "backbones": {name: extracted_backbone(caches[name]) for name in plan.backbones},
         "labels": list(config.labels),
+        "data": {"synthetic": synthetic, **({"notice": SYNTHETIC_NOTICE} if synthetic else {})},
         # Prediction must round features exactly as the cache did, so record how it stored them.
         "feature_dtypes": {name: caches[name]["dtype"] for name in plan.backbones},
         "caches": recorded({name: caches[name] for name in plan.backbones}),
@@ -85,6 +89,7 @@ def run_train_head(
         index=dataset.index,
         splits=dataset.splits,
         metadata=plan.train.metadata,
+        synthetic=dataset.synthetic,
     )
     metrics = train_head(
         run_dir=run_dir,
@@ -92,16 +97,18 @@ def run_train_head(
         head=plan.head,
         train=plan.train,
         label_names=config.labels,
-        config_snapshot=snapshot(config, plan, caches=data.caches),
+        config_snapshot=snapshot(config, plan, caches=data.caches, synthetic=dataset.synthetic),
         force=force,
+        decision=config.decision,
     )
     return {**metrics, "run_dir": run_dir, "summary": summarize_metrics(metrics, run_dir=run_dir)}
 
 
-def run_evaluate(config: Config, *, run_dir: Path, split: str) -> dict:
-    """Recompute a run's metrics on `split` from its saved model and the cache."""
+def run_evaluate(config: Config, *, run_dir: Path, split: str, expert: Path | bool | None = None) -> dict:
+    """Recompute a run's metrics on `split` from its saved model and the cache; with `expert` (True: find
+    the file in the data folder, or a path), score it against Google's expert labels instead."""
     from heads.data import load_head_data
-    from heads.scoring import score_run
+    from heads.scoring import score_expert, score_run
 
     saved = read_config(run_dir)
     dataset = open_dataset(config)
@@ -111,33 +118,52 @@ def run_evaluate(config: Config, *, run_dir: Path, split: str) -> dict:
         index=dataset.index,
         splits=dataset.splits,
         metadata=saved["train"]["metadata"],
+        synthetic=dataset.synthetic,
     )
     check_unchanged(run_dir, saved=saved, caches=data.caches, cache_dir=config.cache_dir)
-    metrics = score_run(
-        run_dir=run_dir,
-        data=data,
-        split=split,
-        n_boot=saved["train"]["bootstrap"],
-        seed=saved["train"]["seed"],
-    )
+    scoring = {"run_dir": run_dir, "data": data, "split": split}
+    scoring |= {"n_boot": saved["train"]["bootstrap"], "seed": saved["train"]["seed"]}
+    if expert:
+        from heads.expert import find_expert_files, format_expert
+
+        files = find_expert_files(config.data_dir) if expert is True else [Path(expert)]
+        result = score_expert(**scoring, expert_files=files)
+        return {**result, "summary": format_expert(result, split=split)}
+    metrics = score_run(**scoring)
     return {**metrics, "summary": summarize_metrics(metrics, run_dir=run_dir, split=split)}
+
+
+def _auc_text(value) -> str:
+    return "undef" if value is None or value != value else f"{value:.3f}"
 
 
 def _interval(ci) -> str:
     return "" if ci is None or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _baseline_summary(metrics: dict) -> list[str]:
+    """The metadata baseline in one line, and a flag when the run does not beat it."""
+    baselines = metrics.get("baselines") or {}
+    metadata = baselines.get("metadata")
+    if not metadata:
+        return []
+    line = f"{'metadata baseline':<20} {_auc_text(metadata['mean_auc']):>6}  {_interval(metadata['mean_ci'])}"
+    lines = [line + f"  (age, sex, view; chance {baselines['chance_auc']:.3f})"]
+    if not baselines["beats_metadata"]:
+        lines.append("warning: this run does not beat the metadata-only baseline (age, sex, view position)")
+    return lines
+
+
 def summarize_metrics(metrics: dict, *, run_dir: Path, split: str = "test") -> str:
     """A short per-disease table for the terminal."""
-    lines = [f"{'label':<20} {'AUC':>6}  95% CI (patients)"]
+    lines = [f"** {metrics['notice']} **"] if metrics.get("notice") else []
+    lines += [f"{'label':<20} {'AUC':>6}  95% CI (patients)"]
     for label, m in metrics["labels"].items():
         if m["auc"] is None:
             lines.append(f"{label:<20} {'undef':>6}  (one class only in {split})")
         else:
             lines.append(f"{label:<20} {m['auc']:>6.3f}  {_interval(m['ci'])}")
-    mean = metrics["mean_auc"]
-    mean_text = "undef" if mean is None or mean != mean else f"{mean:.3f}"
-    lines.append(f"{'mean':<20} {mean_text:>6}  {_interval(metrics['mean_ci'])}")
+    lines.append(f"{'mean':<20} {_auc_text(metrics['mean_auc']):>6}  {_interval(metrics['mean_ci'])}")
     reference = metrics.get("reference")
     if reference:
         low, high = reference["difference_ci"]
@@ -150,5 +176,6 @@ def summarize_metrics(metrics: dict, *, run_dir: Path, split: str = "test") -> s
             f"not converged: validation AUC was still rising at the last allowed epoch ({metrics['epochs']}); "
             "train with more epochs"
         )
+    lines += _baseline_summary(metrics)
     lines.append(f"{split}: {metrics['images']} images, {metrics['patients']} patients; outputs in {run_dir}")
     return "\n".join(lines)

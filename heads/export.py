@@ -1,7 +1,9 @@
-"""Export a trained run as one SavedModel: PNG bytes (or a decoded gray image) in, 14 probabilities out.
+"""Export a trained run as one SavedModel: PNG bytes (or a decoded gray image) in, 14 calibrated
+probabilities and calls out.
 
-The exported graph traces extraction's own decode/preprocess, the backbone(s), the cache's rounding and
-the head, so it gives predict's numbers without this repository: `tf.saved_model.load(DIR)` is enough.
+The exported graph traces extraction's own decode/preprocess, the backbone(s), the cache's rounding, the
+head, and as its last step the run's calibration and thresholds (fitted on validation), so it gives
+predict's numbers without this repository: `tf.saved_model.load(DIR)` is enough.
 """
 
 import json
@@ -15,7 +17,8 @@ import tensorflow as tf
 from cxr14.errors import InputError
 from cxr14.temps import remove_stale_temps, temp_path
 from extract.pipeline import decode, load_image, to_pixels
-from heads.predict import TrainedRun, fused_probabilities, load_run
+from heads.operating import NO_CALL, threshold_array
+from heads.predict import TrainedRun, decided, fused_probabilities, load_run
 
 # Largest |exported - predict| accepted when the export checks itself after saving.
 TOLERANCE = 1e-5
@@ -23,10 +26,12 @@ USAGE = """\
 import tensorflow as tf
 model = tf.saved_model.load(DIR)
 png = tf.io.read_file("image.png")
-probabilities = model.predict_png(tf.stack([png]))["probabilities"]   # (1, 14)
+out = model.predict_png(tf.stack([png]))
+probabilities = out["probabilities"]   # (1, 14) calibrated; out["uncalibrated"]: the head's own
+calls = out["calls"]                   # (1, 14) int32: 1 positive, 0 negative, -1 no operating point
 labels = [s.decode() for s in model.labels.numpy()]
 # Signatures for TF Serving / keras.layers.TFSMLayer: serving_default (png: string[b]) and
-# serve_image (image: float32[b, H, W, 1], gray in [0, 1]); both return {"probabilities": float32[b, 14]}.
+# serve_image (image: float32[b, H, W, 1], gray in [0, 1]); both return that dict.
 """
 
 
@@ -59,20 +64,23 @@ def _check_target(out_dir: Path) -> None:
 
 
 def build_module(run: TrainedRun) -> tf.Module:
-    """A tf.Module with predict_png (string[b]) and predict_image (float32[b,H,W,1] in [0,1]), and labels."""
+    """A tf.Module with predict_png (string[b]) and predict_image (float32[b,H,W,1] in [0,1]), labels and
+    thresholds."""
     module = tf.Module()
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="png")])
     def predict_png(png):
-        return {"probabilities": fused_probabilities(run, _preprocessed(run, png, to_gray01=decode))}
+        return _outputs(run, _preprocessed(run, png, to_gray01=decode))
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name="image")])
     def predict_image(image):
-        return {"probabilities": fused_probabilities(run, _preprocessed(run, image, to_gray01=tf.identity))}
+        return _outputs(run, _preprocessed(run, image, to_gray01=tf.identity))
 
     module.predict_png = predict_png
     module.predict_image = predict_image
     module.labels = tf.Variable(list(run.labels), trainable=False, name="labels")
+    thresholds = threshold_array(run.decisions["thresholds"], label_names=run.labels)
+    module.thresholds = tf.Variable(thresholds, trainable=False, name="thresholds")  # NaN: no operating point
     # The backbone and head variables are captured by the traced functions, not attributes of the module;
     # saving needs them tracked, and listing them here avoids saving Keras' own object graph.
     captured = {}
@@ -81,6 +89,13 @@ def build_module(run: TrainedRun) -> tf.Module:
             captured.setdefault(var.ref(), var)
     module.captured_variables = list(captured.values())
     return module
+
+
+def _outputs(run: TrainedRun, images: dict) -> dict:
+    """The head's probabilities, then the run's calibration and calls as the graph's last step."""
+    raw = fused_probabilities(run, images)
+    calibrated, calls = decided(run, raw)
+    return {"probabilities": calibrated, "uncalibrated": raw, "calls": calls}
 
 
 def _preprocessed(run: TrainedRun, batch: tf.Tensor, *, to_gray01) -> dict:
@@ -106,6 +121,8 @@ def save_module(module: tf.Module, path: Path, *, run: TrainedRun) -> None:
     (path / "labels.json").write_text(json.dumps(list(run.labels), indent=2) + "\n", encoding="utf-8")
     about = {
         "run": str(run.run_dir),
+        "warning": run.warning or None,
+        "notice": run.notice or None,
         "labels": list(run.labels),
         "backbones": {name: b.config for name, b in run.backbones.items()},
         "feature_dtypes": run.dtypes,
@@ -113,10 +130,18 @@ def save_module(module: tf.Module, path: Path, *, run: TrainedRun) -> None:
             "serving_default": "png: string[b], PNG file bytes (8/16-bit, gray/RGB/RGBA/palette)",
             "serve_image": "image: float32[b, H, W, 1], decoded gray in [0, 1]",
         },
-        "outputs": "probabilities: float32[b, L], sigmoid, columns in `labels` order",
+        "outputs": {
+            "probabilities": "float32[b, L], calibrated (see `calibration`), columns in `labels` order",
+            "uncalibrated": "float32[b, L], the head's sigmoid outputs",
+            "calls": f"int32[b, L], 1 when probabilities >= `thresholds`, 0 below, {NO_CALL} without a threshold",
+        },
+        "calibration": run.decisions["calibration"],
+        "thresholds": run.decisions["thresholds"],
         "usage": USAGE,
     }
-    (path / "model.json").write_text(json.dumps(about, indent=2, default=str) + "\n", encoding="utf-8")
+    (path / "model.json").write_text(
+        json.dumps(about, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 def check_export(path: Path, *, run: TrainedRun) -> float:
@@ -128,10 +153,10 @@ def check_export(path: Path, *, run: TrainedRun) -> float:
         images = {name: load_image(image_path, b.spec)[None] for name, b in run.backbones.items()}
     finally:
         image_path.unlink()
-    expected = fused_probabilities(run, images).numpy()
+    expected, _ = decided(run, fused_probabilities(run, images))
     loaded = tf.saved_model.load(str(path))
     got = loaded.signatures["serving_default"](png=tf.constant([png]))["probabilities"].numpy()
-    gap = float(np.abs(got - expected).max())
+    gap = float(np.abs(got - expected.numpy()).max())
     if not gap <= TOLERANCE:
         raise RuntimeError(f"exported model differs from predict by {gap:.2e} (> {TOLERANCE}); not written")
     return gap

@@ -155,7 +155,8 @@ def bootstrap_difference(
     y_true, score_a, score_b, *, groups, n_boot: int, seed: int, level: float = 0.95
 ) -> dict:
     """Mean ROC AUC of `score_a` minus that of `score_b` on the same images, with a paired patient-bootstrap
-    interval: both are scored on the very same resamples, so what they share cancels out."""
+    interval: both are scored on the very same resamples, so what they share cancels out. Also each one's
+    own mean interval from those resamples ("mean_ci_a", "mean_ci_b": bootstrap_auc's "mean" for the seed)."""
     y_true, score_a = _check_inputs(y_true, score_a)
     _, score_b = _check_inputs(y_true, score_b)
     _check_level(level)
@@ -163,7 +164,12 @@ def bootstrap_difference(
         roc_auc_per_label(y_true, score_b)
     )
     if n_boot == 0:
-        return {"difference": _json_float(difference), "ci": [None, None]}
+        return {
+            "difference": _json_float(difference),
+            "ci": [None, None],
+            "mean_ci_a": [None, None],
+            "mean_ci_b": [None, None],
+        }
     # The same seed draws the same patients for both.
     _, means_a = _mean_replicates(
         y_true, _replicates(y_true, score_a, groups=groups, n_boot=n_boot, seed=seed)
@@ -174,6 +180,8 @@ def bootstrap_difference(
     return {
         "difference": _json_float(difference),
         "ci": [_json_float(v) for v in _interval(means_a - means_b, level)],
+        "mean_ci_a": [_json_float(v) for v in _interval(means_a, level)],
+        "mean_ci_b": [_json_float(v) for v in _interval(means_b, level)],
     }
 
 
@@ -259,3 +267,105 @@ def label_metrics(y_true, y_score, *, groups, label_names: Sequence[str], n_boot
         "n_boot": int(n_boot),
         "seed": int(seed),
     }
+
+
+RATES = ("sensitivity", "specificity", "ppv", "npv")
+
+
+def _rates(tp, fp, tn, fn) -> dict:
+    """Sensitivity, specificity, PPV and NPV from counts (arrays of one shape); NaN where undefined."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp),
+            "ppv": tp / (tp + fp),
+            "npv": tn / (tn + fn),
+        }
+
+
+def _confusion_per_patient(y_true: np.ndarray, called: np.ndarray, patient: np.ndarray) -> np.ndarray:
+    """(patients, 4 * L): each patient's TP, FP, TN and FN counts, one block of L columns per cell."""
+    positive = y_true.astype(bool)
+    cells = (called & positive, called & ~positive, ~called & ~positive, ~called & positive)
+    stacked = np.concatenate(cells, axis=1).astype(np.float64)
+    per_patient = np.zeros((int(patient.max()) + 1, stacked.shape[1]))
+    np.add.at(per_patient, patient, stacked)
+    return per_patient
+
+
+def rates_at_thresholds(
+    y_true,
+    y_score,
+    thresholds,
+    *,
+    groups,
+    label_names: Sequence[str],
+    n_boot: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict:
+    """Per label, the counts and sensitivity, specificity, PPV and NPV of calling score >= threshold
+    positive, with patient-bootstrap percentile intervals; JSON-ready. A NaN threshold gives nulls.
+
+    Each resample reweights every patient's confusion counts by how often the patient is drawn, so a
+    chunk of resamples costs one matrix product.
+    """
+    y_true, y_score = _check_inputs(y_true, y_score)
+    _check_level(level)
+    _, patient = np.unique(_check_groups(groups, y_true.shape[0]), return_inverse=True)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    has = ~np.isnan(thresholds)
+    per_patient = _confusion_per_patient(y_true, y_score >= np.where(has, thresholds, np.inf), patient)
+    totals = per_patient.sum(axis=0).reshape(4, -1)
+    point = _rates(*totals)
+    drawn = []
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, _CHUNK):
+        counts = _patient_counts(per_patient.shape[0], min(_CHUNK, n_boot - start), rng).astype(np.float64)
+        drawn.append((counts @ per_patient).reshape(counts.shape[0], 4, -1))
+    replicates = _rates(*np.concatenate(drawn, axis=0).transpose(1, 0, 2)) if drawn else None
+    result = {}
+    for j, name in enumerate(label_names):
+        entry = {
+            cell: int(totals[k, j]) if has[j] else None for k, cell in enumerate(("tp", "fp", "tn", "fn"))
+        }
+        entry["threshold"] = _json_float(thresholds[j]) if has[j] else None
+        for rate in RATES:
+            ci = _interval(replicates[rate][:, j], level) if replicates and has[j] else (np.nan, np.nan)
+            entry[rate] = {
+                "value": _json_float(point[rate][j]) if has[j] else None,
+                "ci": [_json_float(v) for v in ci],
+            }
+        result[name] = entry
+    return result
+
+
+def _bin_of(p: np.ndarray, bins: int) -> np.ndarray:
+    return np.minimum((p * bins).astype(np.int64), bins - 1)
+
+
+def expected_calibration_error(y_true, y_prob, *, bins: int = 10) -> np.ndarray:
+    """(L,) per label: sum over equal-width bins of (bin share) x |mean probability - share positive|."""
+    y = np.asarray(y_true, dtype=np.float64)
+    p = np.clip(np.asarray(y_prob, dtype=np.float64), 0.0, 1.0)
+    errors = np.zeros(y.shape[1])
+    for j in range(y.shape[1]):
+        which = _bin_of(p[:, j], bins)
+        count = np.bincount(which, minlength=bins)
+        gap = np.bincount(which, weights=p[:, j], minlength=bins) - np.bincount(
+            which, weights=y[:, j], minlength=bins
+        )
+        errors[j] = np.abs(gap).sum() / max(count.sum(), 1)
+    return errors
+
+
+def reliability_curve(y_true, y_prob, *, bins: int = 10) -> dict:
+    """Pooled over labels, per equal-width bin: mean probability, share positive and count (NaN if empty)."""
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.clip(np.asarray(y_prob, dtype=np.float64).ravel(), 0.0, 1.0)
+    which = _bin_of(p, bins)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.bincount(which, weights=p, minlength=bins) / count
+        positive = np.bincount(which, weights=y, minlength=bins) / count
+    return {"mean_probability": mean_p, "positive_share": positive, "count": count}

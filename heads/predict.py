@@ -1,9 +1,10 @@
-"""Prediction on new PNG images with a trained run: backbone(s) and head, through extraction's own pipeline."""
+"""Prediction on new PNG images with a trained run: backbone(s) and head, through extraction's own pipeline,
+then the run's calibration and a positive/negative call per label at its operating points."""
 
 import csv
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,11 +12,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cxr14.caveats import SYNTHETIC_NOTICE, not_medical_warning, random_weight_backbones
 from cxr14.config import BackboneConfig, Config
 from cxr14.errors import InputError
 from extract.backbones import load_backbone
 from extract.pipeline import ImageError, load_image
-from heads.run_folder import load_model, read_config
+from heads.calibration import calibrator
+from heads.operating import call_names, caller
+from heads.run_folder import load_model, read_config, read_decisions
 
 FORMATS = ("table", "json")
 CACHED_DTYPES = ("float16", "float32", "uint8")
@@ -23,13 +27,32 @@ CACHED_DTYPES = ("float16", "float32", "uint8")
 
 @dataclass(frozen=True)
 class TrainedRun:
-    """What turns preprocessed images into probabilities: backbones in model input order, dtypes, head."""
+    """What turns preprocessed images into probabilities and calls: backbones in model input order,
+    dtypes, head, and the calibration and thresholds fitted on validation (identity and no calls for a run
+    made before them)."""
 
     run_dir: Path
     labels: tuple[str, ...]
     backbones: dict  # name -> extract.backbones.Backbone
     dtypes: dict  # name -> dtype the cache stored its outputs in
     head: keras.Model
+    decisions: dict  # {"calibration": dict | None, "thresholds": dict | None} as stored in the run
+    calibrate: Callable  # (b, L) probabilities -> calibrated (b, L), TensorFlow ops
+    call: Callable  # (b, L) calibrated -> (b, L) int32: 1 positive, 0 negative, -1 no threshold
+    warning: str  # "" or the one-line not-a-medical-model warning
+    notice: str  # "" or the synthetic-sample notice
+
+
+def _synthetic(plan: dict) -> bool:
+    return bool(plan.get("data", {}).get("synthetic"))
+
+
+def run_warning(run_dir: Path) -> str:
+    """The not-a-medical-model line for a run trained on synthetic data or random-weight backbones, or ""."""
+    plan = read_config(run_dir)
+    return not_medical_warning(
+        synthetic=_synthetic(plan), random_backbones=random_weight_backbones(plan.get("backbones", {}))
+    )
 
 
 def load_run(run_dir: Path) -> TrainedRun:
@@ -59,12 +82,19 @@ def load_run(run_dir: Path) -> TrainedRun:
         name: load_backbone(_backbone_config(run_dir, name, plan["backbones"][name])) for name in names
     }
     _check_shapes(run_dir, head=head, backbones=backbones)
+    labels = tuple(plan["labels"])
+    decisions = read_decisions(run_dir)
     return TrainedRun(
         run_dir=run_dir,
-        labels=tuple(plan["labels"]),
+        labels=labels,
         backbones=backbones,
         dtypes={name: dtypes[name] for name in names},
         head=head,
+        decisions=decisions,
+        calibrate=calibrator(decisions["calibration"], label_names=labels),
+        call=caller(decisions["thresholds"], label_names=labels),
+        warning=run_warning(run_dir),
+        notice=SYNTHETIC_NOTICE if _synthetic(plan) else "",
     )
 
 
@@ -124,6 +154,12 @@ def fused_probabilities(run: TrainedRun, images: dict) -> tf.Tensor:
     return run.head(_head_inputs(run.head, cached_features(run, images)), training=False)
 
 
+def decided(run: TrainedRun, probabilities: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(calibrated probabilities, int32 calls) from the head's probabilities; eager or traced."""
+    calibrated = run.calibrate(probabilities)
+    return calibrated, run.call(calibrated)
+
+
 def _head_inputs(head: keras.Model, features: dict):
     """Features in the structure the functional head was built with (one tensor, a list or a dict)."""
     if isinstance(head.input, dict):
@@ -150,7 +186,8 @@ def list_images(inputs: Sequence[Path]) -> list[Path]:
 
 
 def predict_images(*, run_dir: Path, inputs: Sequence[Path], config: Config) -> list[dict]:
-    """14 probabilities per image; an image that cannot be read gets an error and the rest still run."""
+    """Per image: calibrated probabilities, the uncalibrated ones, a call per label, and the run's warning
+    (if any); an image that cannot be read gets an error and the rest still run."""
     run = load_run(run_dir)
     paths = list_images(inputs)
     batch_size = config.extract.batch_size
@@ -176,15 +213,25 @@ def _predict_batch(run: TrainedRun, paths: Sequence[Path], *, max_pixels: int) -
         for name, image in loaded.items():
             images[name].append(image)
     good = [i for i in range(len(paths)) if i not in errors]
-    probs = fused_probabilities(run, {k: np.stack(v) for k, v in images.items()}).numpy() if good else []
-    by_position = dict(zip(good, probs, strict=True))
+    by_position = {}
+    if good:
+        raw = fused_probabilities(run, {k: np.stack(v) for k, v in images.items()})
+        calibrated, calls = decided(run, raw)
+        by_position = dict(
+            zip(good, zip(raw.numpy(), calibrated.numpy(), calls.numpy(), strict=True), strict=True)
+        )
     results = []
     for i, path in enumerate(paths):
+        result = {"image": str(path), "probabilities": None, "uncalibrated": None, "calls": None}
         if i in errors:
-            results.append({"image": str(path), "probabilities": None, "error": errors[i]})
+            result["error"] = errors[i]
         else:
-            values = {label: float(p) for label, p in zip(run.labels, by_position[i], strict=True)}
-            results.append({"image": str(path), "probabilities": values, "error": None})
+            raw, calibrated, calls = by_position[i]
+            result["probabilities"] = dict(zip(run.labels, map(float, calibrated), strict=True))
+            result["uncalibrated"] = dict(zip(run.labels, map(float, raw), strict=True))
+            result["calls"] = dict(zip(run.labels, call_names(calls), strict=True))
+            result["error"] = None
+        results.append(result | {"warning": run.warning or None})
     return results
 
 
@@ -203,11 +250,26 @@ def _labels_of(results: list[dict]) -> list[str]:
     return next((list(r["probabilities"]) for r in results if r.get("probabilities")), [])
 
 
+CALL_MARK = {"positive": "+", "negative": " ", None: "?"}
+
+
+def _has_calls(results: list[dict]) -> bool:
+    return any(c is not None for r in results for c in (r.get("calls") or {}).values())
+
+
+def _cell(result: dict, label: str, width: int, *, calls: bool) -> str:
+    """A probability and its call mark: "+" positive, " " negative, "?" a label without an operating
+    point (no mark at all for a run made before operating points existed)."""
+    mark = CALL_MARK[(result.get("calls") or {}).get(label)] if calls else " "
+    return f"{result['probabilities'][label]:>{width - 1}.3f}{mark}"
+
+
 def format_table(results: list[dict]) -> str:
-    """One row per image, one column per label; unreadable images say why."""
+    """One row per image, one column per label (calibrated probability, + for a positive call);
+    unreadable images say why."""
     labels = _labels_of(results)
     image_width = max([len("image"), *(len(r["image"]) for r in results)])
-    widths = [max(len(label), 5) for label in labels]
+    widths = [max(len(label), 6) for label in labels]
     lines = [
         "  ".join(
             [f"{'image':<{image_width}}", *(f"{lb:>{w}}" for lb, w in zip(labels, widths, strict=True))]
@@ -217,21 +279,34 @@ def format_table(results: list[dict]) -> str:
         if r.get("error"):
             lines.append(f"{r['image']:<{image_width}}  error: {r['error']}")
         else:
-            cells = (f"{r['probabilities'][lb]:>{w}.3f}" for lb, w in zip(labels, widths, strict=True))
+            cells = (_cell(r, lb, w, calls=_has_calls(results)) for lb, w in zip(labels, widths, strict=True))
             lines.append("  ".join([f"{r['image']:<{image_width}}", *cells]))
     failed = sum(1 for r in results if r.get("error"))
     lines.append(f"{len(results) - failed} images predicted, {failed} could not be read")
+    if _has_calls(results):
+        lines.append(
+            "calibrated probabilities; + marks a positive call at the run's operating point (chosen on "
+            "validation), ? a label without one"
+        )
     return "\n".join(lines)
 
 
 def write_csv(results: list[dict], path: Path) -> str:
-    """image, one column per label, error; returns a note saying where it went."""
+    """image, a calibrated probability per label, a call per label (positive, negative or empty), error;
+    returns a note saying where it went."""
     labels = _labels_of(results)
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", *labels, "error"])
+        writer.writerow(["image", *labels, *(f"{lb} call" for lb in labels), "error"])
         for r in results:
-            probs = r.get("probabilities") or {}
-            writer.writerow([r["image"], *(probs.get(lb, "") for lb in labels), r.get("error") or ""])
+            probs, calls = r.get("probabilities") or {}, r.get("calls") or {}
+            writer.writerow(
+                [
+                    r["image"],
+                    *(probs.get(lb, "") for lb in labels),
+                    *(calls.get(lb) or "" for lb in labels),
+                    r.get("error") or "",
+                ]
+            )
     failed = sum(1 for r in results if r.get("error"))
     return f"wrote {len(results)} rows to {path} ({failed} could not be read)"

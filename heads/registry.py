@@ -1,4 +1,5 @@
-"""What stage two accepts by name: head kinds, fusions and losses. The one list of each.
+"""What stage two accepts by name: head kinds, fusions, losses, calibrations and operating points. The
+one list of each.
 
 Kept free of TensorFlow so that the config and the command line check names at once; heads/models.py
 builds each kind from its trunk and heads/losses.py makes each loss.
@@ -55,6 +56,9 @@ HEAD_KINDS = {
 }
 FUSIONS = ("add", "concat")
 LOSSES = ("bce", "weighted", "focal")
+# Fitted on the validation split after training (heads/calibration.py, heads/operating.py).
+CALIBRATIONS = ("platt", "isotonic", "temperature", "none")
+OPERATING_POINTS = ("youden", "sensitivity", "specificity")
 
 
 def head_kind(name: str, *, what: str = "head") -> HeadKind:

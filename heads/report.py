@@ -15,8 +15,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, roc_curve
 
+from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.errors import InputError
-from heads.metrics import mean_defined
+from heads.metrics import RATES, mean_defined, reliability_curve
 from heads.references import load_references
 from heads.registry import describe_settings
 
@@ -50,6 +51,8 @@ def _reference_mean(reference: dict, label_names: Sequence[str]) -> float:
 def _split_lines(metrics: dict, references: dict, run_name: str) -> list[str]:
     split = metrics.get("split", "test")
     source = f" from the {metrics['split_source']} splits" if metrics.get("split_source") else ""
+    if metrics.get("synthetic"):
+        source = f" of a {metrics['split_source']}"
     boot = metrics.get("n_boot")
     interval = f"; 95% interval from {boot} bootstrap resamples of patients" if boot else ""
     lines = [
@@ -60,13 +63,27 @@ def _split_lines(metrics: dict, references: dict, run_name: str) -> list[str]:
     return lines
 
 
-def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name: str) -> Path:
-    """auc.md: this run's AUC per disease (with its interval) beside the published columns."""
-    metrics = _test_metrics(metrics)
-    references = load_references()
+def _references_for(metrics: dict) -> dict:
+    """Published columns to set beside a run: none for a synthetic run, which is not comparable."""
+    return {} if metrics.get("synthetic") else load_references()
+
+
+def _baseline_cell(metrics: dict, name: str | None = None) -> str:
+    metadata = (metrics.get("baselines") or {}).get("metadata")
+    if not metadata:
+        return _MISSING
+    if name is None:
+        return _fmt_auc_ci(metadata["mean_auc"], metadata["mean_ci"])
+    return _fmt(metadata["labels"][name]["auc"])
+
+
+def _auc_rows(
+    metrics: dict, references: dict, *, label_names: Sequence[str], run_name: str
+) -> list[list[str]]:
     probe = metrics.get("reference")
     header = ["Disease", "Positives", f"{run_name} AUC [95% CI]", "PR AUC"]
     header += ["ridge probe (same features)"] if probe else []
+    header += ["Metadata baseline"]
     header += [ref["title"] for ref in references.values()]
     rows = [header, ["---", "---:"] + ["---:"] * (len(header) - 2)]
     for name in label_names:
@@ -78,6 +95,7 @@ def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name
             _fmt(result["pr_auc"]),
         ]
         row += [_fmt(probe["labels"].get(name))] if probe else []
+        row += [_baseline_cell(metrics, name)]
         rows.append(row + [_fmt(ref["auc"].get(name)) for ref in references.values()])
     # Published means over the same labels as the run's mean, so the bottom row compares like with like.
     in_mean = [name for name in label_names if metrics["labels"][name]["auc"] is not None]
@@ -85,13 +103,90 @@ def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name
     rows.append(
         [f"**Mean** ({len(in_mean)} labels)", "", f"**{mean}**", _fmt(metrics.get("mean_pr_auc"))]
         + ([_fmt(probe["mean_auc"])] if probe else [])
+        + [_baseline_cell(metrics)]
         + [_fmt(_reference_mean(ref, in_mean)) for ref in references.values()]
     )
-    lines = [f"# ROC AUC per disease: {run_name}", ""]
+    return rows
+
+
+def _baseline_lines(metrics: dict) -> list[str]:
+    """What the run must beat, and whether it does."""
+    baselines = metrics.get("baselines") or {}
+    if not baselines.get("metadata"):
+        return []
+    chance = baselines["chance_auc"]
+    difference = baselines["run_minus_metadata"]
+    low, high = difference["ci"]
+    interval = "" if low is None else f" [{low:+.3f}, {high:+.3f}] (paired patient bootstrap)"
+    lines = [
+        "",
+        f"Baselines on the same images: a **metadata-only** logistic regression (age, sex, view position; "
+        f"fitted on train) reaches mean AUC {_baseline_cell(metrics)}; chance is {chance:.3f}. This run minus "
+        f"the metadata baseline: {difference['difference']:+.3f}{interval}.",
+    ]
+    if not baselines["beats_metadata"]:
+        lines += [
+            "",
+            "**⚠ This run does not beat the metadata-only baseline**: the interval of the difference reaches "
+            "0, so nothing here shows that the images add to age, sex and view position.",
+        ]
+    return lines
+
+
+def _operating_lines(metrics: dict, *, label_names: Sequence[str]) -> list[str]:
+    """The operating-point table: each label's threshold and its rates on this split."""
+    points, calibration = metrics.get("operating_points"), metrics.get("calibration")
+    if not points:
+        return []
+    how = "Youden's J" if points["method"] == "youden" else f"{points['method']} ≥ {points['target']:g}"
+    measured = metrics.get("split", "test")
+    caveat = " (chosen and measured on the same split: optimistic)" if points.get("in_sample") else ""
+    lines = [
+        "",
+        f"## Operating points: chosen on validation ({how}), measured on {measured}{caveat}",
+        "",
+        "A calibrated probability at or above the threshold is a positive call.",
+        "",
+        "| Disease | Threshold | Sensitivity [95% CI] | Specificity [95% CI] | PPV [95% CI] | NPV [95% CI] "
+        "| ECE before → after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in label_names:
+        point = points["labels"][name]
+        cells = [_fmt_auc_ci(point[rate]["value"], point[rate]["ci"]) for rate in RATES]
+        ece = calibration["labels"][name] if calibration else None
+        gap = f"{ece['ece_before']:.3f} → {ece['ece_after']:.3f}" if ece else _MISSING
+        lines.append(f"| {name} | {_fmt(point['threshold'])} | " + " | ".join([*cells, gap]) + " |")
+    if calibration:
+        lines += [
+            "",
+            f"Calibration ({calibration['method']}, fitted on validation): mean expected calibration error on "
+            f"{measured} {calibration['ece_before']:.3f} before, {calibration['ece_after']:.3f} after "
+            f"({calibration['bins']} bins); reliability diagram in calibration.png.",
+        ]
+    return lines
+
+
+def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name: str) -> Path:
+    """auc.md: this run's AUC per disease (with its interval) beside the metadata baseline and, on real
+    data, the published columns; then the operating points. A synthetic run says so on its first line."""
+    metrics = _test_metrics(metrics)
+    references = _references_for(metrics)
+    lines = []
+    if metrics.get("synthetic"):
+        lines += [
+            f"**{SYNTHETIC_NOTICE}.** Trained and scored on drawn chests made by `make-sample`; published "
+            "numbers are left out.",
+            "",
+        ]
+    lines += [f"# ROC AUC per disease: {run_name}", ""]
+    rows = _auc_rows(metrics, references, label_names=label_names, run_name=run_name)
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    if probe:
-        lines += ["", probe_line(probe)]
-    lines += ["", "Splits (AUCs from different splits are not strictly comparable):", ""]
+    if metrics.get("reference"):
+        lines += ["", probe_line(metrics["reference"])]
+    lines += _baseline_lines(metrics)
+    title = "Splits (AUCs from different splits are not strictly comparable):" if references else "Split:"
+    lines += ["", title, ""]
     lines += _split_lines(metrics, references, run_name)
     undefined = [name for name in label_names if metrics["labels"][name]["auc"] is None]
     if undefined:
@@ -100,6 +195,7 @@ def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name
             f"Undefined in this split (only one class present, so no AUC; left out of the mean): "
             f"{', '.join(undefined)}.",
         ]
+    lines += _operating_lines(metrics, label_names=label_names)
     path = Path(path)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -117,14 +213,21 @@ def probe_line(probe: dict) -> str:
 
 
 def _save(figure: Figure, path) -> Path:
+    """The figure as a PNG whose Title metadata is its axes' title, so tools (and tests) can read it."""
     path = Path(path)
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    title = " / ".join(axes.get_title() for axes in figure.axes if axes.get_title())
+    figure.savefig(path, dpi=120, bbox_inches="tight", metadata={"Title": title.replace("\n", " / ")})
     return path
 
 
-def plot_roc(y_true, y_score, path, *, label_names: Sequence[str]) -> Path:
-    """roc.png: one ROC curve per label; a label with one class is listed as undefined, not drawn."""
+def _titled(text: str, notice: str) -> str:
+    return f"{notice}\n{text}" if notice else text
+
+
+def plot_roc(y_true, y_score, path, *, label_names: Sequence[str], notice: str = "") -> Path:
+    """roc.png: one ROC curve per label; a label with one class is listed as undefined, not drawn.
+    `notice` (the synthetic-sample notice) heads the title."""
     y_true, y_score = np.asarray(y_true), np.asarray(y_score, dtype=np.float64)
     figure = Figure(figsize=(8, 7))
     axes = figure.add_subplot()
@@ -139,7 +242,7 @@ def plot_roc(y_true, y_score, path, *, label_names: Sequence[str]) -> Path:
         axes.plot(fpr, tpr, color=color, linewidth=1.2, label=f"{name} ({auc(fpr, tpr):.3f})")
     axes.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, linestyle=":")
     axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate")
-    axes.set_title(f"ROC per disease ({y_true.shape[0]} images)")
+    axes.set_title(_titled(f"ROC per disease ({y_true.shape[0]} images)", notice))
     axes.legend(loc="lower right", fontsize=7, title="label (ROC AUC)", title_fontsize=8)
     return _save(figure, path)
 
@@ -149,6 +252,13 @@ def _plot_references(axes, references: dict, *, label_names: Sequence[str], posi
         values = [ref["auc"].get(name, math.nan) for name in label_names]
         marker = "osD^v"[k % 5]
         axes.plot(values, positions, marker, color=f"C{k + 1}", markersize=5, alpha=0.8, label=ref["title"])
+
+
+def _plot_baseline(axes, metrics: dict, *, label_names: Sequence[str], positions: np.ndarray) -> None:
+    metadata = (metrics.get("baselines") or {}).get("metadata")
+    if metadata:
+        values = [_nan_if_none(metadata["labels"][name]["auc"]) for name in label_names]
+        axes.plot(values, positions, "x", color="0.35", markersize=6, label="metadata baseline")
 
 
 def _plot_run(
@@ -173,7 +283,8 @@ def _plot_run(
 def plot_auc_comparison(
     metrics: dict, path, *, label_names: Sequence[str], run_name: str | None = None
 ) -> Path:
-    """auc.png: this run's AUC per disease with its interval, beside each published source.
+    """auc.png: this run's AUC per disease with its interval, beside the metadata baseline, chance and (on
+    real data only) each published source.
 
     run_name defaults to metrics["run"] when the metrics carry it.
     """
@@ -182,16 +293,36 @@ def plot_auc_comparison(
     positions = np.arange(len(label_names))[::-1]
     figure = Figure(figsize=(8, 0.45 * len(label_names) + 1.8))
     axes = figure.add_subplot()
-    _plot_references(axes, load_references(), label_names=label_names, positions=positions)
+    references = _references_for(metrics)
+    _plot_references(axes, references, label_names=label_names, positions=positions)
+    _plot_baseline(axes, metrics, label_names=label_names, positions=positions)
     lowest = _plot_run(axes, metrics, label_names=label_names, positions=positions, run_name=run_name)
-    axes.axvline(0.5, color="0.6", linewidth=0.8, linestyle=":")
+    axes.axvline(0.5, color="0.6", linewidth=0.8, linestyle=":", label="chance")
     axes.set_yticks(positions, labels=list(label_names))
     # A poor run (or an interval reaching below chance) stays on the axes rather than cut off.
     axes.set_xlim(min(0.45, lowest - 0.02), 1.0)
     axes.set_xlabel("ROC AUC")
-    axes.set_title(f"{run_name}: mean ROC AUC {_fmt(_nan_if_none(metrics['mean_auc']))} beside published")
+    beside = "beside published" if references else "beside the metadata baseline"
+    title = f"{run_name}: mean ROC AUC {_fmt(_nan_if_none(metrics['mean_auc']))} {beside}"
+    axes.set_title(_titled(title, metrics.get("notice", "")))
     axes.legend(loc="lower left", fontsize=7, bbox_to_anchor=(1.01, 0.0))
     axes.grid(axis="x", linewidth=0.3)
+    return _save(figure, path)
+
+
+def plot_reliability(y_true, raw, calibrated, path, *, bins: int, method: str, notice: str = "") -> Path:
+    """calibration.png: the reliability diagram, every label pooled, before and after calibration."""
+    figure = Figure(figsize=(6.5, 6.5))
+    axes = figure.add_subplot()
+    axes.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, linestyle=":", label="perfectly calibrated")
+    for scores, label, style in ((raw, "before", "o--"), (calibrated, f"after ({method})", "s-")):
+        curve = reliability_curve(y_true, scores, bins=bins)
+        drawn = curve["count"] > 0
+        axes.plot(curve["mean_probability"][drawn], curve["positive_share"][drawn], style, label=label)
+    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="Mean predicted probability", ylabel="Share positive")
+    images = np.asarray(y_true).shape[0]
+    axes.set_title(_titled(f"Reliability, all labels pooled ({images} images, {bins} bins)", notice))
+    axes.legend(loc="upper left", fontsize=8)
     return _save(figure, path)
 
 
@@ -221,11 +352,21 @@ def _auc_cell(results: dict, name: str) -> str:
     return UNDEFINED if results[name]["auc"] is None else _fmt(results[name]["auc"])
 
 
-def _leaderboard_row(run_dir: Path, label_names: Sequence[str]) -> tuple[float, list[str]]:
+def versus_metadata(metrics: dict) -> str:
+    """The run's mean AUC minus the metadata baseline's, flagged when the run does not beat it."""
+    baselines = metrics.get("baselines") or {}
+    difference = (baselines.get("run_minus_metadata") or {}).get("difference")
+    if difference is None:
+        return _MISSING
+    return f"{difference:+.3f}" + ("" if baselines["beats_metadata"] else " ⚠ not above")
+
+
+def _leaderboard_row(run_dir: Path, label_names: Sequence[str]) -> tuple[float, list[str], bool]:
     metrics = _read_metrics(run_dir)
     config = _read_json(run_dir / "config.json", "config.json")
     backbones = config.get("backbones", [])
     results = metrics["labels"]
+    synthetic = bool(metrics.get("synthetic"))
     row = [
         run_dir.name,
         _fmt_auc_ci(metrics["mean_auc"], metrics["mean_ci"]),
@@ -233,10 +374,11 @@ def _leaderboard_row(run_dir: Path, label_names: Sequence[str]) -> tuple[float, 
         "+".join(backbones),
         ", ".join(describe_settings(config.get("head", {}), config.get("train", {}))),
         _difference_cell(metrics.get("reference")),
-        f"{metrics.get('split', 'test')} ({metrics['images']})",
+        versus_metadata(metrics),
+        f"{metrics.get('split', 'test')} ({metrics['images']}{', synthetic' if synthetic else ''})",
     ]
     row += [_auc_cell(results, name) for name in label_names]
-    return _nan_if_none(metrics["mean_auc"]), row
+    return _nan_if_none(metrics["mean_auc"]), row, synthetic
 
 
 def _difference_cell(probe: dict | None) -> str:
@@ -247,7 +389,9 @@ def _difference_cell(probe: dict | None) -> str:
 
 
 def leaderboard(run_dirs: Sequence[Path]) -> str:
-    """Markdown table of runs, best mean AUC first: interval, head, backbones, options, AUC per disease."""
+    """Markdown table of runs, best mean AUC first: interval, head, backbones, options, the differences to
+    the ridge probe and to the metadata baseline, AUC per disease; headed by the synthetic notice when any
+    run is synthetic."""
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise InputError("no runs to report: train one with run.py train-head, or name run folders")
@@ -255,18 +399,15 @@ def leaderboard(run_dirs: Sequence[Path]) -> str:
     scored = [_leaderboard_row(d, label_names) for d in run_dirs]
     # Runs without a mean AUC go last rather than being dropped.
     scored.sort(key=lambda item: (math.isnan(item[0]), -item[0] if not math.isnan(item[0]) else 0.0))
-    header = [
-        "#",
-        "run",
-        "mean AUC [95% CI]",
-        "head",
-        "backbones",
-        "options",
-        "vs ridge probe",
-        "split (images)",
-        *label_names,
-    ]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * len(header)) + " |"]
-    for rank, (_, row) in enumerate(scored, start=1):
+    header = ["#", "run", "mean AUC [95% CI]", "head", "backbones", "options", "vs ridge probe"]
+    header += ["vs metadata baseline", "split (images)", *label_names]
+    lines = []
+    if any(synthetic for *_, synthetic in scored):
+        lines += [
+            f"**{SYNTHETIC_NOTICE}**: runs marked synthetic were trained and scored on drawn chests.",
+            "",
+        ]
+    lines += ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * len(header)) + " |"]
+    for rank, (_, row, _) in enumerate(scored, start=1):
         lines.append("| " + " | ".join([str(rank), *row]) + " |")
     return "\n".join(lines) + "\n"

@@ -22,8 +22,13 @@ OUTPUTS = (
     "auc.md",
     "roc.png",
     "auc.png",
+    "calibration.json",
+    "thresholds.json",
+    "calibration.png",
     "metrics.json",
 )
+CALIBRATION = "calibration.json"  # per-label calibration fitted on validation (heads/calibration.py)
+THRESHOLDS = "thresholds.json"  # per-label operating points chosen on validation (heads/operating.py)
 
 
 def refuse_existing(run_dir: Path, *, force: bool) -> None:
@@ -59,7 +64,7 @@ def finish_run(tmp: Path, run_dir: Path) -> Path:
 
 
 def write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2, default=str), encoding="utf-8")
+    path.write_text(json.dumps(value, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
 
 
 def read_config(run_dir: Path) -> dict:
@@ -71,6 +76,24 @@ def read_config(run_dir: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise InputError(f"{path}: not valid JSON ({err}); train the run again") from None
+
+
+def write_decisions(run_dir: Path, decisions: dict) -> None:
+    """calibration.json and thresholds.json from {"calibration": ..., "thresholds": ...}."""
+    write_json(Path(run_dir) / CALIBRATION, decisions["calibration"])
+    write_json(Path(run_dir) / THRESHOLDS, decisions["thresholds"])
+
+
+def read_decisions(run_dir: Path) -> dict:
+    """{"calibration", "thresholds"} of a run; None for each a run made before they existed lacks."""
+    found = {}
+    for key, name in (("calibration", CALIBRATION), ("thresholds", THRESHOLDS)):
+        path = Path(run_dir) / name
+        try:
+            found[key] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}: not valid JSON ({err}); train the run again") from None
+    return found
 
 
 def run_labels(run_dir: Path) -> list[str]:

@@ -1,14 +1,22 @@
-"""A trained head on cached rows: its probabilities, and its metrics on a split."""
+"""A trained head on cached rows: its probabilities, and its metrics on a split beside the baselines,
+with the calibration and operating points fitted on validation."""
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from cxr14.caveats import SYNTHETIC_NOTICE
+from cxr14.config import DecisionConfig
 from cxr14.errors import InputError
+from heads.baselines import CHANCE_AUC, baseline_metrics, metadata_baseline_scores
+from heads.calibration import apply_calibration, fit_calibration
 from heads.data import HeadData, head_inputs
-from heads.metrics import label_metrics
-from heads.run_folder import load_model, run_labels, write_json
+from heads.metrics import expected_calibration_error, label_metrics, mean_defined, rates_at_thresholds
+from heads.operating import choose_thresholds, threshold_array
+from heads.report import plot_reliability
+from heads.run_folder import load_model, read_decisions, run_labels, write_decisions, write_json
 
 PREDICT_BATCH = 4096
 
@@ -46,9 +54,17 @@ def check_labels(data: HeadData, label_names) -> None:
 
 
 def split_metrics(
-    data: HeadData, scores: np.ndarray, *, split: str, label_names, n_boot: int, seed: int
+    data: HeadData,
+    scores: np.ndarray,
+    *,
+    split: str,
+    label_names,
+    n_boot: int,
+    seed: int,
+    decisions: dict | None = None,
 ) -> dict:
-    """Metrics (heads.metrics.label_metrics) of probabilities `scores` for the rows of `split`, in row order."""
+    """Metrics (heads.metrics.label_metrics) of probabilities `scores` for the rows of `split`, in row
+    order, beside the metadata baseline and chance, and at the run's `decisions` (fit_decisions) if any."""
     rows = data.rows(split)
     if rows.size == 0:
         raise InputError(f"the {split} split has no images with features; check the split lists and caches")
@@ -58,15 +74,141 @@ def split_metrics(
             f"the head gives {scores.shape[1]} probabilities per image but the run lists "
             f"{len(label_names)} labels; use the labels the run was trained with"
         )
-    metrics = label_metrics(
+    y, groups = data.labels[rows], data.patients[rows]
+    metrics = label_metrics(y, scores, groups=groups, label_names=label_names, n_boot=n_boot, seed=seed)
+    metrics |= {"split": split, "split_source": data.split_source, "synthetic": data.synthetic}
+    if data.synthetic:
+        metrics["notice"] = SYNTHETIC_NOTICE
+    metrics["baselines"] = _baselines(
+        data, scores, rows=rows, label_names=label_names, n_boot=n_boot, seed=seed
+    )
+    if decisions is not None:
+        metrics |= decision_metrics(
+            y,
+            scores,
+            groups=groups,
+            decisions=decisions,
+            split=split,
+            label_names=label_names,
+            n_boot=n_boot,
+            seed=seed,
+        )
+    return metrics
+
+
+def _baselines(data: HeadData, scores: np.ndarray, *, rows, label_names, n_boot: int, seed: int) -> dict:
+    """The metadata baseline fitted on train and scored on `rows`, and chance (heads/baselines.py)."""
+    if data.covariates is None or data.rows("train").size == 0:
+        return {
+            "metadata": None,
+            "chance_auc": CHANCE_AUC,
+            "run_minus_metadata": None,
+            "beats_metadata": None,
+        }
+    baseline = metadata_baseline_scores(
+        data.covariates, data.labels, train_rows=data.rows("train"), rows=rows
+    )
+    return baseline_metrics(
         data.labels[rows],
         scores,
+        baseline,
         groups=data.patients[rows],
         label_names=label_names,
         n_boot=n_boot,
         seed=seed,
     )
-    return {**metrics, "split": split, "split_source": data.split_source}
+
+
+def fit_decisions(data: HeadData, scores: np.ndarray, *, settings: DecisionConfig, label_names) -> dict:
+    """Calibration, then thresholds on the calibrated probabilities, both fitted on the val rows of
+    `scores` (every row of `data`, in order); the test split never takes part."""
+    val = data.rows("val")
+    calibration = fit_calibration(
+        data.labels[val],
+        scores[val],
+        method=settings.calibration,
+        label_names=label_names,
+        bins=settings.bins,
+    )
+    calibrated = apply_calibration(calibration, scores[val], label_names=label_names)
+    thresholds = choose_thresholds(
+        data.labels[val],
+        calibrated,
+        method=settings.operating_point,
+        target=settings.target,
+        label_names=label_names,
+    )
+    if data.synthetic:
+        calibration["notice"] = thresholds["notice"] = SYNTHETIC_NOTICE
+    return {"calibration": calibration, "thresholds": thresholds}
+
+
+def decision_metrics(
+    y_true, scores, *, groups, decisions: dict, split: str, label_names, n_boot: int, seed: int
+) -> dict:
+    """ECE before and after calibration, and the rates at the operating points, on one split's rows."""
+    calibration, thresholds = decisions["calibration"], decisions["thresholds"]
+    calibrated = apply_calibration(calibration, scores, label_names=label_names)
+    bins = int((calibration or {}).get("bins", DecisionConfig().bins))
+    before = expected_calibration_error(y_true, scores, bins=bins)
+    after = expected_calibration_error(y_true, calibrated, bins=bins)
+    # Fitted on val and measured on val (a sweep trial) flatters both: say so in the numbers' own record.
+    in_sample = split == "val"
+    result = {
+        "calibration": {
+            "method": (calibration or {}).get("method", "none"),
+            "fitted_on": "val",
+            "in_sample": in_sample,
+            "bins": bins,
+            "ece_before": mean_defined(before),
+            "ece_after": mean_defined(after),
+            "labels": {
+                name: {"ece_before": float(before[j]), "ece_after": float(after[j])}
+                for j, name in enumerate(label_names)
+            },
+        }
+    }
+    if thresholds is not None:
+        cuts = threshold_array(thresholds, label_names=label_names)
+        result["operating_points"] = {
+            "method": thresholds["method"],
+            "target": thresholds["target"],
+            "chosen_on": "val",
+            "in_sample": in_sample,
+            "labels": rates_at_thresholds(
+                y_true, calibrated, cuts, groups=groups, label_names=label_names, n_boot=n_boot, seed=seed
+            ),
+        }
+    return result
+
+
+def score_expert(
+    *, run_dir: Path, data: HeadData, split: str, expert_files: list[Path], n_boot: int, seed: int
+) -> dict:
+    """A run against Google's expert labels on the images of `split` they cover, beside the NIH labels
+    of the same images (heads/expert.py); also written to evaluate-expert-SPLIT.json."""
+    from heads.expert import expert_metrics, read_expert
+
+    run_dir = Path(run_dir)
+    labels = run_labels(run_dir)
+    check_labels(data, labels)
+    expert = read_expert(expert_files)
+    rows = data.rows(split)
+    result = expert_metrics(
+        expert=expert,
+        names=data.names[rows],
+        nih_labels=data.labels[rows],
+        scores=predict_probabilities(load_model(run_dir), data, rows),
+        patients=data.patients[rows],
+        label_names=labels,
+        n_boot=n_boot,
+        seed=seed,
+    )
+    result = {"run": run_dir.name, "split": split, "files": [str(p) for p in expert_files], **result}
+    if data.synthetic:
+        result["notice"] = SYNTHETIC_NOTICE
+    write_json(run_dir / f"evaluate-expert-{split}.json", result)
+    return result
 
 
 def score_run(*, run_dir: Path, data: HeadData, split: str = "test", n_boot: int, seed: int) -> dict:
@@ -74,7 +216,34 @@ def score_run(*, run_dir: Path, data: HeadData, split: str = "test", n_boot: int
     run_dir = Path(run_dir)
     labels = run_labels(run_dir)
     scores = predict_probabilities(load_model(run_dir), data, data.rows(split))
-    metrics = split_metrics(data, scores, split=split, label_names=labels, n_boot=n_boot, seed=seed)
+    metrics = split_metrics(
+        data,
+        scores,
+        split=split,
+        label_names=labels,
+        n_boot=n_boot,
+        seed=seed,
+        decisions=read_decisions(run_dir),
+    )
     metrics = {**metrics, "run": run_dir.name, "excluded": data.excluded}
     write_json(run_dir / f"evaluate-{split}.json", metrics)
     return metrics
+
+
+def write_decision_outputs(
+    run_dir: Path, *, decisions: dict, data, scores: np.ndarray, metrics: dict, label_names: Sequence[str]
+) -> None:
+    """calibration.json, thresholds.json and calibration.png (on the split the run was scored on)."""
+    write_decisions(run_dir, decisions)
+    rows = data.rows(metrics["split"])
+    raw = scores[rows]
+    calibration = decisions["calibration"]
+    plot_reliability(
+        data.labels[rows],
+        raw,
+        apply_calibration(calibration, raw, label_names=label_names),
+        Path(run_dir) / "calibration.png",
+        bins=calibration["bins"],
+        method=calibration["method"],
+        notice=metrics.get("notice", ""),
+    )

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.config import Config, read_toml, with_training
 from cxr14.errors import InputError
 from extract.dataset import open_dataset
@@ -154,6 +155,7 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
         index=dataset.index,
         splits=dataset.splits,
         metadata=True,
+        synthetic=dataset.synthetic,
     )
     sweep_dir = config.runs_dir / name
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -182,16 +184,23 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
         name=name, ranked=ranked, plans=plans, results=results, test=test, skipped=skipped
     )
     (sweep_dir / "leaderboard.md").write_text(board, encoding="utf-8")
-    summary = {
-        "winner": winner,
-        "val_mean_auc": results[winner]["mean_auc"],
+    summary = _sweep_summary(ranked=ranked, results=results, test=test, skipped=skipped)
+    (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    return {**summary, "summary": board + f"\nwritten to {sweep_dir}"}
+
+
+def _sweep_summary(*, ranked: list[str], results: dict, test: dict, skipped: list) -> dict:
+    """sweep.json: the winner, its validation and test figures, every trial's validation mean AUC."""
+    notice = {"notice": test["notice"]} if test.get("notice") else {}
+    return notice | {
+        "winner": ranked[0],
+        "val_mean_auc": results[ranked[0]]["mean_auc"],
         "test_mean_auc": test["mean_auc"],
         "test_mean_ci": test["mean_ci"],
+        "test_beats_metadata": test["baselines"]["beats_metadata"],
         "trials": {t: results[t]["mean_auc"] for t in ranked},
         "skipped": skipped,
     }
-    (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    return {**summary, "summary": board + f"\nwritten to {sweep_dir}"}
 
 
 def _run_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, step: str) -> dict:
@@ -209,9 +218,10 @@ def _run_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, step: st
         head=plan.head,
         train=plan.train,
         label_names=config.labels,
-        config_snapshot=snapshot(config, plan, caches=data.caches),
+        config_snapshot=snapshot(config, plan, caches=data.caches, synthetic=data.synthetic),
         force=True,
         eval_split="val",
+        decision=config.decision,
     )
 
 
@@ -231,26 +241,31 @@ def _describe(plan: RunPlan) -> str:
 
 def format_leaderboard(*, name, ranked, plans, results, test, skipped) -> str:
     """Trials ranked by validation mean AUC; the winner's test figure stated once, below the table."""
-    lines = [
+    from heads.report import versus_metadata
+
+    lines = [f"**{SYNTHETIC_NOTICE}**", ""] if test.get("synthetic") else []
+    lines += [
         f"# Sweep {name}",
         "",
         "Trials are ranked by **validation** mean ROC AUC. Only the winner was evaluated on the test split:",
-        "choosing among trials on test would flatter the result.",
+        "choosing among trials on test would flatter the result. Trials keep validation predictions only.",
         "",
-        "| rank | trial | val mean AUC | epochs | configuration |",
-        "| --- | --- | --- | --- | --- |",
+        "| rank | trial | val mean AUC | vs metadata baseline (val) | epochs | configuration |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for rank, trial in enumerate(ranked, 1):
         m = results[trial]
         lines.append(
-            f"| {rank} | {trial} | {_auc_text(m['mean_auc'])} | {m.get('epochs', '')} | {_describe(plans[trial])} |"
+            f"| {rank} | {trial} | {_auc_text(m['mean_auc'])} | {versus_metadata(m)} | {m.get('epochs', '')} "
+            f"| {_describe(plans[trial])} |"
         )
     lo, hi = test["mean_ci"]
     interval = "" if lo is None else f" (95% CI {lo:.4f}–{hi:.4f}, patient bootstrap)"
     lines += [
         "",
         f"Winner: **{ranked[0]}**. Test mean ROC AUC {_auc_text(test['mean_auc'])}{interval}, "
-        f"{test['images']} test images; per disease in winner-test-auc.md.",
+        f"{test['images']} test images; metadata baseline on test: {versus_metadata(test)}; per disease, "
+        "with its operating points, in winner-test-auc.md.",
     ]
     if skipped:
         # One line per reason: a grid crossing heads with backbone lists skips many alike (full list in sweep.json).

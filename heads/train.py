@@ -12,7 +12,7 @@ import pandas as pd
 import tensorflow as tf
 from keras import ops
 
-from cxr14.config import HeadConfig, TrainConfig
+from cxr14.config import DecisionConfig, HeadConfig, TrainConfig
 from cxr14.errors import InputError
 from heads.data import HeadData, head_inputs
 from heads.losses import make_loss
@@ -21,7 +21,14 @@ from heads.models import METADATA_INPUT, build_head
 from heads.registry import head_kind
 from heads.report import plot_auc_comparison, plot_roc, write_auc_table
 from heads.run_folder import finish_run, start_run, write_json
-from heads.scoring import check_labels, predict_arrays, predict_probabilities, split_metrics
+from heads.scoring import (
+    check_labels,
+    fit_decisions,
+    predict_arrays,
+    predict_probabilities,
+    split_metrics,
+    write_decision_outputs,
+)
 from heads.start import HeadStart, fit_start, probe_blocks
 
 MONITOR = "val_mean_auc"
@@ -101,10 +108,13 @@ def train_head(
     force: bool = False,
     progress: bool = True,
     eval_split: str = "test",
+    decision: DecisionConfig | None = None,
 ) -> dict:
     """Train, evaluate on `eval_split` and write every output of a run; returns those metrics.
 
     A sweep passes eval_split="val" so that trials are compared without ever looking at the test split.
+    `decision`: how the calibration and operating points are fitted on validation after training
+    (None: the defaults).
     """
     start = time.perf_counter()
     run_dir, label_names = Path(run_dir), list(label_names)
@@ -126,6 +136,9 @@ def train_head(
         fitted = time.perf_counter()
         scores = predict_probabilities(model, data, np.arange(len(data.names)))
         evaluated_rows = rows[eval_split]
+        decisions = fit_decisions(
+            data, scores, settings=decision or DecisionConfig(), label_names=label_names
+        )
         metrics = split_metrics(
             data,
             scores[evaluated_rows],
@@ -133,6 +146,7 @@ def train_head(
             label_names=label_names,
             n_boot=train.bootstrap,
             seed=train.seed,
+            decisions=decisions,
         )
         metrics |= _run_facts(run_dir, data=data, head=head, rows=rows, history=history, epochs=train.epochs)
         if begin is not None:
@@ -155,6 +169,9 @@ def train_head(
             metrics=metrics,
             label_names=label_names,
             scores=scores,
+        )
+        write_decision_outputs(
+            tmp, decisions=decisions, data=data, scores=scores, metrics=metrics, label_names=label_names
         )
         metrics["seconds"] = {
             "train": round(fitted - start, 2),
@@ -391,14 +408,23 @@ def _write_outputs(
     label_names: list[str],
     scores: np.ndarray,
 ) -> None:
-    """Everything but config.json and metrics.json; `scores` are the probabilities of every row, in data order."""
+    """Everything but config.json, metrics.json and the decisions; `scores` are the probabilities of every
+    row, in data order. A run scored on val (a sweep trial) keeps only val rows: the test split stays sealed."""
     model.save(run_dir / "model.keras")
     history.to_csv(run_dir / "history.csv", index=False)
-    predictions = pd.DataFrame(scores, columns=label_names)
-    predictions.insert(0, "split", data.split)
-    predictions.insert(0, "name", data.names)
+    shown = data.rows("val") if metrics["split"] == "val" else np.arange(len(data.names))
+    predictions = pd.DataFrame(scores[shown], columns=label_names)
+    predictions.insert(0, "split", data.split[shown])
+    predictions.insert(0, "name", data.names[shown])
     predictions.to_csv(run_dir / "predictions.csv", index=False, float_format="%.6f")
-    write_auc_table(metrics, run_dir / "auc.md", label_names=label_names, run_name=run_dir.name)
+    # run_dir is the temporary folder: the run's own name is in the metrics.
+    write_auc_table(metrics, run_dir / "auc.md", label_names=label_names, run_name=metrics["run"])
     evaluated = data.rows(metrics["split"])
-    plot_roc(data.labels[evaluated], scores[evaluated], run_dir / "roc.png", label_names=label_names)
+    plot_roc(
+        data.labels[evaluated],
+        scores[evaluated],
+        run_dir / "roc.png",
+        label_names=label_names,
+        notice=metrics.get("notice", ""),
+    )
     plot_auc_comparison(metrics, run_dir / "auc.png", label_names=label_names)

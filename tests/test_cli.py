@@ -106,10 +106,15 @@ def test_a_shard_out_of_range_is_refused(shard, tiny_project, capsys):
 def test_train_evaluate_report_round_trip(tmp_path, tiny_project, capsys):
     common = ["--config", str(tiny_project.path), "--runs-dir", str(tmp_path / "runs")]
     args = ["train-head", *common, "--head", "ensemble", "--backbone", "offline_cnn,offline_cnn_wide"]
-    assert run.main([*args, "--epochs", "2", "--fusion", "concat", "--name", "e"]) == 0
+    decision = ["--calibration", "isotonic", "--operating-point", "sensitivity", "--target", "0.8"]
+    assert run.main([*args, "--epochs", "2", "--fusion", "concat", "--name", "e", *decision]) == 0
     trained = json.loads((tmp_path / "runs" / "e" / "metrics.json").read_text())
     saved = json.loads((tmp_path / "runs" / "e" / "config.json").read_text())
     assert saved["head"]["fusion"] == "concat" and saved["train"]["epochs"] == 2
+    assert saved["decision"]["calibration"] == "isotonic" and saved["data"]["synthetic"] is True
+    thresholds = json.loads((tmp_path / "runs" / "e" / "thresholds.json").read_text())
+    assert thresholds["method"] == "sensitivity" and thresholds["target"] == 0.8
+    assert json.loads((tmp_path / "runs" / "e" / "calibration.json").read_text())["method"] == "isotonic"
     assert saved["feature_dtypes"] == {"offline_cnn": "float16", "offline_cnn_wide": "float16"}
     # A second run with the same name is refused without --force.
     assert run.main([*args, "--name", "e"]) == 2
@@ -117,6 +122,10 @@ def test_train_evaluate_report_round_trip(tmp_path, tiny_project, capsys):
     assert run.main(["evaluate", *common, "--run", str(tmp_path / "runs" / "e")]) == 0
     evaluated = json.loads((tmp_path / "runs" / "e" / "evaluate-test.json").read_text())
     assert evaluated["mean_auc"] == pytest.approx(trained["mean_auc"], abs=1e-6)
+    # The stored operating points and calibration give the same test figures when evaluated again.
+    assert evaluated["operating_points"] == trained["operating_points"]
+    assert evaluated["calibration"]["ece_after"] == pytest.approx(trained["calibration"]["ece_after"])
+    assert evaluated["baselines"] == trained["baselines"]
     capsys.readouterr()
     assert run.main(["report", *common]) == 0
     assert "| e |" in capsys.readouterr().out.replace("|  e |", "| e |")

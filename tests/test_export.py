@@ -15,7 +15,16 @@ from cxr14.errors import InputError
 from extract.pipeline import decode
 from heads.export import export_run
 from heads.predict import predict_images
-from tests.test_predict import PIXELS, REAL_CXR, TINY, TINY_STD, make_config, make_run, write_png
+from tests.test_predict import (
+    PIXELS,
+    REAL_CXR,
+    TINY,
+    TINY_STD,
+    add_decisions,
+    make_config,
+    make_run,
+    write_png,
+)
 
 # Runs in a fresh interpreter, from a folder outside the repository, with only TensorFlow imported.
 RELOAD = """
@@ -28,9 +37,14 @@ except ImportError:
     pass
 model = tf.saved_model.load(sys.argv[1])
 pngs = tf.constant([open(p, "rb").read() for p in sys.argv[2:]])
-probs = model.signatures["serving_default"](png=pngs)["probabilities"].numpy()
+out = model.signatures["serving_default"](png=pngs)
 labels = [s.decode() for s in model.labels.numpy()]
-print(json.dumps({"labels": labels, "probabilities": probs.tolist()}))
+print(json.dumps({
+    "labels": labels,
+    "probabilities": out["probabilities"].numpy().tolist(),
+    "calls": out["calls"].numpy().tolist(),
+    "thresholds": [None if t != t else float(t) for t in model.thresholds.numpy()],
+}))
 """
 
 
@@ -45,11 +59,18 @@ def images(tmp_path) -> list[Path]:
     return real + made
 
 
+def _calls(results: list[dict]) -> np.ndarray:
+    codes = {"positive": 1, "negative": 0, None: -1}
+    return np.array([[codes[r["calls"][label]] for label in LABELS] for r in results])
+
+
 def test_round_trip_in_a_fresh_process_matches_predict(tmp_path, images):
     run_dir = make_run(tmp_path / "runs" / "fc", [TINY])
+    decisions = add_decisions(run_dir, method="platt")
     config = make_config(tmp_path)
     out = export_run(run_dir=run_dir, out_dir=tmp_path / "export" / "model")
-    expected = _probs(predict_images(run_dir=run_dir, inputs=images, config=config))
+    predicted = predict_images(run_dir=run_dir, inputs=images, config=config)
+    expected = _probs(predicted)
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -67,19 +88,28 @@ def test_round_trip_in_a_fresh_process_matches_predict(tmp_path, images):
     assert reloaded["labels"] == list(LABELS)
     got = np.array(reloaded["probabilities"])
     assert got.shape == (len(images), len(LABELS))
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)  # calibrated, as predict prints them
     assert np.ptp(got, axis=0).max() > 1e-3  # different images, different answers
+    np.testing.assert_array_equal(np.array(reloaded["calls"]), _calls(predicted))
+    assert (
+        reloaded["thresholds"][LABELS.index("Edema")]
+        == decisions["thresholds"]["labels"]["Edema"]["threshold"]
+    )
 
     assert json.loads((out / "labels.json").read_text()) == list(LABELS)
     about = json.loads((out / "model.json").read_text())
     assert set(about["inputs"]) == {"serving_default", "serve_image"}
     assert about["feature_dtypes"] == {"tiny": "float16"}
+    assert about["calibration"] == decisions["calibration"] and about["thresholds"] == decisions["thresholds"]
+    assert about["warning"].startswith("not a medical model") and about["notice"] is None
 
 
 def test_ensemble_and_pixels_export_both_signatures(tmp_path, images):
     config = make_config(tmp_path)
     for name, backbones in (("ensemble", [TINY, TINY_STD]), ("cnn", [PIXELS])):
         run_dir = make_run(tmp_path / "runs" / name, backbones)
+        if name == "ensemble":
+            add_decisions(run_dir, method="isotonic")
         out = export_run(run_dir=run_dir, out_dir=tmp_path / "export" / name)
         expected = _probs(predict_images(run_dir=run_dir, inputs=images, config=config))
         model = tf.saved_model.load(str(out))

@@ -107,6 +107,29 @@ def make_run(
     return run_dir
 
 
+def add_decisions(run_dir: Path, *, method: str = "platt", seed: int = 0) -> dict:
+    """calibration.json and thresholds.json as training writes them, with values drawn for the test."""
+    from heads.run_folder import write_decisions
+
+    rng = np.random.default_rng(seed)
+    if method == "isotonic":
+        params = {
+            name: {"x": sorted(rng.random(6).tolist()), "y": sorted(rng.random(6).tolist())}
+            for name in LABELS
+        }
+    else:
+        params = {name: {"a": float(rng.uniform(0.3, 2)), "b": float(rng.normal())} for name in LABELS}
+    params[LABELS[-1]] = {"identity": True}
+    cuts = {name: {"threshold": float(np.float32(rng.uniform(0.2, 0.8)))} for name in LABELS}
+    cuts[LABELS[-2]] = {"threshold": None}
+    decisions = {
+        "calibration": {"method": method, "fitted_on": "val", "bins": 10, "labels": params},
+        "thresholds": {"method": "youden", "target": None, "fitted_on": "val", "labels": cuts},
+    }
+    write_decisions(run_dir, decisions)
+    return decisions
+
+
 def write_png(path: Path, *, size: int = 40, seed: int = 0, bits: int = 8, channels: int = 1) -> Path:
     """A gray test image with a blob whose place depends on the seed."""
     rng = np.random.default_rng(seed)
@@ -315,7 +338,7 @@ def test_output_formats(fc_run, images, tmp_path):
     assert str(out) in note
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["image", *LABELS, "error"]
+    assert list(rows[0]) == ["image", *LABELS, *(f"{label} call" for label in LABELS), "error"]
     assert float(rows[2][LABELS[3]]) == pytest.approx(results[2]["probabilities"][LABELS[3]])
     assert rows[3]["error"] and rows[3][LABELS[0]] == ""
     with pytest.raises(InputError, match="table, json"):
@@ -399,3 +422,66 @@ def test_an_unreadable_folder_of_images_is_one_line(images, monkeypatch):
     monkeypatch.setattr(Path, "iterdir", deny)
     with pytest.raises(InputError, match="images: cannot list the folder \\(Permission denied\\)"):
         list_images([images[0].parent])
+
+
+def test_calibrated_probabilities_and_calls_at_the_runs_operating_points(tmp_path, images):
+    from heads.calibration import apply_calibration
+
+    run_dir = make_run(tmp_path / "fc", [TINY])
+    raw = predict_images(run_dir=run_dir, inputs=images, config=make_config(tmp_path))
+    decisions = add_decisions(run_dir)
+    results = predict_images(run_dir=run_dir, inputs=images, config=make_config(tmp_path))
+    for before, after in zip(raw, results, strict=True):
+        np.testing.assert_array_equal(_probs({"probabilities": after["uncalibrated"]}), _probs(before))
+        expected = apply_calibration(decisions["calibration"], _probs(before)[None], label_names=LABELS)[0]
+        np.testing.assert_allclose(_probs(after), expected, atol=1e-6)
+        assert not np.allclose(_probs(after), _probs(before), atol=1e-3)
+        assert after["probabilities"][LABELS[-1]] == before["probabilities"][LABELS[-1]]  # identity label
+        for label in LABELS:
+            threshold = decisions["thresholds"]["labels"][label]["threshold"]
+            call = (
+                None
+                if threshold is None
+                else "positive"
+                if after["probabilities"][label] >= threshold
+                else "negative"
+            )
+            assert after["calls"][label] == call
+    assert {c for r in results for c in r["calls"].values()} == {"positive", "negative", None}
+    parsed = json.loads(format_predictions(results, fmt="json"))
+    assert parsed[0]["calls"] == results[0]["calls"] and "uncalibrated" in parsed[0]
+    table = format_predictions(results, fmt="table")
+    assert "+" in table and "positive call at the run's operating point" in table
+
+
+def test_random_weight_or_synthetic_runs_warn_once(tmp_path, images, capsys):
+    import run
+    from heads.predict import run_warning
+
+    run_dir = make_run(tmp_path / "fc", [TINY])
+    warning = run_warning(run_dir)
+    assert warning.startswith("not a medical model") and "random-weight backbone(s) tiny" in warning
+    results = predict_images(run_dir=run_dir, inputs=images[:1], config=make_config(tmp_path))
+    assert results[0]["warning"] == warning
+    config = tmp_path / "cxr14.toml"
+    config.write_text("", encoding="utf-8")
+    assert (
+        run.main(["predict", "--config", str(config), "--run", str(run_dir), "--json", str(images[0])]) == 0
+    )
+    out, err = capsys.readouterr()
+    assert json.loads(out)[0]["warning"] == warning
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == [f"warning: {warning}"]
+
+    plan = json.loads((run_dir / "config.json").read_text())
+    plan["backbones"]["tiny"] = {**plan["backbones"]["tiny"], "source": "keras", "weights": "imagenet"}
+    (run_dir / "config.json").write_text(json.dumps(plan))
+    assert run_warning(run_dir) == ""
+    plan["data"] = {"synthetic": True}
+    (run_dir / "config.json").write_text(json.dumps(plan))
+    assert "synthetic sample" in run_warning(run_dir)
+    plan["backbones"]["tiny"]["weights"] = "none"
+    (run_dir / "config.json").write_text(json.dumps(plan))
+    assert "random-weight backbone(s) tiny" in run_warning(run_dir)
+    plan["backbones"]["tiny"] = TINY.as_dict()
+    (run_dir / "config.json").write_text(json.dumps(plan))
+    assert load_run(run_dir).notice.startswith("synthetic sample — not comparable")  # for export's model.json

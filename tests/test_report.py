@@ -105,9 +105,16 @@ def test_auc_table_puts_run_beside_references_and_shows_undefined(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| Mass |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells == [
-        "Mass", str(mass["positives"]), f"{mass['auc']:.3f} [{mass['ci'][0]:.3f}, {mass['ci'][1]:.3f}]",
-        f"{mass['pr_auc']:.3f}", "0.772", "0.842", "0.693", "0.868",
-    ]  # fmt: skip
+        "Mass",
+        str(mass["positives"]),
+        f"{mass['auc']:.3f} [{mass['ci'][0]:.3f}, {mass['ci'][1]:.3f}]",
+        f"{mass['pr_auc']:.3f}",
+        "—",
+        "0.772",
+        "0.842",
+        "0.693",
+        "0.868",
+    ]  # fmt: skip  (no metadata baseline in these metrics: "—")
     hernia = next(line for line in text.splitlines() if line.startswith("| Hernia |"))
     assert "| 0 | undefined |" in hernia and "0.000" not in hernia
     assert "Undefined in this split" in text and "Hernia" in text.splitlines()[-1]
@@ -155,24 +162,19 @@ def test_leaderboard_ranks_runs_by_mean_auc(tmp_path):
     ]  # fmt: skip
     lines = leaderboard(runs).splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header[:8] == [
-        "#",
-        "run",
-        "mean AUC [95% CI]",
-        "head",
-        "backbones",
-        "options",
-        "vs ridge probe",
+    assert header[:9] == [
+        "#", "run", "mean AUC [95% CI]", "head", "backbones", "options", "vs ridge probe", "vs metadata baseline",
         "split (images)",
-    ]
-    assert header[8:] == list(LABELS)
+    ]  # fmt: skip
+    assert header[9:] == list(LABELS)
     first = [cell.strip() for cell in lines[2].strip("|").split("|")]
     second = [cell.strip() for cell in lines[3].strip("|").split("|")]
     assert first[:5] == ["1", "strong", first[2], "ensemble", "a+b"]
     assert first[2].startswith(f"{strong['mean_auc']:.3f} [")
     assert "loss=focal" in first[5] and "metadata" in first[5] and "fusion=add" in first[5]
     assert first[6] == "+0.012 [+0.004, +0.021]" and second[6] == "—"  # a run without a reference
-    assert first[8 + LABELS.index("Mass")] == "0.987"
+    assert first[7] == "—"  # no metadata baseline in these metrics
+    assert first[9 + LABELS.index("Mass")] == "0.987"
     assert second[:2] == ["2", "weak"] and second[-1] == "undefined"
 
 
@@ -185,3 +187,51 @@ def test_leaderboard_refuses_a_folder_that_is_not_a_run(tmp_path):
     broken = write_run(tmp_path, "broken", metrics={"mean_auc": 0.7})
     with pytest.raises(InputError, match="broken/metrics.json: no per-label results"):
         leaderboard([broken])
+
+
+def test_leaderboard_flags_synthetic_runs_and_runs_below_the_metadata_baseline(tmp_path):
+    from cxr14.caveats import SYNTHETIC_NOTICE
+
+    metrics = fake_metrics(seed=2)
+    below = {
+        **metrics,
+        "synthetic": True,
+        "baselines": {
+            "run_minus_metadata": {"difference": -0.012, "ci": [-0.05, 0.03]},
+            "beats_metadata": False,
+        },
+    }
+    text = leaderboard([write_run(tmp_path, "weak", metrics=below)])
+    assert text.splitlines()[0].startswith(f"**{SYNTHETIC_NOTICE}**")
+    row = [cell.strip() for cell in text.splitlines()[-1].strip("|").split("|")]
+    assert row[7] == "-0.012 ⚠ not above" and row[8].endswith(", synthetic)")
+
+
+def test_synthetic_auc_table_drops_published_columns_and_shows_the_operating_points(tmp_path):
+    from cxr14.caveats import SYNTHETIC_NOTICE
+
+    metrics = {**fake_metrics(), "split": "test", "split_source": "synthetic sample (official-format lists)"}
+    metrics |= {"synthetic": True, "notice": SYNTHETIC_NOTICE}
+    points = {
+        name: {
+            "threshold": 0.4,
+            **{r: {"value": 0.5, "ci": [0.4, 0.6]} for r in ("sensitivity", "specificity", "ppv", "npv")},
+        }
+        for name in LABELS
+    }
+    metrics["operating_points"] = {
+        "method": "sensitivity",
+        "target": 0.9,
+        "in_sample": False,
+        "labels": points,
+    }
+    text = write_auc_table(metrics, tmp_path / "auc.md", label_names=LABELS, run_name="r").read_text()
+    assert text.splitlines()[0].startswith(f"**{SYNTHETIC_NOTICE}.**")
+    assert "CheXNet" not in text and "Wang" not in text and "official splits" not in text
+    assert "chosen on validation (sensitivity ≥ 0.9), measured on test" in text
+    assert "| Mass | 0.400 | 0.500 [0.400, 0.600] |" in text
+    auc = plot_auc_comparison(metrics, tmp_path / "auc.png", label_names=LABELS)
+    from PIL import Image
+
+    title = Image.open(auc).text["Title"]
+    assert title.startswith(SYNTHETIC_NOTICE) and "beside published" not in title

@@ -1,5 +1,6 @@
 import io
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ def test_layout_and_2017_csv_shape(sample):
     assert sorted(p.name for p in out.iterdir()) == [
         "Data_Entry_2017.csv",
         "README_SAMPLE.txt",
+        "SYNTHETIC.txt",
         "images",
         "test_list.txt",
         "train_val_list.txt",
@@ -71,6 +73,28 @@ def test_official_lists_split_by_patient(sample):
     assert sorted(test + train_val) == index.names.tolist() and test == sorted(test)
     patients = np.unique(index.patients)
     assert np.unique(index.patients[splits.mask("test")]).size == round(0.2 * patients.size)
+
+
+def test_the_sample_is_marked_synthetic_and_its_split_never_reads_official(sample, tmp_path):
+    import dataclasses
+
+    from cxr14.caveats import SYNTHETIC_NOTICE, is_synthetic
+    from cxr14.config import load_config
+    from extract.dataset import open_dataset
+    from extract.index import format_summary, summarize
+
+    out, _ = sample
+    assert (out / "SYNTHETIC.txt").read_text().startswith(SYNTHETIC_NOTICE)
+    config = dataclasses.replace(load_config(Path(__file__).parents[1] / "cxr14.toml"), data_dir=out)
+    dataset = open_dataset(config)
+    assert dataset.synthetic and dataset.splits.source == "synthetic sample (official-format lists)"
+    summary = summarize(dataset.index, dataset.splits, synthetic=dataset.synthetic)
+    assert summary["synthetic"] is True and format_summary(summary).startswith(f"** {SYNTHETIC_NOTICE} **")
+    # A folder made before the marker existed is recognised by its README; a real one is not synthetic.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "README_SAMPLE.txt").write_text("made by make-sample")
+    assert is_synthetic(old) and not is_synthetic(tmp_path)
 
 
 def test_file_formats_decode_and_broken_files_exist(sample):

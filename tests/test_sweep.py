@@ -4,6 +4,7 @@ the winner is picked on validation and only the winner sees the test split."""
 import dataclasses
 import json
 
+import pandas as pd
 import pytest
 
 import heads.train
@@ -91,8 +92,18 @@ def test_sweep_resumes_and_picks_on_validation_only(tmp_path, tiny_project, monk
     # Only the winner was ever evaluated on the test split.
     tested = [p.parent.name for p in sweep_dir.glob("*/evaluate-test.json")]
     assert tested == [result["winner"]]
+    # No trial holds a test prediction from which a test AUC could be computed.
+    for t in trials:
+        assert set(pd.read_csv(t / "predictions.csv")["split"]) == {"val"}, t.name
+    winner_test = json.loads((sweep_dir / result["winner"] / "evaluate-test.json").read_text())
+    assert (
+        winner_test["operating_points"]["chosen_on"] == "val"
+        and not winner_test["operating_points"]["in_sample"]
+    )
+    assert "Threshold" in (sweep_dir / "winner-test-auc.md").read_text()
     board = (sweep_dir / "leaderboard.md").read_text()
     assert "validation" in board and result["winner"] in board
+    assert board.startswith("**synthetic sample") and "vs metadata baseline" in board
     assert board.index(result["winner"]) < board.index(min(val, key=val.get))
 
     calls = _counting(monkeypatch)

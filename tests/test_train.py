@@ -33,6 +33,8 @@ def cache_dir(tmp_path_factory, index):
     write_cache(root, "plain", names=index.names, features=features)
     write_cache(root, "shuffled", names=index.names[order], features=features[order])
     write_cache(root, "other", names=index.names, features=signal_features(index, dim=8, seed=3, noise=0.5))
+    noise = np.random.default_rng(9).standard_normal((len(index), 8)).astype(np.float16)
+    write_cache(root, "noise", names=index.names, features=noise)
     views = np.stack([features, features + np.float16(0.1), features - np.float16(0.1)], axis=1)
     write_cache(root, "views", names=index.names, features=views, views=3)
     # A local finding, as on a film: Atelectasis positives get a bright patch in the lower left corner.
@@ -80,6 +82,62 @@ def test_fc_run_writes_every_output_and_learns(tmp_path, cache_dir, index):
     assert list(predictions.columns) == ["name", "split", *LABELS]
     assert list(predictions["name"]) == list(data.names)
     assert "Atelectasis" in (tmp_path / "run" / "auc.md").read_text()
+    _check_baselines_and_decisions(tmp_path / "run", metrics, data)
+
+
+def _check_baselines_and_decisions(run, metrics: dict, data) -> None:
+    """The metadata baseline, chance, and the calibration and operating points fitted on validation."""
+    baselines = metrics["baselines"]
+    assert baselines["chance_auc"] == 0.5 and baselines["beats_metadata"] is True
+    assert set(baselines["metadata"]["labels"]) == set(LABELS)
+    assert metrics["synthetic"] is False and "notice" not in metrics
+    thresholds = json.loads((run / "thresholds.json").read_text())
+    calibration = json.loads((run / "calibration.json").read_text())
+    assert thresholds["fitted_on"] == "val" and thresholds["method"] == "youden"
+    assert calibration["fitted_on"] == "val" and calibration["method"] == "platt"
+    assert thresholds["images"] == calibration["images"] == int((data.split == "val").sum())
+    point = metrics["operating_points"]["labels"]["Atelectasis"]
+    assert point["threshold"] == thresholds["labels"]["Atelectasis"]["threshold"]
+    assert point["tp"] + point["fn"] == metrics["labels"]["Atelectasis"]["positives"]
+    low, high = point["sensitivity"]["ci"]
+    assert low <= point["sensitivity"]["value"] <= high
+    assert metrics["calibration"]["ece_before"] >= 0 and metrics["calibration"]["ece_after"] >= 0
+    assert metrics["operating_points"]["in_sample"] is False
+    text = (run / "auc.md").read_text()
+    assert text.startswith("# ROC AUC per disease: run\n")  # the run's name, not its temporary folder's
+    assert "Metadata baseline" in text and "Wang et al. 2017" in text
+    assert (
+        "| Disease | Threshold | Sensitivity [95% CI] | Specificity [95% CI] | PPV [95% CI] | NPV [95% CI]"
+        in text
+    )
+    assert "does not beat" not in text
+    assert (run / "calibration.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_synthetic_run_on_noise_is_flagged_and_says_so_in_every_output(tmp_path, cache_dir, index):
+    from PIL import Image
+
+    from cxr14.caveats import SYNTHETIC_NOTICE
+
+    data = dataclasses.replace(
+        _data(cache_dir, index, ["noise"]),
+        synthetic=True,
+        split_source="synthetic sample (official-format lists)",
+    )
+    metrics = _train(tmp_path / "run", data, train=dataclasses.replace(FAST, epochs=2))
+    run = tmp_path / "run"
+    assert metrics["baselines"]["beats_metadata"] is False
+    text = (run / "auc.md").read_text()
+    assert "does not beat the metadata-only baseline" in text
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["synthetic"] is True and saved["notice"] == SYNTHETIC_NOTICE == metrics["notice"]
+    assert "official" not in saved["split_source"].replace("official-format", "")
+    assert SYNTHETIC_NOTICE in text.splitlines()[0]
+    # No published column is set beside a synthetic run.
+    assert all(title not in text for title in ("Wang et al. 2017", "CheXNet", "Blog"))
+    for plot in ("roc.png", "auc.png", "calibration.png"):
+        assert SYNTHETIC_NOTICE in Image.open(run / plot).text["Title"], plot
+    assert "beside published" not in Image.open(run / "auc.png").text["Title"]
 
 
 def test_evaluate_run_recomputes_the_test_metrics(tmp_path, cache_dir, index):
