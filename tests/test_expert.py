@@ -202,10 +202,11 @@ def test_evaluate_expert_on_the_real_files_rows(tmp_path):
     index = open_dataset(config).index
     rng = np.random.default_rng(0)
     features = index.labels @ rng.normal(size=(len(LABELS), 16)) + rng.normal(size=(len(index), 16))
-    write_cache(config.cache_dir, "offline_cnn", names=index.names, features=features.astype(np.float16))
+    write_cache(config.cache_dir, "own_features", names=index.names, features=features.astype(np.float16))
     common = ["--config", str(config.path)]
     assert (
-        run.main(["train-head", *common, "--head", "linear", "--backbone", "offline_cnn", "--name", "r"]) == 0
+        run.main(["train-head", *common, "--head", "linear", "--backbone", "own_features", "--name", "r"])
+        == 0
     )
     assert run.main(["evaluate", *common, "--run", str(config.runs_dir / "r"), "--expert"]) == 0
     result = json.loads((config.runs_dir / "r" / "evaluate-expert-test.json").read_text())
