@@ -139,10 +139,11 @@ def _warn(text: str) -> None:
 
 def cmd_predict(args, config: Config) -> int:
     _quiet_tensorflow()
-    from heads.predict import format_predictions, predict_images, run_warning
+    from heads.predict import format_predictions, predict_images
 
-    _warn(run_warning(args.run))
     results = predict_images(run_dir=args.run, inputs=args.images, config=config)
+    # Once the run has loaded (a run that cannot load is one error line, nothing more).
+    _warn(next((r["warning"] for r in results if r.get("warning")), ""))
     print(format_predictions(results, fmt="json" if args.json else "table", csv_path=args.csv))
     # Some unreadable files are reported in the output; only when none could be read is it a failure.
     return 1 if all(r.get("error") for r in results) else 0
@@ -153,8 +154,9 @@ def cmd_export(args, config: Config) -> None:
     from heads.export import export_run
     from heads.predict import run_warning
 
+    exported = export_run(run_dir=args.run, out_dir=args.out)
     _warn(run_warning(args.run))
-    print(f"exported: {export_run(run_dir=args.run, out_dir=args.out)}")
+    print(f"exported: {exported}")
 
 
 def cmd_demo(args, config: Config) -> None:
