@@ -9,8 +9,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 COARSE = 16  # grid points across a film for smooth noise
+# A finding's boxes cover where it visibly changes the film (by >= BOX_LEVEL of the [0, 1] range, after a
+# blur of BOX_BLUR x the film's size that joins stripes and bands), one box per connected part of at
+# least BOX_MIN_PART of the largest part (drops fringes, keeps every nodule).
+BOX_LEVEL = 0.05
+BOX_BLUR = 0.01
+BOX_MIN_PART = 0.1
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,20 +120,43 @@ def _lung_masks(c: Canvas, chest: _Chest) -> dict[int, np.ndarray]:
     return masks
 
 
+Box = tuple[int, int, int, int]  # x, y, width, height in pixels, as in NIH's BBox_List_2017.csv
+
+
+@dataclass(frozen=True)
+class Film:
+    """A drawn film and where each finding was drawn: one box per connected part of its sign."""
+
+    image: np.ndarray  # (S, S) float32 in [0, 1]
+    boxes: dict[str, list[Box]]
+
+
 def draw_chest(
     canvas: Canvas, rng: np.random.Generator, *, findings: Sequence[str], view: str, patient: int, seed: int
 ) -> np.ndarray:
     """One film as float32 (S, S) in [0, 1]: the patient's anatomy plus the findings, noise and exposure."""
+    return draw_film(canvas, rng, findings=findings, view=view, patient=patient, seed=seed).image
+
+
+def draw_film(
+    canvas: Canvas, rng: np.random.Generator, *, findings: Sequence[str], view: str, patient: int, seed: int
+) -> Film:
+    """draw_chest's film together with the boxes of its findings (the same pixels either way)."""
     chest = _patient_chest(np.random.default_rng([seed, 4, patient]), view)
     chest = _reshape_for_findings(chest, findings)
     # Separate streams: the same film with or without a finding differs only by that finding.
     anatomy_rng, finding_rng, noise_rng = rng.spawn(3)
     lungs = _lung_masks(canvas, chest)
     image = _draw_anatomy(canvas, anatomy_rng, chest, lungs, findings=findings)
+    heart = _heart(canvas, chest)
     # Lung findings show where the lung is not hidden behind the heart.
-    lungs = {side: mask * (1 - _heart(canvas, chest)) for side, mask in lungs.items()}
+    lungs = {side: mask * (1 - heart) for side, mask in lungs.items()}
+    boxes = {}
     for name in findings:
+        before = image.copy()
         FINDINGS[name](canvas, finding_rng, image, chest, lungs)
+        # Cardiomegaly is drawn as the heart's size in the anatomy, so its place is the heart itself.
+        boxes[name] = change_boxes(heart if name == "Cardiomegaly" else image - before)
     noise = canvas.smooth_noise(noise_rng) * 0.015
     image += noise + noise_rng.standard_normal(image.shape, dtype=np.float32) * 0.012
     gain, offset, gamma = (
@@ -134,7 +164,26 @@ def draw_chest(
         noise_rng.uniform(-0.03, 0.03),
         noise_rng.uniform(0.9, 1.1),
     )
-    return np.clip(np.clip(image * gain + offset, 0, 1) ** gamma, 0, 1)
+    return Film(image=np.clip(np.clip(image * gain + offset, 0, 1) ** gamma, 0, 1), boxes=boxes)
+
+
+def change_boxes(change: np.ndarray) -> list[Box]:
+    """Boxes (x, y, w, h) around the connected parts of a visible change to the film, largest first."""
+    size = ndimage.gaussian_filter(np.abs(change), BOX_BLUR * change.shape[0])
+    parts, count = ndimage.label(size >= BOX_LEVEL)
+    if count == 0:
+        return []
+    areas = np.bincount(parts.ravel(), minlength=count + 1)[1:]
+    extents = ndimage.find_objects(parts)
+    boxes = []
+    for k in np.argsort(-areas, kind="stable"):
+        if areas[k] < BOX_MIN_PART * areas.max():
+            break
+        rows, cols = extents[k]
+        boxes.append(
+            (int(cols.start), int(rows.start), int(cols.stop - cols.start), int(rows.stop - rows.start))
+        )
+    return boxes
 
 
 def _reshape_for_findings(chest: _Chest, findings: Sequence[str]) -> _Chest:

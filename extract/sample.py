@@ -15,7 +15,7 @@ import numpy as np
 from cxr14.caveats import SAMPLE_README, SYNTHETIC_MARKER, SYNTHETIC_NOTICE
 from cxr14.config import LABELS
 from cxr14.errors import InputError
-from extract.chest import Canvas, draw_chest
+from extract.chest import Canvas, draw_film
 
 # Real prevalence in Data_Entry_2017.csv (positives / 112,120 images).
 REAL_PREVALENCE = {
@@ -60,6 +60,7 @@ CSV_HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
     "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
 )
+BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"  # as NIH's BBox_List_2017.csv
 BROKEN_KINDS = ("empty", "truncated", "not_png", "corrupt")
 SPECIAL_SHARE = 0.03  # share of RGBA and of 16-bit files each
 
@@ -92,7 +93,8 @@ def make_sample(
 
     Writes Data_Entry_2017.csv (2017 shape: trailing commas, 12 fields), images/*.png (8-bit gray; ~3%
     RGBA, ~3% 16-bit), train_val_list.txt / test_list.txt (by patient, ~80/20), README_SAMPLE.txt and
-    SYNTHETIC.txt, the mark every later output reads to say its results are not comparable with published ones.
+    SYNTHETIC.txt, the mark every later output reads to say its results are not comparable with published
+    ones, and BBox_List_2017.csv (NIH's shape: where each drawn finding is, in the film's pixels).
     Labels follow the real prevalence and co-occurrence, except that every label has at least
     PREVALENCE_FLOOR (8%) positives so that ~1000-2000 images are enough to learn and score each one.
     A few ages are impossible (148, 412, ...) as in the real file. `broken` files (empty, truncated,
@@ -113,20 +115,25 @@ def make_sample(
     broken_kind = _choose_broken(np.random.default_rng([seed, 1]), records=records, broken=broken)
     canvas = Canvas.make(size)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    boxes = []
     for i, record in enumerate(records):
         rng = np.random.default_rng([seed, 2, i])
-        image = draw_chest(
+        film = draw_film(
             canvas, rng, findings=record.findings, view=record.view, patient=record.patient, seed=seed
         )
-        data = _png_bytes(_to_file_format(image, record.file_format))
+        data = _png_bytes(_to_file_format(film.image, record.file_format))
         if i in broken_kind:
             data = _break(data, broken_kind[i])
+        else:  # a broken file has no film to point at
+            boxes += [(record.name, label, box) for label in record.findings for box in film.boxes[label]]
         (out_dir / "images" / record.name).write_bytes(data)
     test_patients = _choose_test_patients(np.random.default_rng([seed, 3]), records)
     _write_lists(out_dir, records, test_patients)
     _write_text(out_dir / SAMPLE_README, _readme(images=images, size=size, seed=seed))
+    _write_text(out_dir / "BBox_List_2017.csv", _bbox_text(boxes))
     _write_text(out_dir / "Data_Entry_2017.csv", _csv_text(records))  # last: it marks the set complete
-    return _summary(out_dir, records, label_names, broken_kind, test_patients, size=size, seed=seed)
+    summary = _summary(out_dir, records, label_names, broken_kind, test_patients, size=size, seed=seed)
+    return summary | {"boxes": len(boxes)}
 
 
 def _check_arguments(*, images: int, size: int, broken: int, label_names: tuple[str, ...]) -> None:
@@ -297,6 +304,11 @@ def _csv_text(records: list[_Record]) -> str:
     return "\n".join([CSV_HEADER, *rows]) + "\n"
 
 
+def _bbox_text(boxes: list) -> str:
+    rows = [f"{name},{label},{x},{y},{w},{h}" for name, label, (x, y, w, h) in boxes]
+    return "\n".join([BBOX_HEADER, *rows]) + "\n"
+
+
 def _write_lists(out_dir: Path, records: list[_Record], test_patients: set[int]) -> None:
     test = [r.name for r in records if r.patient in test_patients]
     train_val = [r.name for r in records if r.patient not in test_patients]
@@ -309,6 +321,7 @@ def _readme(*, images: int, size: int, seed: int) -> str:
         "Synthetic ChestX-ray14 look-alike written by `python run.py make-sample` "
         f"(images={images}, size={size}, seed={seed}).\n"
         "Not medical data: drawn chests with one drawn finding per label, for offline runs and tests.\n"
+        "BBox_List_2017.csv says where each finding was drawn (x, y, w, h in the film's pixels).\n"
         "make-sample rewrites this folder only while this file is here.\n"
     )
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from cxr14.config import LABELS
 from cxr14.errors import InputError
-from extract.chest import Canvas, draw_chest
+from extract.chest import Canvas, draw_chest, draw_film
 from extract.index import find_images, read_index
 from extract.sample import PREVALENCE_FLOOR, _png_bytes, make_sample
 from extract.splits import assign_splits, patient_overlap
@@ -25,6 +25,7 @@ def sample(tmp_path_factory):
 def test_layout_and_2017_csv_shape(sample):
     out, summary = sample
     assert sorted(p.name for p in out.iterdir()) == [
+        "BBox_List_2017.csv",
         "Data_Entry_2017.csv",
         "README_SAMPLE.txt",
         "SYNTHETIC.txt",
@@ -38,6 +39,9 @@ def test_layout_and_2017_csv_shape(sample):
         "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
     )
     assert len(lines) == 121
+    boxes = (out / "BBox_List_2017.csv").read_text().splitlines()
+    assert boxes[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,," and len(boxes) - 1 == summary["boxes"]
+    assert not {row.split(",")[0] for row in boxes[1:]} & set(summary["broken"])  # no film, no box
     fields = [line.split(",") for line in lines[1:]]
     assert {len(f) for f in fields} == {12} and {f[11] for f in fields} == {""}
     assert summary["images"] == 120 and len(list((out / "images").iterdir())) == 120
@@ -196,6 +200,24 @@ def test_every_label_draws_a_visible_finding(label):
     # Only the finding differs (noise comes from its own stream), and it must stand out from that noise.
     assert (change > 0.08).sum() >= 20, f"{label} changes only {(change > 0.08).sum()} pixels by > 0.08"
     assert (film(()) == film(())).all()
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_each_finding_is_boxed_where_it_was_drawn(label):
+    canvas = Canvas.make(96)
+    film = draw_film(canvas, np.random.default_rng(3), findings=(label,), view="AP", patient=7, seed=0)
+    plain = draw_chest(canvas, np.random.default_rng(3), findings=(), view="AP", patient=7, seed=0)
+    assert film.boxes[label], f"{label} has no box"
+    assert all(0 <= x and 0 <= y and x + w <= 96 and y + h <= 96 for x, y, w, h in film.boxes[label])
+    # These three also reshape the anatomy (heart size, lung volume), which moves more pixels than their
+    # drawn sign; for the others, where the finding changes the film most lies inside one of its boxes.
+    if label not in ("Cardiomegaly", "Emphysema", "Fibrosis"):
+        row, col = np.unravel_index(np.argmax(np.abs(film.image - plain)), plain.shape)
+        assert any(x <= col < x + w and y <= row < y + h for x, y, w, h in film.boxes[label]), film.boxes
+    np.testing.assert_array_equal(
+        film.image,
+        draw_chest(canvas, np.random.default_rng(3), findings=(label,), view="AP", patient=7, seed=0),
+    )
 
 
 def test_findings_are_learnable_from_pixels(tmp_path):
