@@ -24,7 +24,7 @@ from cxr14.config import (
     with_training,
 )
 from cxr14.errors import InputError
-from heads.registry import CALIBRATIONS, FUSIONS, HEAD_KINDS, LOSSES, OPERATING_POINTS
+from heads.registry import CALIBRATIONS, FUSIONS, HEAD_KINDS, HEATMAP_METHODS, LOSSES, OPERATING_POINTS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "cxr14.toml"
 
@@ -106,6 +106,14 @@ def cmd_train_head(args, config: Config) -> None:
 
 def cmd_evaluate(args, config: Config) -> None:
     _quiet_tensorflow()
+    if args.localization:
+        from heads.localization import format_pointing_game, run_localization
+
+        result = run_localization(
+            config, run_dir=args.run, bbox_csv=args.localization, split=args.split, method=args.heatmap_method
+        )
+        print(format_pointing_game(result))
+        return
     from heads.experiment import run_evaluate
 
     metrics = run_evaluate(config, run_dir=args.run, split=args.split, expert=args.expert)
@@ -141,7 +149,14 @@ def cmd_predict(args, config: Config) -> int:
     _quiet_tensorflow()
     from heads.predict import format_predictions, predict_images
 
-    results = predict_images(run_dir=args.run, inputs=args.images, config=config)
+    results = predict_images(
+        run_dir=args.run,
+        inputs=args.images,
+        config=config,
+        heatmap_dir=args.heatmap,
+        heatmap_top=args.heatmap_top,
+        heatmap_method=args.heatmap_method,
+    )
     # Once the run has loaded (a run that cannot load is one error line, nothing more).
     _warn(next((r["warning"] for r in results if r.get("warning")), ""))
     print(format_predictions(results, fmt="json" if args.json else "table", csv_path=args.csv))
@@ -396,6 +411,14 @@ def _add_head_commands(sub) -> None:
         metavar="FILE",
         help="score against Google's expert labels (found in the data folder, or FILE) beside the NIH labels",
     )
+    p.add_argument(
+        "--localization",
+        type=Path,
+        metavar="BBOX_CSV",
+        help="instead of AUCs: the pointing game of the run's heatmaps against boxes shaped like NIH's "
+        "BBox_List_2017.csv, on the split's boxed images under the data folder",
+    )
+    _add_heatmap_method(p)
 
     p = _command(sub, "report", cmd_report, "Gather runs into one markdown leaderboard.", folders=("runs",))
     p.add_argument("runs", nargs="*", type=Path, help="run folders (default: every run under runs/)")
@@ -408,13 +431,32 @@ def _add_head_commands(sub) -> None:
     p.add_argument("--name", default="sweep", help="sweep folder name under runs/")
 
 
+def _add_heatmap_method(p) -> None:
+    p.add_argument(
+        "--heatmap-method",
+        choices=HEATMAP_METHODS,
+        default="auto",
+        help="auto: Grad-CAM where every backbone exposes its last conv feature map, else SmoothGrad",
+    )
+
+
 def _add_model_commands(sub) -> None:
     # predict and export read everything from the run folder.
-    p = _command(sub, "predict", cmd_predict, "Run a trained model on new PNG images.", folders=())
+    p = _command(sub, "predict", cmd_predict, "Run a trained model on new PNG or DICOM images.", folders=())
     p.add_argument("--run", type=Path, required=True, help="the run folder")
     p.add_argument(
-        "images", nargs="+", type=Path, metavar="IMAGE_OR_DIR", help="PNG files or folders of them"
+        "images", nargs="+", type=Path, metavar="IMAGE_OR_DIR", help="PNG/DICOM files or folders of them"
     )
+    p.add_argument(
+        "--heatmap",
+        type=Path,
+        metavar="DIR",
+        help="also write per image an overlay PNG and .npy maps of the top findings into DIR",
+    )
+    p.add_argument(
+        "--heatmap-top", type=_positive, default=3, metavar="N", help="findings per heatmap overlay"
+    )
+    _add_heatmap_method(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print one JSON document")
     out.add_argument("--csv", type=Path, metavar="FILE", help="write a CSV file instead of a table")

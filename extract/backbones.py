@@ -34,11 +34,31 @@ class Backbone:
     dim: int  # feature width, or the image side for pixels
     fn: Callable
     config: dict  # cfg.as_dict() plus what was resolved at load time, for fingerprints
+    # The network on normalised float images (b, s, s, c), fn(pixels) == net(normalize(pixels)); unlike
+    # fn's uint8 input, differentiable in its input (SmoothGrad heatmaps).
+    net: Callable | None = None
+    # Its last convolutional feature map where it exposes one (keras.applications, random), and the
+    # pooling that makes the features: net(x) == pool(feature_map(x)). For Grad-CAM heatmaps.
+    feature_map: Callable | None = None
+    pool: Callable | None = None
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """What a loader returns: the network on normalised images, its image spec, resolved details, and
+    where it has one, its split into feature map and pooling (call(x) == pool(feature_map(x)))."""
+
+    call: Callable
+    spec: ImageSpec
+    resolved: dict
+    feature_map: Callable | None = None
+    pool: Callable | None = None
 
 
 def load_backbone(cfg: BackboneConfig, *, mixed_precision: bool = False, xla: bool = False) -> Backbone:
     """Build or load the backbone `cfg` names, wrapped in one tf.function with a fixed input signature."""
-    call, spec, resolved = LOADERS[cfg.source](cfg, mixed_precision=mixed_precision)
+    loaded = LOADERS[cfg.source](cfg, mixed_precision=mixed_precision)
+    call, spec, resolved = loaded.call, loaded.spec, loaded.resolved
 
     def on_pixels(pixels):
         return call(normalize(pixels, spec))
@@ -52,7 +72,15 @@ def load_backbone(cfg: BackboneConfig, *, mixed_precision: bool = False, xla: bo
     dim = spec.size if kind == "pixels" else int(probe.shape[-1])
     resolved |= {"kind": kind, "dim": dim, "xla": bool(xla), "spec": spec.as_dict()}
     return Backbone(
-        name=cfg.name, kind=kind, spec=spec, dim=dim, fn=fn, config=cfg.as_dict() | {"resolved": resolved}
+        name=cfg.name,
+        kind=kind,
+        spec=spec,
+        dim=dim,
+        fn=fn,
+        config=cfg.as_dict() | {"resolved": resolved},
+        net=call,
+        feature_map=loaded.feature_map,
+        pool=loaded.pool,
     )
 
 
@@ -86,7 +114,7 @@ def _load_hub(cfg: BackboneConfig, *, mixed_precision: bool):
         "mixed_precision": False,
         "mixed_precision_requested": mixed_precision,
     }
-    return call, _spec(cfg), resolved
+    return _Loaded(call, _spec(cfg), resolved)
 
 
 def _load_saved_model(cfg: BackboneConfig):
@@ -194,8 +222,17 @@ def _load_keras(cfg: BackboneConfig, *, mixed_precision: bool):
     def call(images):
         return tf.cast(model(images, training=False), tf.float32)
 
+    # The layer before the global average pooling sees the last convolutional feature map.
+    maps = keras.Model(model.inputs, model.layers[-1].input)
+
+    def feature_map(images):
+        return maps(images, training=False)
+
+    def pool(feature_maps):
+        return tf.cast(tf.reduce_mean(feature_maps, axis=[1, 2]), tf.float32)
+
     resolved = {"loader": "keras.applications", "keras_family": family, "mixed_precision": mixed_precision}
-    return call, _spec(cfg, keras_family=family), resolved
+    return _Loaded(call, _spec(cfg, keras_family=family), resolved, feature_map, pool)
 
 
 def _keras_weights(cfg: BackboneConfig) -> str | None:
@@ -266,19 +303,25 @@ def _load_random(cfg: BackboneConfig, *, mixed_precision: bool):
     compute = tf.float16 if mixed_precision else tf.float32
     kernels = [tf.constant(k, compute) for k in random_kernels(width=cfg.width, seed=cfg.seed)]
 
-    def call(images):
+    def feature_map(images):
         x = tf.cast(images, compute)
         for kernel in kernels:
             x = tf.nn.relu(tf.nn.conv2d(x, kernel, strides=2, padding="SAME"))
+        return x
+
+    def pool(x):
         # Grid pooling rather than global pooling keeps where a finding is (heart, bases, apex).
         rows = tf.constant(grid_pooling_matrix(x.shape[1], cfg.grid))
         cols = tf.constant(grid_pooling_matrix(x.shape[2], cfg.grid))
         pooled = tf.einsum("ih,bhwc,jw->bijc", rows, tf.cast(x, tf.float32), cols)
         return tf.reshape(pooled, [-1, cfg.grid * cfg.grid * cfg.width])
 
+    def call(images):
+        return pool(feature_map(images))
+
     resolved = {"loader": "random", "stages": RANDOM_STAGES, "mixed_precision": mixed_precision}
     # One gray channel: replicating it three times would only triple the first layer's work.
-    return call, _spec(cfg, channels=1), resolved
+    return _Loaded(call, _spec(cfg, channels=1), resolved, feature_map, pool)
 
 
 # --- pixels --------------------------------------------------------------------------------------------
@@ -294,8 +337,8 @@ def _load_pixels(cfg: BackboneConfig, *, mixed_precision: bool):
     def call(images):
         return images[..., 0]  # "bytes" of uint8 pixels: whole numbers 0..255 already
 
-    return call, _spec(cfg, channels=1), {"loader": "pixels", "mixed_precision": False}
+    return _Loaded(call, _spec(cfg, channels=1), {"loader": "pixels", "mixed_precision": False})
 
 
-# One loader per source in extract.registry.SOURCES: (config, mixed_precision) -> (call, spec, resolved).
+# One loader per source in extract.registry.SOURCES: (config, mixed_precision) -> _Loaded.
 LOADERS = {"hub": _load_hub, "keras": _load_keras, "random": _load_random, "pixels": _load_pixels}

@@ -286,10 +286,12 @@ def _parse_choice(values: pd.Series, *, key: str, choices: tuple[str, ...], wher
 def find_images(data_dir: Path, names: Sequence[str]) -> np.ndarray:
     """Path of each image, or "" when absent, under images/ or images_001/images/ .. images_012/images/.
 
-    A name held only by something that is not a file (a folder, a broken link) gets that path, so the
-    extraction can say what is there; `count_missing` counts it as missing.
+    A name ending .png is also found as a DICOM file of the same stem (00000001_000.dcm), so a hospital's
+    films can stand in for the CSV's PNG names; a file of the exact name wins. A name held only by
+    something that is not a file (a folder, a broken link) gets that path, so the extraction can say what
+    is there; `count_missing` counts it as missing.
     """
-    found, other = {}, {}
+    found, dicoms, other = {}, {}, {}
     for folder in _image_folders(Path(data_dir)):
         try:
             with os.scandir(folder) as entries:
@@ -297,9 +299,14 @@ def find_images(data_dir: Path, names: Sequence[str]) -> np.ndarray:
                     # The first folder holding a name wins, so the result does not depend on scan order.
                     chosen = found if entry.is_file() else other
                     chosen.setdefault(entry.name, entry.path)
+                    stem, suffix = os.path.splitext(entry.name)
+                    if suffix.lower() == ".dcm" and entry.is_file():
+                        dicoms.setdefault(stem + ".png", entry.path)
         except OSError as err:
             raise InputError(f"{folder}: cannot list the image folder ({err.strerror})") from None
-    return np.array([found.get(name) or other.get(name, "") for name in names], dtype=object)
+    return np.array(
+        [found.get(name) or dicoms.get(name) or other.get(name, "") for name in names], dtype=object
+    )
 
 
 def count_missing(paths: Sequence[str]) -> int:

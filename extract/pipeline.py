@@ -1,4 +1,4 @@
-"""The one image pipeline: PNG bytes -> gray [0,1] -> resize -> uint8 pixels | backbone normalisation.
+"""The one image pipeline: PNG or DICOM file -> gray [0,1] -> resize -> uint8 pixels | backbone normalisation.
 
 The host decodes and resizes (to_pixels); the backbone casts and normalises on its device (normalize,
 inside extract.backbones' tf.function), so a batch crosses to the device as uint8: 4x less than float32
@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from cache.status import Status
 from cxr14.errors import InputError, check_choice
+from extract import dicom
 from extract.registry import NORMALIZATIONS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -93,6 +94,35 @@ def decode(png: tf.Tensor) -> tf.Tensor:
     )
 
 
+def decode_file(path: tf.Tensor) -> tf.Tensor:
+    """In-graph: a file path -> (H, W, 1) float32 in [0, 1]; a DICOM (by its magic) through pydicom."""
+    data = tf.io.read_file(path)
+    magic = tf.cond(
+        tf.strings.length(data) >= dicom.MAGIC_END,
+        lambda: tf.strings.substr(data, dicom.MAGIC_OFFSET, len(dicom.DICOM_MAGIC)),
+        lambda: tf.constant(b""),
+    )
+    return tf.cond(
+        tf.equal(magic, dicom.DICOM_MAGIC), lambda: _decode_dicom_op(data, path), lambda: decode(data)
+    )
+
+
+def _decode_dicom_op(data: tf.Tensor, path: tf.Tensor) -> tf.Tensor:
+    """pydicom in a py_function; a film it refuses comes back empty and fails here, dropping the element."""
+
+    @tf.autograph.experimental.do_not_convert
+    def decode_numpy(data, path):
+        try:
+            return dicom.decode_dicom(data.numpy(), source=path.numpy().decode())
+        except dicom.DicomError:  # decode_error gives the reason; a raise here would log a traceback
+            return np.zeros((0, 0, 1), np.float32)
+
+    image = tf.py_function(decode_numpy, [data, path], tf.float32)
+    image.set_shape([None, None, 1])
+    with tf.control_dependencies([tf.debugging.assert_positive(tf.size(image), message="DICOM not decoded")]):
+        return tf.identity(image)
+
+
 def resize(image01: tf.Tensor, size: int) -> tf.Tensor:
     """Square resize; `area` when shrinking (antialiased and ~2x faster than antialiased bilinear)."""
     shape = tf.shape(image01)
@@ -129,8 +159,9 @@ def normalize(pixels: tf.Tensor, spec: ImageSpec) -> tf.Tensor:
 
 
 def check_file(path, *, max_pixels: int | None = None) -> tuple[Status, str]:
-    """Cheap file check without decoding: MISSING, EMPTY, UNDECODABLE (unreadable, not a PNG, or more than
-    `max_pixels` pixels by its header), TRUNCATED or OK."""
+    """Cheap file check without decoding: MISSING, EMPTY, UNDECODABLE (unreadable, neither PNG nor DICOM,
+    a DICOM header that is no single grayscale film, or more than `max_pixels` pixels by its header),
+    TRUNCATED or OK."""
     if not str(path):
         return Status.MISSING, "no image file of this name under the data folder"
     path = Path(path)
@@ -143,9 +174,16 @@ def check_file(path, *, max_pixels: int | None = None) -> tuple[Status, str]:
         return Status.UNDECODABLE, f"{path}: cannot be read ({err.strerror or type(err).__name__})"
     if size == 0:
         return Status.EMPTY, f"{path}: image file is empty (0 bytes)"
+    if dicom.is_dicom(head):
+        problem = dicom.header_problem(path, max_pixels=max_pixels)
+        return (Status.UNDECODABLE, problem) if problem else (Status.OK, "")
     if head[: len(PNG_SIGNATURE)] != PNG_SIGNATURE or head[12:16] != b"IHDR":
         # The file's own bytes are not echoed: they may be anything, control characters included.
-        return Status.UNDECODABLE, f"{path}: not a PNG file (no PNG signature and IHDR header at its start)"
+        return (
+            Status.UNDECODABLE,
+            f"{path}: not a PNG file (no PNG signature and IHDR header at its start) nor a DICOM "
+            "(no DICM preamble)",
+        )
     width, height = struct.unpack(">II", head[16:24])
     if max_pixels is not None and width * height > max_pixels:
         return (
@@ -178,10 +216,11 @@ def _read_ends(path: Path) -> tuple[int, bytes, bytes, bool]:
     """(size, first bytes, last bytes, whether the PNG chunks reach an IEND chunk)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        head = f.read(_HEAD_BYTES)
+        head = f.read(max(_HEAD_BYTES, dicom.MAGIC_END))
         f.seek(max(0, size - _TAIL_BYTES))
         tail = f.read()
-        has_iend = b"IEND" in tail or _walk_to_iend(f, size)
+        # A DICOM has no chunks to walk: pydicom reads its header, decoding tells whether it is whole.
+        has_iend = dicom.is_dicom(head) or b"IEND" in tail or _walk_to_iend(f, size)
     return size, head, tail, has_iend
 
 
@@ -199,13 +238,10 @@ def _walk_to_iend(f, size: int) -> bool:
 
 def decode_error(path) -> str:
     """Why this file cannot be decoded ("" if it can): the reason recorded for a dropped image."""
-    status, reason = check_file(path)
-    if status != Status.OK:
-        return reason
     try:
-        decode(tf.io.read_file(str(path)))
-    except tf.errors.OpError as err:
-        return f"{path}: PNG cannot be decoded: {_op_message(err)}"
+        read_gray01(path)
+    except ImageError as err:
+        return err.reason
     return ""
 
 
@@ -216,17 +252,28 @@ def _op_message(err: tf.errors.OpError) -> str:
     return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text).strip() or type(err).__name__
 
 
-def load_image(path, spec: ImageSpec, *, max_pixels: int | None = None) -> np.ndarray:
-    """One image, eagerly, through the same steps as make_dataset: (s, s, 1) uint8 for `backbone.fn`;
-    refused, not decoded, when its header says it has more than `max_pixels` pixels."""
+def read_gray01(path, *, max_pixels: int | None = None) -> np.ndarray:
+    """One PNG or DICOM file, eagerly -> (H, W, 1) float32 gray in [0, 1]; ImageError says why not,
+    and a file whose header says it has more than `max_pixels` pixels is refused, not decoded."""
     status, reason = check_file(path, max_pixels=max_pixels)
     if status != Status.OK:
         raise ImageError(status, reason)
+    data = Path(path).read_bytes()
+    if dicom.is_dicom(data[: dicom.MAGIC_END]):
+        try:
+            return dicom.decode_dicom(data, source=str(path))
+        except dicom.DicomError as err:
+            raise ImageError(Status.UNDECODABLE, str(err)) from None
     try:
-        image01 = decode(tf.io.read_file(str(path)))
-    except tf.errors.OpError:
-        raise ImageError(Status.UNDECODABLE, decode_error(path)) from None
-    return to_pixels(image01, spec.size).numpy()
+        return decode(tf.constant(data)).numpy()
+    except tf.errors.OpError as err:
+        raise ImageError(Status.UNDECODABLE, f"{path}: PNG cannot be decoded: {_op_message(err)}") from None
+
+
+def load_image(path, spec: ImageSpec, *, max_pixels: int | None = None) -> np.ndarray:
+    """One image, eagerly, through the same steps as make_dataset: (s, s, 1) uint8 for `backbone.fn`;
+    refused, not decoded, when its header says it has more than `max_pixels` pixels."""
+    return to_pixels(tf.constant(read_gray01(path, max_pixels=max_pixels)), spec.size).numpy()
 
 
 def augment(image: tf.Tensor, *, seed: tf.Tensor) -> tf.Tensor:
@@ -276,7 +323,7 @@ def cores() -> int:
 
 @dataclass(frozen=True)
 class PngFiles:
-    """Images as PNG files: `paths[i]` is the file of row `rows[i]` (a source for make_dataset)."""
+    """Images as PNG (or DICOM) files: `paths[i]` is the file of row `rows[i]` (a source for make_dataset)."""
 
     paths: np.ndarray  # str
     rows: np.ndarray  # int64
@@ -299,7 +346,7 @@ class PngFiles:
         return tf.data.Dataset.from_tensor_slices((rows[start:stop], paths[start:stop]))
 
     def gray01(self, path: tf.Tensor) -> tf.Tensor:
-        return decode(tf.io.read_file(path))
+        return decode_file(path)
 
 
 def _pixel_views(image01, row, *, size: int, views: int, seed: int) -> tf.Tensor:

@@ -64,7 +64,7 @@ def run_demo(config: Config, *, workdir: Path, images: int | None = None) -> str
             for run in runs
         ),
         f"every result above is on a {SYNTHETIC_NOTICE}",
-        f"next: python run.py predict --run {runs[-1]} YOUR_XRAY.png",
+        f"next: python run.py predict --run {runs[-1]} YOUR_XRAY.png (or .dcm) --heatmap heatmaps",
         "      (this shows the command works; it is not a medical model: the demo's backbones have random "
         "weights and it learned drawn chests)",
     ]

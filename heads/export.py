@@ -32,6 +32,8 @@ calls = out["calls"]                   # (1, 14) int32: 1 positive, 0 negative, 
 labels = [s.decode() for s in model.labels.numpy()]
 # Signatures for TF Serving / keras.layers.TFSMLayer: serving_default (png: string[b]) and
 # serve_image (image: float32[b, H, W, 1], gray in [0, 1]); both return that dict.
+# DICOM films: decode them as training did, in Python with the cxr14 repository and pydicom, then
+# image = extract.pipeline.read_gray01("film.dcm"); model.predict_image(image[None])
 """
 
 

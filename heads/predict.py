@@ -1,5 +1,6 @@
-"""Prediction on new PNG images with a trained run: backbone(s) and head, through extraction's own pipeline,
-then the run's calibration and a positive/negative call per label at its operating points."""
+"""Prediction on new PNG or DICOM images with a trained run: backbone(s) and head, through extraction's own
+pipeline, then the run's calibration and a positive/negative call per label at its operating points;
+optionally with heatmaps (heads/heatmap.py)."""
 
 import csv
 import dataclasses
@@ -22,6 +23,7 @@ from heads.operating import call_names, caller
 from heads.run_folder import load_model, read_config, read_decisions
 
 FORMATS = ("table", "json")
+IMAGE_SUFFIXES = (".png", ".dcm")
 CACHED_DTYPES = ("float16", "float32", "uint8")
 
 
@@ -151,7 +153,12 @@ def cached_features(run: TrainedRun, images: dict) -> dict:
 
 def fused_probabilities(run: TrainedRun, images: dict) -> tf.Tensor:
     """uint8 pixels per backbone {name: (b, s, s, 1)} -> (b, L) probabilities; eager or traced."""
-    return run.head(_head_inputs(run.head, cached_features(run, images)), training=False)
+    return head_probabilities(run, cached_features(run, images))
+
+
+def head_probabilities(run: TrainedRun, features: dict) -> tf.Tensor:
+    """Features per backbone, rounded as the cache holds them {name: (b, D)} -> (b, L) probabilities."""
+    return run.head(_head_inputs(run.head, features), training=False)
 
 
 def decided(run: TrainedRun, probabilities: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -169,32 +176,54 @@ def _head_inputs(head: keras.Model, features: dict):
 
 
 def list_images(inputs: Sequence[Path]) -> list[Path]:
-    """Files as given, folders expanded to the PNG files directly inside them (sorted)."""
+    """Files as given, folders expanded to the PNG and DICOM (.dcm) files directly inside them (sorted)."""
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
             try:
-                found = sorted(p for p in item.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+                found = sorted(
+                    p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                )
             except OSError as err:
                 raise InputError(f"{item}: cannot list the folder ({err.strerror})") from None
             if not found:
-                raise InputError(f"{item}: folder holds no .png files; pass PNG files or a folder of them")
+                raise InputError(
+                    f"{item}: folder holds no .png or .dcm files; pass PNG or DICOM files or a folder of them"
+                )
             paths.extend(found)
         else:
             paths.append(item)  # a missing or broken file is reported in its own result, not raised
     return paths
 
 
-def predict_images(*, run_dir: Path, inputs: Sequence[Path], config: Config) -> list[dict]:
+def predict_images(
+    *,
+    run_dir: Path,
+    inputs: Sequence[Path],
+    config: Config,
+    heatmap_dir: Path | None = None,
+    heatmap_top: int = 3,
+    heatmap_method: str = "auto",
+) -> list[dict]:
     """Per image: calibrated probabilities, the uncalibrated ones, a call per label, and the run's warning
-    (if any); an image that cannot be read gets an error and the rest still run."""
+    (if any); an image that cannot be read gets an error and the rest still run.
+
+    With heatmap_dir, also the `heatmap_top` most probable findings' heatmaps per image, made by
+    `heatmap_method` (heads/heatmap.py).
+    """
     run = load_run(run_dir)
     paths = list_images(inputs)
+    if heatmap_dir is not None:
+        from heads import heatmap
+
+        heatmap.heatmap_method(run, heatmap_method)  # an impossible method fails before any work
     batch_size = config.extract.batch_size
     results = []
     for start in range(0, len(paths), batch_size):
         batch = paths[start : start + batch_size]
         results.extend(_predict_batch(run, batch, max_pixels=config.extract.max_pixels))
+    if heatmap_dir is not None:
+        heatmap.write_heatmaps(run, results, out_dir=heatmap_dir, top=heatmap_top, method=heatmap_method)
     return results
 
 

@@ -1,5 +1,5 @@
-"""What stage two accepts by name: head kinds, fusions, losses, calibrations and operating points. The
-one list of each.
+"""What stage two accepts by name: head kinds, fusions, losses, calibrations, operating points and heatmap
+methods. The one list of each.
 
 Kept free of TensorFlow so that the config and the command line check names at once; heads/models.py
 builds each kind from its trunk and heads/losses.py makes each loss.
@@ -59,6 +59,8 @@ LOSSES = ("bce", "weighted", "focal")
 # Fitted on the validation split after training (heads/calibration.py, heads/operating.py).
 CALIBRATIONS = ("platt", "isotonic", "temperature", "none")
 OPERATING_POINTS = ("youden", "sensitivity", "specificity")
+# heads/heatmap.py: "auto" is Grad-CAM where every backbone of a run exposes its feature map, else SmoothGrad.
+HEATMAP_METHODS = ("auto", "gradcam", "smoothgrad")
 
 
 def head_kind(name: str, *, what: str = "head") -> HeadKind:

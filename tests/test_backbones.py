@@ -8,6 +8,7 @@ import tensorflow as tf
 from cxr14.config import BackboneConfig
 from cxr14.errors import InputError
 from extract.backbones import BackboneError, grid_pooling_matrix, load_backbone, random_kernels
+from extract.pipeline import normalize
 
 
 def _cfg(**kw) -> BackboneConfig:
@@ -57,6 +58,7 @@ def test_hub_style_saved_model_matches_original(tmp_path):
     x = _pixels()
     assert backbone.kind == "features" and backbone.dim == 5
     assert backbone.spec.channels == 3 and backbone.spec.normalization == "unit"
+    assert backbone.feature_map is None  # a feature vector: heatmaps use SmoothGrad
     np.testing.assert_allclose(backbone.fn(x).numpy(), model(_unit_rgb(x)).numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -134,6 +136,13 @@ def test_keras_weights_file_and_mixed_precision(tmp_path):
     assert backbone.config["resolved"]["keras_family"] == "mobilenet_v2"
     expected = reference(_unit_rgb(x) * 2 - 1, training=False).numpy()  # mobilenet_v2 takes [-1, 1]
     np.testing.assert_allclose(backbone.fn(x).numpy(), expected, rtol=1e-4, atol=1e-5)
+    # The map before the global average pooling, for Grad-CAM; values ~1e-13, so relative only.
+    maps = backbone.feature_map(normalize(x, backbone.spec))
+    assert maps.shape == (4, 1, 1, 1280)
+    features = backbone.fn(x).numpy()
+    np.testing.assert_allclose(
+        backbone.pool(maps).numpy(), features, rtol=1e-4, atol=1e-4 * np.abs(features).max()
+    )
 
     half = load_backbone(cfg, mixed_precision=True)
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
@@ -215,3 +224,18 @@ def test_grid_pooling_matrix_covers_uneven_sizes():
     np.testing.assert_allclose(grid_pooling_matrix(5, 2), [[1 / 3] * 3 + [0, 0], [0, 0] + [1 / 3] * 3])
     np.testing.assert_allclose(grid_pooling_matrix(8, 4).sum(axis=1), 1.0)
     assert (grid_pooling_matrix(8, 4) > 0).sum(axis=1).tolist() == [2, 2, 2, 2]
+
+
+def test_heatmaps_reach_inside_the_backbones():
+    """Heatmaps need the network on float images (fn takes uint8, which has no gradient) and, for
+    Grad-CAM, the map before pooling: the random backbones expose it (keras.applications in
+    test_keras_weights_file_and_mixed_precision); hub and pixels backbones have none."""
+    backbone = load_backbone(_cfg(width=8, grid=2))
+    x = _pixels(size=32)
+    images = normalize(x, backbone.spec)
+    np.testing.assert_allclose(backbone.net(images).numpy(), backbone.fn(x).numpy(), rtol=1e-5, atol=1e-7)
+    maps = backbone.feature_map(images)
+    assert maps.shape == (4, 4, 4, 8)  # three stride-2 convs: 32 -> 4
+    np.testing.assert_allclose(backbone.pool(maps).numpy(), backbone.fn(x).numpy(), rtol=1e-5, atol=1e-7)
+    pixels = load_backbone(_cfg(source="pixels", preprocess="bytes", image_size=16))
+    assert pixels.feature_map is None and pixels.net is not None

@@ -238,7 +238,7 @@ def test_folders_expand_to_sorted_pngs(images, tmp_path):
     assert list_images([folder, images[1]]) == sorted(images) + [images[1]]
     empty = tmp_path / "nothing"
     empty.mkdir()
-    with pytest.raises(InputError, match="no .png files"):
+    with pytest.raises(InputError, match="no .png or .dcm files"):
         list_images([empty])
 
 
