@@ -11,7 +11,7 @@ def test_random_weight_backbones():
         "keras_null": {"source": "keras", "model": "DenseNet121", "weights": None},
         "keras_imagenet": {"source": "keras", "model": "DenseNet121", "weights": "imagenet"},
         "keras_file": {"source": "keras", "model": "DenseNet121", "weights": "/models/chexnet.h5"},
-        "hub": {"source": "hub", "handle": "https://tfhub.dev/x", "weights": "imagenet"},
+        "hub": {"source": "hub", "handle": "models/resnet_v2_50", "weights": "imagenet"},
         "pixels": {"source": "pixels"},
         "own_features": None,
     }
