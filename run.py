@@ -5,14 +5,17 @@ One CLI; each subcommand loads the config, calls one library function and prints
 """
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
-from cache.store import FEATURE_DTYPES
+# Only light modules here: --help and argument errors answer before numpy or TensorFlow load.
+from cache.registry import FEATURE_DTYPES
 from cxr14 import __version__
 from cxr14.config import (
     DECISION_FIELDS,
@@ -23,19 +26,71 @@ from cxr14.config import (
     override,
     with_training,
 )
-from cxr14.errors import InputError
+from cxr14.errors import Fix, InputError
 from heads.registry import CALIBRATIONS, FUSIONS, HEAD_KINDS, HEATMAP_METHODS, LOSSES, OPERATING_POINTS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "cxr14.toml"
+ALL_FOLDERS = ("data", "cache", "runs")
+# The folder flags (--data-dir, --cache-dir, --runs-dir) each subcommand takes; also how a suggested
+# command is completed with the folders the user passed.
+COMMAND_FOLDERS = {
+    "index": ("data",),
+    "make-sample": (),
+    "extract": ("data", "cache"),
+    "merge": ("cache",),
+    "train-head": ALL_FOLDERS,
+    "evaluate": ALL_FOLDERS,
+    "report": ("runs",),
+    "sweep": ALL_FOLDERS,
+    "predict": ("runs",),
+    "export": ("runs",),
+    "demo": (),
+    "bench": ("data", "cache"),
+}
 
 
-def _quiet_tensorflow() -> None:
-    # TensorFlow's C++ start-up chatter drowns the progress bars; real errors still surface.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _tensorflow(args) -> None:
+    """Import TensorFlow now, quietly unless --verbose, before any library module imports it."""
+    from cxr14.tf_logging import import_tensorflow
+
+    import_tensorflow(verbose=args.verbose)
 
 
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
+
+
+@contextlib.contextmanager
+def _results_only_on_stdout(args):
+    """With --json, what the library prints while it works goes to stderr: stdout is one JSON document."""
+    if getattr(args, "json", False):
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    else:
+        yield
+
+
+def suggested_command(fix: Fix, args) -> str:
+    """The command of `fix` as the user would type it: the user's own command line when it is the same
+    subcommand (plus what the fix adds, e.g. --force), else the fix's settings as flags plus the --config
+    and folder flags the user passed that the command takes. Either way it works as printed."""
+    words = ["python", "run.py"]
+    # The user's own line only where it agrees with the fix (not, say, --backbone a,b for a fix of a).
+    same = fix.command == args.command and all(
+        getattr(args, key, None) in (None, False, value, (value,)) for key, value in fix.settings.items()
+    )
+    words += list(args.argv) if same else [fix.command]
+    for key, value in fix.settings.items():
+        flag = "--" + key.replace("_", "-")
+        if flag not in words:
+            words += [flag] if value is True else [flag, str(value)]
+    if not same and Path(args.config).resolve() != DEFAULT_CONFIG:
+        words += ["--config", str(args.config)]
+    for folder in () if same else COMMAND_FOLDERS[fix.command]:
+        value = getattr(args, f"{folder}_dir", None)
+        if value is not None and f"--{folder}-dir" not in words:
+            words += [f"--{folder}-dir", str(value)]
+    return shlex.join(words)
 
 
 def cmd_index(args, config: Config) -> None:
@@ -61,69 +116,97 @@ def cmd_index(args, config: Config) -> None:
 
 
 def cmd_make_sample(args, config: Config) -> None:
-    from extract.sample import make_sample
+    from extract.sample import format_sample_summary, make_sample
 
     info = make_sample(
         args.out, images=args.images, size=args.size, seed=args.seed, label_names=config.labels
     )
-    print(f"wrote a sample data set to {args.out}: {json.dumps(info, default=str)}")
-    print(f"next: python run.py index --data-dir {args.out}")
+    if args.json:
+        _print_json(info)
+        return
+    print(format_sample_summary(info))
+    print(f"next: {suggested_command(Fix('index', {'data_dir': args.out}), args)}")
 
 
 def cmd_extract(args, config: Config) -> None:
-    _quiet_tensorflow()
+    config = _with_extract_flags(args, config)
+    for name in (*args.backbone, *([args.from_pixels] if args.from_pixels else [])):
+        config.backbone(name)  # an unknown name fails before TensorFlow loads
+    _tensorflow(args)
     from extract.runner import format_extract_summary, run_extract
 
-    config = _with_extract_flags(args, config)
-    summaries = run_extract(
-        config,
-        backbones=args.backbone,
-        from_pixels=args.from_pixels,
-        shard=args.shard,
-        limit=args.limit,
-        force=args.force,
-    )
-    print("\n".join(format_extract_summary(summary) for summary in summaries))
+    with _results_only_on_stdout(args):
+        summaries = run_extract(
+            config,
+            backbones=args.backbone,
+            from_pixels=args.from_pixels,
+            shard=args.shard,
+            limit=args.limit,
+            force=args.force,
+        )
+    if args.json:
+        _print_json([dataclasses.asdict(summary) for summary in summaries])
+    else:
+        print("\n".join(format_extract_summary(summary) for summary in summaries))
 
 
 def cmd_merge(args, config: Config) -> None:
+    _tensorflow(args)
     from extract.extraction import merge
 
     print(f"merged: {merge(cache_dir=config.cache_dir, backbone_name=args.backbone)}")
 
 
 def cmd_train_head(args, config: Config) -> None:
-    _quiet_tensorflow()
-    from heads.experiment import run_train_head
-
+    # Settings and names are checked before TensorFlow loads, so a mistake answers at once.
     config = with_training(config, kind=args.head, **_flags(args, TRAIN_FIELDS + HEAD_FIELDS))
     config = dataclasses.replace(config, decision=override(config.decision, **_flags(args, DECISION_FIELDS)))
-    metrics = run_train_head(
-        config, kind=args.head, backbones=args.backbone, name=args.name, force=args.force
-    )
-    print(metrics["summary"])
+    from heads.experiment import plan_run, run_train_head
+
+    plan_run(config, kind=args.head, backbones=args.backbone)
+    _tensorflow(args)
+    with _results_only_on_stdout(args):
+        metrics = run_train_head(
+            config, kind=args.head, backbones=args.backbone, name=args.name, force=args.force
+        )
+    _print_result(args, metrics)
 
 
 def cmd_evaluate(args, config: Config) -> None:
-    _quiet_tensorflow()
+    from heads.run_folder import find_run
+
+    run_dir = find_run(args.run, runs_dir=config.runs_dir)
+    _tensorflow(args)
     if args.localization:
         from heads.localization import format_pointing_game, run_localization
 
         result = run_localization(
-            config, run_dir=args.run, bbox_csv=args.localization, split=args.split, method=args.heatmap_method
+            config, run_dir=run_dir, bbox_csv=args.localization, split=args.split, method=args.heatmap_method
         )
-        print(format_pointing_game(result))
+        print(json.dumps(result, indent=2, default=str) if args.json else format_pointing_game(result))
         return
     from heads.experiment import run_evaluate
 
-    metrics = run_evaluate(config, run_dir=args.run, split=args.split, expert=args.expert)
-    print(metrics["summary"])
+    with _results_only_on_stdout(args):
+        metrics = run_evaluate(config, run_dir=run_dir, split=args.split, expert=args.expert)
+    _print_result(args, metrics)
+
+
+def _print_result(args, result: dict) -> None:
+    """A result's text summary, or with --json everything else in it."""
+    if args.json:
+        _print_json({k: v for k, v in result.items() if k != "summary"})
+    else:
+        print(result["summary"])
 
 
 def cmd_report(args, config: Config) -> None:
     from heads.report import leaderboard
+    from heads.run_folder import find_run
 
-    runs = args.runs or sorted(p.parent for p in config.runs_dir.glob("*/metrics.json"))
+    runs = [find_run(run, runs_dir=config.runs_dir) for run in args.runs] or sorted(
+        p.parent for p in config.runs_dir.glob("*/metrics.json")
+    )
     text = leaderboard(runs)
     if args.out:
         args.out.write_text(text, encoding="utf-8")
@@ -132,11 +215,15 @@ def cmd_report(args, config: Config) -> None:
 
 
 def cmd_sweep(args, config: Config) -> None:
-    _quiet_tensorflow()
+    from heads.sweep import read_grid
+
+    read_grid(args.grid)  # a bad grid file answers before TensorFlow loads
+    _tensorflow(args)
     from heads.sweep import run_sweep
 
-    result = run_sweep(config, grid_path=args.grid, name=args.name)
-    print(result["summary"])
+    with _results_only_on_stdout(args):
+        result = run_sweep(config, grid_path=args.grid, name=args.name)
+    _print_result(args, result)
 
 
 def _warn(text: str) -> None:
@@ -146,11 +233,14 @@ def _warn(text: str) -> None:
 
 
 def cmd_predict(args, config: Config) -> int:
-    _quiet_tensorflow()
+    from heads.run_folder import find_run
+
+    run_dir = find_run(args.run, runs_dir=config.runs_dir)
+    _tensorflow(args)
     from heads.predict import format_predictions, predict_images
 
     results = predict_images(
-        run_dir=args.run,
+        run_dir=run_dir,
         inputs=args.images,
         config=config,
         heatmap_dir=args.heatmap,
@@ -165,35 +255,43 @@ def cmd_predict(args, config: Config) -> int:
 
 
 def cmd_export(args, config: Config) -> None:
-    _quiet_tensorflow()
+    from heads.run_folder import find_run
+
+    run_dir = find_run(args.run, runs_dir=config.runs_dir)
+    _tensorflow(args)
     from heads.export import export_run
     from heads.predict import run_warning
 
-    exported = export_run(run_dir=args.run, out_dir=args.out)
-    _warn(run_warning(args.run))
+    exported = export_run(run_dir=run_dir, out_dir=args.out)
+    _warn(run_warning(run_dir))
     print(f"exported: {exported}")
 
 
 def cmd_demo(args, config: Config) -> None:
-    _quiet_tensorflow()
+    _tensorflow(args)
     from heads.demo import run_demo
 
     print(run_demo(config, workdir=args.workdir, images=args.images))
 
 
 def cmd_bench(args, config: Config) -> None:
-    _quiet_tensorflow()
     if args.what == "extract":
+        config = _with_extract_flags(args, config)
+        for name in (*args.backbone, *([args.from_pixels] if args.from_pixels else [])):
+            config.backbone(name)
+    _tensorflow(args)
+    if args.what == "extract":
+        from extract.bench import format_bench_extract
         from extract.runner import run_bench_extract
 
-        config = _with_extract_flags(args, config)
         result = run_bench_extract(
             config, backbones=args.backbone, images=args.images, from_pixels=args.from_pixels
         )
+        text = format_bench_extract
     else:
         import tempfile
 
-        from heads.bench import bench_heads, bench_quality
+        from heads.bench import bench_heads, bench_quality, format_bench_heads, format_quality
 
         with tempfile.TemporaryDirectory(prefix="cxr14-bench-") as tmp:
             workdir = args.workdir or Path(tmp)
@@ -201,17 +299,20 @@ def cmd_bench(args, config: Config) -> None:
                 result = bench_quality(
                     config=config, rows=args.rows, dim=args.dim, workdir=workdir, seed=args.seed
                 )
+                text = format_quality
             else:
-                result = bench_heads(rows=args.rows, dim=args.dim, workdir=workdir)
+                result = bench_heads(
+                    rows=args.rows,
+                    dim=args.dim,
+                    workdir=workdir,
+                    fc=config.head("fc"),
+                    cnn=config.head("cnn"),
+                )
+                text = format_bench_heads
     if args.json:
         _print_json(result)
-    elif args.what == "heads" and args.quality:
-        from heads.bench import format_quality
-
-        print(format_quality(result))
     else:
-        for key, value in result.items():
-            print(f"{key:>28}: {value}")
+        print(text(result))
 
 
 def _with_extract_flags(args, config: Config) -> Config:
@@ -264,6 +365,17 @@ def _units(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--units must be comma-separated integers, got {text!r}") from None
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f'expected a whole number of at least 1 or "auto", got {text!r}'
+        ) from None
+
+
 class _HelpWithDefaults(argparse.HelpFormatter):
     """Help that shows a flag's default where it has a real one (not None, False, or said in the text)."""
 
@@ -274,43 +386,48 @@ class _HelpWithDefaults(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _command(sub, name, func, help_text, *, folders=("data", "cache", "runs")):
-    """A subcommand with --config and the folder overrides it uses."""
+def _command(sub, name, func, help_text, *, folders=None):
+    """A subcommand with --config, --verbose and the folder overrides it uses (COMMAND_FOLDERS)."""
     p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpWithDefaults)
     p.set_defaults(func=func)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file")
+    folders = COMMAND_FOLDERS[name] if folders is None else folders
     if "data" in folders:
         p.add_argument("--data-dir", type=Path, help="data set folder (default: data.dir in the config)")
     if "cache" in folders:
         p.add_argument("--cache-dir", type=Path, help="feature files folder (default: paths.cache_dir)")
     if "runs" in folders:
         p.add_argument("--runs-dir", type=Path, help="run folders (default: paths.runs_dir)")
+    p.add_argument(
+        "--verbose", action="store_true", help="show TensorFlow's own log lines (CUDA, oneDNN, XLA)"
+    )
     return p
+
+
+def _json_flag(p, what: str = "print one JSON object instead of text") -> None:
+    p.add_argument("--json", action="store_true", help=what)
+
+
+def _run_flag(p) -> None:
+    p.add_argument("--run", required=True, help="a run: its name under the runs folder, or its folder")
 
 
 def _add_data_commands(sub) -> None:
     p = _command(
-        sub,
-        "index",
-        cmd_index,
-        "Print the data set at a glance (needs only the CSV and split lists).",
-        folders=("data",),
+        sub, "index", cmd_index, "Print the data set at a glance (needs only the CSV and split lists)."
     )
     p.add_argument("--check-images", action="store_true", help="also count image files that are missing")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _json_flag(p)
     p.add_argument("--write-splits", type=Path, metavar="DIR", help="write train/val/test lists to DIR")
 
     p = _command(
-        sub,
-        "make-sample",
-        cmd_make_sample,
-        "Write a small synthetic data set in the ChestX-ray14 layout.",
-        folders=(),
+        sub, "make-sample", cmd_make_sample, "Write a small synthetic data set in the ChestX-ray14 layout."
     )
     p.add_argument("--out", type=Path, required=True, help="folder to write it to")
     p.add_argument("--images", type=_positive, default=1000, help="how many images")
-    p.add_argument("--size", type=_positive, default=256, help="image side in pixels")
+    p.add_argument("--size", type=_positive, default=256, help="image side in pixels (at least 32)")
     p.add_argument("--seed", type=_seed, default=0, help="seed for the drawn findings")
+    _json_flag(p)
 
 
 def _add_extract_commands(sub) -> None:
@@ -319,7 +436,6 @@ def _add_extract_commands(sub) -> None:
         "extract",
         cmd_extract,
         "Run frozen backbones over every image into <cache-dir>/NAME.h5, decoding each image once.",
-        folders=("data", "cache"),
     )
     p.add_argument(
         "--backbone",
@@ -345,10 +461,9 @@ def _add_extract_commands(sub) -> None:
     p.add_argument(
         "--force", action="store_true", help="discard shards/files made differently and start over"
     )
+    _json_flag(p, "print the summary as one JSON object")
 
-    p = _command(
-        sub, "merge", cmd_merge, "Merge finished shards into <cache-dir>/NAME.h5.", folders=("cache",)
-    )
+    p = _command(sub, "merge", cmd_merge, "Merge finished shards into <cache-dir>/NAME.h5.")
     p.add_argument("--backbone", required=True, help="the backbone whose shards to merge")
 
 
@@ -374,34 +489,64 @@ def _add_decision_flags(p) -> None:
     )
 
 
+def _add_training_flags(p) -> None:
+    p.add_argument("--epochs", type=_positive, help="most epochs (default: train.epochs)")
+    p.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        help='examples per step, or "auto": smaller for small training sets (default: train.batch_size)',
+    )
+    p.add_argument("--lr", type=float, help="learning rate (default: train.lr)")
+    p.add_argument("--seed", type=_seed, help="seed for init, shuffling and dropout (default: train.seed)")
+    p.add_argument("--loss", choices=LOSSES, help="loss (default: train.loss)")
+    p.add_argument(
+        "--focal-gamma", type=float, help="focal loss: focusing exponent (default: train.focal_gamma)"
+    )
+    p.add_argument(
+        "--patience",
+        type=_positive,
+        help="epochs without improvement before stopping (default: train.patience)",
+    )
+    p.add_argument(
+        "--metadata",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add age, sex, view (default: train.metadata)",
+    )
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train on cached views (default: train.augment)",
+    )
+
+
+def _add_head_flags(p) -> None:
+    p.add_argument("--units", type=_units, help="FC layer sizes, e.g. 512,256 (default: the head's preset)")
+    p.add_argument("--dropout", type=float, help="dropout rate (default: the head's preset)")
+    p.add_argument("--transition", type=_positive, help="ensemble: transition width (default: the preset)")
+    p.add_argument("--fusion", choices=FUSIONS, help="ensemble: how branches join (default: the preset)")
+    p.add_argument(
+        "--filters", type=_units, help="cnn: filters per conv block, e.g. 32,64,128 (default: the preset)"
+    )
+    p.add_argument("--l2", type=float, help="L2 weight penalty on the kernels (default: the preset)")
+
+
 def _add_head_commands(sub) -> None:
     p = _command(sub, "train-head", cmd_train_head, "Train a head on cached features and evaluate it.")
     p.add_argument("--head", required=True, choices=HEAD_KINDS, help="the head kind")
     p.add_argument("--backbone", required=True, help="NAME, or NAME,NAME,... for the ensemble")
     p.add_argument("--name", help="run folder name under runs/ (default: HEAD-BACKBONES)")
-    p.add_argument("--epochs", type=_positive, help="most epochs (default: train.epochs)")
-    p.add_argument("--batch-size", type=_positive, help="examples per step (default: train.batch_size)")
-    p.add_argument("--lr", type=float, help="learning rate (default: train.lr)")
-    p.add_argument("--seed", type=_seed, help="seed for init, shuffling and dropout (default: train.seed)")
-    p.add_argument("--loss", choices=LOSSES, help="loss (default: train.loss)")
-    p.add_argument("--units", type=_units, help="FC layer sizes, e.g. 512,256 (default: the head's preset)")
-    p.add_argument("--dropout", type=float, help="dropout rate (default: the head's preset)")
-    p.add_argument("--transition", type=_positive, help="ensemble: transition width (default: the preset)")
-    p.add_argument("--fusion", choices=FUSIONS, help="ensemble: how branches join (default: the preset)")
-    p.add_argument("--patience", type=_positive, help="epochs without improvement before stopping")
-    p.add_argument(
-        "--metadata", action=argparse.BooleanOptionalAction, default=None, help="add age, sex, view"
-    )
-    p.add_argument(
-        "--augment", action=argparse.BooleanOptionalAction, default=None, help="train on cached views"
-    )
+    _add_training_flags(p)
+    _add_head_flags(p)
     _add_decision_flags(p)
     p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    _json_flag(p, "print the metrics as one JSON object (progress goes to stderr)")
 
     p = _command(
         sub, "evaluate", cmd_evaluate, "Recompute metrics of a run from its saved model and the cache."
     )
-    p.add_argument("--run", type=Path, required=True, help="the run folder")
+    _run_flag(p)
     p.add_argument("--split", choices=("val", "test"), default="test", help="which split to score")
     p.add_argument(
         "--expert",
@@ -419,9 +564,10 @@ def _add_head_commands(sub) -> None:
         "BBox_List_2017.csv, on the split's boxed images under the data folder",
     )
     _add_heatmap_method(p)
+    _json_flag(p, "print the metrics as one JSON object")
 
-    p = _command(sub, "report", cmd_report, "Gather runs into one markdown leaderboard.", folders=("runs",))
-    p.add_argument("runs", nargs="*", type=Path, help="run folders (default: every run under runs/)")
+    p = _command(sub, "report", cmd_report, "Gather runs into one markdown leaderboard.")
+    p.add_argument("runs", nargs="*", help="run names or folders (default: every run under the runs folder)")
     p.add_argument("--out", type=Path, help="also write the leaderboard to this file")
 
     p = _command(
@@ -429,6 +575,7 @@ def _add_head_commands(sub) -> None:
     )
     p.add_argument("--grid", type=Path, required=True, help="the grid TOML (see README)")
     p.add_argument("--name", default="sweep", help="sweep folder name under runs/")
+    _json_flag(p, "print the result as one JSON object (progress goes to stderr)")
 
 
 def _add_heatmap_method(p) -> None:
@@ -441,9 +588,9 @@ def _add_heatmap_method(p) -> None:
 
 
 def _add_model_commands(sub) -> None:
-    # predict and export read everything from the run folder.
-    p = _command(sub, "predict", cmd_predict, "Run a trained model on new PNG or DICOM images.", folders=())
-    p.add_argument("--run", type=Path, required=True, help="the run folder")
+    # predict and export read everything else from the run folder.
+    p = _command(sub, "predict", cmd_predict, "Run a trained model on new PNG or DICOM images.")
+    _run_flag(p)
     p.add_argument(
         "images", nargs="+", type=Path, metavar="IMAGE_OR_DIR", help="PNG/DICOM files or folders of them"
     )
@@ -461,56 +608,57 @@ def _add_model_commands(sub) -> None:
     out.add_argument("--json", action="store_true", help="print one JSON document")
     out.add_argument("--csv", type=Path, metavar="FILE", help="write a CSV file instead of a table")
 
-    p = _command(
-        sub,
-        "export",
-        cmd_export,
-        "Write one self-contained model: image in, 14 probabilities out.",
-        folders=(),
-    )
-    p.add_argument("--run", type=Path, required=True, help="the run folder")
+    p = _command(sub, "export", cmd_export, "Write one self-contained model: image in, 14 probabilities out.")
+    _run_flag(p)
     p.add_argument("--out", type=Path, required=True, help="a new or empty folder for the SavedModel")
 
     p = _command(
-        sub,
-        "demo",
-        cmd_demo,
-        "Sample data -> two offline backbones -> fc and ensemble heads -> AUC table.",
-        folders=(),
+        sub, "demo", cmd_demo, "Sample data -> two offline backbones -> fc and ensemble heads -> AUC table."
     )
     p.add_argument("--workdir", type=Path, default=Path("demo"), help="where the demo writes everything")
     p.add_argument("--images", type=_positive, default=None, help="sample size (default: the demo's own)")
 
 
 def _add_bench_command(sub) -> None:
+    help_text = "Measure extraction or head-training speed."
+    bench = sub.add_parser("bench", help=help_text, description=help_text)
+    what = bench.add_subparsers(dest="what", required=True, metavar="{extract,heads}")
     p = _command(
-        sub, "bench", cmd_bench, "Measure extraction or head-training speed.", folders=("data", "cache")
+        what,
+        "extract",
+        cmd_bench,
+        "Time decoding, the backbones and one whole extraction pass on the data's images.",
+        folders=COMMAND_FOLDERS["bench"],
     )
-    p.add_argument("what", choices=("extract", "heads"), help="what to measure")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    group = p.add_argument_group("bench extract")
-    group.add_argument(
+    p.add_argument(
         "--backbone", type=_names, default="offline_cnn", help="backbone(s) to measure, NAME,NAME,..."
     )
-    group.add_argument("--images", type=_positive, default=512, help="images to time")
-    group.add_argument(
+    p.add_argument("--images", type=_positive, default=512, help="images to time")
+    p.add_argument(
         "--from-pixels",
         metavar="NAME",
         help="also time the pass reading the pixel cache <cache-dir>/NAME.h5, against the PNGs",
     )
-    _add_extract_flags(group)
-    group = p.add_argument_group("bench heads")
-    group.add_argument("--rows", type=_positive, default=112_120, help="rows of the synthetic cache")
-    group.add_argument("--dim", type=_positive, default=2048, help="feature dimension")
-    group.add_argument(
-        "--workdir", type=Path, help="where to write the synthetic cache (default: a temp dir)"
+    _add_extract_flags(p)
+    _json_flag(p)
+    p = _command(
+        what,
+        "heads",
+        cmd_bench,
+        "Time the fc and cnn heads against their compute floors on synthetic data (--quality: how well "
+        "each head learns).",
+        folders=(),
     )
-    group.add_argument(
+    p.add_argument("--rows", type=_positive, default=112_120, help="rows of the synthetic feature cache")
+    p.add_argument("--dim", type=_positive, default=2048, help="feature dimension")
+    p.add_argument("--workdir", type=Path, help="where to write the synthetic cache (default: a temp dir)")
+    p.add_argument(
         "--quality", action="store_true", help="each default head against the ridge probe on planted problems"
     )
-    group.add_argument(
-        "--seed", type=int, default=0, help="--quality: the seed that draws the planted problems"
+    p.add_argument(
+        "--seed", type=_seed, default=0, help="with --quality: the seed that draws the planted problems"
     )
+    _json_flag(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -529,24 +677,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for suggested commands that repeat the user's own
     try:
         config = load_config(args.config)
         config = dataclasses.replace(config, **_flags(args, ("data_dir", "cache_dir", "runs_dir")))
         return args.func(args, config) or 0
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        fix = f": {suggested_command(err.fix, args)}" if err.fix else ""
+        print(f"error: {err}{fix}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # before OSError, its base class, whose clause would re-raise it
+        # The reader (e.g. `| head`) went away; nothing is wrong with the data.
+        sys.stderr.close()
+        return 0
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         # Work already finished was written whole (shards, runs); the rerun resumes from it.
         print(f"error: {os.strerror(err.errno).lower()}: {err.filename or ''}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        # The reader (e.g. `| head`) went away; nothing is wrong with the data.
-        sys.stderr.close()
-        return 0
     except KeyboardInterrupt:
         print("interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return 130

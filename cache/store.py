@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from cache.registry import DTYPES
 from cache.status import Status
 from cxr14.errors import InputError
 from cxr14.names import positions
@@ -33,10 +34,13 @@ RECIPE_ATTRS = (
 )
 DATASETS = ("names", "features", "status", "errors")
 SHARD_ATTRS = ("shard_start", "shard_stop", "shard_total_rows")
-DTYPES = {"features": ("float16", "float32"), "pixels": ("uint8",)}
-FEATURE_DTYPES = DTYPES["features"]
 LIBRARIES = ("numpy", "h5py", "tensorflow", "keras", "tensorflow-hub")
 FINITE_CHUNK = 4096  # rows checked for NaN/inf at a time, so the check needs no full-size copy
+
+
+class MadeDifferently(InputError):
+    """A feature file or shard that this extraction cannot reuse (another recipe, or not a shard at all):
+    extracting again from scratch fixes it."""
 
 
 @dataclass(frozen=True)
@@ -98,15 +102,15 @@ def check_recipe(path: Path, *, attrs: dict, names: Sequence[str]) -> None:
     is_shard = any(key in attrs for key in SHARD_ATTRS)  # a shard's hash covers every shard's names
     if "image_list_sha256" in attrs and not is_shard:
         if image_list_sha256(list(names)) != attrs["image_list_sha256"]:
-            raise InputError(
+            raise MadeDifferently(
                 f"{path}: its image names do not hash to its image_list_sha256, so they were changed after "
-                "the features were written (rows may be shifted); re-extract it with --force"
+                "the features were written (rows may be shifted); extract it again from scratch"
             )
     if "fingerprint" in attrs and all(key in attrs for key in RECIPE_ATTRS):
         if recipe_fingerprint(attrs) != attrs["fingerprint"]:
-            raise InputError(
+            raise MadeDifferently(
                 f"{path}: its attributes no longer give its fingerprint, so they were edited after "
-                "extraction; re-extract it with --force"
+                "extraction; extract it again from scratch"
             )
 
 
@@ -291,20 +295,40 @@ def finished_shards(directory: Path, *, wanted: dict) -> dict[tuple[int, int], P
     for path in _shard_files(directory):
         attrs = _shard_attrs(path)
         if attrs.get("fingerprint") != wanted["fingerprint"]:
-            raise InputError(recipe_mismatch(path, found=attrs, wanted=wanted))
+            differ = recipe_differences(found=attrs, wanted=wanted)
+            raise MadeDifferently(f"{recipe_mismatch(path, differ=differ)}; start over")
         done[(attrs["shard_start"], attrs["shard_stop"])] = path
     return done
 
 
-def recipe_mismatch(path: Path, *, found: dict, wanted: dict) -> str:
-    """The refusal for a file made by another recipe, naming the attributes that differ."""
+def recipe_differences(*, found: dict, wanted: dict) -> list[str]:
+    """What differs between a stored recipe (RECIPE_ATTRS) and the wanted one, for people: "views: 1 stored,
+    4 now" for a plain value, "preprocess.size" for a key of a table.
+
+    A key that only one side's table has is left out when a plain value differs too: it comes with that
+    setting (extraction records the augmented views' seed only when there are views).
+    """
     # Compare as stored: JSON turns tuples into lists.
-    wanted = {"schema_version": SCHEMA_VERSION, **wanted}
-    differ = [key for key in RECIPE_ATTRS if found.get(key) != json.loads(json.dumps(wanted.get(key)))]
-    return (
-        f"{path} was made differently from this run ({', '.join(differ or ['fingerprint'])} differ); "
-        "rerun with --force to delete it and start over"
-    )
+    wanted = json.loads(json.dumps({"schema_version": SCHEMA_VERSION, **wanted}, default=str))
+    plain, tables = [], []
+    for key in RECIPE_ATTRS:
+        old, new = found.get(key), wanted.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            tables += [
+                (key, k, k in old and k in new) for k in sorted({*old, *new}) if old.get(k) != new.get(k)
+            ]
+        elif any(isinstance(v, str) and len(v) > 16 for v in (old, new)):
+            plain.append(key)  # a hash: its value tells a person nothing
+        else:
+            plain.append(f"{key}: {old} stored, {new} now")
+    return plain + [f"{key}.{k}" for key, k, both in tables if both or not plain]
+
+
+def recipe_mismatch(path: Path, *, differ: Sequence[str]) -> str:
+    """The refusal for a file made by another recipe, naming what differs."""
+    return f"{path} was made differently from this run ({'; '.join(differ or ['fingerprint'])})"
 
 
 def discard_shards(directory: Path, *, fingerprint: str, ranges: Sequence[tuple[int, int]]) -> int:
@@ -365,11 +389,11 @@ def _complete_shards(directory: Path) -> list[Path]:
         fingerprints.add(attrs.get("fingerprint"))
         by_range[(attrs["shard_start"], attrs["shard_stop"])] = (path, attrs)
     if not by_range:
-        raise InputError(f"{directory}: no finished shards to merge; run `run.py extract` first")
+        raise InputError(f"{directory}: no finished shards to merge; extract first")
     if len(fingerprints) > 1:
-        raise InputError(
+        raise MadeDifferently(
             f"{directory} holds shards made by {len(fingerprints)} different recipes (fingerprints); "
-            "rerun `run.py extract --force` to start over"
+            "start over"
         )
     _, attrs = next(iter(by_range.values()))
     expected = shard_ranges(attrs["shard_total_rows"], attrs["shard_size"])
@@ -378,7 +402,7 @@ def _complete_shards(directory: Path) -> list[Path]:
         first = ", ".join(f"rows {a}-{b}" for a, b in missing[:3])
         raise InputError(
             f"{directory}: {len(missing)} of {len(expected)} shards are not finished yet ({first}, ...); "
-            "run the remaining `run.py extract --shard K/N` workers, then merge"
+            "let the extraction workers of the other shards finish, then merge"
         )
     return [by_range[r][0] for r in expected]
 
@@ -391,7 +415,9 @@ def _shard_files(directory: Path) -> list[Path]:
 def _shard_attrs(path: Path) -> dict:
     attrs = read_attrs(path)
     if any(key not in attrs for key in (*SHARD_ATTRS, "shard_size", "fingerprint")):
-        raise InputError(f"{path} is not a shard file (shard attributes missing); delete it or use --force")
+        raise MadeDifferently(
+            f"{path} is not a shard file (shard attributes missing); delete it or start over"
+        )
     return attrs
 
 
@@ -423,7 +449,7 @@ def _check_attrs(path: Path, attrs: dict) -> None:
     if version != SCHEMA_VERSION:
         raise InputError(
             f"{path}: schema_version {version}, but this code reads version {SCHEMA_VERSION}; "
-            "re-extract it with `run.py extract --force` or rewrite it as cache/README.md describes"
+            "extract it again from scratch, or rewrite it as cache/README.md describes"
         )
     missing = [key for key in REQUIRED_ATTRS if key not in attrs]
     if missing:
@@ -493,11 +519,11 @@ def _open(path: Path, mode: str) -> h5py.File:
     if mode != "r":
         return h5py.File(path, mode, locking=False)
     if not Path(path).exists():
-        raise InputError(f"{path}: no such feature file; run `run.py extract` first")
+        raise InputError(f"{path}: no such feature file; extract it first")
     try:
         return h5py.File(path, mode, locking=False)
     except OSError as err:
-        raise InputError(f"{path} cannot be read as HDF5 ({err}); delete it or rerun with --force") from err
+        raise InputError(f"{path} cannot be read as HDF5 ({err}); delete it or start over") from err
 
 
 def _now() -> str:

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from cache.status import Status
 from cxr14.errors import InputError
+from cxr14.text import duration, megabytes
 from extract.extraction import embed_all
 from extract.pipeline import PngFiles, cores, make_dataset
 
@@ -244,3 +245,43 @@ def _device() -> str:
         details = tf.config.experimental.get_device_details(gpus[0])
         return f"GPU: {details.get('device_name', gpus[0].name)} (x{len(gpus)})"
     return f"CPU ({cores()} cores)"
+
+
+def format_bench_extract(result: dict) -> str:
+    """bench_extract's figures for people, with units; --json gives them all, unrounded."""
+    r = result
+    sizes = ", ".join(f"{name} {size} px" for name, size in r["image_sizes"].items())
+    lines = [
+        f"bench extract on {r['device']}: {r['decoded']:,} of {r['images']:,} images decoded, batch "
+        f"{r['batch_size']}, best of {r['repeats']} ({sizes})",
+        f"  decode + resize      {r['decode_images_per_s']:>9,.1f} images/s on {r['cores']} cores "
+        f"({r['decode_images_per_s_per_core']:,.1f} on one), {r['decode_cpu_ms_per_image']:.2f} ms CPU an image",
+    ]
+    for name, rate in r["backbone_images_per_s"].items():
+        flags = [
+            flag
+            for flag, on in (("mixed precision", r["mixed_precision"][name]), ("XLA", r["xla"][name]))
+            if on
+        ]
+        lines.append(
+            f"  {name:<20} {rate:>9,.1f} images/s alone, {r['backbone_cpu_ms_per_image'][name]:.2f} ms CPU an image"
+            + (f" ({', '.join(flags)})" if flags else "")
+        )
+    lines += [
+        f"  one pass             {r['pipeline_images_per_s']:>9,.1f} images/s, {duration(r['pipeline_s'])} for the "
+        f"{r['decoded']:,} images; {r['pipeline_cpu_ms_per_image']:.2f} ms CPU an image",
+        f"  pass / (decode + backbones): {r['ratio']:.2f} wall, {r['cpu_ratio']:.2f} CPU "
+        "(about 1: they take turns; below 1: they overlap)",
+        f"  {r['projection']}",
+    ]
+    if "pixels_pipeline_images_per_s" in r:
+        gap = r["pixels_vs_png"]
+        lines += [
+            f"  from pixel cache {r['from_pixels']} ({r['pixels_image_size']} px): "
+            f"{r['pixels_pipeline_images_per_s']:,.1f} images/s, {r['pixels_speedup']:.1f}x the PNG pass",
+            f"  {r['pixels_projection']}",
+            "  features from stored pixels vs PNGs (relative L2, median): "
+            + ", ".join(f"{name} {v:.2e}" for name, v in gap["feature_relative_l2_median"].items()),
+        ]
+    lines.append(f"  peak memory {megabytes(r['peak_memory_mb'])}")
+    return "\n".join(lines)

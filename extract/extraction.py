@@ -5,7 +5,8 @@ own file, the very file a pass with that backbone alone writes (same rows, batch
 """
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from cache import store
 from cache.status import Status
-from cxr14.errors import InputError
+from cxr14.errors import Fix, InputError
 from cxr14.temps import remove_stale_temps
 from extract import pipeline
 
@@ -34,7 +35,8 @@ class ExtractSummary:
     shards_done: int  # shards extracted by this call
     shards_skipped: int  # shards found already finished
     seconds: float
-    images_per_s: float  # over the images this call extracted
+    images_per_s: float  # over the images this call extracted (0.0 when there were none)
+    extracted: int = 0  # images this call ran the backbone on; 0 when every shard was finished already
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,21 @@ def extract_features(
 def merge(*, cache_dir: Path, backbone_name: str) -> Path:
     """Build `<cache_dir>/<backbone_name>.h5` from its finished shards by hand (`run.py merge`)."""
     directory = store.shard_dir(cache_dir, backbone_name)
-    return store.merge_shards(directory, out_path=store.cache_path(cache_dir, backbone_name))
+    if not any(directory.glob("*.h5")):
+        raise InputError(f"{directory}: no finished shards to merge; extract first").fixed_by(
+            Fix("extract", {"backbone": backbone_name})
+        )
+    with _start_over_fixes(backbone_name):
+        return store.merge_shards(directory, out_path=store.cache_path(cache_dir, backbone_name))
+
+
+@contextmanager
+def _start_over_fixes(backbone: str) -> Iterator[None]:
+    """The store's refusals of shards made differently come with their fix: extracting again from scratch."""
+    try:
+        yield
+    except store.MadeDifferently as err:
+        raise InputError(str(err)).fixed_by(Fix("extract", {"backbone": backbone, "force": True})) from None
 
 
 def file_attrs(
@@ -169,9 +185,13 @@ def _plan(
     elif final.exists():
         found = store.read_attrs(final)
         if found.get("fingerprint") != attrs["fingerprint"]:
-            raise InputError(store.recipe_mismatch(final, found=found, wanted=attrs))
+            differ = store.recipe_differences(found=found, wanted=attrs)
+            raise InputError(f"{store.recipe_mismatch(final, differ=differ)}; start over").fixed_by(
+                Fix("extract", {"backbone": backbone.name, "force": True})
+            )
         return _Plan(**plan, todo=[], reused=True)
-    finished = store.finished_shards(directory, wanted=attrs)
+    with _start_over_fixes(backbone.name):
+        finished = store.finished_shards(directory, wanted=attrs)
     return _Plan(**plan, todo=[r for r in mine if r not in finished], reused=False)
 
 
@@ -181,7 +201,8 @@ def _finish(plan: _Plan, *, written: dict, started: float) -> ExtractSummary:
     if plan.reused:
         records = [store.read_status(plan.final)]
         return _summary(name, plan.final, records, shards=(0, len(plan.mine)), extracted=0, started=started)
-    finished = store.finished_shards(plan.directory, wanted=plan.attrs)
+    with _start_over_fixes(name):
+        finished = store.finished_shards(plan.directory, wanted=plan.attrs)
     complete = all(r in finished for r in plan.ranges)
     path = store.merge_shards(plan.directory, out_path=plan.final) if complete else None
     records = [written.get((name, r)) or store.read_status(finished[r]) for r in plan.mine]
@@ -355,5 +376,6 @@ def _summary(
         shards_done=shards[0],
         shards_skipped=shards[1],
         seconds=seconds,
-        images_per_s=extracted / seconds if seconds > 0 else 0.0,
+        images_per_s=extracted / seconds if extracted and seconds > 0 else 0.0,
+        extracted=extracted,
     )

@@ -12,7 +12,7 @@ import pandas as pd
 
 from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.config import LABELS
-from cxr14.errors import InputError
+from cxr14.errors import Fix, InputError
 from cxr14.names import positions as rows_of
 from extract.splits import SPLITS, Splits, patient_overlap
 
@@ -75,15 +75,17 @@ def find_csv(data_dir: Path, csv: str = "auto") -> Path:
     if csv != "auto":
         path = data_dir / csv
         if not path.is_file():
-            raise InputError(f"{path}: metadata CSV not found; check data.csv in the config or --data-dir")
+            raise InputError(
+                f"{path}: metadata CSV not found; check data.csv in the config and the data folder"
+            )
         return path
     for name in CSV_NAMES:
         if (data_dir / name).is_file():
             return data_dir / name
     raise InputError(
-        f"{data_dir}: no {' or '.join(CSV_NAMES)} found; point --data-dir at the ChestX-ray14 folder "
-        "or make one with `python run.py make-sample --out DIR`"
-    )
+        f"{data_dir}: no {' or '.join(CSV_NAMES)} found; point the data folder (data.dir) at the "
+        "ChestX-ray14 folder, or make a small sample data set there"
+    ).fixed_by(Fix("make-sample", {"out": str(data_dir)}))
 
 
 def read_index(csv_path: Path, *, label_names: Sequence[str]) -> Index:

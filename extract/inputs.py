@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from cache import store
 from cache.status import Status
-from cxr14.errors import InputError
+from cxr14.errors import Fix, InputError
 from cxr14.names import positions
 from extract import pipeline
 
@@ -109,9 +109,9 @@ class PixelInput:
         path = Path(path)
         if not path.is_file():
             raise InputError(
-                f"{path}: no pixel cache; make it first with `run.py extract --backbone {path.stem}` "
+                f"{path}: no pixel cache; make it first "
                 '(a backbone with source = "pixels" and image_size at least that of the backbones it feeds)'
-            )
+            ).fixed_by(Fix("extract", {"backbone": path.stem}))
         attrs = store.read_attrs(path)
         if attrs["kind"] != "pixels" or attrs["views"] != 1:
             raise InputError(

@@ -8,7 +8,8 @@ import numpy as np
 
 from cache import store
 from cxr14.config import Config
-from cxr14.errors import InputError
+from cxr14.errors import Fix, InputError
+from cxr14.text import duration
 from extract.dataset import open_dataset
 from extract.index import find_images
 
@@ -83,8 +84,8 @@ def run_bench_extract(
     present = np.array([bool(p) and os.path.isfile(p) for p in paths], dtype=bool)
     if not present.any():
         raise InputError(
-            f"{config.data_dir}: no image files found to benchmark (make one with run.py make-sample)"
-        )
+            f"{config.data_dir}: no image files found to benchmark; make a sample data set there"
+        ).fixed_by(Fix("make-sample", {"out": str(config.data_dir)}))
     pixels = None
     if from_pixels:
         pixels = PixelInput.open(store.cache_path(config.cache_dir, from_pixels), names=names[present])
@@ -98,11 +99,14 @@ def run_bench_extract(
 
 def format_extract_summary(summary) -> str:
     """The end-of-run lines: what was done, what failed and why, how fast."""
-    lines = [
-        f"{summary.backbone}: {summary.done} images done, {summary.failed} failed, "
-        f"{summary.shards_done} shards written, {summary.shards_skipped} already finished; "
-        f"{summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s"
-    ]
+    if summary.extracted:
+        work = (
+            f"{summary.shards_done} shards written, {summary.shards_skipped} already finished; "
+            f"{summary.extracted:,} images in {duration(summary.seconds)}, {summary.images_per_s:,.0f} images/s"
+        )
+    else:
+        work = f"already extracted ({summary.shards_skipped} shards), nothing to do"
+    lines = [f"{summary.backbone}: {summary.done:,} images with features, {summary.failed} failed; {work}"]
     lines += [f"  failed: {name}: {reason}" for name, reason in summary.failures]
     if summary.path is None:
         lines.append("  other shards are still pending; the file is merged when the last one lands")

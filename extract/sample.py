@@ -341,3 +341,23 @@ def _summary(out_dir, records, label_names, broken_kind, test_patients, *, size:
         "train_val": sum(r.patient not in test_patients for r in records),
         "test": sum(r.patient in test_patients for r in records),
     }
+
+
+FORMAT_NAMES = {"gray8": "8-bit gray", "gray16": "16-bit gray", "rgba": "RGBA"}
+
+
+def format_sample_summary(info: dict) -> str:
+    """make_sample's summary for people: size, split, findings, file formats and the files broken on purpose."""
+    formats = ", ".join(f"{n:,} {FORMAT_NAMES.get(k, k)}" for k, n in info["formats"].items())
+    findings = ", ".join(f"{label} {n:,}" for label, n in info["labels"].items())
+    lines = [
+        f"wrote a sample data set to {info['out_dir']}: {info['images']:,} images of {info['patients']:,} "
+        f"patients, {info['size']} px, seed {info['seed']}",
+        f"  split lists: {info['train_val']:,} train_val and {info['test']:,} test images",
+        f"  images per finding: {findings}; no finding: {info['no_finding']:,}",
+        f"  file formats: {formats}",
+    ]
+    if info["broken"]:
+        broken = ", ".join(f"{name} ({kind.replace('_', ' ')})" for name, kind in info["broken"].items())
+        lines.append(f"  unreadable on purpose (extraction records and skips them): {broken}")
+    return "\n".join(lines)

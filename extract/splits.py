@@ -10,9 +10,9 @@ import pandas as pd
 
 from cxr14.errors import InputError
 from cxr14.names import positions as rows_of
+from extract.registry import POLICIES, check_fractions
 
 SPLITS = ("train", "val", "test")
-POLICIES = ("auto", "official", "patient-random", "frozen")
 OFFICIAL_LISTS = ("train_val_list.txt", "test_list.txt")
 FROZEN_LISTS = tuple(f"{split}_list.txt" for split in SPLITS)
 
@@ -106,14 +106,6 @@ def _official(index, *, data_dir: Path, seed: int, val_fraction: float) -> np.nd
     return assignment
 
 
-def check_fractions(fractions: Sequence[float], *, what: str = "split.fractions") -> tuple[float, ...]:
-    """Three non-negative shares (train, val, test) that add up to 1, or an InputError naming `what`."""
-    fractions = tuple(float(f) for f in fractions)
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise InputError(f"{what} must be three non-negative numbers summing to 1, got {list(fractions)}")
-    return fractions
-
-
 def _patient_random(patients: np.ndarray, *, seed: int, fractions: Sequence[float]) -> np.ndarray:
     """Seeded random split of the patients by `fractions` (train, val, test)."""
     fractions = check_fractions(fractions)
@@ -130,13 +122,14 @@ def _frozen(index, *, frozen_dir: str | Path) -> np.ndarray:
     """Lists written earlier by write_split_lists (train_list.txt, val_list.txt, test_list.txt)."""
     if not str(frozen_dir):
         raise InputError(
-            "split policy 'frozen' needs split.frozen_dir: a folder written by `index --write-splits`"
+            "split policy 'frozen' needs split.frozen_dir: a folder of split lists written by the index command"
         )
     folder = Path(frozen_dir)
     for name in FROZEN_LISTS:
         if not (folder / name).is_file():
             raise InputError(
-                f"{folder / name}: split list not found; write it with `run.py index --write-splits`"
+                f"{folder / name}: split list not found; write the lists there with the index command "
+                "(under split policy auto) first"
             )
     rows = {split: _read_list(folder / name, index) for split, name in zip(SPLITS, FROZEN_LISTS, strict=True)}
     return _from_lists(index, rows, files=FROZEN_LISTS, folder=folder)

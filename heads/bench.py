@@ -1,10 +1,14 @@
-"""bench heads: the fc head on a synthetic cache of the full ChestX-ray14 size, against its compute floor.
+"""bench heads: the fc head on a synthetic cache of the full ChestX-ray14 size and the cnn head on synthetic
+cached pixels, each against its compute floor.
 
-The floor is the epoch's training FLOPs divided by the matrix-multiply rate measured in the same process,
-so the ratio says how much time goes to anything but the head's own arithmetic.
+The fc floor is the epoch's training FLOPs divided by the matrix-multiply rate measured in the same
+process; the cnn floor is the time of each conv and dense layer's own product in training (forward and
+the gradients taken of it) at its shapes, each timed alone. So each ratio says how much time goes to
+anything but the head's own arithmetic.
 """
 
 import dataclasses
+import math
 import os
 import resource
 import time
@@ -16,6 +20,8 @@ import tensorflow as tf
 
 from cache.store import cache_path, write_features
 from cxr14.config import LABELS, Config, HeadConfig, TrainConfig, with_training
+from cxr14.text import duration, megabytes
+from cxr14.tf_logging import models_built_in_a_loop
 from extract.index import Index
 from extract.splits import Splits
 from heads.data import load_head_data
@@ -24,6 +30,11 @@ from heads.planted import planted_caches, planted_index, write_planted_cache
 from heads.train import compile_for_training, train_head, training_setup
 
 BACKBONE = "bench_synthetic"
+PIXELS = "bench_pixels"
+# The cnn is timed on the demo sample's size (~1,470 training images) at the pixels backbone's 128 px: a
+# step does not depend on the row count, and the full set's pixels would be 1.8 GB.
+CNN_ROWS = 2000
+CNN_SIZE = 128
 # Label prevalence of ChestX-ray14 (share of images), in LABELS order.
 PREVALENCE = (
     0.103,
@@ -47,10 +58,31 @@ CHUNK = 8192
 
 
 def bench_heads(
-    *, rows: int = 112120, dim: int = 2048, workdir: Path, epochs: int = 3, seed: int = 0
+    *,
+    rows: int = 112120,
+    dim: int = 2048,
+    workdir: Path,
+    epochs: int = 3,
+    seed: int = 0,
+    fc: HeadConfig | None = None,
+    cnn: HeadConfig | None = None,
+    cnn_rows: int = CNN_ROWS,
+    cnn_size: int = CNN_SIZE,
 ) -> dict:
-    """Load time, fc epoch time against its compute floor, a full train-head run, and peak memory."""
+    """The fc figures (bench_fc) and the cnn figures (bench_cnn, keys prefixed cnn_); `fc` and `cnn` are
+    the head presets to time (default: HeadConfig's)."""
     workdir = Path(workdir)
+    result = bench_fc(rows=rows, dim=dim, workdir=workdir, epochs=epochs, seed=seed, head=fc)
+    cnn_result = bench_cnn(rows=cnn_rows, size=cnn_size, workdir=workdir, epochs=epochs, seed=seed, head=cnn)
+    result |= {f"cnn_{key}": value for key, value in cnn_result.items()}
+    result["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result
+
+
+def bench_fc(
+    *, rows: int, dim: int, workdir: Path, epochs: int, seed: int, head: HeadConfig | None = None
+) -> dict:
+    """Load time, fc epoch time against its compute floor, and a full train-head run."""
     cache_dir, runs_dir = workdir / "features", workdir / "runs"
     index, splits = synthetic_index(rows, seed=seed)
     write_synthetic_cache(cache_dir, index=index, dim=dim, seed=seed)
@@ -61,7 +93,8 @@ def bench_heads(
     )
     load_s = time.perf_counter() - start
 
-    head, train = HeadConfig(kind="fc"), TrainConfig(seed=seed)
+    head = head or HeadConfig(kind="fc")
+    train = TrainConfig(seed=seed).sized_for(data.rows("train").size)
     rate = matmul_flops_per_s(batch=train.batch_size, dim=dim, units=head.units[0])
     epoch_s, flops = time_fc_epochs(data, head=head, train=train, epochs=epochs)
     del data
@@ -104,7 +137,6 @@ def bench_heads(
         "train_head_test_mean_auc": round(metrics["mean_auc"], 4),
         # Scoring after training: test AUCs, the metadata baseline, calibration and operating points.
         "train_head_evaluate_s": metrics["seconds"]["evaluate"],
-        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "batch_size": train.batch_size,
         "steps_per_execution": train.steps_per_execution,
         "device": _device(),
@@ -176,14 +208,20 @@ def matmul_flops_per_s(*, batch: int, dim: int, units: int, repeats: int = 20) -
 
 
 def training_flops(model: keras.Model, examples: int) -> float:
-    """Multiply-add FLOPs of one epoch of Dense layers: forward, weight gradients and input gradients
-    (none for a layer fed straight by a model input). Elementwise work, dropout and Adam are left out."""
-    inputs = {id(t) for t in model.inputs}
-    per_example = 0.0
+    """Multiply-add FLOPs of one epoch of Dense and Conv2D layers: forward, weight gradients and input
+    gradients (none before the first layer with weights). Elementwise work, pooling, dropout and Adam are
+    left out."""
+    per_example, weights_before = 0.0, False
     for layer in model.layers:
         if isinstance(layer, keras.layers.Dense):
-            macs = 2.0 * layer.kernel.shape[0] * layer.kernel.shape[1]
-            per_example += macs * (2 if id(layer.input) in inputs else 3)
+            macs = layer.kernel.shape[0] * layer.kernel.shape[1]
+        elif isinstance(layer, keras.layers.Conv2D):
+            height, width = layer.output.shape[1:3]
+            macs = height * width * math.prod(layer.kernel.shape)
+        else:
+            continue
+        per_example += 2.0 * macs * (3 if weights_before else 2)
+        weights_before = True
     return per_example * examples
 
 
@@ -199,27 +237,161 @@ class _EpochTimer(keras.callbacks.Callback):
 
 
 def time_fc_epochs(data, *, head: HeadConfig, train: TrainConfig, epochs: int) -> tuple[float, float]:
-    """(fastest training epoch after a warm-up epoch, training FLOPs per epoch).
+    """(fastest training epoch after a warm-up epoch, training FLOPs per epoch)."""
+    model = _bench_head(data, kind="fc", head=head, seed=train.seed)
+    rows = data.rows("train")
+    return time_epochs(model, data=data, train=train, epochs=epochs), training_flops(model, rows.size)
 
-    Best of `epochs`, like the matmul rate and timeit: other load on the machine only ever adds time.
-    """
-    keras.utils.set_random_seed(train.seed)
+
+def _bench_head(data, *, kind: str, head: HeadConfig, seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
     (name,) = data.features
-    model = build_head(
-        kind="fc",
+    return build_head(
+        kind=kind,
         inputs={name: data.features[name].shape[1:]},
         n_labels=data.labels.shape[1],
         head=head,
-        seed=train.seed,
+        seed=seed,
         byte_dropout=True,  # as train_head trains it
     )
+
+
+def time_epochs(model: keras.Model, *, data, train: TrainConfig, epochs: int) -> float:
+    """The fastest of `epochs` training epochs after a warm-up epoch, trained as train_head trains.
+
+    Best of `epochs`, like the matmul rate and timeit: other load on the machine only ever adds time.
+    """
     rows = data.rows("train")
     timer = _EpochTimer()
     fit_model, batches = training_setup(model, data=data, rows=rows, train=train)
     compile_for_training(fit_model, train=train, labels_train=data.labels[rows])
     # The first epoch traces the step function: it is run but not timed.
     fit_model.fit(batches, epochs=1 + epochs, shuffle=False, callbacks=[timer], verbose=0)
-    return float(min(timer.seconds[1:])), training_flops(model, rows.size)
+    return float(min(timer.seconds[1:]))
+
+
+def bench_cnn(
+    *, rows: int, size: int, workdir: Path, epochs: int, seed: int, head: HeadConfig | None = None
+) -> dict:
+    """The cnn head's training epoch on synthetic size x size pixels against its compute floor.
+
+    Epochs and floors are measured in turns, `epochs` times, and the best of each is kept: a burst of
+    load from other processes then skews neither figure alone.
+    """
+    cache_dir = Path(workdir) / "features"
+    index, splits = synthetic_index(rows, seed=seed)
+    write_synthetic_pixels(cache_dir, index=index, size=size, seed=seed)
+    data = load_head_data(cache_dir=cache_dir, backbones=[PIXELS], index=index, splits=splits, metadata=False)
+    head = head or HeadConfig(kind="cnn")
+    rows_train = data.rows("train")
+    train = TrainConfig(seed=seed).sized_for(rows_train.size)
+    model = _bench_head(data, kind="cnn", head=head, seed=seed)
+    fit_model, batches = training_setup(model, data=data, rows=rows_train, train=train)
+    compile_for_training(fit_model, train=train, labels_train=data.labels[rows_train])
+    products = layer_products(model, batch=train.batch_size)
+    fit_model.fit(batches, epochs=1, shuffle=False, verbose=0)  # traces the step function: not timed
+    epochs = max(1, epochs)
+    epoch, floor = np.full((2, epochs), np.inf), np.full((2, epochs), np.inf)  # rows: wall, CPU seconds
+    with models_built_in_a_loop():  # one product function per layer, from the same code
+        for turn in range(epochs):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fit_model.fit(batches, epochs=1, shuffle=False, verbose=0)
+            epoch[:, turn] = time.perf_counter() - start, time.process_time() - start_cpu
+            times = [_best_wall_and_cpu(step, x, repeats=2, tries=2) for step, x in products]
+            floor[:, turn] = np.sum(times, axis=0)
+    steps = math.ceil(rows_train.size / train.batch_size)
+    # The floor is of a full step; the epoch's last step is short, so the epoch counts its examples.
+    (epoch_s, epoch_cpu), (floor_s, floor_cpu) = (
+        epoch.min(axis=1),
+        floor.min(axis=1) * rows_train.size / train.batch_size,
+    )
+    return {
+        "rows": rows,
+        "train_rows": int(rows_train.size),
+        "size": size,
+        "filters": list(head.filters),
+        "units": list(head.units),
+        "batch_size": train.batch_size,
+        "steps_per_epoch": steps,
+        "epoch_s": round(epoch_s, 3),
+        "step_s": round(epoch_s / steps, 4),
+        "floor_s": round(floor_s, 3),
+        "ratio": round(epoch_s / floor_s, 3),
+        # CPU seconds of this process: unlike wall time, not inflated by other processes on the machine.
+        "epoch_cpu_s": round(epoch_cpu, 3),
+        "floor_cpu_s": round(floor_cpu, 3),
+        "cpu_ratio": round(epoch_cpu / floor_cpu, 3),
+        "train_gflop_per_epoch": round(training_flops(model, rows_train.size) / 1e9, 1),
+    }
+
+
+def write_synthetic_pixels(cache_dir: Path, *, index: Index, size: int, seed: int) -> Path:
+    """Random uint8 size x size images as a pixels cache; timing a step needs no signal in them."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (len(index), size, size), dtype=np.uint8)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    n = len(index)
+    return write_features(
+        cache_path(cache_dir, PIXELS),
+        names=index.names,
+        features=pixels,
+        status=np.zeros(n, np.int8),
+        errors=np.full(n, "", dtype=object),
+        attrs={"backbone": PIXELS, "kind": "pixels", "dtype": "uint8", "views": 1, "synthetic": True},
+    )
+
+
+def layer_products(model: keras.Model, *, batch: int) -> list[tuple]:
+    """(step, input batch) per Conv2D and Dense layer: the layer's own product in training (forward,
+    weight gradient, and input gradient where a layer with weights comes before it) as a tf.function.
+
+    Their times summed are a training step's compute floor; activations, pooling, dropout and Adam are
+    left out. Timed with the kernels training runs: three times a forward product alone came to more
+    than a whole training step (oneDNN's backward convolutions are faster than its forward ones here).
+    """
+    products, weights_before = [], False
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.Conv2D | keras.layers.Dense):
+            continue
+        x = tf.random.normal((batch, *layer.input.shape[1:]), seed=1)
+        kernel = tf.Variable(tf.convert_to_tensor(layer.kernel))
+        conv = isinstance(layer, keras.layers.Conv2D)
+        products.append((_product_step(conv=conv, kernel=kernel, input_grad=weights_before), x))
+        weights_before = True
+    return products
+
+
+def _product_step(*, conv: bool, kernel: tf.Variable, input_grad: bool):
+    """A tf.function: a layer's product and the gradients training takes of it, for an input batch."""
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.nn.conv2d(x, kernel, strides=1, padding="SAME") if conv else tf.matmul(x, kernel)
+        sources = [kernel, x] if input_grad else [kernel]
+        grads = tape.gradient(y, sources, output_gradients=tf.ones_like(y))
+        return tf.add_n([tf.reduce_sum(g) for g in grads])  # one scalar that needs every gradient
+
+    return step
+
+
+def _best_seconds(fn, x, *, repeats: int, tries: int = 5) -> float:
+    """Seconds per call of fn(x): the best of `tries` runs of `repeats` calls, after one untimed call."""
+    return _best_wall_and_cpu(fn, x, repeats=repeats, tries=tries)[0]
+
+
+def _best_wall_and_cpu(fn, x, *, repeats: int, tries: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds per call of fn(x), each the best of `tries` runs of `repeats` calls."""
+    fn(x).numpy()  # traces on the first use, warms caches after
+    wall, cpu = np.inf, np.inf
+    for _ in range(tries):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        for _ in range(repeats):
+            out = fn(x)
+        out.numpy()
+        wall = min(wall, (time.perf_counter() - start) / repeats)
+        cpu = min(cpu, (time.process_time() - start_cpu) / repeats)
+    return wall, cpu
 
 
 def _device() -> str:
@@ -312,3 +484,27 @@ def format_quality(result: dict) -> str:
             f"{r['reference_mean_auc']:>7.3f} {r['difference']:>+10.3f}{interval:>16} {r['seconds']:>6.0f}s"
         )
     return "\n".join(lines)
+
+
+def format_bench_heads(result: dict) -> str:
+    """bench_heads' figures for people, with units; --json gives them all, unrounded where they are."""
+    r = result
+    return "\n".join(
+        [
+            f"bench heads on {r['device']} ({r['cpu_threads']} threads)",
+            f"  fc cache         {r['rows']:,} rows x {r['dim']:,} float16, {r['train_rows']:,} for training; "
+            f"loaded in {duration(r['load_s'])}",
+            f"  fc epoch         {duration(r['epoch_s'])}, batch {r['batch_size']:,}; floor {duration(r['floor_s'])} "
+            f"({r['train_gflop_per_epoch']:,.0f} GFLOP at {r['matmul_gflops']:,.0f} GFLOP/s): "
+            f"{r['ratio']:.2f}x the floor",
+            f"  fc train-head    {duration(r['train_head_s'])} for {r['train_head_epochs']} epochs, "
+            f"test mean AUC {r['train_head_test_mean_auc']:.3f}",
+            f"  cnn pixels       {r['cnn_rows']:,} images of {r['cnn_size']} px, {r['cnn_train_rows']:,} for "
+            f"training; filters {r['cnn_filters']}, units {r['cnn_units']}",
+            f"  cnn epoch        {duration(r['cnn_epoch_s'])} ({r['cnn_steps_per_epoch']} steps of "
+            f"{r['cnn_batch_size']}, {r['cnn_step_s'] * 1000:,.0f} ms a step); floor {duration(r['cnn_floor_s'])} "
+            f"({r['cnn_train_gflop_per_epoch']:,.0f} GFLOP): {r['cnn_ratio']:.2f}x the floor, "
+            f"{r['cnn_cpu_ratio']:.2f}x in CPU time",
+            f"  peak memory      {megabytes(r['peak_memory_mb'])}",
+        ]
+    )

@@ -9,8 +9,8 @@ from typing import NamedTuple
 import numpy as np
 
 from cache.status import Status
-from cache.store import cache_path, check_recipe, finite_rows, read_features, shard_dir
-from cxr14.errors import InputError
+from cache.store import MadeDifferently, cache_path, check_recipe, finite_rows, read_features, shard_dir
+from cxr14.errors import Fix, InputError
 from cxr14.names import positions
 from extract.splits import SPLITS
 
@@ -97,7 +97,7 @@ def load_head_data(
     if rows.size == 0:
         raise InputError(
             f"no image has features in every cache of {list(backbones)} under {cache_dir}; "
-            f"left out: {excluded}. Re-extract with `python run.py extract --backbone NAME --force`"
+            f"left out: {excluded}. Re-extract the caches from scratch"
         )
     # Gather one cache at a time, dropping each stored array as soon as its rows are taken.
     features = {name: _take(*cached.pop(name), rows) for name in backbones}
@@ -135,13 +135,14 @@ def cache_file(cache_dir: Path, backbone: str) -> Path:
     path = cache_path(cache_dir, backbone)
     if not path.is_file():
         pending = shard_dir(cache_dir, backbone)
-        hint = (
-            f"its shards in {pending} are not merged yet: finish the extraction or run "
-            f"`python run.py merge --backbone {backbone}`"
-            if pending.is_dir()
-            else f"make it with `python run.py extract --backbone {backbone}`"
-        )
-        raise InputError(f"no feature cache for backbone {backbone!r} ({path} not found); {hint}")
+        if pending.is_dir():
+            raise InputError(
+                f"no feature cache for backbone {backbone!r} ({path} not found): its shards in {pending} "
+                "are not merged yet; finish the extraction, or merge the shards"
+            ).fixed_by(Fix("merge", {"backbone": backbone}))
+        raise InputError(
+            f"no feature cache for backbone {backbone!r} ({path} not found); extract it first"
+        ).fixed_by(Fix("extract", {"backbone": backbone}))
     return path
 
 
@@ -149,16 +150,18 @@ def _read_cache(cache_dir: Path, backbone: str, index) -> _Cache:
     """A cache's features as stored, aligned to the index by name; refused if changed since it was made."""
     path = cache_file(cache_dir, backbone)
     cached = read_features(path)
-    check_recipe(path, attrs=cached.attrs, names=cached.names)
+    try:
+        check_recipe(path, attrs=cached.attrs, names=cached.names)
+    except MadeDifferently as err:
+        raise InputError(str(err)).fixed_by(Fix("extract", {"backbone": backbone, "force": True})) from None
     # Join by name, never by position: a cache may hold its rows in any order, or other images.
     position = positions(index.names, among=cached.names)
     found = position >= 0
     if not found.any():
         raise InputError(
             f"{path}: none of its {len(cached.names)} image names are in {index.csv_path}; the cache was "
-            f"made from another image list. Re-extract with `python run.py extract --backbone {backbone} "
-            "--force`"
-        )
+            "made from another image list; re-extract it from scratch"
+        ).fixed_by(Fix("extract", {"backbone": backbone, "force": True}))
     status = np.full(len(position), Status.MISSING, dtype=np.int8)
     status[found] = cached.status[position[found]]
     # NaN or inf would turn every score into a constant: such rows are left out and counted.

@@ -5,13 +5,10 @@ import time
 from pathlib import Path
 
 from cxr14.caveats import SYNTHETIC_NOTICE
-from cxr14.config import Config, with_training
+from cxr14.config import Config
 
 DEMO_BACKBONES = ("offline_cnn", "offline_cnn_wide")
 DEMO_IMAGES = 2000
-# The sample has ~1,500 training images; the full-data default batch (1024) would give the head two steps
-# an epoch, so the demo trains with smaller batches.
-DEMO_BATCH_SIZE = 128
 
 
 def _step(text: str) -> None:
@@ -43,8 +40,9 @@ def run_demo(config: Config, *, workdir: Path, images: int | None = None) -> str
     runs = []
     for head, backbones in (("fc", DEMO_BACKBONES[0]), ("ensemble", ",".join(DEMO_BACKBONES))):
         _step(f"stage two: training the {head} head on {backbones}")
+        # The config's own training settings: the README's train-head commands on this sample give the same.
         metrics = run_train_head(
-            with_training(config, kind=head, batch_size=DEMO_BATCH_SIZE),
+            config,
             kind=head,
             backbones=backbones,
             name=None,

@@ -1,4 +1,8 @@
-"""One training run from the config and command-line options: data in, run folder out."""
+"""One training run from the config and command-line options: data in, run folder out.
+
+Planning a run imports nothing heavy, so the command line refuses a bad plan at once; the data and
+TensorFlow load only to train or score.
+"""
 
 import dataclasses
 from collections.abc import Sequence
@@ -7,8 +11,7 @@ from pathlib import Path
 from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.config import Config, HeadConfig, TrainConfig
 from cxr14.errors import InputError
-from extract.dataset import open_dataset
-from heads.provenance import cache_kind, check_caches, check_unchanged, extracted_backbone, recorded
+from extract.registry import SOURCES
 from heads.registry import HEAD_KINDS, head_kind
 from heads.run_folder import read_config, refuse_existing
 
@@ -41,13 +44,28 @@ def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> Ru
             + (f"; for several, use the {' or '.join(others)} head" if spec.max_backbones == 1 else "")
         )
     for name in backbones:
-        holds = cache_kind(config, name)
+        holds = _cache_kind(config, name)
         if holds != spec.takes:
             raise InputError(
                 f"the {kind} head trains on cached {spec.takes}, but backbone {name!r} holds {holds}; "
                 f"heads for {holds}: {', '.join(k.name for k in HEAD_KINDS.values() if k.takes == holds)}"
             )
     return RunPlan(head=config.head(kind), train=config.train, backbones=backbones)
+
+
+def _cache_kind(config: Config, name: str) -> str:
+    """heads.provenance.cache_kind, without loading numpy or h5py for a backbone the config names."""
+    if name in config.backbones:
+        return SOURCES[config.backbones[name].source]
+    from heads.provenance import cache_kind  # features of one's own: the file says what it holds
+
+    return cache_kind(config, name)
+
+
+def sized_for_data(plan: RunPlan, data) -> RunPlan:
+    """The plan with what depends on the data's size settled (an "auto" batch size), so that config.json
+    records what was trained."""
+    return dataclasses.replace(plan, train=plan.train.sized_for(data.rows("train").size))
 
 
 def snapshot(config: Config, plan: RunPlan, *, caches: dict[str, dict], synthetic: bool = False) -> dict:
@@ -57,6 +75,8 @@ def snapshot(config: Config, plan: RunPlan, *, caches: dict[str, dict], syntheti
     later edit of the config cannot change what predict and export run. `synthetic`: trained on a
     make-sample data set (predict and export then warn).
     """
+    from heads.provenance import extracted_backbone, recorded
+
     return {
         "head": dataclasses.asdict(plan.head),
         "train": dataclasses.asdict(plan.train),
@@ -75,7 +95,9 @@ def run_train_head(
     config: Config, *, kind: str, backbones: str | Sequence[str], name: str | None, force: bool
 ) -> dict:
     """Load the data set and cached features, train the head, write runs/NAME/."""
+    from extract.dataset import open_dataset
     from heads.data import load_head_data
+    from heads.provenance import check_caches
     from heads.train import train_head
 
     plan = plan_run(config, kind=kind, backbones=backbones)
@@ -91,6 +113,7 @@ def run_train_head(
         metadata=plan.train.metadata,
         synthetic=dataset.synthetic,
     )
+    plan = sized_for_data(plan, data)
     metrics = train_head(
         run_dir=run_dir,
         data=data,
@@ -107,8 +130,10 @@ def run_train_head(
 def run_evaluate(config: Config, *, run_dir: Path, split: str, expert: Path | bool | None = None) -> dict:
     """Recompute a run's metrics on `split` from its saved model and the cache; with `expert` (True: find
     the file in the data folder, or a path), score it against Google's expert labels instead."""
+    from extract.dataset import open_dataset
     from heads.data import load_head_data
-    from heads.scoring import score_expert, score_run
+    from heads.provenance import check_unchanged
+    from heads.scoring import evaluation_path, score_expert, score_run
 
     saved = read_config(run_dir)
     dataset = open_dataset(config)
@@ -130,7 +155,9 @@ def run_evaluate(config: Config, *, run_dir: Path, split: str, expert: Path | bo
         result = score_expert(**scoring, expert_files=files)
         return {**result, "summary": format_expert(result, split=split)}
     metrics = score_run(**scoring)
-    return {**metrics, "summary": summarize_metrics(metrics, run_dir=run_dir, split=split)}
+    written = evaluation_path(run_dir, split)
+    summary = summarize_metrics(metrics, run_dir=run_dir, split=split, written=written)
+    return {**metrics, "written": written, "summary": summary}
 
 
 def _auc_text(value) -> str:
@@ -154,7 +181,9 @@ def _baseline_summary(metrics: dict) -> list[str]:
     return lines
 
 
-def summarize_metrics(metrics: dict, *, run_dir: Path, split: str = "test") -> str:
+def summarize_metrics(
+    metrics: dict, *, run_dir: Path, split: str = "test", written: Path | None = None
+) -> str:
     """A short per-disease table for the terminal."""
     lines = [f"** {metrics['notice']} **"] if metrics.get("notice") else []
     lines += [f"{'label':<20} {'AUC':>6}  95% CI (patients)"]
@@ -177,5 +206,6 @@ def summarize_metrics(metrics: dict, *, run_dir: Path, split: str = "test") -> s
             "train with more epochs"
         )
     lines += _baseline_summary(metrics)
-    lines.append(f"{split}: {metrics['images']} images, {metrics['patients']} patients; outputs in {run_dir}")
+    where = f"wrote {written}" if written else f"outputs in {run_dir}"
+    lines.append(f"{split}: {metrics['images']:,} images, {metrics['patients']:,} patients; {where}")
     return "\n".join(lines)

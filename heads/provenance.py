@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cache.store import cache_path, read_attrs
 from cxr14.config import BackboneConfig, Config
-from cxr14.errors import InputError
+from cxr14.errors import Fix, InputError
 from extract.registry import SOURCES
 from heads.data import cache_file
 
@@ -48,9 +48,8 @@ def check_cache(path: Path, *, name: str, attrs: dict, configured: BackboneConfi
     if attrs["backbone"] != name:
         raise InputError(
             f"{path} holds features of backbone {attrs['backbone']!r} (its 'backbone' attribute), not "
-            f"{name!r}: a renamed file? Name it {attrs['backbone']}.h5, or make {name}'s with "
-            f"`python run.py extract --backbone {name}`"
-        )
+            f"{name!r}: a renamed file? Name it {attrs['backbone']}.h5, or make {name}'s"
+        ).fixed_by(Fix("extract", {"backbone": name, "force": True}))
     if configured is None:
         return
     extracted = extracted_backbone(attrs)
@@ -58,9 +57,8 @@ def check_cache(path: Path, *, name: str, attrs: dict, configured: BackboneConfi
         raise InputError(
             f"{path} records no backbone settings (no backbone_config: features made outside run.py "
             f"extract), so they cannot be checked against [backbones.{name}]; remove that table to train "
-            f"on them as features of your own, or re-extract with `python run.py extract --backbone {name} "
-            "--force`"
-        )
+            "on them as features of your own, or re-extract them"
+        ).fixed_by(Fix("extract", {"backbone": name, "force": True}))
     wanted = configured.as_dict()
     differ = [key for key in wanted if extracted.get(key) != wanted[key]]
     if differ:
@@ -69,8 +67,8 @@ def check_cache(path: Path, *, name: str, attrs: dict, configured: BackboneConfi
         )
         raise InputError(
             f"{path} was extracted with other [backbones.{name}] settings than the config's ({shown}); "
-            f"re-extract with `python run.py extract --backbone {name} --force`, or set them back"
-        )
+            "set them back, or re-extract it"
+        ).fixed_by(Fix("extract", {"backbone": name, "force": True}))
 
 
 def extracted_backbone(attrs: dict) -> dict | None:

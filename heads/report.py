@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, roc_curve
@@ -225,26 +224,57 @@ def _titled(text: str, notice: str) -> str:
     return f"{notice}\n{text}" if notice else text
 
 
-def plot_roc(y_true, y_score, path, *, label_names: Sequence[str], notice: str = "") -> Path:
-    """roc.png: one ROC curve per label; a label with one class is listed as undefined, not drawn.
-    `notice` (the synthetic-sample notice) heads the title."""
+# 14 curves that stay apart: seven strong colours, solid for the first seven labels and dashed for the rest.
+ROC_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
+ROC_STYLES = ("-", "--", ":")
+
+
+def roc_style(j: int) -> dict:
+    """Colour and line style of the j-th label's curve."""
+    n = len(ROC_COLORS)
+    return {"color": ROC_COLORS[j % n], "linestyle": ROC_STYLES[(j // n) % len(ROC_STYLES)]}
+
+
+def plot_roc(
+    y_true,
+    y_score,
+    path,
+    *,
+    label_names: Sequence[str],
+    notice: str = "",
+    run_name: str = "",
+    split: str = "",
+) -> Path:
+    """roc.png: one ROC curve per label, titled with the run and split; a label with one class is listed
+    as undefined, not drawn. `notice` (the synthetic-sample notice) heads the title."""
+    figure = roc_figure(
+        y_true, y_score, label_names=label_names, notice=notice, run_name=run_name, split=split
+    )
+    return _save(figure, path)
+
+
+def roc_figure(
+    y_true, y_score, *, label_names: Sequence[str], notice: str = "", run_name: str = "", split: str = ""
+) -> Figure:
+    """The figure plot_roc saves."""
     y_true, y_score = np.asarray(y_true), np.asarray(y_score, dtype=np.float64)
     figure = Figure(figsize=(8, 7))
     axes = figure.add_subplot()
-    palette = colormaps["tab20"]
     for j, name in enumerate(label_names):
-        color = palette(j % palette.N)
+        style = roc_style(j)
         positives = int(y_true[:, j].sum())
         if positives in (0, y_true.shape[0]):
-            axes.plot([], [], color=color, linestyle=":", label=f"{name} ({UNDEFINED}: one class)")
+            axes.plot([], [], color=style["color"], linestyle=":", label=f"{name} ({UNDEFINED}: one class)")
             continue
         fpr, tpr, _ = roc_curve(y_true[:, j], y_score[:, j])
-        axes.plot(fpr, tpr, color=color, linewidth=1.2, label=f"{name} ({auc(fpr, tpr):.3f})")
+        axes.plot(fpr, tpr, linewidth=1.4, label=f"{name} ({auc(fpr, tpr):.3f})", **style)
     axes.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, linestyle=":")
     axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate")
-    axes.set_title(_titled(f"ROC per disease ({y_true.shape[0]} images)", notice))
-    axes.legend(loc="lower right", fontsize=7, title="label (ROC AUC)", title_fontsize=8)
-    return _save(figure, path)
+    what = ", ".join(part for part in (run_name, f"{split} split" if split else "") if part)
+    title = f"ROC per disease: {what}" if what else "ROC per disease"
+    axes.set_title(_titled(f"{title} ({y_true.shape[0]:,} images)", notice))
+    axes.legend(loc="lower right", fontsize=7, title="label (ROC AUC)", title_fontsize=8, handlelength=3)
+    return figure
 
 
 def _plot_references(axes, references: dict, *, label_names: Sequence[str], positions: np.ndarray) -> None:
@@ -288,6 +318,11 @@ def plot_auc_comparison(
 
     run_name defaults to metrics["run"] when the metrics carry it.
     """
+    return _save(auc_figure(metrics, label_names=label_names, run_name=run_name), path)
+
+
+def auc_figure(metrics: dict, *, label_names: Sequence[str], run_name: str | None = None) -> Figure:
+    """The figure plot_auc_comparison saves."""
     metrics = _test_metrics(metrics)
     run_name = run_name or metrics.get("run") or "this run"
     positions = np.arange(len(label_names))[::-1]
@@ -299,15 +334,17 @@ def plot_auc_comparison(
     lowest = _plot_run(axes, metrics, label_names=label_names, positions=positions, run_name=run_name)
     axes.axvline(0.5, color="0.6", linewidth=0.8, linestyle=":", label="chance")
     axes.set_yticks(positions, labels=list(label_names))
-    # A poor run (or an interval reaching below chance) stays on the axes rather than cut off.
-    axes.set_xlim(min(0.45, lowest - 0.02), 1.0)
+    # A poor run (or an interval reaching below chance) stays on the axes rather than cut off, and so does
+    # a marker at 1.0 (a perfect AUC), which an axis ending at 1.0 would cut in half.
+    axes.set_xlim(min(0.45, lowest - 0.02), 1.02)
+    axes.set_xticks([t for t in axes.get_xticks() if t <= 1.0])
     axes.set_xlabel("ROC AUC")
     beside = "beside published" if references else "beside the metadata baseline"
     title = f"{run_name}: mean ROC AUC {_fmt(_nan_if_none(metrics['mean_auc']))} {beside}"
     axes.set_title(_titled(title, metrics.get("notice", "")))
     axes.legend(loc="lower left", fontsize=7, bbox_to_anchor=(1.01, 0.0))
     axes.grid(axis="x", linewidth=0.3)
-    return _save(figure, path)
+    return figure
 
 
 def plot_reliability(y_true, raw, calibrated, path, *, bins: int, method: str, notice: str = "") -> Path:

@@ -9,8 +9,6 @@ import os
 import shutil
 from pathlib import Path
 
-import keras
-
 from cxr14.errors import InputError
 from cxr14.temps import remove_stale_temps, temp_path
 
@@ -29,6 +27,23 @@ OUTPUTS = (
 )
 CALIBRATION = "calibration.json"  # per-label calibration fitted on validation (heads/calibration.py)
 THRESHOLDS = "thresholds.json"  # per-label operating points chosen on validation (heads/operating.py)
+
+
+def find_run(run: str | Path, *, runs_dir: Path) -> Path:
+    """The run folder `run` names: a path to one, or a run name under `runs_dir` (sweep trials as
+    SWEEP/TRIAL)."""
+    for candidate in (Path(run), Path(runs_dir) / run):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise InputError(
+        f"no run folder {str(run)!r}: neither {run} nor {Path(runs_dir) / run} holds a run's config.json; "
+        f"runs under {runs_dir}: {', '.join(_run_names(Path(runs_dir))) or 'none yet'}"
+    )
+
+
+def _run_names(runs_dir: Path, most: int = 8) -> list[str]:
+    names = sorted(p.parent.name for p in runs_dir.glob("*/config.json"))
+    return names[:most] + (["..."] if len(names) > most else [])
 
 
 def refuse_existing(run_dir: Path, *, force: bool) -> None:
@@ -106,8 +121,10 @@ def run_labels(run_dir: Path) -> list[str]:
     return list(labels)
 
 
-def load_model(run_dir: Path) -> keras.Model:
-    """The run's head from model.keras, without its training loss (not needed to predict)."""
+def load_model(run_dir: Path):
+    """The run's head (a keras.Model) from model.keras, without its training loss (not needed to predict)."""
+    import keras  # here, not at the top: finding and refusing run folders needs no TensorFlow
+
     path = Path(run_dir) / "model.keras"
     if not path.is_file():
         raise InputError(

@@ -226,7 +226,7 @@ def score_run(*, run_dir: Path, data: HeadData, split: str = "test", n_boot: int
         decisions=read_decisions(run_dir),
     )
     metrics = {**metrics, "run": run_dir.name, "excluded": data.excluded}
-    write_json(run_dir / f"evaluate-{split}.json", metrics)
+    write_json(evaluation_path(run_dir, split), metrics)
     return metrics
 
 
@@ -247,3 +247,8 @@ def write_decision_outputs(
         method=calibration["method"],
         notice=metrics.get("notice", ""),
     )
+
+
+def evaluation_path(run_dir: Path, split: str) -> Path:
+    """Where score_run writes a run's metrics on `split`."""
+    return Path(run_dir) / f"evaluate-{split}.json"

@@ -12,9 +12,8 @@ from pathlib import Path
 from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.config import Config, read_toml, with_training
 from cxr14.errors import InputError
-from extract.dataset import open_dataset
-from heads.experiment import RunPlan, plan_run, snapshot
-from heads.provenance import check_caches
+from cxr14.tf_logging import models_built_in_a_loop
+from heads.experiment import RunPlan, plan_run, sized_for_data, snapshot
 from heads.registry import describe_settings
 
 # Grid keys and the type of one value; every key but those in [fixed] holds a list of values.
@@ -135,7 +134,9 @@ def _finished(trial_dir: Path) -> dict | None:
 
 def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     """Train every trial not already finished, rank by validation mean AUC, test only the winner."""
+    from extract.dataset import open_dataset
     from heads.data import load_head_data
+    from heads.provenance import check_caches
     from heads.report import write_auc_table
     from heads.scoring import score_run
 
@@ -157,16 +158,18 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
         metadata=True,
         synthetic=dataset.synthetic,
     )
+    plans = {trial: sized_for_data(plan, data) for trial, plan in plans.items()}
     sweep_dir = config.runs_dir / name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(grid_path, sweep_dir / "grid.toml")
     print(
         f"sweep {name}: {len(plans)} trials ({len(combos)} combinations, {len(skipped)} skipped)", flush=True
     )
-    results = {
-        trial: _run_trial(config, data, sweep_dir / trial, plan, step=f"[{i}/{len(plans)}] {trial}")
-        for i, (trial, plan) in enumerate(plans.items(), 1)
-    }
+    with models_built_in_a_loop():
+        results = {
+            trial: _run_trial(config, data, sweep_dir / trial, plan, step=f"[{i}/{len(plans)}] {trial}")
+            for i, (trial, plan) in enumerate(plans.items(), 1)
+        }
 
     ranked = sorted(results, key=lambda t: _sort_key(results[t]["mean_auc"]), reverse=True)
     winner, winner_plan = ranked[0], plans[ranked[0]]

@@ -18,6 +18,7 @@ from heads.data import HeadData, head_inputs
 from heads.losses import make_loss
 from heads.metrics import bootstrap_difference, mean_defined, roc_auc_per_label
 from heads.models import METADATA_INPUT, build_head
+from heads.progress import EpochProgress
 from heads.registry import head_kind
 from heads.report import plot_auc_comparison, plot_roc, write_auc_table
 from heads.run_folder import finish_run, start_run, write_json
@@ -119,6 +120,7 @@ def train_head(
     start = time.perf_counter()
     run_dir, label_names = Path(run_dir), list(label_names)
     rows = {split: data.rows(split) for split in ("train", "val", "test")}
+    train = train.sized_for(rows["train"].size)  # an "auto" batch size becomes a number
     _check_data(data, rows=rows, label_names=label_names, augment=train.augment)
     if progress:
         print(data.describe(), flush=True)
@@ -311,10 +313,11 @@ def _fit(
     )
     fit_model, batches = training_setup(model, data=data, rows=rows["train"], train=train)
     compile_for_training(fit_model, train=train, labels_train=data.labels[rows["train"]])
+    callbacks = [best]
+    if progress:  # after BestEpoch: it shows the score BestEpoch puts into the logs
+        callbacks.append(EpochProgress(epochs=train.epochs, monitor=MONITOR, start=lambda: best.scores[0]))
     # shuffle=False: the batches are shuffled already (Keras cannot shuffle a dataset).
-    history = fit_model.fit(
-        batches, epochs=train.epochs, shuffle=False, callbacks=[best], verbose=1 if progress else 0
-    )
+    history = fit_model.fit(batches, epochs=train.epochs, shuffle=False, callbacks=callbacks, verbose=0)
     losses = [math.nan, *history.history.get("loss", [])]
     return pd.DataFrame(
         {"epoch": np.arange(len(best.scores)), "loss": losses[: len(best.scores)], MONITOR: best.scores}
@@ -426,5 +429,7 @@ def _write_outputs(
         run_dir / "roc.png",
         label_names=label_names,
         notice=metrics.get("notice", ""),
+        run_name=metrics["run"],
+        split=metrics["split"],
     )
     plot_auc_comparison(metrics, run_dir / "auc.png", label_names=label_names)

@@ -166,7 +166,10 @@ def test_keras_errors(tmp_path, monkeypatch):
 
     monkeypatch.setattr(file_utils, "get_file", offline)
     with pytest.raises(BackboneError, match=r"URL fetch failure.*~/.keras/models.*local weights file"):
-        load_backbone(_cfg(source="keras", model="MobileNetV2", weights="imagenet", preprocess="keras"))
+        # 96 px: an ImageNet size, so keras does not warn that it would load 224 px weights instead
+        load_backbone(
+            _cfg(source="keras", model="MobileNetV2", weights="imagenet", preprocess="keras", image_size=96)
+        )
 
 
 # --- random -------------------------------------------------------------------------------------------

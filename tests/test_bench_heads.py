@@ -4,7 +4,14 @@ import numpy as np
 
 from cache.store import cache_path, read_features
 from cxr14.config import LABELS, HeadConfig
-from heads.bench import BACKBONE, bench_heads, synthetic_index, training_flops, write_synthetic_cache
+from heads.bench import (
+    BACKBONE,
+    bench_heads,
+    format_bench_heads,
+    synthetic_index,
+    training_flops,
+    write_synthetic_cache,
+)
 from heads.models import build_head
 
 
@@ -31,8 +38,18 @@ def test_synthetic_index_and_cache(tmp_path):
     np.testing.assert_array_equal(stored.names, index.names)
 
 
+def test_conv_flops_by_hand():
+    head = HeadConfig(kind="cnn", filters=(4, 8), units=(6,), dropout=0.0)
+    model = build_head(kind="cnn", inputs={"px": (16, 16)}, n_labels=14, head=head, seed=0)
+    convs = (
+        2 * 16 * 16 * (3 * 3 * 1 * 4) * 2 + 2 * 8 * 8 * (3 * 3 * 4 * 8) * 3
+    )  # the first: no input gradient
+    dense = 2 * (4 * 4 * 8) * 6 * 3 + 2 * 6 * 14 * 3  # conv tower ends on a 4 x 4 grid of 8 channels
+    assert training_flops(model, 1) == convs + dense
+
+
 def test_bench_heads_reports_consistent_figures(tmp_path):
-    result = bench_heads(rows=3000, dim=64, workdir=tmp_path, epochs=1)
+    result = bench_heads(rows=3000, dim=64, workdir=tmp_path, epochs=1, cnn_rows=300, cnn_size=32)
     for key in ("load_s", "epoch_s", "floor_s", "ratio", "matmul_gflops", "train_head_s", "peak_memory_mb"):
         assert result[key] > 0, key
     # the figures are rounded to 3 decimals; allow for that in the quotient
@@ -41,3 +58,16 @@ def test_bench_heads_reports_consistent_figures(tmp_path):
     assert result["rows"] == 3000 and result["dim"] == 64
     assert 1900 < result["train_rows"] < 2300
     assert (tmp_path / "runs" / "bench-fc" / "metrics.json").is_file()
+    for key in (
+        "cnn_epoch_s",
+        "cnn_step_s",
+        "cnn_floor_s",
+        "cnn_ratio",
+        "cnn_cpu_ratio",
+        "cnn_train_gflop_per_epoch",
+    ):
+        assert result[key] > 0, key
+    assert result["cnn_steps_per_epoch"] == -(-result["cnn_train_rows"] // result["cnn_batch_size"])
+    assert result["cnn_batch_size"] == 32  # the "auto" batch of ~210 training images
+    text = format_bench_heads(result)
+    assert "x the floor" in text and " ms a step" in text and " GFLOP/s" in text and "{" not in text

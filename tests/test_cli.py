@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 import run
+from cxr14 import __version__
+from cxr14.errors import Fix, InputError
+from heads.run_folder import find_run
 from tests.conftest import write_tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +90,108 @@ def test_train_head_without_cache_prints_the_extract_command(tmp_path, tiny_proj
         ]
     )
     assert code == 2
-    assert "python run.py extract --backbone offline_cnn" in capsys.readouterr().err
+    # Complete for the folders and config the user passed (extract takes no --runs-dir).
+    expected = (
+        f"python run.py extract --backbone offline_cnn --config {tiny_project.path} "
+        f"--cache-dir {tmp_path / 'empty'}"
+    )
+    assert capsys.readouterr().err.rstrip().endswith(expected)
+
+
+def _args(argv: list[str]):
+    args = run.build_parser().parse_args(argv)
+    args.argv = argv
+    return args
+
+
+def test_suggested_commands_keep_the_users_folders_and_flags():
+    args = _args(
+        ["train-head", "--head", "fc", "--backbone", "b", "--data-dir", "my data", "--runs-dir", "r"]
+    )
+    fix = Fix("extract", {"backbone": "b"})
+    assert run.suggested_command(fix, args) == "python run.py extract --backbone b --data-dir 'my data'"
+    # The same subcommand: the user's own line, plus what the fix adds.
+    args = _args(["extract", "--backbone", "b", "--views", "4", "--cache-dir", "c"])
+    fix = Fix("extract", {"backbone": "b", "force": True})
+    assert run.suggested_command(fix, args) == (
+        "python run.py extract --backbone b --views 4 --cache-dir c --force"
+    )
+    # ... but not where the user's line does more than the fix: only the backbone that needs it is forced.
+    args = _args(["extract", "--backbone", "a,b", "--cache-dir", "c"])
+    fix = Fix("extract", {"backbone": "b", "force": True})
+    assert run.suggested_command(fix, args) == "python run.py extract --backbone b --force --cache-dir c"
+    args = _args(["index", "--data-dir", "d", "--config", "other.toml"])
+    fix = Fix("make-sample", {"out": "d"})
+    assert run.suggested_command(fix, args) == "python run.py make-sample --out d --config other.toml"
+
+
+def test_help_and_argument_errors_load_nothing_heavy(tiny_project):
+    """--help, a mistyped value and a setting out of range answer before numpy or TensorFlow load."""
+    config = str(tiny_project.path)
+    argvs = [
+        ["--help"],
+        ["train-head", "--help"],
+        ["bench", "heads", "--help"],
+        ["train-head", "--head", "mlp", "--backbone", "x"],
+        ["train-head", "--config", config, "--head", "fc", "--backbone", "offline_cnn", "--dropout", "1.5"],
+        ["train-head", "--config", config, "--head", "ensemble", "--backbone", "offline_cnn"],
+        ["evaluate", "--config", config, "--run", "no-such-run"],
+    ]
+    code = (
+        "import contextlib, io, sys, run\n"
+        f"for argv in {argvs!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        try:\n"
+        "            assert run.main(argv) == 2, argv\n"
+        "        except SystemExit as end:\n"
+        "            assert end.code in (0, 2), (argv, end.code)\n"
+        "print(sorted(m for m in ('numpy', 'pandas', 'h5py', 'tensorflow', 'keras') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    # A backbone the config does not name may be a feature file of one's own: that file is looked for,
+    # but TensorFlow still does not load.
+    code = code.replace(
+        repr(argvs), repr([["train-head", "--config", config, "--head", "fc", "--backbone", "nope"]])
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "tensorflow" not in result.stdout and "keras" not in result.stdout
+
+
+def test_version_and_every_flag_has_help(capsys):
+    with pytest.raises(SystemExit):
+        run.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"cxr14 {__version__}"
+    parser = run.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        parsers = [sub] if name != "bench" else list(sub._subparsers._group_actions[0].choices.values())
+        for p in parsers:
+            for action in p._actions:
+                assert action.help, (name, action.dest)
+
+
+def test_make_sample_text_and_json(tmp_path, capsys):
+    out = tmp_path / "sample"
+    assert run.main(["make-sample", "--out", str(out), "--images", "12", "--size", "32"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"wrote a sample data set to {out}: 12 images of ")
+    assert "file formats:" in text and "{" not in text
+    assert text.rstrip().endswith(f"next: python run.py index --data-dir {out}")
+    assert run.main(["make-sample", "--out", str(out), "--images", "12", "--size", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 12
+
+
+def test_a_run_is_found_by_name_or_path_and_a_missing_one_is_named(tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "fc-a").mkdir(parents=True)
+    (runs / "fc-a" / "config.json").write_text("{}")
+    assert find_run("fc-a", runs_dir=runs) == runs / "fc-a"
+    assert find_run(str(runs / "fc-a"), runs_dir=tmp_path / "elsewhere") == runs / "fc-a"
+    with pytest.raises(InputError, match=r"no run folder 'fc-b'.*runs under .*: fc-a"):
+        find_run("fc-b", runs_dir=runs)
 
 
 def test_a_shard_that_is_not_k_of_n_is_a_usage_error():
@@ -108,6 +212,9 @@ def test_train_evaluate_report_round_trip(tmp_path, tiny_project, capsys):
     args = ["train-head", *common, "--head", "ensemble", "--backbone", "offline_cnn,offline_cnn_wide"]
     decision = ["--calibration", "isotonic", "--operating-point", "sensitivity", "--target", "0.8"]
     assert run.main([*args, "--epochs", "2", "--fusion", "concat", "--name", "e", *decision]) == 0
+    # One closing line for the training, no Keras epoch lines.
+    out = capsys.readouterr().out
+    assert "trained 2 epochs in " in out and "Epoch 1/2" not in out
     trained = json.loads((tmp_path / "runs" / "e" / "metrics.json").read_text())
     saved = json.loads((tmp_path / "runs" / "e" / "config.json").read_text())
     assert saved["head"]["fusion"] == "concat" and saved["train"]["epochs"] == 2
@@ -119,14 +226,18 @@ def test_train_evaluate_report_round_trip(tmp_path, tiny_project, capsys):
     # A second run with the same name is refused without --force.
     assert run.main([*args, "--name", "e"]) == 2
     capsys.readouterr()
+    # --run takes a path or a name under the runs folder; evaluate names the file it wrote.
     assert run.main(["evaluate", *common, "--run", str(tmp_path / "runs" / "e")]) == 0
-    evaluated = json.loads((tmp_path / "runs" / "e" / "evaluate-test.json").read_text())
+    written = tmp_path / "runs" / "e" / "evaluate-test.json"
+    assert capsys.readouterr().out.rstrip().endswith(f"wrote {written}")
+    evaluated = json.loads(written.read_text())
     assert evaluated["mean_auc"] == pytest.approx(trained["mean_auc"], abs=1e-6)
     # The stored operating points and calibration give the same test figures when evaluated again.
     assert evaluated["operating_points"] == trained["operating_points"]
     assert evaluated["calibration"]["ece_after"] == pytest.approx(trained["calibration"]["ece_after"])
     assert evaluated["baselines"] == trained["baselines"]
-    capsys.readouterr()
+    assert run.main(["evaluate", *common, "--run", "e", "--split", "val", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["split"] == "val"
     assert run.main(["report", *common]) == 0
     assert "| e |" in capsys.readouterr().out.replace("|  e |", "| e |")
 
@@ -186,7 +297,10 @@ def test_one_pass_then_a_pixel_cache_as_input(tmp_path, tiny_project, capsys):
     common = ["--config", str(config), "--data-dir", str(tiny_project.data_dir), "--cache-dir", str(features)]
     assert run.main(["extract", *common, "--backbone", "offline_cnn,pixels64"]) == 0
     out = capsys.readouterr().out
-    assert "offline_cnn: 197 images done, 3 failed" in out and "pixels64: 197 images done, 3 failed" in out
+    assert (
+        "offline_cnn: 197 images with features, 3 failed" in out
+        and "pixels64: 197 images with features, 3 failed" in out
+    )
     args = [
         "extract",
         *common,

@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from cxr14.config import LABELS, ExtractConfig, load_config, override, with_training
+from cxr14.config import (
+    LABELS,
+    ExtractConfig,
+    TrainConfig,
+    auto_batch_size,
+    load_config,
+    override,
+    with_training,
+)
 from cxr14.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +122,19 @@ def test_overrides_are_checked_like_the_toml():
         with_training(config, kind="fc", epochs=0)
     with pytest.raises(InputError, match="not one of"):
         with_training(config, kind="mlp")
+
+
+def test_an_auto_batch_size_suits_the_training_set(tmp_path):
+    assert load_config(ROOT / "cxr14.toml").train.batch_size == "auto"
+    # The demo's sample (~1,470 training images) gets 128, the full set (~78,000) 1024, a tiny set 32.
+    assert [auto_batch_size(n) for n in (100, 1470, 5000, 78_000)] == [32, 128, 256, 1024]
+    assert TrainConfig().sized_for(1470).batch_size == 128
+    assert TrainConfig(batch_size=512).sized_for(1470).batch_size == 512  # a number is kept
+    assert load_config(write(tmp_path, "[train]\nbatch_size = 256\n")).train.batch_size == 256
+    with pytest.raises(InputError, match="train.batch_size = 'big' must be a whole number or auto"):
+        load_config(write(tmp_path, "[train]\nbatch_size = 'big'\n"))
+    with pytest.raises(InputError, match="train.batch_size must be int or str, got float"):
+        load_config(write(tmp_path, "[train]\nbatch_size = 12.5\n"))
 
 
 def test_unknown_backbone_lists_the_configured_ones():

@@ -7,7 +7,7 @@ import pytest
 from cache.status import Status
 from cache.store import cache_path, shard_dir, write_features
 from cxr14.config import LABELS
-from cxr14.errors import InputError
+from cxr14.errors import Fix, InputError
 from extract.index import Index
 from extract.splits import Splits
 from heads.data import METADATA_COLUMNS, encode_metadata, load_head_data
@@ -191,15 +191,17 @@ def test_metadata_columns(tmp_path, index):
 
 
 def test_no_cache_names_the_extract_command(tmp_path, index):
-    with pytest.raises(InputError, match="python run.py extract --backbone resnet"):
+    with pytest.raises(InputError, match="no feature cache for backbone 'resnet'.*extract it first") as err:
         load_head_data(
             cache_dir=tmp_path, backbones=["resnet"], index=index, splits=make_splits(index), metadata=False
         )
+    assert err.value.fix == Fix("extract", {"backbone": "resnet"})
     shard_dir(tmp_path, "resnet").mkdir()
-    with pytest.raises(InputError, match="python run.py merge --backbone resnet"):
+    with pytest.raises(InputError, match="not merged yet") as err:
         load_head_data(
             cache_dir=tmp_path, backbones=["resnet"], index=index, splits=make_splits(index), metadata=False
         )
+    assert err.value.fix == Fix("merge", {"backbone": "resnet"})
 
 
 def test_unknown_schema_version_is_refused(tmp_path, index):

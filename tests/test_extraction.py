@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from cache import store
 from cache.status import Status
-from cxr14.errors import InputError
+from cxr14.errors import Fix, InputError
 from extract import extraction, pipeline
 from extract.inputs import PixelInput, PngInput
 
@@ -266,7 +266,7 @@ def test_a_recipe_clash_in_any_backbone_stops_the_pass_before_any_work(images, t
     names, paths = images
     extract(names, paths, tmp_path / "cache", backbone=second_backbone())
     changed = second_backbone(config={"name": "second", "source": "test", "seed": 1})
-    with pytest.raises(InputError, match=r"second.h5 was made differently.*backbone_config differ"):
+    with pytest.raises(InputError, match=r"second.h5 was made differently.*\(backbone_config.seed\)"):
         extract(names, paths, tmp_path / "cache", backbones=[FakeBackbone(), changed])
     assert not store.shard_dir(tmp_path / "cache", "fake").exists()
     with pytest.raises(InputError, match="name each backbone once"):
@@ -323,19 +323,21 @@ def test_merge_by_hand_rebuilds_the_file(images, tmp_path):
 @pytest.mark.parametrize(
     "change, differs",
     [
-        (dict(dtype="float32"), "dtype"),
-        (dict(shard_size=3), "shard_size"),
+        (dict(dtype="float32"), "dtype: float16 stored, float32 now"),
+        (dict(shard_size=3), "shard_size: 4 stored, 3 now"),
         (
             dict(backbone=FakeBackbone(config={"name": "fake", "source": "test", "seed": 1})),
-            "backbone_config",
+            "backbone_config.seed",
         ),
         (
             dict(backbone=FakeBackbone(spec=pipeline.ImageSpec(size=SIZE, normalization="standardize"))),
-            "preprocess",
+            "preprocess.normalization",
         ),
         (dict(limit=10), "image_list_sha256"),
+        # More views also record their seed in preprocess: the refusal names the views alone.
+        (dict(views=3), "views: 1 stored, 3 now"),
     ],
-    ids=["dtype", "shard_size", "backbone_config", "preprocess", "image_list"],
+    ids=["dtype", "shard_size", "backbone_config", "preprocess", "image_list", "views"],
 )
 def test_another_recipe_is_refused_until_forced(images, tmp_path, change, differs):
     names, paths = images
@@ -343,9 +345,10 @@ def test_another_recipe_is_refused_until_forced(images, tmp_path, change, differ
     limit = change.pop("limit", len(names))
     extract(names, paths, tmp_path / "cache")
     with pytest.raises(
-        InputError, match=rf"fake.h5 was made differently from this run \({differs} differ\).*--force"
-    ):
+        InputError, match=rf"fake.h5 was made differently from this run \({differs}\); start over$"
+    ) as err:
         extract(names[:limit], paths[:limit], tmp_path / "cache", **change)
+    assert err.value.fix == Fix("extract", {"backbone": "fake", "force": True})
     forced = extract(names[:limit], paths[:limit], tmp_path / "cache", force=True, **change)
     assert forced.shards_done == len(store.shard_ranges(limit, change.get("shard_size", 4)))
     got = store.read_features(forced.path)
@@ -356,9 +359,11 @@ def test_shards_of_another_recipe_are_refused(images, tmp_path):
     names, paths = images
     extract(names, paths, tmp_path / "cache", shard=(0, 2))
     with pytest.raises(
-        InputError, match=r"000000000-000000004.h5 was made differently from this run \(dtype differ\)"
-    ):
+        InputError,
+        match=r"000000000-000000004.h5 was made differently from this run \(dtype: float16 stored, float32 now\)",
+    ) as err:
         extract(names, paths, tmp_path / "cache", shard=(1, 2), dtype="float32")
+    assert err.value.fix == Fix("extract", {"backbone": "fake", "force": True})
     forced = extract(names, paths, tmp_path / "cache", shard=(1, 2), dtype="float32", force=True)
     assert forced.path is None  # shard 0/2 must be redone under the new recipe
     left = sorted(p.name for p in store.shard_dir(tmp_path / "cache", "fake").glob("*.h5"))
@@ -564,7 +569,7 @@ def test_features_from_a_smaller_pixel_cache_are_close_and_recorded_as_such(imag
     ok = from_png.status == Status.OK
     gap = np.abs(from_pixels.features[ok].astype(np.float32) - from_png.features[ok].astype(np.float32))
     assert 0 < gap.max() < 0.05  # resampled twice (12 -> 10 -> 8 px) instead of once: close, not equal
-    with pytest.raises(InputError, match=r"fake.h5 was made differently from this run \(preprocess differ\)"):
+    with pytest.raises(InputError, match=r"fake.h5 was made differently from this run \(preprocess.input\)"):
         extract(names, paths, tmp_path / "cache")  # the PNG recipe is another recipe
 
 
@@ -585,9 +590,7 @@ def test_a_pixel_cache_that_cannot_feed_the_backbones_is_refused(images, tmp_pat
     features = extract(names, paths, cache)
     with pytest.raises(InputError, match="kind='features'.*needs a one-view cache"):
         PixelInput.open(features.path, names=names)
-    with pytest.raises(
-        InputError, match=r"no pixel cache; make it first with `run.py extract --backbone absent`"
-    ):
+    with pytest.raises(InputError, match=r"no pixel cache; make it first"):
         PixelInput.open(cache / "absent.h5", names=names)
 
 

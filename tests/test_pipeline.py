@@ -166,7 +166,8 @@ def test_palette_png_decodes_to_same_gray(tmp_path):
     gray = _gray()
     path = tmp_path / "palette.png"
     image_module.fromarray(gray).convert("P").save(path)
-    assert image_module.open(path).mode == "P"
+    with image_module.open(path) as image:
+        assert image.mode == "P"
     decoded = decode(tf.io.read_file(str(path))).numpy()[..., 0]
     np.testing.assert_allclose(decoded, gray / 255.0, atol=1e-6)
 

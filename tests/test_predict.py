@@ -157,7 +157,8 @@ def expected_probabilities(run_dir: Path, path: Path, backbones: list[BackboneCo
         else:
             out = out.astype(dtypes[cfg.name])
         features[cfg.name] = out.astype(np.float32)
-    inputs = features if len(features) > 1 else next(iter(features.values()))
+    # As the model was built: a dict of named inputs, or (one backbone, built without a dict) one tensor.
+    inputs = features if isinstance(head.input, dict) else next(iter(features.values()))
     return np.asarray(head(inputs, training=False))[0]
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import run
 from cache.store import cache_path, read_attrs
-from cxr14.errors import InputError
+from cxr14.errors import Fix, InputError
 from extract.dataset import open_dataset
 from heads.experiment import run_evaluate, run_train_head
 from heads.export import export_run
@@ -53,7 +53,7 @@ def test_a_stale_cache_is_refused_naming_the_settings_that_differ(tiny_project, 
     message = str(err.value)
     assert "was extracted with other [backbones.offline_cnn] settings" in message and "\n" not in message
     assert "seed 0 in the cache, 5 in the config; width 8 in the cache, 16 in the config" in message
-    assert "run.py extract --backbone offline_cnn --force" in message
+    assert err.value.fix == Fix("extract", {"backbone": "offline_cnn", "force": True})
     assert not config.runs_dir.exists()  # refused before anything is written
 
 

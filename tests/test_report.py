@@ -6,7 +6,7 @@ import pytest
 from cxr14.errors import InputError
 from heads.metrics import label_metrics
 from heads.references import load_references
-from heads.report import leaderboard, plot_auc_comparison, plot_roc, write_auc_table
+from heads.report import auc_figure, leaderboard, plot_auc_comparison, plot_roc, roc_figure, write_auc_table
 
 LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
           "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")  # fmt: skip
@@ -134,6 +134,23 @@ def test_plots_are_written_as_png(tmp_path):
     for path in (roc, auc):
         data = path.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_roc_names_run_and_split_and_tells_14_curves_apart():
+    y_true, y_score, _ = fake_predictions()
+    figure = roc_figure(y_true, y_score, label_names=LABELS, run_name="fc-resnet", split="val")
+    axes = figure.axes[0]
+    assert axes.get_title().startswith("ROC per disease: fc-resnet, val split (")
+    drawn = [(line.get_color(), line.get_linestyle()) for line in axes.get_lines()[: len(LABELS)]]
+    assert len(set(drawn)) == len(LABELS) == 14
+
+
+def test_a_perfect_auc_is_drawn_whole():
+    y_true, y_score, groups = fake_predictions()
+    metrics = label_metrics(y_true, y_score, groups=groups, label_names=LABELS, n_boot=0, seed=0)
+    metrics["labels"]["Mass"]["auc"] = 1.0
+    axes = auc_figure(metrics, label_names=LABELS).axes[0]
+    assert axes.get_xlim()[1] > 1.0 and max(axes.get_xticks()) <= 1.0
 
 
 def test_plot_auc_comparison_without_intervals(tmp_path):

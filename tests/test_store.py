@@ -152,7 +152,7 @@ def test_unknown_schema_or_foreign_file_is_refused_on_read(tmp_path):
     path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **sample())
     with h5py.File(path, "a") as f:
         f.attrs["schema_version"] = 2
-    with pytest.raises(InputError, match="schema_version 2.*--force"):
+    with pytest.raises(InputError, match="schema_version 2.*extract it again from scratch"):
         store.read_features(path)
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f["x"] = [1]
@@ -161,7 +161,7 @@ def test_unknown_schema_or_foreign_file_is_refused_on_read(tmp_path):
     (tmp_path / "text.h5").write_text("not hdf5")
     with pytest.raises(InputError, match="cannot be read as HDF5"):
         store.read_features(tmp_path / "text.h5")
-    with pytest.raises(InputError, match="run `run.py extract`"):
+    with pytest.raises(InputError, match="no such feature file; extract it first"):
         store.read_features(tmp_path / "absent.h5")
 
 
@@ -208,7 +208,7 @@ def test_merge_refuses_missing_or_mixed_shards(tmp_path):
     write_all_shards(tmp_path / "s", data, shard_size=3, fingerprint="other", skip={(0, 3), (6, 7)})
     with pytest.raises(InputError, match="2 different recipes"):
         store.merge_shards(tmp_path / "s", out_path=tmp_path / "m.h5")
-    with pytest.raises(InputError, match="--force"):
+    with pytest.raises(store.MadeDifferently, match="made differently from this run.*; start over"):
         store.finished_shards(tmp_path / "s", wanted=attrs_for())
     assert not (tmp_path / "m.h5").exists()
     with pytest.raises(InputError, match="no finished shards"):

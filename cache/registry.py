@@ -1,0 +1,9 @@
+"""What the feature store accepts by name: the kinds of cached data and the dtypes each may be stored in.
+
+Kept free of h5py and numpy so that the config and the command line check names at once; cache/store.py
+reads and writes them (format: cache/README.md).
+"""
+
+# kind -> allowed dtypes: backbone features, or the preprocessed pixels themselves (the cnn head's input).
+DTYPES = {"features": ("float16", "float32"), "pixels": ("uint8",)}
+FEATURE_DTYPES = DTYPES["features"]

@@ -1,0 +1,16 @@
+"""Numbers for people: durations and sizes with their units, rounded to what matters."""
+
+
+def duration(seconds: float) -> str:
+    """0.42 s, 12.3 s, 4 min 05 s, 1 h 02 min."""
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def megabytes(mb: float) -> str:
+    """850 MB, 3.2 GB."""
+    return f"{mb:,.0f} MB" if mb < 1000 else f"{mb / 1024:.1f} GB"
