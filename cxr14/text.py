@@ -11,6 +11,11 @@ def duration(seconds: float) -> str:
     return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
+def count(n: int, noun: str) -> str:
+    """1 shard, 2 shards, 1,000 images."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
 def megabytes(mb: float) -> str:
     """850 MB, 3.2 GB."""
     return f"{mb:,.0f} MB" if mb < 1000 else f"{mb / 1024:.1f} GB"

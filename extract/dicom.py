@@ -6,6 +6,7 @@ syntaxes (JPEG 2000, JPEG lossless, ...) need pylibjpeg with its openjpeg and li
 """
 
 import io
+import warnings
 
 import numpy as np
 
@@ -63,7 +64,12 @@ def _read(file, *, source: str, defer_size: int | None = None):
     import pydicom  # only DICOM files need it
 
     try:
-        return pydicom.dcmread(file, defer_size=defer_size)
+        # pydicom warns where it repairs a header as it reads (an explicit VR where implicit was declared):
+        # what it cannot repair raises, and a film it reads is checked below, so the warnings say nothing
+        # the user must act on, once per file.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return pydicom.dcmread(file, defer_size=defer_size)
     except Exception as err:  # pydicom raises many types for a damaged header; each is "cannot read"
         raise DicomError(f"{source}: DICOM header cannot be read: {_first_line(err)}") from None
 

@@ -87,7 +87,7 @@ def extract_features(
         total=sum(b - a for a, b in todo),
         unit="img",
         desc=",".join(plan.backbone.name for plan in plans),
-        disable=not progress,
+        disable=not progress or not todo,  # nothing to do: no empty bar before the summary
     )
     with bar:
         written = _extract_shards(

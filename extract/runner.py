@@ -9,7 +9,7 @@ import numpy as np
 from cache import store
 from cxr14.config import Config
 from cxr14.errors import Fix, InputError
-from cxr14.text import duration
+from cxr14.text import count, duration
 from extract.dataset import open_dataset
 from extract.index import find_images
 
@@ -101,11 +101,11 @@ def format_extract_summary(summary) -> str:
     """The end-of-run lines: what was done, what failed and why, how fast."""
     if summary.extracted:
         work = (
-            f"{summary.shards_done} shards written, {summary.shards_skipped} already finished; "
+            f"{count(summary.shards_done, 'shard')} written, {summary.shards_skipped} already finished; "
             f"{summary.extracted:,} images in {duration(summary.seconds)}, {summary.images_per_s:,.0f} images/s"
         )
     else:
-        work = f"already extracted ({summary.shards_skipped} shards), nothing to do"
+        work = f"already extracted ({count(summary.shards_skipped, 'shard')}), nothing to do"
     lines = [f"{summary.backbone}: {summary.done:,} images with features, {summary.failed} failed; {work}"]
     lines += [f"  failed: {name}: {reason}" for name, reason in summary.failures]
     if summary.path is None:

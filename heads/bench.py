@@ -345,8 +345,7 @@ def layer_products(model: keras.Model, *, batch: int) -> list[tuple]:
     weight gradient, and input gradient where a layer with weights comes before it) as a tf.function.
 
     Their times summed are a training step's compute floor; activations, pooling, dropout and Adam are
-    left out. Timed with the kernels training runs: three times a forward product alone came to more
-    than a whole training step (oneDNN's backward convolutions are faster than its forward ones here).
+    left out.
     """
     products, weights_before = [], False
     for layer in model.layers:
@@ -361,7 +360,12 @@ def layer_products(model: keras.Model, *, batch: int) -> list[tuple]:
 
 
 def _product_step(*, conv: bool, kernel: tf.Variable, input_grad: bool):
-    """A tf.function: a layer's product and the gradients training takes of it, for an input batch."""
+    """A tf.function: a layer's product and the gradients training takes of it, for an input batch.
+
+    The result needs the forward product as well as every gradient: the gradients alone do not need it
+    (the output gradient fixed, a product's gradients depend on its input only), so TensorFlow would
+    prune it and the floor would leave out a third of the arithmetic.
+    """
 
     @tf.function
     def step(x):
@@ -370,7 +374,8 @@ def _product_step(*, conv: bool, kernel: tf.Variable, input_grad: bool):
             y = tf.nn.conv2d(x, kernel, strides=1, padding="SAME") if conv else tf.matmul(x, kernel)
         sources = [kernel, x] if input_grad else [kernel]
         grads = tape.gradient(y, sources, output_gradients=tf.ones_like(y))
-        return tf.add_n([tf.reduce_sum(g) for g in grads])  # one scalar that needs every gradient
+        # One scalar that needs every gradient and the product (one element of it: no extra pass).
+        return tf.add_n([tf.reduce_sum(g) for g in grads]) + tf.reshape(y, [-1])[0]
 
     return step
 

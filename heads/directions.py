@@ -10,6 +10,7 @@ a pair of its first-layer units on each (+v and -v, so the ReLUs see |v.x|), whi
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.special import expit
 
 from heads.probe import CHUNK, standardized_chunks
 
@@ -107,7 +108,7 @@ def logistic_with_offset(
     for j in range(labels.shape[1]):
         beta, target = np.zeros(m), labels[:, j]
         for _ in range(20):
-            p = 1.0 / (1.0 + np.exp(-(offset[:, j] + features @ beta)))
+            p = expit(offset[:, j] + features @ beta)
             gradient = features.T @ (p - target) + penalty * beta
             hessian = (features * (p * (1 - p))[:, None]).T @ features + penalty * np.eye(m)
             step = np.linalg.solve(hessian, gradient)

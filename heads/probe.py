@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit
 
 from heads.metrics import mean_defined, roc_auc_per_label
 
@@ -133,7 +134,7 @@ def platt_scaling(
         theta = np.array([1.0 / spread, np.log(prior / (1 - prior)) - x.mean() / spread])
         design = np.stack([x, np.ones_like(x)], axis=1)
         for _ in range(iterations):
-            p = 1.0 / (1.0 + np.exp(-(design @ theta)))
+            p = expit(design @ theta)
             gradient = design.T @ (p - t) + 1e-6 * theta
             hessian = (design * (p * (1 - p))[:, None]).T @ design + 1e-6 * np.eye(2)
             step = np.linalg.solve(hessian, gradient)

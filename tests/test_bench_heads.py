@@ -1,11 +1,14 @@
 """heads.bench: the figures are produced and consistent, and the FLOP count matches a hand count."""
 
 import numpy as np
+import pytest
+import tensorflow as tf
 
 from cache.store import cache_path, read_features
 from cxr14.config import LABELS, HeadConfig
 from heads.bench import (
     BACKBONE,
+    _product_step,
     bench_heads,
     format_bench_heads,
     synthetic_index,
@@ -46,6 +49,19 @@ def test_conv_flops_by_hand():
     )  # the first: no input gradient
     dense = 2 * (4 * 4 * 8) * 6 * 3 + 2 * 6 * 14 * 3  # conv tower ends on a 4 x 4 grid of 8 channels
     assert training_flops(model, 1) == convs + dense
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_floor_products_compute_the_forward_product(conv):
+    # The weight gradient of a product does not depend on its weights; only the forward product does. A
+    # floor step whose result ignored the forward product would let TensorFlow prune it from the timing.
+    x = tf.random.normal((4, 8, 8, 3) if conv else (4, 3), seed=3)
+    shape = (3, 3, 3, 5) if conv else (3, 5)
+    results = []
+    for seed in (1, 2):
+        kernel = tf.Variable(tf.random.normal(shape, seed=seed))
+        results.append(float(_product_step(conv=conv, kernel=kernel, input_grad=False)(x)))
+    assert results[0] != results[1]
 
 
 def test_bench_heads_reports_consistent_figures(tmp_path):
