@@ -16,8 +16,9 @@ class EpochProgress(keras.callbacks.Callback):
 
     Keras' own progress (verbose=1) prints a line per epoch, and its step counter runs past its total
     under steps_per_execution ("96/77"). Goes after the callback that puts `monitor` into the logs;
-    `start`, when given, returns the score before training (epoch 0), for a run that counts it. The bar
-    shows on a terminal only; the closing line always prints.
+    `start`, when given, returns the score before training (epoch 0), for a run that counts it; `chosen`
+    returns the (epoch, score) the run keeps where that callback decides it at the end, and `note` a
+    sentence for the closing line. The bar shows on a terminal only; the closing line always prints.
     """
 
     def __init__(
@@ -26,12 +27,14 @@ class EpochProgress(keras.callbacks.Callback):
         epochs: int,
         monitor: str,
         start: Callable[[], float] | None = None,
+        chosen: Callable[[], tuple[int, float]] | None = None,
+        note: Callable[[], str] | None = None,
         bar: bool | None = None,
     ):
         super().__init__()
         self.epochs = epochs
         self.monitor = monitor
-        self.start = start
+        self.start, self.chosen, self.note = start, chosen, note
         self.show_bar = bar  # None: only on a terminal (tqdm's own test)
 
     def on_train_begin(self, logs=None):
@@ -74,6 +77,8 @@ class EpochProgress(keras.callbacks.Callback):
             self.bar.total = self.done
         self.bar.refresh()
         self.bar.close()
+        if self.chosen is not None:
+            self.best_epoch, self.best = self.chosen()
         print(self.summary(), flush=True)
 
     def summary(self) -> str:
@@ -81,9 +86,10 @@ class EpochProgress(keras.callbacks.Callback):
         seconds = time.perf_counter() - self.started
         each = f" ({duration(seconds / self.done)} an epoch)" if self.done else ""
         why = "stopped early: no further gain" if self.done < self.epochs else f"ran all {self.epochs} epochs"
+        note = self.note() if self.note is not None else ""
         return (
-            f"trained {self.done} epochs in {duration(seconds)}{each}; best validation mean AUC "
-            f"{_auc(self.best)} at epoch {self.best_epoch}; {why}"
+            f"trained {self.done} epochs in {duration(seconds)}{each}; kept epoch {self.best_epoch}, "
+            f"validation mean AUC {_auc(self.best)}; {why}" + (f"; {note}" if note else "")
         )
 
     def _move_to(self, position: float) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 
 from heads.data import METADATA_INPUT, HeadData
 from heads.directions import logistic_with_offset, spread_directions
+from heads.metrics import mean_defined, roc_auc_per_label
 from heads.probe import RidgeProbe, fit_ridge_probe, platt_scaling, standardized_chunks
 
 
@@ -60,16 +61,17 @@ def fit_start(data: HeadData, *, rows: dict, max_directions: int, seed: int) -> 
         directions = spread_directions(
             arrays, labels, rows=rows["train"], mean=probe.mean, scale=probe.scale, seed=seed
         )[:, :max_directions]
-    weights = np.zeros((2 * directions.shape[1], labels.shape[1]))
-    if directions.shape[1]:
-        weights = _direction_weights(
-            arrays,
-            labels,
-            rows["train"],
-            probe=probe,
-            directions=directions,
-            offset=train_scores * slope + intercept,
-        )
+    directions, weights = _validated_directions(
+        arrays,
+        labels,
+        rows,
+        probe=probe,
+        directions=directions,
+        offsets={
+            "train": train_scores * slope + intercept,
+            "val": probe.scores(arrays, rows["val"]) * slope + intercept,
+        },
+    )
     return HeadStart(
         inputs={name: array.shape[1] for name, array in blocks.items()},
         probe=probe,
@@ -80,12 +82,35 @@ def fit_start(data: HeadData, *, rows: dict, max_directions: int, seed: int) -> 
     )
 
 
-def _direction_weights(
-    arrays, labels, rows, *, probe: RidgeProbe, directions: np.ndarray, offset: np.ndarray
-):
-    """Output weights of the +v / -v ReLU units at their logistic optimum beside the probe's logits."""
+def _validated_directions(
+    arrays, labels, rows: dict, *, probe: RidgeProbe, directions: np.ndarray, offsets: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """The leading directions (1, 2, 4, ... of them, or none) whose units, at their logistic optimum on
+    the training rows, give the best validation mean AUC beside the probe; with their (2m, L) weights.
+
+    The noise level in spread_directions is for large samples: on the demo's 1,470 training images it
+    kept 16 directions whose units, fitted on train, took the start from the probe's 0.982 to 0.950 on
+    validation. Validation chooses their number, as it chooses the probe's penalty.
+    """
+    none = (directions[:, :0], np.zeros((0, labels.shape[1])))
+    if directions.shape[1] == 0:
+        return none
+    units = {split: _units(arrays, rows[split], probe=probe, directions=directions) for split in offsets}
+    val_labels = labels[rows["val"]]
+    best, best_auc = none, mean_defined(roc_auc_per_label(val_labels, offsets["val"]))
+    m = directions.shape[1]
+    for k in sorted({min(2**i, m) for i in range(m.bit_length() + 1)}):
+        pick = np.r_[0:k, m : m + k]  # the +v and -v units of the first k directions
+        weights = logistic_with_offset(units["train"][:, pick], labels[rows["train"]], offsets["train"])
+        auc = mean_defined(roc_auc_per_label(val_labels, offsets["val"] + units["val"][:, pick] @ weights))
+        if auc > best_auc:
+            best, best_auc = (directions[:, :k], weights), auc
+    return best
+
+
+def _units(arrays, rows, *, probe: RidgeProbe, directions: np.ndarray) -> np.ndarray:
+    """(len(rows), 2m) the +v / -v ReLU units on the standardized rows."""
     projected = np.concatenate(
         [c @ directions for c in standardized_chunks(arrays, rows, mean=probe.mean, scale=probe.scale)]
     )
-    units = np.concatenate([np.maximum(projected, 0), np.maximum(-projected, 0)], axis=1)
-    return logistic_with_offset(units, labels[rows], offset)
+    return np.concatenate([np.maximum(projected, 0), np.maximum(-projected, 0)], axis=1)

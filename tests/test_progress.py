@@ -49,7 +49,7 @@ def test_the_bar_moves_within_epochs_and_never_past_its_total(capsys):
     assert progress.bar.n == progress.bar.total == 3
     captured = capsys.readouterr()
     assert captured.out.startswith("trained 3 epochs in ")
-    assert "best validation mean AUC 0.9000 at epoch 3; ran all 3 epochs" in captured.out
+    assert "kept epoch 3, validation mean AUC 0.9000; ran all 3 epochs" in captured.out
     assert "val AUC 0.9000, best 0.9000 @3" in captured.err  # the bar's last state
 
 
@@ -60,7 +60,27 @@ def test_a_start_better_than_every_epoch_is_the_best(capsys):
     progress = EpochProgress(epochs=2, monitor="val_mean_auc", start=lambda: 0.95, bar=False)
     x = np.zeros((8, 3), np.float32)
     model.fit(x, x[:, :1], batch_size=4, epochs=2, verbose=0, callbacks=[_FakeAUC(), progress])
-    assert "best validation mean AUC 0.9500 at epoch 0; ran all 2 epochs" in capsys.readouterr().out
+    assert "kept epoch 0, validation mean AUC 0.9500; ran all 2 epochs" in capsys.readouterr().out
+
+
+def test_the_closing_line_names_the_epoch_the_run_chose_and_why(capsys):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    progress = EpochProgress(
+        epochs=3,
+        monitor="val_mean_auc",
+        start=lambda: 0.85,
+        chosen=lambda: (0, 0.85),
+        note=lambda: "kept the start",
+        bar=False,
+    )
+    x = np.zeros((8, 3), np.float32)
+    model.fit(x, x[:, :1], batch_size=4, epochs=3, verbose=0, callbacks=[_FakeAUC(), progress])
+    assert (
+        "kept epoch 0, validation mean AUC 0.8500; ran all 3 epochs; kept the start"
+        in capsys.readouterr().out
+    )
 
 
 def test_early_stopping_ends_the_bar_full_and_says_why(capsys):
@@ -68,4 +88,4 @@ def test_early_stopping_ends_the_bar_full_and_says_why(capsys):
     assert progress.done == 5 and progress.bar.total == 5 and progress.bar.n == 5
     out = capsys.readouterr().out
     assert "trained 5 epochs in " in out
-    assert "best validation mean AUC 0.9000 at epoch 3; stopped early: no further gain" in out
+    assert "kept epoch 3, validation mean AUC 0.9000; stopped early: no further gain" in out

@@ -35,6 +35,7 @@ def cache_dir(tmp_path_factory, index):
     write_cache(root, "other", names=index.names, features=signal_features(index, dim=8, seed=3, noise=0.5))
     noise = np.random.default_rng(9).standard_normal((len(index), 8)).astype(np.float16)
     write_cache(root, "noise", names=index.names, features=noise)
+    write_cache(root, "weak", names=index.names, features=signal_features(index, dim=24, noise=3.0))
     views = np.stack([features, features + np.float16(0.1), features - np.float16(0.1)], axis=1)
     write_cache(root, "views", names=index.names, features=views, views=3)
     # A local finding, as on a film: Atelectasis positives get a bright patch in the lower left corner.
@@ -77,12 +78,27 @@ def test_fc_run_writes_every_output_and_learns(tmp_path, cache_dir, index):
     assert saved["mean_auc"] == metrics["mean_auc"] and saved["excluded"] == data.excluded
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert list(history["epoch"]) == list(range(len(history)))  # epoch 0: the untrained head (the probe)
-    assert metrics["val_mean_auc"] == pytest.approx(history["val_mean_auc"].max())
+    assert history["chosen"].sum() == 1
+    assert metrics["val_mean_auc"] == pytest.approx(history.loc[history["chosen"], "val_mean_auc"].item())
     predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
     assert list(predictions.columns) == ["name", "split", *LABELS]
     assert list(predictions["name"]) == list(data.names)
     assert "Atelectasis" in (tmp_path / "run" / "auc.md").read_text()
     _check_baselines_and_decisions(tmp_path / "run", metrics, data)
+
+
+def test_a_later_epoch_replaces_the_probe_only_beyond_validation_noise(tmp_path, cache_dir, index):
+    # A weak linear signal: the probe is all there is to learn, and a later epoch scores a hair higher on
+    # validation by chance (epoch 2 here, +0.0005 with an interval across zero).
+    weak = _train(tmp_path / "weak", _data(cache_dir, index, ["weak"]))
+    selection = weak["selection"]
+    assert selection["best_val_epoch"] > 0 and selection["gain_over_start"] > 0
+    assert selection["kept_start"] is True and selection["gain_ci90"][0] <= 0
+    assert weak["best_epoch"] == 0
+    assert weak["reference"]["difference"] == pytest.approx(0.0, abs=1e-6)  # the probe itself
+    history = pd.read_csv(tmp_path / "weak" / "history.csv")
+    assert history["chosen"].tolist() == [True] + [False] * (len(history) - 1)
+    assert weak["val_mean_auc"] == pytest.approx(history["val_mean_auc"].iloc[0])
 
 
 def _check_baselines_and_decisions(run, metrics: dict, data) -> None:
@@ -270,7 +286,15 @@ def test_a_run_whose_best_epoch_is_the_last_allowed_says_it_did_not_converge(tmp
     rows = {s: data.rows(s) for s in ("train", "val", "test")}
 
     def facts(scores, epochs):
-        history = pd.DataFrame({"epoch": range(len(scores)), "loss": 0.1, MONITOR: scores})
+        best = int(np.argmax(scores))
+        history = pd.DataFrame(
+            {
+                "epoch": range(len(scores)),
+                "loss": 0.1,
+                MONITOR: scores,
+                "chosen": np.arange(len(scores)) == best,
+            }
+        )
         return _run_facts(tmp_path / "r", data=data, head=FC, rows=rows, history=history, epochs=epochs)
 
     still_rising = facts([0.6, 0.62, 0.64], epochs=2)
