@@ -1,10 +1,10 @@
 """bench heads: the fc head on a synthetic cache of the full ChestX-ray14 size and the cnn head on synthetic
 cached pixels, each against its compute floor.
 
-The fc floor is the epoch's training FLOPs divided by the matrix-multiply rate measured in the same
-process; the cnn floor is the time of each conv and dense layer's own product in training (forward and
-the gradients taken of it) at its shapes, each timed alone. So each ratio says how much time goes to
-anything but the head's own arithmetic.
+Each floor is the time of each conv and dense layer's own products in training (forward, and the
+gradients taken of it) at its shapes, each timed alone, in turns with the epochs. So each ratio says how
+much time goes to anything but the head's own arithmetic. The fc head is also set against its FLOPs at
+the rate of its largest forward product (matmul_ratio).
 """
 
 import dataclasses
@@ -95,9 +95,11 @@ def bench_fc(
 
     head = head or HeadConfig(kind="fc")
     train = TrainConfig(seed=seed).sized_for(data.rows("train").size)
+    model = _bench_head(data, kind="fc", head=head, seed=train.seed)
+    timed = epochs_and_floor(model, data=data, train=train, turns=epochs, repeats=10)
+    flops = training_flops(model, data.rows("train").size)
     rate = matmul_flops_per_s(batch=train.batch_size, dim=dim, units=head.units[0])
-    epoch_s, flops = time_fc_epochs(data, head=head, train=train, epochs=epochs)
-    del data
+    del data, model
 
     start = time.perf_counter()
     data = load_head_data(
@@ -120,17 +122,18 @@ def bench_fc(
         progress=False,
     )
     full_s = time.perf_counter() - start
-    floor_s = flops / rate
     return {
         "rows": rows,
         "dim": dim,
         "train_rows": metrics["rows"]["train"],
         "load_s": round(load_s, 3),
-        "epoch_s": round(epoch_s, 3),
+        **timed,
         "epochs_timed": epochs,
-        "floor_s": round(floor_s, 3),
-        "ratio": round(epoch_s / floor_s, 3),
+        # The same FLOPs at the rate of the head's largest forward product: a lower floor, as the
+        # gradient products (transposed operands) run slower than the forward one on a CPU.
         "matmul_gflops": round(rate / 1e9, 1),
+        "matmul_floor_s": round(flops / rate, 3),
+        "matmul_ratio": round(timed["epoch_s"] * rate / flops, 3),
         "train_gflop_per_epoch": round(flops / 1e9, 1),
         "train_head_s": round(full_s, 1),
         "train_head_epochs": metrics["epochs"],
@@ -225,24 +228,6 @@ def training_flops(model: keras.Model, examples: int) -> float:
     return per_example * examples
 
 
-class _EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self.start)
-
-
-def time_fc_epochs(data, *, head: HeadConfig, train: TrainConfig, epochs: int) -> tuple[float, float]:
-    """(fastest training epoch after a warm-up epoch, training FLOPs per epoch)."""
-    model = _bench_head(data, kind="fc", head=head, seed=train.seed)
-    rows = data.rows("train")
-    return time_epochs(model, data=data, train=train, epochs=epochs), training_flops(model, rows.size)
-
-
 def _bench_head(data, *, kind: str, head: HeadConfig, seed: int) -> keras.Model:
     keras.utils.set_random_seed(seed)
     (name,) = data.features
@@ -256,18 +241,43 @@ def _bench_head(data, *, kind: str, head: HeadConfig, seed: int) -> keras.Model:
     )
 
 
-def time_epochs(model: keras.Model, *, data, train: TrainConfig, epochs: int) -> float:
-    """The fastest of `epochs` training epochs after a warm-up epoch, trained as train_head trains.
+def epochs_and_floor(model: keras.Model, *, data, train: TrainConfig, turns: int, repeats: int) -> dict:
+    """A training epoch, trained as train_head trains, against its compute floor: the time of each Dense
+    and Conv2D layer's own products in training (layer_products), summed and scaled to the epoch.
 
-    Best of `epochs`, like the matmul rate and timeit: other load on the machine only ever adds time.
+    Epochs and floors are measured in turns, `turns` times, after an untimed epoch that traces the step
+    function, and the best of each is kept (like timeit: other load only ever adds time), so a burst of
+    load from other processes, or the machine's speed drifting, skews neither figure alone. Wall and
+    process CPU seconds alike; the ratios say how much time goes to anything but the layers' arithmetic.
     """
     rows = data.rows("train")
-    timer = _EpochTimer()
     fit_model, batches = training_setup(model, data=data, rows=rows, train=train)
     compile_for_training(fit_model, train=train, labels_train=data.labels[rows])
-    # The first epoch traces the step function: it is run but not timed.
-    fit_model.fit(batches, epochs=1 + epochs, shuffle=False, callbacks=[timer], verbose=0)
-    return float(min(timer.seconds[1:]))
+    products = layer_products(model, batch=train.batch_size)
+    fit_model.fit(batches, epochs=1, shuffle=False, verbose=0)
+    turns = max(1, turns)
+    epoch, floor = np.full((2, turns), np.inf), np.full((2, turns), np.inf)  # rows: wall, CPU seconds
+    with models_built_in_a_loop():  # one product function per layer, from the same code
+        for turn in range(turns):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fit_model.fit(batches, epochs=1, shuffle=False, verbose=0)
+            epoch[:, turn] = time.perf_counter() - start, time.process_time() - start_cpu
+            times = [_best_wall_and_cpu(step, x, repeats=repeats, tries=2) for step, x in products]
+            floor[:, turn] = np.sum(times, axis=0)
+    # The floor is of a full step; the epoch's last step is short, so the epoch counts its examples.
+    (epoch_s, epoch_cpu), (floor_s, floor_cpu) = (
+        epoch.min(axis=1),
+        floor.min(axis=1) * rows.size / train.batch_size,
+    )
+    return {
+        "epoch_s": round(epoch_s, 3),
+        "floor_s": round(floor_s, 3),
+        "ratio": round(epoch_s / floor_s, 3),
+        # CPU seconds of this process: unlike wall time, not inflated by other processes on the machine.
+        "epoch_cpu_s": round(epoch_cpu, 3),
+        "floor_cpu_s": round(floor_cpu, 3),
+        "cpu_ratio": round(epoch_cpu / floor_cpu, 3),
+    }
 
 
 def bench_cnn(
@@ -286,25 +296,9 @@ def bench_cnn(
     rows_train = data.rows("train")
     train = TrainConfig(seed=seed).sized_for(rows_train.size)
     model = _bench_head(data, kind="cnn", head=head, seed=seed)
-    fit_model, batches = training_setup(model, data=data, rows=rows_train, train=train)
-    compile_for_training(fit_model, train=train, labels_train=data.labels[rows_train])
-    products = layer_products(model, batch=train.batch_size)
-    fit_model.fit(batches, epochs=1, shuffle=False, verbose=0)  # traces the step function: not timed
-    epochs = max(1, epochs)
-    epoch, floor = np.full((2, epochs), np.inf), np.full((2, epochs), np.inf)  # rows: wall, CPU seconds
-    with models_built_in_a_loop():  # one product function per layer, from the same code
-        for turn in range(epochs):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fit_model.fit(batches, epochs=1, shuffle=False, verbose=0)
-            epoch[:, turn] = time.perf_counter() - start, time.process_time() - start_cpu
-            times = [_best_wall_and_cpu(step, x, repeats=2, tries=2) for step, x in products]
-            floor[:, turn] = np.sum(times, axis=0)
+    timed = epochs_and_floor(model, data=data, train=train, turns=epochs, repeats=2)
     steps = math.ceil(rows_train.size / train.batch_size)
-    # The floor is of a full step; the epoch's last step is short, so the epoch counts its examples.
-    (epoch_s, epoch_cpu), (floor_s, floor_cpu) = (
-        epoch.min(axis=1),
-        floor.min(axis=1) * rows_train.size / train.batch_size,
-    )
+    epoch_s = timed["epoch_s"]
     return {
         "rows": rows,
         "train_rows": int(rows_train.size),
@@ -313,14 +307,8 @@ def bench_cnn(
         "units": list(head.units),
         "batch_size": train.batch_size,
         "steps_per_epoch": steps,
-        "epoch_s": round(epoch_s, 3),
         "step_s": round(epoch_s / steps, 4),
-        "floor_s": round(floor_s, 3),
-        "ratio": round(epoch_s / floor_s, 3),
-        # CPU seconds of this process: unlike wall time, not inflated by other processes on the machine.
-        "epoch_cpu_s": round(epoch_cpu, 3),
-        "floor_cpu_s": round(floor_cpu, 3),
-        "cpu_ratio": round(epoch_cpu / floor_cpu, 3),
+        **timed,
         "train_gflop_per_epoch": round(training_flops(model, rows_train.size) / 1e9, 1),
     }
 
@@ -378,11 +366,6 @@ def _product_step(*, conv: bool, kernel: tf.Variable, input_grad: bool):
         return tf.add_n([tf.reduce_sum(g) for g in grads]) + tf.reshape(y, [-1])[0]
 
     return step
-
-
-def _best_seconds(fn, x, *, repeats: int, tries: int = 5) -> float:
-    """Seconds per call of fn(x): the best of `tries` runs of `repeats` calls, after one untimed call."""
-    return _best_wall_and_cpu(fn, x, repeats=repeats, tries=tries)[0]
 
 
 def _best_wall_and_cpu(fn, x, *, repeats: int, tries: int) -> tuple[float, float]:
@@ -500,8 +483,8 @@ def format_bench_heads(result: dict) -> str:
             f"  fc cache         {r['rows']:,} rows x {r['dim']:,} float16, {r['train_rows']:,} for training; "
             f"loaded in {duration(r['load_s'])}",
             f"  fc epoch         {duration(r['epoch_s'])}, batch {r['batch_size']:,}; floor {duration(r['floor_s'])} "
-            f"({r['train_gflop_per_epoch']:,.0f} GFLOP at {r['matmul_gflops']:,.0f} GFLOP/s): "
-            f"{r['ratio']:.2f}x the floor",
+            f"({r['train_gflop_per_epoch']:,.0f} GFLOP): {r['ratio']:.2f}x the floor, {r['cpu_ratio']:.2f}x in CPU "
+            f"time; {r['matmul_ratio']:.2f}x the FLOPs at the forward product's {r['matmul_gflops']:,.0f} GFLOP/s",
             f"  fc train-head    {duration(r['train_head_s'])} for {r['train_head_epochs']} epochs, "
             f"test mean AUC {r['train_head_test_mean_auc']:.3f}",
             f"  cnn pixels       {r['cnn_rows']:,} images of {r['cnn_size']} px, {r['cnn_train_rows']:,} for "

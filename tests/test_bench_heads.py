@@ -66,7 +66,18 @@ def test_floor_products_compute_the_forward_product(conv):
 
 def test_bench_heads_reports_consistent_figures(tmp_path):
     result = bench_heads(rows=3000, dim=64, workdir=tmp_path, epochs=1, cnn_rows=300, cnn_size=32)
-    for key in ("load_s", "epoch_s", "floor_s", "ratio", "matmul_gflops", "train_head_s", "peak_memory_mb"):
+    for key in (
+        "load_s",
+        "epoch_s",
+        "floor_s",
+        "ratio",
+        "cpu_ratio",
+        "matmul_gflops",
+        "matmul_floor_s",
+        "matmul_ratio",
+        "train_head_s",
+        "peak_memory_mb",
+    ):
         assert result[key] > 0, key
     # the figures are rounded to 3 decimals; allow for that in the quotient
     rounding = result["ratio"] * 0.0006 / result["floor_s"] + 0.01

@@ -301,3 +301,29 @@ def test_a_run_whose_best_epoch_is_the_last_allowed_says_it_did_not_converge(tmp
     assert still_rising["converged"] is False and still_rising["best_epoch"] == 2
     assert facts([0.6, 0.62, 0.61], epochs=2)["converged"] is True
     assert facts([0.6, 0.62, 0.64], epochs=10)["converged"] is True  # stopped early: not at the cap
+
+
+def test_fused_adamw_takes_keras_adamw_steps():
+    import keras
+    import tensorflow as tf
+
+    from heads.train import FusedAdamW
+
+    def trained(optimizer):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [keras.Input((16,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)]
+        )
+        model.compile(optimizer, keras.losses.BinaryCrossentropy(from_logits=True))
+        x = tf.random.stateless_normal((128, 16), seed=(1, 2))
+        y = tf.cast(tf.random.stateless_uniform((128, 3), seed=(3, 4)) < 0.3, tf.float32)
+        start = [w.copy() for w in model.get_weights()]
+        model.fit(x, y, batch_size=16, epochs=3, verbose=0, shuffle=False)
+        return start, model.get_weights()
+
+    schedule = keras.optimizers.schedules.CosineDecay(1e-2, decay_steps=24)
+    start, reference = trained(keras.optimizers.AdamW(schedule, weight_decay=0.05))
+    _, fused = trained(FusedAdamW(schedule, weight_decay=0.05))
+    for before, want, got in zip(start, reference, fused, strict=True):
+        assert np.abs(want - before).max() > 1e-3  # the weights moved
+        np.testing.assert_allclose(got, want, atol=1e-5)
