@@ -18,7 +18,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cache.store import cache_path, write_features
 from cxr14.config import LABELS, Config, HeadConfig, TrainConfig, with_training
 from cxr14.text import duration, megabytes
 from cxr14.tf_logging import models_built_in_a_loop
@@ -181,17 +180,7 @@ def write_synthetic_cache(cache_dir: Path, *, index: Index, dim: int, seed: int)
         block = rng.standard_normal((stop - start, dim), dtype=np.float32)
         features[start:stop] = block + index.labels[start:stop] @ directions
     # Never clear cache_dir: with --workdir set to a project, it is that project's real feature cache.
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    attrs = {"backbone": BACKBONE, "kind": "features", "dtype": "float16", "views": 1, "synthetic": True}
-    n = len(index)
-    return write_features(
-        cache_path(cache_dir, BACKBONE),
-        names=index.names,
-        features=features,
-        status=np.zeros(n, np.int8),
-        errors=np.full(n, "", dtype=object),
-        attrs=attrs,
-    )
+    return write_planted_cache(cache_dir, BACKBONE, index=index, features=features)
 
 
 def matmul_flops_per_s(*, batch: int, dim: int, units: int, repeats: int = 20) -> float:
@@ -316,16 +305,7 @@ def bench_cnn(
 def write_synthetic_pixels(cache_dir: Path, *, index: Index, size: int, seed: int) -> Path:
     """Random uint8 size x size images as a pixels cache; timing a step needs no signal in them."""
     pixels = np.random.default_rng(seed).integers(0, 256, (len(index), size, size), dtype=np.uint8)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    n = len(index)
-    return write_features(
-        cache_path(cache_dir, PIXELS),
-        names=index.names,
-        features=pixels,
-        status=np.zeros(n, np.int8),
-        errors=np.full(n, "", dtype=object),
-        attrs={"backbone": PIXELS, "kind": "pixels", "dtype": "uint8", "views": 1, "synthetic": True},
-    )
+    return write_planted_cache(cache_dir, PIXELS, index=index, features=pixels, kind="pixels")
 
 
 def layer_products(model: keras.Model, *, batch: int) -> list[tuple]:

@@ -136,8 +136,11 @@ def planted_caches(problem: str, *, index: Index, dim: int, seed: int) -> dict[s
     raise ValueError(f"unknown planted problem {problem!r}; valid: {', '.join(PROBLEMS)}")
 
 
-def write_planted_cache(cache_dir: Path, name: str, *, index: Index, features: np.ndarray) -> Path:
-    """A planted feature array written through the feature store, as an external cache would be."""
+def write_planted_cache(
+    cache_dir: Path, name: str, *, index: Index, features: np.ndarray, kind: str = "features"
+) -> Path:
+    """A synthetic array (features, or uint8 pixels) written through the feature store, every row of
+    `index` present, as an external cache would be."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     n = len(index)
     return write_features(
@@ -148,7 +151,7 @@ def write_planted_cache(cache_dir: Path, name: str, *, index: Index, features: n
         errors=np.full(n, "", dtype=object),
         attrs={
             "backbone": name,
-            "kind": "features",
+            "kind": kind,
             "dtype": str(features.dtype),
             "views": 1,
             "synthetic": True,
