@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.config import Config, HeadConfig, TrainConfig
-from cxr14.errors import InputError
+from cxr14.errors import Fix, InputError
 from extract.registry import SOURCES
 from heads.registry import HEAD_KINDS, head_kind
 from heads.run_folder import read_config, refuse_existing
@@ -103,7 +103,10 @@ def run_train_head(
     plan = plan_run(config, kind=kind, backbones=backbones)
     check_caches(config, plan.backbones)
     run_dir = config.runs_dir / (name or plan.default_name())
-    refuse_existing(run_dir, force=force)
+    try:
+        refuse_existing(run_dir, force=force)
+    except InputError as err:
+        raise err.fixed_by(Fix("train-head", {"force": True})) from None
     dataset = open_dataset(config)
     data = load_head_data(
         cache_dir=config.cache_dir,

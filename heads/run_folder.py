@@ -49,7 +49,7 @@ def _run_names(runs_dir: Path, most: int = 8) -> list[str]:
 def refuse_existing(run_dir: Path, *, force: bool) -> None:
     """Refuse a finished or non-empty run folder unless `force`; checked before any work starts."""
     if run_dir.exists() and any(run_dir.iterdir()) and not force:
-        raise InputError(f"{run_dir} exists; pick another run name or allow overwriting it")
+        raise InputError(f"{run_dir} exists; pick another run name, or overwrite it")
 
 
 def start_run(run_dir: Path, *, force: bool) -> Path:

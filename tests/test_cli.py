@@ -98,6 +98,19 @@ def test_train_head_without_cache_prints_the_extract_command(tmp_path, tiny_proj
     assert capsys.readouterr().err.rstrip().endswith(expected)
 
 
+def test_an_existing_run_folder_is_refused_with_the_users_command_and_force(tmp_path, tiny_project, capsys):
+    runs = tmp_path / "runs"
+    (runs / "mine").mkdir(parents=True)
+    (runs / "mine" / "metrics.json").write_text("{}", encoding="utf-8")
+    argv = ["train-head", "--config", str(tiny_project.path), "--runs-dir", str(runs)]
+    argv += ["--head", "fc", "--backbone", "offline_cnn", "--name", "mine"]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err.rstrip()
+    assert f"{runs / 'mine'} exists" in err
+    assert err.endswith(": python run.py " + " ".join(argv) + " --force")
+    assert (runs / "mine" / "metrics.json").read_text(encoding="utf-8") == "{}"  # nothing touched
+
+
 def _args(argv: list[str]):
     args = run.build_parser().parse_args(argv)
     args.argv = argv
