@@ -61,7 +61,7 @@ def bench_heads(
     rows: int = 112120,
     dim: int = 2048,
     workdir: Path,
-    epochs: int = 3,
+    epochs: int = 5,
     seed: int = 0,
     fc: HeadConfig | None = None,
     cnn: HeadConfig | None = None,

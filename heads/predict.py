@@ -16,6 +16,7 @@ import tensorflow as tf
 from cxr14.caveats import SYNTHETIC_NOTICE, not_medical_warning, random_weight_backbones
 from cxr14.config import BackboneConfig, Config
 from cxr14.errors import InputError
+from cxr14.text import count
 from extract.backbones import load_backbone
 from extract.pipeline import ImageError, load_image
 from heads.calibration import calibrator
@@ -311,7 +312,7 @@ def format_table(results: list[dict]) -> str:
             cells = (_cell(r, lb, w, calls=_has_calls(results)) for lb, w in zip(labels, widths, strict=True))
             lines.append("  ".join([f"{r['image']:<{image_width}}", *cells]))
     failed = sum(1 for r in results if r.get("error"))
-    lines.append(f"{len(results) - failed} images predicted, {failed} could not be read")
+    lines.append(f"{count(len(results) - failed, 'image')} predicted, {failed} could not be read")
     if _has_calls(results):
         lines.append(
             "calibrated probabilities; + marks a positive call at the run's operating point (chosen on "
