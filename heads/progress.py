@@ -1,6 +1,7 @@
 """One progress bar per training run, and one closing line, in place of Keras' line per epoch."""
 
 import math
+import sys
 import time
 from collections.abc import Callable
 
@@ -8,6 +9,8 @@ import keras
 from tqdm import tqdm
 
 from cxr14.text import duration
+
+LOG_INTERVAL = 10.0  # seconds between the bar's refreshes where standard error is not a terminal
 
 
 class EpochProgress(keras.callbacks.Callback):
@@ -18,7 +21,9 @@ class EpochProgress(keras.callbacks.Callback):
     under steps_per_execution ("96/77"). Goes after the callback that puts `monitor` into the logs;
     `start`, when given, returns the score before training (epoch 0), for a run that counts it; `chosen`
     returns the (epoch, score) the run keeps where that callback decides it at the end, and `note` a
-    sentence for the closing line. The bar shows on a terminal only; the closing line always prints.
+    sentence for the closing line. The bar goes to standard error, like extraction's (refreshed at most
+    every LOG_INTERVAL seconds, and at each epoch's end, where that is not a terminal: a log file gets a
+    few updates, not thousands); `bar=False` leaves it out. The closing line goes to standard output.
     """
 
     def __init__(
@@ -29,13 +34,13 @@ class EpochProgress(keras.callbacks.Callback):
         start: Callable[[], float] | None = None,
         chosen: Callable[[], tuple[int, float]] | None = None,
         note: Callable[[], str] | None = None,
-        bar: bool | None = None,
+        bar: bool = True,
     ):
         super().__init__()
         self.epochs = epochs
         self.monitor = monitor
         self.start, self.chosen, self.note = start, chosen, note
-        self.show_bar = bar  # None: only on a terminal (tqdm's own test)
+        self.show_bar = bar
 
     def on_train_begin(self, logs=None):
         self.started = time.perf_counter()
@@ -46,8 +51,9 @@ class EpochProgress(keras.callbacks.Callback):
             total=self.epochs,
             desc=f"epoch 1/{self.epochs}",
             bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
-            disable=None if self.show_bar is None else not self.show_bar,
+            disable=not self.show_bar,
             dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else LOG_INTERVAL,
         )
 
     def on_epoch_begin(self, epoch, logs=None):
