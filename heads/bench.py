@@ -22,7 +22,6 @@ from cxr14.config import LABELS, Config, HeadConfig, TrainConfig, with_training
 from cxr14.text import duration, megabytes
 from cxr14.tf_logging import models_built_in_a_loop
 from extract.index import Index
-from extract.splits import Splits
 from heads.data import load_head_data
 from heads.models import build_head
 from heads.planted import planted_caches, planted_index, write_planted_cache
@@ -34,24 +33,6 @@ PIXELS = "bench_pixels"
 # step does not depend on the row count, and the full set's pixels would be 1.8 GB.
 CNN_ROWS = 2000
 CNN_SIZE = 128
-# Label prevalence of ChestX-ray14 (share of images), in LABELS order.
-PREVALENCE = (
-    0.103,
-    0.025,
-    0.119,
-    0.177,
-    0.052,
-    0.056,
-    0.013,
-    0.047,
-    0.042,
-    0.021,
-    0.022,
-    0.015,
-    0.030,
-    0.002,
-)
-IMAGES_PER_PATIENT = 3.64  # 112,120 images of 30,805 patients
 SIGNAL = 0.02  # per-dimension label signal: linear-probe AUCs near the real data's ~0.75
 CHUNK = 8192
 
@@ -83,7 +64,7 @@ def bench_fc(
 ) -> dict:
     """Load time, fc epoch time against its compute floor, and a full train-head run."""
     cache_dir, runs_dir = workdir / "features", workdir / "runs"
-    index, splits = synthetic_index(rows, seed=seed)
+    index, splits = planted_index(rows, seed=seed)
     write_synthetic_cache(cache_dir, index=index, dim=dim, seed=seed)
 
     start = time.perf_counter()
@@ -144,30 +125,6 @@ def bench_fc(
         "device": _device(),
         "cpu_threads": len(os.sched_getaffinity(0)),
     }
-
-
-def synthetic_index(rows: int, *, seed: int) -> tuple[Index, Splits]:
-    """An index shaped like ChestX-ray14 (prevalence, images per patient) and a 70/10/20 patient split."""
-    rng = np.random.default_rng(seed)
-    patients = (np.arange(rows) / IMAGES_PER_PATIENT).astype(np.int64)
-    labels = (rng.random((rows, len(LABELS))) < np.array(PREVALENCE)).astype(np.uint8)
-    index = Index(
-        csv_path=Path("synthetic"),
-        label_names=LABELS,
-        names=np.array([f"{p:08d}_{i:03d}.png" for i, p in enumerate(patients)], dtype=object),
-        labels=labels,
-        patients=patients,
-        follow_up=np.zeros(rows, np.int32),
-        age=rng.uniform(1, 95, rows).astype(np.float32),
-        sex=np.where(rng.random(rows) < 0.56, "M", "F").astype(object),
-        view=np.where(rng.random(rows) < 0.6, "PA", "AP").astype(object),
-        width=np.full(rows, 1024, np.int32),
-        height=np.full(rows, 1024, np.int32),
-        ages_invalid=0,
-    )
-    draw = np.random.default_rng(seed + 1).random(patients[-1] + 1)[patients]
-    assignment = np.where(draw < 0.7, "train", np.where(draw < 0.8, "val", "test")).astype(object)
-    return index, Splits(assignment=assignment, source="patient-random")
 
 
 def write_synthetic_cache(cache_dir: Path, *, index: Index, dim: int, seed: int) -> Path:
@@ -278,7 +235,7 @@ def bench_cnn(
     load from other processes then skews neither figure alone.
     """
     cache_dir = Path(workdir) / "features"
-    index, splits = synthetic_index(rows, seed=seed)
+    index, splits = planted_index(rows, seed=seed)
     write_synthetic_pixels(cache_dir, index=index, size=size, seed=seed)
     data = load_head_data(cache_dir=cache_dir, backbones=[PIXELS], index=index, splits=splits, metadata=False)
     head = head or HeadConfig(kind="cnn")

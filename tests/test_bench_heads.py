@@ -11,11 +11,11 @@ from heads.bench import (
     _product_step,
     bench_heads,
     format_bench_heads,
-    synthetic_index,
     training_flops,
     write_synthetic_cache,
 )
 from heads.models import build_head
+from heads.planted import planted_index
 
 
 def test_training_flops_by_hand():
@@ -26,8 +26,8 @@ def test_training_flops_by_hand():
     assert training_flops(model, 10) == 10 * per_example
 
 
-def test_synthetic_index_and_cache(tmp_path):
-    index, splits = synthetic_index(2000, seed=0)
+def test_planted_index_and_synthetic_cache(tmp_path):
+    index, splits = planted_index(2000, seed=0)
     assert len(index) == 2000 and index.labels.shape == (2000, len(LABELS))
     assert 500 <= len(np.unique(index.patients)) <= 600
     for split in ("train", "val", "test"):
