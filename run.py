@@ -15,19 +15,14 @@ import sys
 from pathlib import Path
 
 # Only light modules here: --help and argument errors answer before numpy or TensorFlow load.
-from cache.registry import FEATURE_DTYPES
+from cache.settings import FEATURE_DTYPES
 from cxr14 import __version__
-from cxr14.config import (
-    DECISION_FIELDS,
-    HEAD_FIELDS,
-    TRAIN_FIELDS,
-    Config,
-    load_config,
-    override,
-    with_training,
-)
 from cxr14.errors import Fix, InputError
-from heads.registry import CALIBRATIONS, FUSIONS, HEAD_KINDS, HEATMAP_METHODS, LOSSES, OPERATING_POINTS
+from cxr14.settings import override
+from experiments.config import Config, load_config, with_training
+from heads.settings import FUSIONS, HEAD_FIELDS, HEAD_KINDS, LOSSES, TRAIN_FIELDS
+from inference.settings import HEATMAP_METHODS
+from results.settings import CALIBRATIONS, DECISION_FIELDS, OPERATING_POINTS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "cxr14.toml"
 ALL_FOLDERS = ("data", "cache", "runs")
@@ -94,11 +89,11 @@ def suggested_command(fix: Fix, args) -> str:
 
 
 def cmd_index(args, config: Config) -> None:
-    from extract.dataset import open_dataset
-    from extract.index import count_missing, find_images, format_summary, summarize
-    from extract.splits import write_split_lists
+    from dataset.index import count_missing, find_images, format_summary, summarize
+    from dataset.splits import write_split_lists
+    from experiments.data import open_config_dataset
 
-    dataset = open_dataset(config)
+    dataset = open_config_dataset(config)
     missing = None
     if args.check_images:
         missing = count_missing(find_images(config.data_dir, dataset.index.names))
@@ -116,7 +111,7 @@ def cmd_index(args, config: Config) -> None:
 
 
 def cmd_make_sample(args, config: Config) -> None:
-    from extract.sample import format_sample_summary, make_sample
+    from dataset.sample import format_sample_summary, make_sample
 
     info = make_sample(
         args.out, images=args.images, size=args.size, seed=args.seed, label_names=config.labels
@@ -133,7 +128,7 @@ def cmd_extract(args, config: Config) -> None:
     for name in (*args.backbone, *([args.from_pixels] if args.from_pixels else [])):
         config.backbone(name)  # an unknown name fails before TensorFlow loads
     _tensorflow(args)
-    from extract.runner import format_extract_summary, run_extract
+    from experiments.extract import format_extract_summary, run_extract
 
     with _results_only_on_stdout(args):
         summaries = run_extract(
@@ -161,7 +156,7 @@ def cmd_train_head(args, config: Config) -> None:
     # Settings and names are checked before TensorFlow loads, so a mistake answers at once.
     config = with_training(config, kind=args.head, **_flags(args, TRAIN_FIELDS + HEAD_FIELDS))
     config = dataclasses.replace(config, decision=override(config.decision, **_flags(args, DECISION_FIELDS)))
-    from heads.experiment import plan_run, run_train_head
+    from experiments.experiment import plan_run, run_train_head
 
     plan_run(config, kind=args.head, backbones=args.backbone)
     _tensorflow(args)
@@ -178,14 +173,15 @@ def cmd_evaluate(args, config: Config) -> None:
     run_dir = find_run(args.run, runs_dir=config.runs_dir)
     _tensorflow(args)
     if args.localization:
-        from heads.localization import format_pointing_game, run_localization
+        from experiments.experiment import run_localization
+        from inference.localization import format_pointing_game
 
         result = run_localization(
             config, run_dir=run_dir, bbox_csv=args.localization, split=args.split, method=args.heatmap_method
         )
         print(json.dumps(result, indent=2, default=str) if args.json else format_pointing_game(result))
         return
-    from heads.experiment import run_evaluate
+    from experiments.experiment import run_evaluate
 
     with _results_only_on_stdout(args):
         metrics = run_evaluate(config, run_dir=run_dir, split=args.split, expert=args.expert)
@@ -201,7 +197,7 @@ def _print_result(args, result: dict) -> None:
 
 
 def cmd_report(args, config: Config) -> None:
-    from heads.report import leaderboard
+    from experiments.leaderboard import leaderboard
     from heads.run_folder import find_run
 
     runs = [find_run(run, runs_dir=config.runs_dir) for run in args.runs] or sorted(
@@ -215,11 +211,11 @@ def cmd_report(args, config: Config) -> None:
 
 
 def cmd_sweep(args, config: Config) -> None:
-    from heads.sweep import read_grid
+    from experiments.sweep import read_grid
 
     read_grid(args.grid)  # a bad grid file answers before TensorFlow loads
     _tensorflow(args)
-    from heads.sweep import run_sweep
+    from experiments.sweep import run_sweep
 
     with _results_only_on_stdout(args):
         result = run_sweep(config, grid_path=args.grid, name=args.name)
@@ -237,12 +233,12 @@ def cmd_predict(args, config: Config) -> int:
 
     run_dir = find_run(args.run, runs_dir=config.runs_dir)
     _tensorflow(args)
-    from heads.predict import format_predictions, predict_images
+    from inference.predict import format_predictions, predict_images
 
     results = predict_images(
         run_dir=run_dir,
         inputs=args.images,
-        config=config,
+        extract=config.extract,
         heatmap_dir=args.heatmap,
         heatmap_top=args.heatmap_top,
         heatmap_method=args.heatmap_method,
@@ -259,8 +255,8 @@ def cmd_export(args, config: Config) -> None:
 
     run_dir = find_run(args.run, runs_dir=config.runs_dir)
     _tensorflow(args)
-    from heads.export import export_run
-    from heads.predict import run_warning
+    from inference.export import export_run
+    from inference.trained import run_warning
 
     exported = export_run(run_dir=run_dir, out_dir=args.out)
     _warn(run_warning(run_dir))
@@ -269,7 +265,7 @@ def cmd_export(args, config: Config) -> None:
 
 def cmd_demo(args, config: Config) -> None:
     _tensorflow(args)
-    from heads.demo import run_demo
+    from experiments.demo import run_demo
 
     print(run_demo(config, workdir=args.workdir, images=args.images))
 
@@ -281,8 +277,7 @@ def cmd_bench(args, config: Config) -> None:
             config.backbone(name)
     _tensorflow(args)
     if args.what == "extract":
-        from extract.bench import format_bench_extract
-        from extract.runner import run_bench_extract
+        from bench.extract import format_bench_extract, run_bench_extract
 
         result = run_bench_extract(
             config, backbones=args.backbone, images=args.images, from_pixels=args.from_pixels
@@ -291,7 +286,7 @@ def cmd_bench(args, config: Config) -> None:
     else:
         import tempfile
 
-        from heads.bench import bench_heads, bench_quality, format_bench_heads, format_quality
+        from bench.heads import bench_heads, bench_quality, format_bench_heads, format_quality
 
         with tempfile.TemporaryDirectory(prefix="cxr14-bench-") as tmp:
             workdir = args.workdir or Path(tmp)

@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.registry import DTYPES
+from cache.settings import DTYPES
 from cache.status import Status
 from cxr14.errors import InputError
 from cxr14.names import positions

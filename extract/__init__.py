@@ -1,1 +1,1 @@
-"""Stage one: images of the index through frozen backbones into the feature store."""
+"""Stage one: images of the data set through frozen backbones into the feature store."""

@@ -11,10 +11,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cxr14.config import BackboneConfig
 from cxr14.errors import InputError
-from extract.pipeline import ImageSpec, normalize
-from extract.registry import RANDOM_STAGES, SOURCES
+from dataset.image_loader import ImageSpec, normalize
+from extract.settings import RANDOM_STAGES, SOURCES, BackboneConfig
 
 
 class BackboneError(InputError):
@@ -25,7 +24,7 @@ class BackboneError(InputError):
 class Backbone:
     """A loaded backbone. `fn`: uint8 pixels (b, s, s, 1) -> (b, dim) float32, or (b, s, s) 0..255 for pixels.
 
-    `fn` casts and normalises the pixels itself (extract.pipeline.normalize), on the device it runs on.
+    `fn` casts and normalises the pixels itself (dataset.image_loader.normalize), on the device it runs on.
     """
 
     name: str
@@ -340,5 +339,5 @@ def _load_pixels(cfg: BackboneConfig, *, mixed_precision: bool):
     return _Loaded(call, _spec(cfg, channels=1), {"loader": "pixels", "mixed_precision": False})
 
 
-# One loader per source in extract.registry.SOURCES: (config, mixed_precision) -> _Loaded.
+# One loader per source in extract.settings.SOURCES: (config, mixed_precision) -> _Loaded.
 LOADERS = {"hub": _load_hub, "keras": _load_keras, "random": _load_random, "pixels": _load_pixels}

@@ -18,7 +18,7 @@ from cache import store
 from cache.status import Status
 from cxr14.errors import Fix, InputError
 from cxr14.temps import remove_stale_temps
-from extract import pipeline
+from dataset import image_loader
 
 MAX_FAILURES_SHOWN = 10
 
@@ -299,7 +299,7 @@ def _dataset(images, *, todo, checks, sizes, batch_size, views, seed):
         sorted(row for row, (status, _) in checks.items() if status == Status.OK), dtype=np.int64
     )
     positions = [tuple(np.searchsorted(readable, bounds).tolist()) for bounds in todo]
-    return pipeline.make_dataset(
+    return image_loader.make_dataset(
         images.source(readable), sizes=sizes, batch_size=batch_size, shards=positions, views=views, seed=seed
     )
 

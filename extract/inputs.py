@@ -16,7 +16,7 @@ from cache import store
 from cache.status import Status
 from cxr14.errors import Fix, InputError
 from cxr14.names import positions
-from extract import pipeline
+from dataset import image_loader
 
 CHUNK_ROWS = 64  # stored images read per HDF5 access: 16 MB at 512 px
 
@@ -46,15 +46,17 @@ class PngInput:
 
     def check(self, rows: Sequence[int]) -> dict[int, tuple[Status, str]]:
         """The cheap per-file check (no decoding) of each row."""
-        return {int(row): pipeline.check_file(self.paths[row], max_pixels=self.max_pixels) for row in rows}
+        return {
+            int(row): image_loader.check_file(self.paths[row], max_pixels=self.max_pixels) for row in rows
+        }
 
-    def source(self, rows: np.ndarray) -> pipeline.PngFiles:
+    def source(self, rows: np.ndarray) -> image_loader.PngFiles:
         """What make_dataset reads for `rows` (all passed `check`)."""
-        return pipeline.PngFiles(paths=self.paths[rows], rows=rows)
+        return image_loader.PngFiles(paths=self.paths[rows], rows=rows)
 
     def explain(self, row: int) -> tuple[Status, str]:
         """Why a row that passed `check` was dropped: decoding it failed."""
-        return Status.UNDECODABLE, pipeline.decode_error(self.paths[row])
+        return Status.UNDECODABLE, image_loader.decode_error(self.paths[row])
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,2 @@
-"""Stage two: heads trained and scored on cached features, and what uses the trained runs."""
+"""Stage two: heads trained on cached features, from the probe start to the best validation epoch, and
+scored on a split."""

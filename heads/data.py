@@ -12,7 +12,7 @@ from cache.status import Status
 from cache.store import MadeDifferently, cache_path, check_recipe, finite_rows, read_features, shard_dir
 from cxr14.errors import Fix, InputError
 from cxr14.names import positions
-from extract.splits import SPLITS
+from dataset.splits import SPLITS
 
 METADATA_INPUT = "metadata"  # the head's input name for the metadata columns
 # Metadata columns concatenated to the features (--metadata): age scaled to ~[0, 1], a flag for a

@@ -10,7 +10,7 @@ import numpy as np
 from keras import ops
 
 from cxr14.errors import InputError, check_choice
-from heads.registry import LOSSES
+from heads.settings import LOSSES
 
 
 def positive_weights(labels: np.ndarray) -> np.ndarray:
@@ -93,7 +93,7 @@ def focal_loss(gamma: float = 2.0, alpha: float | None = None) -> FocalLoss:
 
 
 def make_loss(name: str, *, labels_train: np.ndarray, gamma: float = 2.0) -> keras.losses.Loss:
-    """The loss named in the config (heads.registry.LOSSES); "weighted" weighs by the training labels."""
+    """The loss named in the config (heads.settings.LOSSES); "weighted" weighs by the training labels."""
     makers = {
         "bce": keras.losses.BinaryCrossentropy,
         "weighted": lambda: weighted_bce(positive_weights(labels_train)),

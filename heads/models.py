@@ -1,7 +1,7 @@
 """The heads (Keras 3): a trunk over the inputs, optional fully-connected layers, one sigmoid per label.
 
 Every head takes one named input per backbone (the backbone's name; plus "metadata" when asked). The kinds
-are listed in heads/registry.py; each names its trunk here (TRUNKS). Layer seeds are derived from `seed`,
+are listed in heads/settings.py; each names its trunk here (TRUNKS). Layer seeds are derived from `seed`,
 so a head is the same every build.
 """
 
@@ -12,10 +12,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cxr14.config import HeadConfig
 from cxr14.errors import InputError
 from heads.data import METADATA_INPUT
-from heads.registry import HeadKind, head_kind
+from heads.settings import HeadConfig, HeadKind, head_kind
 from heads.start import HeadStart
 
 
@@ -232,5 +231,5 @@ def _conv_tower(pixels: dict, *, head: HeadConfig, seeds: Iterator[int]):
     return keras.layers.Flatten()(x)
 
 
-# Trunk name (heads.registry.HeadKind.trunk) -> builder ({name: input tensor}, head, seeds) -> tensor.
+# Trunk name (heads.settings.HeadKind.trunk) -> builder ({name: input tensor}, head, seeds) -> tensor.
 TRUNKS = {"join": _concatenated, "fuse": _fuse, "conv": _conv_tower}

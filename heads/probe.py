@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
-from heads.metrics import mean_defined, roc_auc_per_label
+from results.metrics import mean_defined, roc_auc_per_label
 
 CHUNK = 8192
 # Penalties as multiples of the training rows: standardized features make the Gram matrix about

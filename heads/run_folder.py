@@ -25,8 +25,8 @@ OUTPUTS = (
     "calibration.png",
     "metrics.json",
 )
-CALIBRATION = "calibration.json"  # per-label calibration fitted on validation (heads/calibration.py)
-THRESHOLDS = "thresholds.json"  # per-label operating points chosen on validation (heads/operating.py)
+CALIBRATION = "calibration.json"  # per-label calibration fitted on validation (results/calibration.py)
+THRESHOLDS = "thresholds.json"  # per-label operating points chosen on validation (results/operating.py)
 
 
 def find_run(run: str | Path, *, runs_dir: Path) -> Path:

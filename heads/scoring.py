@@ -8,15 +8,15 @@ import keras
 import numpy as np
 
 from cxr14.caveats import SYNTHETIC_NOTICE
-from cxr14.config import DecisionConfig
 from cxr14.errors import InputError
-from heads.baselines import CHANCE_AUC, baseline_metrics, metadata_baseline_scores
-from heads.calibration import apply_calibration, fit_calibration
 from heads.data import HeadData, head_inputs
-from heads.metrics import expected_calibration_error, label_metrics, mean_defined, rates_at_thresholds
-from heads.operating import choose_thresholds, threshold_array
-from heads.report import plot_reliability
 from heads.run_folder import load_model, read_decisions, run_labels, write_decisions, write_json
+from results.baselines import CHANCE_AUC, baseline_metrics, metadata_baseline_scores
+from results.calibration import apply_calibration, fit_calibration
+from results.metrics import expected_calibration_error, label_metrics, mean_defined, rates_at_thresholds
+from results.operating import choose_thresholds, threshold_array
+from results.report import plot_reliability
+from results.settings import DecisionConfig
 
 PREDICT_BATCH = 4096
 
@@ -63,7 +63,7 @@ def split_metrics(
     seed: int,
     decisions: dict | None = None,
 ) -> dict:
-    """Metrics (heads.metrics.label_metrics) of probabilities `scores` for the rows of `split`, in row
+    """Metrics (results.metrics.label_metrics) of probabilities `scores` for the rows of `split`, in row
     order, beside the metadata baseline and chance, and at the run's `decisions` (fit_decisions) if any."""
     rows = data.rows(split)
     if rows.size == 0:
@@ -97,7 +97,7 @@ def split_metrics(
 
 
 def _baselines(data: HeadData, scores: np.ndarray, *, rows, label_names, n_boot: int, seed: int) -> dict:
-    """The metadata baseline fitted on train and scored on `rows`, and chance (heads/baselines.py)."""
+    """The metadata baseline fitted on train and scored on `rows`, and chance (results/baselines.py)."""
     if data.covariates is None or data.rows("train").size == 0:
         return {
             "metadata": None,
@@ -186,8 +186,8 @@ def score_expert(
     *, run_dir: Path, data: HeadData, split: str, expert_files: list[Path], n_boot: int, seed: int
 ) -> dict:
     """A run against Google's expert labels on the images of `split` they cover, beside the NIH labels
-    of the same images (heads/expert.py); also written to evaluate-expert-SPLIT.json."""
-    from heads.expert import expert_metrics, read_expert
+    of the same images (results/expert.py); also written to evaluate-expert-SPLIT.json."""
+    from results.expert import expert_metrics, read_expert
 
     run_dir = Path(run_dir)
     labels = run_labels(run_dir)

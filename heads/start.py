@@ -12,8 +12,8 @@ import numpy as np
 
 from heads.data import METADATA_INPUT, HeadData
 from heads.directions import logistic_with_offset, spread_directions
-from heads.metrics import mean_defined, roc_auc_per_label
 from heads.probe import RidgeProbe, fit_ridge_probe, platt_scaling, standardized_chunks
+from results.metrics import mean_defined, roc_auc_per_label
 
 
 @dataclass(frozen=True, eq=False)

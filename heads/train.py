@@ -12,15 +12,11 @@ import pandas as pd
 import tensorflow as tf
 from keras import ops
 
-from cxr14.config import DecisionConfig, HeadConfig, TrainConfig
 from cxr14.errors import InputError
 from heads.data import HeadData, head_inputs
 from heads.losses import make_loss
-from heads.metrics import bootstrap_difference, mean_defined, roc_auc_per_label
 from heads.models import METADATA_INPUT, build_head
 from heads.progress import EpochProgress
-from heads.registry import head_kind
-from heads.report import plot_auc_comparison, plot_roc, write_auc_table
 from heads.run_folder import finish_run, start_run, write_json
 from heads.scoring import (
     check_labels,
@@ -30,7 +26,11 @@ from heads.scoring import (
     split_metrics,
     write_decision_outputs,
 )
+from heads.settings import HeadConfig, TrainConfig, head_kind
 from heads.start import HeadStart, fit_start, probe_blocks
+from results.metrics import bootstrap_difference, mean_defined, roc_auc_per_label
+from results.report import plot_auc_comparison, plot_roc, write_auc_table
+from results.settings import DecisionConfig
 
 MONITOR = "val_mean_auc"
 

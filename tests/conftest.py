@@ -53,9 +53,9 @@ def write_tiny_config(root: Path, extra: str = "") -> Path:
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory):
     """A 200-image sample with both offline backbones extracted; tests copy what they change."""
-    from cxr14.config import load_config
-    from extract.runner import run_extract
-    from extract.sample import make_sample
+    from dataset.sample import make_sample
+    from experiments.config import load_config
+    from experiments.extract import run_extract
 
     root = tmp_path_factory.mktemp("project")
     config = load_config(write_tiny_config(root))

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cxr14.config import BackboneConfig
 from cxr14.errors import InputError
+from dataset.image_loader import normalize
 from extract.backbones import BackboneError, grid_pooling_matrix, load_backbone, random_kernels
-from extract.pipeline import normalize
+from extract.settings import BackboneConfig
 
 
 def _cfg(**kw) -> BackboneConfig:

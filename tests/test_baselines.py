@@ -4,9 +4,9 @@ patient resamples as the run, and a run that does not beat it is flagged."""
 import numpy as np
 import pytest
 
-from heads.baselines import baseline_metrics, metadata_baseline_scores
 from heads.data import encode_metadata
-from heads.metrics import label_metrics
+from results.baselines import baseline_metrics, metadata_baseline_scores
+from results.metrics import label_metrics
 
 NAMES = ("view-driven", "age-driven", "noise")
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cxr14.config import BackboneConfig
+from bench.extract import bench_extract
 from cxr14.errors import InputError
 from extract.backbones import load_backbone
-from extract.bench import bench_extract
 from extract.extraction import extract_features
 from extract.inputs import PixelInput, PngInput
+from extract.settings import BackboneConfig
 
 KEYS = {
     "backbones",

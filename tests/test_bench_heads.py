@@ -1,12 +1,10 @@
-"""heads.bench: the figures are produced and consistent, and the FLOP count matches a hand count."""
+"""bench.heads: the figures are produced and consistent, and the FLOP count matches a hand count."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from cache.store import cache_path, read_features
-from cxr14.config import LABELS, HeadConfig
-from heads.bench import (
+from bench.heads import (
     BACKBONE,
     _product_step,
     bench_heads,
@@ -14,8 +12,11 @@ from heads.bench import (
     training_flops,
     write_synthetic_cache,
 )
+from bench.planted import planted_index
+from cache.store import cache_path, read_features
+from dataset.settings import LABELS
 from heads.models import build_head
-from heads.planted import planted_index
+from heads.settings import HeadConfig
 
 
 def test_training_flops_by_hand():

@@ -5,8 +5,8 @@ import pytest
 from sklearn.isotonic import IsotonicRegression
 
 from cxr14.errors import InputError
-from heads.calibration import apply_calibration, fit_calibration
-from heads.metrics import expected_calibration_error, reliability_curve
+from results.calibration import apply_calibration, fit_calibration
+from results.metrics import expected_calibration_error, reliability_curve
 
 NAMES = ("a", "b", "c")
 

@@ -288,7 +288,7 @@ def test_a_full_disk_outside_the_store_exits_2_with_one_line(tmp_path, capsys, m
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "x.png"))
 
-    monkeypatch.setattr("extract.sample.make_sample", full)
+    monkeypatch.setattr("dataset.sample.make_sample", full)
     assert run.main(["make-sample", "--out", str(tmp_path / "out"), "--images", "5"]) == 2
     assert capsys.readouterr().err == f"error: no space left on device: {tmp_path / 'out' / 'x.png'}\n"
 
@@ -303,7 +303,7 @@ preprocess = "bytes"
 
 def test_one_pass_then_a_pixel_cache_as_input(tmp_path, tiny_project, capsys):
     from cache import store
-    from extract.index import find_images
+    from dataset.index import find_images
 
     config = write_tiny_config(tmp_path, PIXELS64)
     features = tmp_path / "features"

@@ -4,16 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from cxr14.config import (
-    LABELS,
-    ExtractConfig,
-    TrainConfig,
-    auto_batch_size,
-    load_config,
-    override,
-    with_training,
-)
 from cxr14.errors import InputError
+from cxr14.settings import override
+from dataset.settings import LABELS
+from experiments.config import load_config, with_training
+from extract.settings import ExtractConfig
+from heads.settings import TrainConfig, auto_batch_size
 
 ROOT = Path(__file__).resolve().parents[1]
 

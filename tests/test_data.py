@@ -6,10 +6,10 @@ import pytest
 
 from cache.status import Status
 from cache.store import cache_path, shard_dir, write_features
-from cxr14.config import LABELS
 from cxr14.errors import Fix, InputError
-from extract.index import Index
-from extract.splits import Splits
+from dataset.index import Index
+from dataset.settings import LABELS
+from dataset.splits import Splits
 from heads.data import METADATA_COLUMNS, encode_metadata, load_head_data
 
 

@@ -5,8 +5,8 @@ import json
 from PIL import Image
 
 from cxr14.caveats import SYNTHETIC_NOTICE
-from cxr14.config import load_config
-from heads.demo import DEMO_BACKBONES, run_demo
+from experiments.config import load_config
+from experiments.demo import DEMO_BACKBONES, run_demo
 from heads.run_folder import OUTPUTS
 from tests.conftest import write_tiny_config
 

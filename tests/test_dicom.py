@@ -1,4 +1,4 @@
-"""DICOM through the one image pipeline (extract/dicom.py, extract/pipeline.py): real films from the
+"""DICOM through the one image pipeline (dataset/dicom.py, dataset/image_loader.py): real films from the
 pydicom-data package, small synthetic films made here for each rule and each failure."""
 
 import numpy as np
@@ -10,15 +10,16 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from cache.status import Status
-from cxr14.config import LABELS
+from dataset.image_loader import ImageError, check_file, decode_error, read_gray01
+from dataset.index import find_images
+from dataset.sample import make_sample
+from dataset.settings import LABELS
 from extract.backbones import load_backbone
 from extract.extraction import extract_features
-from extract.index import find_images
 from extract.inputs import PngInput
-from extract.pipeline import ImageError, check_file, decode_error, read_gray01
-from extract.sample import make_sample
-from heads.export import build_module
-from heads.predict import list_images, load_run, predict_images
+from inference.export import build_module
+from inference.predict import list_images, predict_images
+from inference.trained import load_run
 from tests.pypi_data import package_files
 from tests.test_predict import REAL_CXR, TINY, TINY_STD, make_config, make_run, write_png
 
@@ -77,7 +78,7 @@ def test_real_films_both_encodings_predict_alike(real_films, tmp_path):
     run_dir = make_run(tmp_path / "runs" / "fc", [TINY_STD])
     pngs = sorted(REAL_CXR.glob("*.png")) if REAL_CXR.is_dir() else []
     results = predict_images(
-        run_dir=run_dir, inputs=[uncompressed, jpeg2000, *pngs], config=make_config(tmp_path)
+        run_dir=run_dir, inputs=[uncompressed, jpeg2000, *pngs], extract=make_config(tmp_path).extract
     )
     assert all(r["error"] is None and list(r["probabilities"]) == list(LABELS) for r in results)
     probabilities = np.array([list(r["probabilities"].values()) for r in results])
@@ -303,7 +304,7 @@ def test_predict_lists_dcm_files_and_export_takes_a_decoded_dicom(tmp_path):
     assert list_images([folder]) == [png, film]
 
     run_dir = make_run(tmp_path / "runs" / "fc", [TINY])
-    expected = predict_images(run_dir=run_dir, inputs=[film], config=make_config(tmp_path))[0][
+    expected = predict_images(run_dir=run_dir, inputs=[film], extract=make_config(tmp_path).extract)[0][
         "probabilities"
     ]
     # The function the export saves as serve_image (test_export checks that saving keeps it exact).

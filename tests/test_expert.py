@@ -17,9 +17,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import run
-from cxr14.config import LABELS
 from cxr14.errors import InputError
-from heads.expert import FINDINGS, expert_metrics, find_expert_files, read_expert_labels
+from dataset.settings import LABELS
+from results.expert import FINDINGS, expert_metrics, find_expert_files, read_expert_labels
 
 HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -114,11 +114,11 @@ def test_bad_expert_file_names_file_and_line(tmp_path, edit, message):
 
 def test_evaluate_expert_on_the_sample_with_a_fixture(tmp_path, tiny_project, capsys):
     """The sample's test images given expert labels: evaluate --expert scores only those in the test split."""
-    from extract.dataset import open_dataset
+    from experiments.data import open_config_dataset
 
     data_dir = tmp_path / "data"
     shutil.copytree(tiny_project.data_dir, data_dir)
-    dataset = open_dataset(dataclasses.replace(tiny_project, data_dir=data_dir))
+    dataset = open_config_dataset(dataclasses.replace(tiny_project, data_dir=data_dir))
     index, assignment = dataset.index, dataset.splits.assignment
     chosen = np.flatnonzero(np.isin(assignment, ("val", "test")))
     findings = np.random.default_rng(1).random((chosen.size, 4)) < 0.4
@@ -184,7 +184,7 @@ def _real_expert_file() -> Path:
 def test_evaluate_expert_on_the_real_files_rows(tmp_path):
     """The real file's 4,376 images as a data set (its own NIH columns as the CSV, its sets as the split),
     features that carry the NIH labels, a linear head, then evaluate --expert on the test set."""
-    from cxr14.config import load_config
+    from experiments.config import load_config
     from tests.conftest import write_tiny_config
     from tests.test_data import write_cache
 
@@ -197,9 +197,9 @@ def test_evaluate_expert_on_the_real_files_rows(tmp_path):
     for list_name, set_id in (("train_val_list.txt", "val"), ("test_list.txt", "test")):
         (data / list_name).write_text("\n".join(real["Image Index"][real["Set Id"] == set_id]) + "\n")
     config = load_config(write_tiny_config(tmp_path, "[split]\nval_fraction = 0.3\n"))
-    from extract.dataset import open_dataset
+    from experiments.data import open_config_dataset
 
-    index = open_dataset(config).index
+    index = open_config_dataset(config).index
     rng = np.random.default_rng(0)
     features = index.labels @ rng.normal(size=(len(LABELS), 16)) + rng.normal(size=(len(index), 16))
     write_cache(config.cache_dir, "own_features", names=index.names, features=features.astype(np.float16))

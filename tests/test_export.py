@@ -1,4 +1,4 @@
-"""heads/export.py: one SavedModel, image in, probabilities out, equal to predict without this repository."""
+"""inference/export.py: one SavedModel, image in, probabilities out, equal to predict without this repository."""
 
 import json
 import os
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cxr14.config import LABELS, BackboneConfig
 from cxr14.errors import InputError
-from extract.pipeline import decode
-from heads.export import export_run
-from heads.predict import predict_images
+from dataset.image_loader import decode
+from dataset.settings import LABELS
+from extract.settings import BackboneConfig
+from inference.export import export_run
+from inference.predict import predict_images
 from tests.test_predict import (
     PIXELS,
     REAL_CXR,
@@ -69,7 +70,7 @@ def test_round_trip_in_a_fresh_process_matches_predict(tmp_path, images):
     decisions = add_decisions(run_dir, method="platt")
     config = make_config(tmp_path)
     out = export_run(run_dir=run_dir, out_dir=tmp_path / "export" / "model")
-    predicted = predict_images(run_dir=run_dir, inputs=images, config=config)
+    predicted = predict_images(run_dir=run_dir, inputs=images, extract=config.extract)
     expected = _probs(predicted)
 
     outside = tmp_path / "elsewhere"
@@ -111,7 +112,7 @@ def test_ensemble_and_pixels_export_both_signatures(tmp_path, images):
         if name == "ensemble":
             add_decisions(run_dir, method="isotonic")
         out = export_run(run_dir=run_dir, out_dir=tmp_path / "export" / name)
-        expected = _probs(predict_images(run_dir=run_dir, inputs=images, config=config))
+        expected = _probs(predict_images(run_dir=run_dir, inputs=images, extract=config.extract))
         model = tf.saved_model.load(str(out))
         pngs = tf.constant([p.read_bytes() for p in images])
         np.testing.assert_allclose(
@@ -174,7 +175,7 @@ def test_backbones_with_variables_survive_export(tmp_path, images):
     )
     config = make_config(tmp_path)
     run_dir = make_run(tmp_path / "runs" / "ensemble", [hub, app])
-    expected = _probs(predict_images(run_dir=run_dir, inputs=images, config=config))
+    expected = _probs(predict_images(run_dir=run_dir, inputs=images, extract=config.extract))
     model = tf.saved_model.load(str(export_run(run_dir=run_dir, out_dir=tmp_path / "export")))
     got = model.predict_png(tf.constant([p.read_bytes() for p in images]))["probabilities"].numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)

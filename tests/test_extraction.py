@@ -18,7 +18,8 @@ import tensorflow as tf
 from cache import store
 from cache.status import Status
 from cxr14.errors import Fix, InputError
-from extract import extraction, pipeline
+from dataset import image_loader
+from extract import extraction
 from extract.inputs import PixelInput, PngInput
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ class FakeBackbone:
 
     name: str = "fake"
     kind: str = "features"
-    spec: pipeline.ImageSpec = pipeline.ImageSpec(size=SIZE, normalization="unit")
+    spec: image_loader.ImageSpec = image_loader.ImageSpec(size=SIZE, normalization="unit")
     dim: int = 12
     delay: float = 0.0
     calls: list = field(default_factory=list)
@@ -40,7 +41,7 @@ class FakeBackbone:
     def fn(self, pixels):
         self.calls.append(tuple(pixels.shape))
         time.sleep(self.delay)
-        images = pipeline.normalize(pixels, self.spec)
+        images = image_loader.normalize(pixels, self.spec)
         if self.kind == "pixels":
             return images[..., 0]  # "bytes" normalisation: already 0..255
         side = self.spec.size // 2
@@ -124,7 +125,7 @@ def test_every_failure_kind_is_recorded_and_good_rows_match_the_backbone(images,
     assert (got.status[ok] == Status.OK).all() and (got.errors[ok] == "").all()
     backbone = FakeBackbone()
     for row in ok:
-        expected = backbone.fn(pipeline.load_image(paths[row], backbone.spec)[None]).numpy()[0]
+        expected = backbone.fn(image_loader.load_image(paths[row], backbone.spec)[None]).numpy()[0]
         np.testing.assert_array_equal(got.features[row], expected.astype(np.float16))
     assert (summary.done, summary.failed, summary.shards_done, summary.shards_skipped) == (7, 5, 3, 0)
     assert [name for name, _ in summary.failures] == [names[row] for row in EXPECTED_STATUS]
@@ -149,13 +150,13 @@ def test_last_batch_is_padded_so_the_backbone_sees_one_shape(images, tmp_path):
 
 def second_backbone(**changes) -> FakeBackbone:
     """Another fake backbone with its own size, normalisation and channels, to share a pass with the first."""
-    spec = pipeline.ImageSpec(size=6, normalization="standardize", channels=1)
+    spec = image_loader.ImageSpec(size=6, normalization="standardize", channels=1)
     config = {"name": "second", "source": "test"}
     return FakeBackbone(**({"name": "second", "spec": spec, "dim": 4, "config": config} | changes))
 
 
 def pixel_backbone(size: int = 10, name: str = "pix") -> FakeBackbone:
-    spec = pipeline.ImageSpec(size=size, normalization="bytes", channels=1)
+    spec = image_loader.ImageSpec(size=size, normalization="bytes", channels=1)
     return FakeBackbone(
         name=name, kind="pixels", spec=spec, dim=size, config={"name": name, "source": "pixels"}
     )
@@ -330,7 +331,7 @@ def test_merge_by_hand_rebuilds_the_file(images, tmp_path):
             "backbone_config.seed",
         ),
         (
-            dict(backbone=FakeBackbone(spec=pipeline.ImageSpec(size=SIZE, normalization="standardize"))),
+            dict(backbone=FakeBackbone(spec=image_loader.ImageSpec(size=SIZE, normalization="standardize"))),
             "preprocess.normalization",
         ),
         (dict(limit=10), "image_list_sha256"),
@@ -387,14 +388,14 @@ def test_views_store_the_plain_image_first_then_seeded_augmentations(images, tmp
 
 def test_pixels_are_stored_as_uint8_images(images, tmp_path):
     names, paths = images
-    spec = pipeline.ImageSpec(size=SIZE, normalization="bytes", channels=1)
+    spec = image_loader.ImageSpec(size=SIZE, normalization="bytes", channels=1)
     backbone = FakeBackbone(name="pix", kind="pixels", spec=spec, dim=SIZE)
     got = store.read_features(
         extract(names, paths, tmp_path / "cache", backbone=backbone, dtype="float32").path
     )
     assert got.features.dtype == np.uint8 and got.features.shape == (12, SIZE, SIZE)
     assert got.attrs["dtype"] == "uint8" and got.attrs["kind"] == "pixels"
-    expected = pipeline.load_image(paths[0], spec)[..., 0]
+    expected = image_loader.load_image(paths[0], spec)[..., 0]
     np.testing.assert_array_equal(got.features[0], expected)
 
 
@@ -402,7 +403,7 @@ def test_float32_on_request(images, tmp_path):
     names, paths = images
     got = store.read_features(extract(names, paths, tmp_path / "cache", dtype="float32").path)
     assert got.features.dtype == np.float32
-    expected = FakeBackbone().fn(pipeline.load_image(paths[0], FakeBackbone().spec)[None]).numpy()[0]
+    expected = FakeBackbone().fn(image_loader.load_image(paths[0], FakeBackbone().spec)[None]).numpy()[0]
     np.testing.assert_array_equal(got.features[0], expected)
 
 
@@ -436,10 +437,10 @@ BROKEN = {
 
 
 def test_real_random_and_pixels_backbones_on_a_sample_data_set(tmp_path):
-    from cxr14.config import BackboneConfig
+    from dataset.index import find_csv, find_images, read_index
+    from dataset.sample import make_sample
     from extract.backbones import load_backbone
-    from extract.index import find_csv, find_images, read_index
-    from extract.sample import make_sample
+    from extract.settings import BackboneConfig
 
     made = make_sample(tmp_path / "data", images=16, size=32, broken=4)
     index = read_index(find_csv(tmp_path / "data"), label_names=("Cardiomegaly", "Effusion"))
@@ -457,7 +458,7 @@ def test_real_random_and_pixels_backbones_on_a_sample_data_set(tmp_path):
         assert failed == {name: BROKEN[kind] for name, kind in made["broken"].items()} and summary.done == 12
         assert got.features.shape[1:] == ((16,) if backbone is random else (16, 16))
         for row in np.flatnonzero(got.status == Status.OK):  # the sample always has an RGBA and a 16-bit file
-            expected = backbone.fn(pipeline.load_image(paths[row], backbone.spec)[None]).numpy()[0]
+            expected = backbone.fn(image_loader.load_image(paths[row], backbone.spec)[None]).numpy()[0]
             np.testing.assert_allclose(
                 got.features[row], expected.astype(got.features.dtype), rtol=2e-3, atol=2e-3
             )
@@ -478,7 +479,7 @@ def test_an_unreadable_image_is_a_failed_row_and_the_rest_is_extracted(images, t
             raise PermissionError(13, "Permission denied", str(name))
         return builtins.open(name, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "open", deny, raising=False)
+    monkeypatch.setattr(image_loader, "open", deny, raising=False)
     summary = extract(names, paths, tmp_path / "cache")
     got = store.read_features(summary.path)
     assert got.status[1] == Status.UNDECODABLE and "Permission denied" in got.errors[1]

@@ -1,4 +1,4 @@
-"""heads/heatmap.py and predict --heatmap: Grad-CAM or SmoothGrad maps in the image's own geometry."""
+"""inference/heatmap.py and predict --heatmap: Grad-CAM or SmoothGrad maps in the image's own geometry."""
 
 import json
 
@@ -7,11 +7,12 @@ import pytest
 import tensorflow as tf
 
 import run
-from cxr14.config import LABELS, BackboneConfig
 from cxr14.errors import InputError
-from extract.pipeline import normalize, read_gray01, to_pixels
-from heads.heatmap import _gradcam, explain, heatmap_method, logit_run, peak
-from heads.predict import head_probabilities, load_run
+from dataset.image_loader import normalize, read_gray01, to_pixels
+from dataset.settings import LABELS
+from extract.settings import BackboneConfig
+from inference.heatmap import _gradcam, explain, heatmap_method, logit_run, peak
+from inference.trained import head_probabilities, load_run
 from tests.test_dicom import write_dicom
 from tests.test_predict import PIXELS, TINY, make_run, write_png
 

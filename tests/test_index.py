@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr14.config import LABELS
 from cxr14.errors import InputError
-from extract.index import count_missing, find_csv, find_images, format_summary, read_index, summarize
-from extract.splits import Splits
+from dataset.index import count_missing, find_csv, find_images, format_summary, read_index, summarize
+from dataset.settings import LABELS
+from dataset.splits import Splits
 
 HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"

@@ -1,4 +1,4 @@
-"""heads/localization.py and evaluate --localization: the pointing game against NIH-shaped box files."""
+"""inference/localization.py and evaluate --localization: the pointing game against NIH-shaped box files."""
 
 import gzip
 
@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 import run
-from cxr14.config import LABELS, load_config
 from cxr14.errors import InputError
-from extract.runner import run_extract
-from extract.sample import make_sample
-from heads.experiment import run_train_head
-from heads.localization import Box, covered_share, read_boxes, run_localization
+from dataset.sample import make_sample
+from dataset.settings import LABELS
+from experiments.config import load_config
+from experiments.experiment import run_localization, run_train_head
+from experiments.extract import run_extract
+from inference.localization import Box, covered_share, read_boxes
 from tests.pypi_data import package_files
 
 # The demo's offline_cnn geometry (128 px, 32 channels, 4 x 4 grid) and a head that trains in seconds.

@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cxr14.errors import InputError
-from heads.metrics import (
+from results.metrics import (
     _auc_of_weights,
     _label_incidence,
     bootstrap_auc,

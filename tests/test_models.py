@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from cxr14.config import HeadConfig
 from cxr14.errors import InputError
 from heads.models import METADATA_INPUT, ByteDropout, build_head
+from heads.settings import HeadConfig
 
 N_LABELS = 14
 

@@ -1,4 +1,4 @@
-"""heads.operating and heads.metrics.rates_at_thresholds: thresholds chosen on validation, the calls they
+"""heads.operating and results.metrics.rates_at_thresholds: thresholds chosen on validation, the calls they
 make, and sensitivity/specificity/PPV/NPV with patient-bootstrap intervals."""
 
 import numpy as np
@@ -7,8 +7,8 @@ import tensorflow as tf
 from sklearn.metrics import roc_curve
 
 from cxr14.errors import InputError
-from heads.metrics import rates_at_thresholds
-from heads.operating import NO_CALL, call_names, caller, choose_thresholds
+from results.metrics import rates_at_thresholds
+from results.operating import NO_CALL, call_names, caller, choose_thresholds
 
 NAMES = ("a", "b")
 

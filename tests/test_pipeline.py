@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from cache.status import Status
 from cxr14.errors import InputError
-from extract.pipeline import (
+from dataset.image_loader import (
     ImageError,
     ImageSpec,
     PngFiles,
@@ -307,14 +307,14 @@ def _unreadable(monkeypatch, path):
     """Opening `path` fails as for a file without read permission (tests run as root, so chmod cannot)."""
     import builtins
 
-    import extract.pipeline as pipeline
+    from dataset import image_loader
 
     def deny(name, *args, **kwargs):
         if str(name) == str(path):
             raise PermissionError(13, "Permission denied", str(name))
         return builtins.open(name, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "open", deny, raising=False)
+    monkeypatch.setattr(image_loader, "open", deny, raising=False)
 
 
 def test_an_unreadable_file_is_a_failure_with_its_reason(broken_files, monkeypatch):
@@ -360,7 +360,7 @@ def test_bytes_after_iend_are_accepted_like_decoders_do(tmp_path):
 
 
 def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch):
-    import extract.pipeline as pipeline
+    from dataset import image_loader
 
     path = _write_png(tmp_path / "big.png", _gray(3))  # 64 x 64 = 4,096 pixels
     assert check_file(path, max_pixels=4096) == (Status.OK, "")
@@ -370,7 +370,7 @@ def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path, monk
     def no_decoding(*args, **kwargs):
         raise AssertionError("a refused image was decoded")
 
-    monkeypatch.setattr(pipeline, "decode", no_decoding)
+    monkeypatch.setattr(image_loader, "decode", no_decoding)
     with pytest.raises(ImageError, match="more than the limit"):
         load_image(path, ImageSpec(size=16, normalization="unit"), max_pixels=4095)
 

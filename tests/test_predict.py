@@ -1,4 +1,4 @@
-"""heads/predict.py: new PNGs through the run's backbone(s) and head, errors per file."""
+"""inference/predict.py: new PNGs through the run's backbone(s) and head, errors per file."""
 
 import csv
 import dataclasses
@@ -12,21 +12,18 @@ import tensorflow as tf
 
 import run
 from cache.store import cache_path, read_features
-from cxr14.config import LABELS, BackboneConfig, Config, ExtractConfig, HeadConfig, SplitConfig
 from cxr14.errors import InputError
+from dataset.image_loader import load_image
+from dataset.settings import LABELS, SplitConfig
+from experiments.config import Config
 from extract.backbones import load_backbone
 from extract.extraction import extract_features
 from extract.inputs import PngInput
-from extract.pipeline import load_image
+from extract.settings import BackboneConfig, ExtractConfig
 from heads.models import build_head
-from heads.predict import (
-    as_cached,
-    cached_features,
-    format_predictions,
-    list_images,
-    load_run,
-    predict_images,
-)
+from heads.settings import HeadConfig
+from inference.predict import format_predictions, list_images, predict_images
+from inference.trained import as_cached, cached_features, load_run
 
 REAL_CXR = Path(__file__).resolve().parents[2] / "shared" / "real-cxr"
 
@@ -186,7 +183,7 @@ def _probs(result: dict) -> np.ndarray:
 def test_real_xrays_give_14_probabilities_and_json_parses(fc_run, tmp_path):
     paths = sorted(REAL_CXR.glob("*.png"))
     assert len(paths) == 2
-    results = predict_images(run_dir=fc_run, inputs=paths, config=make_config(tmp_path))
+    results = predict_images(run_dir=fc_run, inputs=paths, extract=make_config(tmp_path).extract)
     assert [r["image"] for r in results] == [str(p) for p in paths]
     for r in results:
         assert r["error"] is None
@@ -199,7 +196,7 @@ def test_real_xrays_give_14_probabilities_and_json_parses(fc_run, tmp_path):
 
 
 def test_matches_hand_computation_with_float16_rounding(fc_run, images, tmp_path):
-    results = predict_images(run_dir=fc_run, inputs=images, config=make_config(tmp_path))
+    results = predict_images(run_dir=fc_run, inputs=images, extract=make_config(tmp_path).extract)
     for path, r in zip(images, results, strict=True):
         np.testing.assert_allclose(_probs(r), expected_probabilities(fc_run, path, [TINY]), atol=1e-6)
 
@@ -214,7 +211,9 @@ def test_broken_files_are_reported_and_the_rest_answered(fc_run, images, tmp_pat
     empty.write_bytes(b"")
     missing = tmp_path / "missing.png"
     inputs = [truncated, images[0], garbage, empty, missing, images[1]]
-    results = predict_images(run_dir=fc_run, inputs=inputs, config=make_config(tmp_path, batch_size=2))
+    results = predict_images(
+        run_dir=fc_run, inputs=inputs, extract=make_config(tmp_path, batch_size=2).extract
+    )
     assert [r["image"] for r in results] == [str(p) for p in inputs]
     errors = [r["error"] for r in results]
     assert errors[1] is None and errors[5] is None
@@ -222,14 +221,16 @@ def test_broken_files_are_reported_and_the_rest_answered(fc_run, images, tmp_pat
         "IEND" in errors[0] and "not a PNG" in errors[2] and "empty" in errors[3] and "not found" in errors[4]
     )
     assert all(str(p) in e for p, e in zip(inputs, errors, strict=True) if e)
-    alone = predict_images(run_dir=fc_run, inputs=[images[0], images[1]], config=make_config(tmp_path))
+    alone = predict_images(
+        run_dir=fc_run, inputs=[images[0], images[1]], extract=make_config(tmp_path).extract
+    )
     np.testing.assert_allclose(_probs(results[1]), _probs(alone[0]), atol=1e-6)
     np.testing.assert_allclose(_probs(results[5]), _probs(alone[1]), atol=1e-6)
 
 
 def test_batches_do_not_change_results(fc_run, images, tmp_path):
-    one = predict_images(run_dir=fc_run, inputs=images, config=make_config(tmp_path, batch_size=1))
-    many = predict_images(run_dir=fc_run, inputs=images, config=make_config(tmp_path, batch_size=64))
+    one = predict_images(run_dir=fc_run, inputs=images, extract=make_config(tmp_path, batch_size=1).extract)
+    many = predict_images(run_dir=fc_run, inputs=images, extract=make_config(tmp_path, batch_size=64).extract)
     np.testing.assert_allclose([_probs(r) for r in one], [_probs(r) for r in many], atol=1e-6)
 
 
@@ -248,7 +249,7 @@ def test_ensemble_and_pixels_runs(tmp_path, images):
     pixels = make_run(tmp_path / "cnn", [PIXELS])
     config = make_config(tmp_path)
     for run_dir, backbones in ((ensemble, [TINY, TINY_STD]), (pixels, [PIXELS])):
-        results = predict_images(run_dir=run_dir, inputs=images[:2], config=config)
+        results = predict_images(run_dir=run_dir, inputs=images[:2], extract=config.extract)
         for path, r in zip(images[:2], results, strict=True):
             np.testing.assert_allclose(_probs(r), expected_probabilities(run_dir, path, backbones), atol=1e-6)
 
@@ -256,7 +257,7 @@ def test_ensemble_and_pixels_runs(tmp_path, images):
 @pytest.mark.parametrize("backbones", [[TINY], [TINY, TINY_STD], [PIXELS]], ids=["fc", "ensemble", "cnn"])
 def test_heads_built_by_heads_models(tmp_path, images, backbones):
     run_dir = make_run(tmp_path / "run", backbones, project_head=True)
-    results = predict_images(run_dir=run_dir, inputs=images[:2], config=make_config(tmp_path))
+    results = predict_images(run_dir=run_dir, inputs=images[:2], extract=make_config(tmp_path).extract)
     for path, r in zip(images[:2], results, strict=True):
         np.testing.assert_allclose(_probs(r), expected_probabilities(run_dir, path, backbones), atol=1e-6)
 
@@ -266,7 +267,7 @@ def test_backbone_order_follows_the_model_inputs(tmp_path, images):
     plan = json.loads((run_dir / "config.json").read_text())
     plan["backbones"] = dict(reversed(plan["backbones"].items()))
     (run_dir / "config.json").write_text(json.dumps(plan))
-    result = predict_images(run_dir=run_dir, inputs=images[:1], config=make_config(tmp_path))[0]
+    result = predict_images(run_dir=run_dir, inputs=images[:1], extract=make_config(tmp_path).extract)[0]
     np.testing.assert_allclose(
         _probs(result), expected_probabilities(run_dir, images[0], [TINY, TINY_STD]), atol=1e-6
     )
@@ -307,7 +308,7 @@ def test_as_cached_rounds_like_numpy():
 def test_metadata_run_is_refused(tmp_path, images):
     run_dir = make_run(tmp_path / "meta", [TINY], metadata=True)
     with pytest.raises(InputError, match="metadata"):
-        predict_images(run_dir=run_dir, inputs=images, config=make_config(tmp_path))
+        predict_images(run_dir=run_dir, inputs=images, extract=make_config(tmp_path).extract)
 
 
 def test_inconsistent_run_folders_are_refused(tmp_path, fc_run):
@@ -328,7 +329,7 @@ def test_inconsistent_run_folders_are_refused(tmp_path, fc_run):
 def test_output_formats(fc_run, images, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"nope")
-    results = predict_images(run_dir=fc_run, inputs=[*images, broken], config=make_config(tmp_path))
+    results = predict_images(run_dir=fc_run, inputs=[*images, broken], extract=make_config(tmp_path).extract)
     table = format_predictions(results, fmt="table").splitlines()
     assert table[0].split()[0] == "image" and table[0].split()[1:] == list(LABELS)
     assert len(table) == 1 + 4 + 1
@@ -351,16 +352,16 @@ def test_unreadable_and_oversized_images_are_reported_and_the_rest_answered(
 ):
     import builtins
 
-    import extract.pipeline as pipeline
+    from dataset import image_loader
 
     def deny(name, *args, **kwargs):  # tests run as root, so chmod cannot make a file unreadable
         if str(name) == str(images[1]):
             raise PermissionError(13, "Permission denied", str(name))
         return builtins.open(name, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "open", deny, raising=False)
+    monkeypatch.setattr(image_loader, "open", deny, raising=False)
     config = dataclasses.replace(make_config(tmp_path), extract=ExtractConfig(max_pixels=45 * 45))
-    results = predict_images(run_dir=fc_run, inputs=images, config=config)
+    results = predict_images(run_dir=fc_run, inputs=images, extract=config.extract)
     errors = [r["error"] for r in results]
     assert errors[0] is None  # 40 x 40
     assert "cannot be read (Permission denied)" in errors[1]
@@ -409,7 +410,7 @@ def test_a_head_of_another_input_shape_is_refused(tmp_path, images):
     with pytest.raises(
         InputError, match=r"takes inputs of shape \(7,\) for backbone 'tiny', but that backbone gives \(32,\)"
     ):
-        predict_images(run_dir=run_dir, inputs=images, config=make_config(tmp_path))
+        predict_images(run_dir=run_dir, inputs=images, extract=make_config(tmp_path).extract)
 
 
 def test_an_unreadable_folder_of_images_is_one_line(images, monkeypatch):
@@ -426,12 +427,12 @@ def test_an_unreadable_folder_of_images_is_one_line(images, monkeypatch):
 
 
 def test_calibrated_probabilities_and_calls_at_the_runs_operating_points(tmp_path, images):
-    from heads.calibration import apply_calibration
+    from results.calibration import apply_calibration
 
     run_dir = make_run(tmp_path / "fc", [TINY])
-    raw = predict_images(run_dir=run_dir, inputs=images, config=make_config(tmp_path))
+    raw = predict_images(run_dir=run_dir, inputs=images, extract=make_config(tmp_path).extract)
     decisions = add_decisions(run_dir)
-    results = predict_images(run_dir=run_dir, inputs=images, config=make_config(tmp_path))
+    results = predict_images(run_dir=run_dir, inputs=images, extract=make_config(tmp_path).extract)
     for before, after in zip(raw, results, strict=True):
         np.testing.assert_array_equal(_probs({"probabilities": after["uncalibrated"]}), _probs(before))
         expected = apply_calibration(decisions["calibration"], _probs(before)[None], label_names=LABELS)[0]
@@ -457,12 +458,12 @@ def test_calibrated_probabilities_and_calls_at_the_runs_operating_points(tmp_pat
 
 def test_random_weight_or_synthetic_runs_warn_once(tmp_path, images, capsys):
     import run
-    from heads.predict import run_warning
+    from inference.trained import run_warning
 
     run_dir = make_run(tmp_path / "fc", [TINY])
     warning = run_warning(run_dir)
     assert warning.startswith("not a medical model") and "random-weight backbone(s) tiny" in warning
-    results = predict_images(run_dir=run_dir, inputs=images[:1], config=make_config(tmp_path))
+    results = predict_images(run_dir=run_dir, inputs=images[:1], extract=make_config(tmp_path).extract)
     assert results[0]["warning"] == warning
     config = tmp_path / "cxr14.toml"
     config.write_text("", encoding="utf-8")

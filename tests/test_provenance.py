@@ -1,4 +1,4 @@
-"""heads/provenance.py: a head trains only on the configured backbone's features, the run records the
+"""experiments/provenance.py: a head trains only on the configured backbone's features, the run records the
 backbone as extracted, and features of one's own train without a [backbones] table."""
 
 import dataclasses
@@ -13,13 +13,13 @@ import pytest
 import run
 from cache.store import cache_path, read_attrs
 from cxr14.errors import Fix, InputError
-from extract.dataset import open_dataset
-from heads.experiment import run_evaluate, run_train_head
-from heads.export import export_run
-from heads.predict import predict_images
-from heads.provenance import extracted_backbone
+from experiments.data import open_config_dataset
+from experiments.experiment import run_evaluate, run_train_head
+from experiments.provenance import extracted_backbone
+from experiments.sweep import run_sweep
 from heads.run_folder import start_run
-from heads.sweep import run_sweep
+from inference.export import export_run
+from inference.predict import predict_images
 
 
 def _with(config, tmp_path, *, copy=(), **backbone_changes):
@@ -120,7 +120,7 @@ def test_evaluate_refuses_a_cache_changed_since_training(trained, tmp_path):
 
 def _own_features(config, name="my_model", *, dim=24):
     """A cache written with h5py alone, as cache/README.md shows: no backbone settings in it."""
-    index = open_dataset(config).index
+    index = open_config_dataset(config).index
     rng = np.random.default_rng(0)
     features = (index.labels @ rng.normal(size=(index.labels.shape[1], dim))).astype(np.float16)
     path = cache_path(config.cache_dir, name)
@@ -158,7 +158,7 @@ def test_features_of_your_own_train_without_a_backbones_table(tiny_project, tmp_
     with pytest.raises(InputError, match="no image pipeline to run"):
         export_run(run_dir=config.runs_dir / "fc-my_model", out_dir=tmp_path / "exported")
     with pytest.raises(InputError, match="no image pipeline to run"):
-        predict_images(run_dir=config.runs_dir / "fc-my_model", inputs=[image], config=config)
+        predict_images(run_dir=config.runs_dir / "fc-my_model", inputs=[image], extract=config.extract)
 
 
 def test_a_table_for_features_of_your_own_is_refused(tiny_project, tmp_path):

@@ -1,12 +1,12 @@
 """Head quality on small planted problems: every default head matches or beats the ridge probe where it
-should (heads.bench.bench_quality, the code behind `run.py bench heads --quality`)."""
+should (bench.heads.bench_quality, the code behind `run.py bench heads --quality`)."""
 
 from pathlib import Path
 
 import pytest
 
-from cxr14.config import load_config
-from heads.bench import bench_quality
+from bench.heads import bench_quality
+from experiments.config import load_config
 
 DEFAULTS = load_config(Path(__file__).resolve().parents[1] / "cxr14.toml")
 

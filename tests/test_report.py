@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 
 from cxr14.errors import InputError
-from heads.metrics import label_metrics
-from heads.references import load_references
-from heads.report import auc_figure, leaderboard, plot_auc_comparison, plot_roc, roc_figure, write_auc_table
+from experiments.leaderboard import leaderboard
+from results.metrics import label_metrics
+from results.published import load_references
+from results.report import auc_figure, plot_auc_comparison, plot_roc, roc_figure, write_auc_table
 
 LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
           "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")  # fmt: skip
 
-# Typed in again from issue 4, independently of heads/published.csv.
+# Typed in again from issue 4, independently of results/published.csv.
 WANG = (.7003, .8100, .7585, .6614, .6933, .6687, .6580, .7993, .7032, .8052, .8330, .7859, .6835, .8717)  # fmt: skip
 CHEXNET = (.8094, .9248, .8638, .7345, .8676, .7802, .7680, .8887, .7901, .8878, .9371, .8047, .8062, .9164)  # fmt: skip
 BLOG = {

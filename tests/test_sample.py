@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr14.config import LABELS
 from cxr14.errors import InputError
-from extract.chest import Canvas, draw_chest, draw_film
-from extract.index import find_images, read_index
-from extract.sample import PREVALENCE_FLOOR, _png_bytes, make_sample
-from extract.splits import assign_splits, patient_overlap
+from dataset.chest import Canvas, draw_chest, draw_film
+from dataset.index import find_images, read_index
+from dataset.sample import PREVALENCE_FLOOR, _png_bytes, make_sample
+from dataset.settings import LABELS
+from dataset.splits import assign_splits, patient_overlap
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -83,14 +83,14 @@ def test_the_sample_is_marked_synthetic_and_its_split_never_reads_official(sampl
     import dataclasses
 
     from cxr14.caveats import SYNTHETIC_NOTICE, is_synthetic
-    from cxr14.config import load_config
-    from extract.dataset import open_dataset
-    from extract.index import format_summary, summarize
+    from dataset.index import format_summary, summarize
+    from experiments.config import load_config
+    from experiments.data import open_config_dataset
 
     out, _ = sample
     assert (out / "SYNTHETIC.txt").read_text().startswith(SYNTHETIC_NOTICE)
     config = dataclasses.replace(load_config(Path(__file__).parents[1] / "cxr14.toml"), data_dir=out)
-    dataset = open_dataset(config)
+    dataset = open_config_dataset(config)
     assert dataset.synthetic and dataset.splits.source == "synthetic sample (official-format lists)"
     summary = summarize(dataset.index, dataset.splits, synthetic=dataset.synthetic)
     assert summary["synthetic"] is True and format_summary(summary).startswith(f"** {SYNTHETIC_NOTICE} **")

@@ -3,10 +3,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr14.config import LABELS
 from cxr14.errors import InputError
-from extract.index import read_index
-from extract.splits import SPLITS, Splits, assign_splits, patient_overlap, write_split_lists
+from dataset.index import read_index
+from dataset.settings import LABELS
+from dataset.splits import SPLITS, Splits, assign_splits, patient_overlap, write_split_lists
 
 HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"

@@ -9,7 +9,7 @@ import pytest
 
 import heads.train
 from cxr14.errors import InputError
-from heads.sweep import expand_grid, read_grid, run_sweep
+from experiments.sweep import expand_grid, read_grid, run_sweep
 
 REAL_TRAIN_HEAD = heads.train.train_head
 

@@ -7,11 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr14.config import LABELS, HeadConfig, TrainConfig
 from cxr14.errors import InputError
+from dataset.settings import LABELS
 from heads.data import load_head_data
 from heads.run_folder import OUTPUTS
 from heads.scoring import score_run
+from heads.settings import HeadConfig, TrainConfig
 from heads.train import train_head
 from tests.test_data import make_index, make_splits, signal_features, write_cache
 

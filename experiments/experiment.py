@@ -1,0 +1,221 @@
+"""One training run from the config and command-line options: data in, run folder out.
+
+Planning a run imports nothing heavy, so the command line refuses a bad plan at once; the data and
+TensorFlow load only to train or score.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from cxr14.caveats import SYNTHETIC_NOTICE
+from cxr14.errors import Fix, InputError
+from experiments.config import Config
+from extract.settings import SOURCES
+from heads.run_folder import read_config, refuse_existing
+from heads.settings import HEAD_KINDS, HeadConfig, TrainConfig, head_kind
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """Everything that defines a run: the head, its training, and the backbones it reads."""
+
+    head: HeadConfig
+    train: TrainConfig
+    backbones: tuple[str, ...]
+
+    def default_name(self) -> str:
+        return f"{self.head.kind}-{'+'.join(self.backbones)}"
+
+
+def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> RunPlan:
+    """The head preset of `kind` and [train] from `config` (flags already applied), over `backbones`
+    (each a [backbones] table, or a feature file of one's own in the cache folder)."""
+    spec = head_kind(kind)
+    if isinstance(backbones, str):
+        backbones = [b.strip() for b in backbones.split(",") if b.strip()]
+    backbones = tuple(backbones)
+    most = spec.max_backbones or len(backbones)
+    if not spec.min_backbones <= len(backbones) <= most:
+        others = [k.name for k in HEAD_KINDS.values() if k.max_backbones != 1]
+        raise InputError(
+            f"the {kind} head takes {spec.min_backbones if most == spec.min_backbones else 'two or more'} "
+            f"backbone(s), got {list(backbones)}"
+            + (f"; for several, use the {' or '.join(others)} head" if spec.max_backbones == 1 else "")
+        )
+    for name in backbones:
+        holds = _cache_kind(config, name)
+        if holds != spec.takes:
+            raise InputError(
+                f"the {kind} head trains on cached {spec.takes}, but backbone {name!r} holds {holds}; "
+                f"heads for {holds}: {', '.join(k.name for k in HEAD_KINDS.values() if k.takes == holds)}"
+            )
+    return RunPlan(head=config.head(kind), train=config.train, backbones=backbones)
+
+
+def _cache_kind(config: Config, name: str) -> str:
+    """experiments.provenance.cache_kind, without loading numpy or h5py for a backbone the config names."""
+    if name in config.backbones:
+        return SOURCES[config.backbones[name].source]
+    from experiments.provenance import cache_kind  # features of one's own: the file says what it holds
+
+    return cache_kind(config, name)
+
+
+def sized_for_data(plan: RunPlan, data) -> RunPlan:
+    """The plan with what depends on the data's size settled (an "auto" batch size), so that config.json
+    records what was trained."""
+    return dataclasses.replace(plan, train=plan.train.sized_for(data.rows("train").size))
+
+
+def snapshot(config: Config, plan: RunPlan, *, caches: dict[str, dict], synthetic: bool = False) -> dict:
+    """The resolved config saved as runs/RUN/config.json: enough to evaluate, predict and export later.
+
+    The backbones are recorded as their caches were extracted (None for features of one's own), so a
+    later edit of the config cannot change what predict and export run. `synthetic`: trained on a
+    make-sample data set (predict and export then warn).
+    """
+    from experiments.provenance import extracted_backbone, recorded
+
+    return {
+        "head": dataclasses.asdict(plan.head),
+        "train": dataclasses.asdict(plan.train),
+        "decision": dataclasses.asdict(config.decision),
+        "backbones": {name: extracted_backbone(caches[name]) for name in plan.backbones},
+        "labels": list(config.labels),
+        "data": {"synthetic": synthetic, **({"notice": SYNTHETIC_NOTICE} if synthetic else {})},
+        # Prediction must round features exactly as the cache did, so record how it stored them.
+        "feature_dtypes": {name: caches[name]["dtype"] for name in plan.backbones},
+        "caches": recorded({name: caches[name] for name in plan.backbones}),
+        "config": config.as_dict(),
+    }
+
+
+def run_train_head(
+    config: Config, *, kind: str, backbones: str | Sequence[str], name: str | None, force: bool
+) -> dict:
+    """Load the data set and cached features, train the head, write runs/NAME/."""
+    from experiments.data import open_run_data
+    from experiments.provenance import check_caches
+    from heads.train import train_head
+
+    plan = plan_run(config, kind=kind, backbones=backbones)
+    check_caches(config, plan.backbones)
+    run_dir = config.runs_dir / (name or plan.default_name())
+    try:
+        refuse_existing(run_dir, force=force)
+    except InputError as err:
+        raise err.fixed_by(Fix("train-head", {"force": True})) from None
+    dataset, data = open_run_data(config, backbones=plan.backbones, metadata=plan.train.metadata)
+    plan = sized_for_data(plan, data)
+    metrics = train_head(
+        run_dir=run_dir,
+        data=data,
+        head=plan.head,
+        train=plan.train,
+        label_names=config.labels,
+        config_snapshot=snapshot(config, plan, caches=data.caches, synthetic=dataset.synthetic),
+        force=force,
+        decision=config.decision,
+    )
+    return {**metrics, "run_dir": run_dir, "summary": summarize_metrics(metrics, run_dir=run_dir)}
+
+
+def run_evaluate(config: Config, *, run_dir: Path, split: str, expert: Path | bool | None = None) -> dict:
+    """Recompute a run's metrics on `split` from its saved model and the cache; with `expert` (True: find
+    the file in the data folder, or a path), score it against Google's expert labels instead."""
+    from experiments.data import open_run_data
+    from experiments.provenance import check_unchanged
+    from heads.scoring import evaluation_path, score_expert, score_run
+
+    saved = read_config(run_dir)
+    _, data = open_run_data(config, backbones=list(saved["backbones"]), metadata=saved["train"]["metadata"])
+    check_unchanged(run_dir, saved=saved, caches=data.caches, cache_dir=config.cache_dir)
+    scoring = {"run_dir": run_dir, "data": data, "split": split}
+    scoring |= {"n_boot": saved["train"]["bootstrap"], "seed": saved["train"]["seed"]}
+    if expert:
+        from results.expert import find_expert_files, format_expert
+
+        files = find_expert_files(config.data_dir) if expert is True else [Path(expert)]
+        result = score_expert(**scoring, expert_files=files)
+        return {**result, "summary": format_expert(result, split=split)}
+    metrics = score_run(**scoring)
+    written = evaluation_path(run_dir, split)
+    summary = summarize_metrics(metrics, run_dir=run_dir, split=split, written=written)
+    return {**metrics, "written": written, "summary": summary}
+
+
+def run_localization(
+    config: Config, *, run_dir: Path, bbox_csv: Path, split: str, method: str = "auto"
+) -> dict:
+    """The pointing game of a run on the boxed images of `split` under the config's data folder."""
+    from dataset.index import find_images
+    from experiments.data import open_config_dataset
+    from inference.localization import pointing_game, read_boxes
+    from inference.trained import load_run
+
+    run = load_run(run_dir)
+    boxes = read_boxes(bbox_csv, labels=run.labels)
+    dataset = open_config_dataset(config)
+    in_split = {
+        name for name, inside in zip(dataset.index.names, dataset.splits.mask(split), strict=True) if inside
+    }
+    chosen = {name: found for name, found in boxes.items() if name in in_split}
+    names = sorted(chosen)
+    paths = dict(zip(names, find_images(config.data_dir, names), strict=True))
+    result = pointing_game(
+        run, boxes=chosen, paths=paths, method=method, max_pixels=config.extract.max_pixels
+    )
+    result |= {"split": split, "images": len(chosen), "outside_split": len(boxes) - len(chosen)}
+    return result
+
+
+def _auc_text(value) -> str:
+    return "undef" if value is None or value != value else f"{value:.3f}"
+
+
+def _interval(ci) -> str:
+    return "" if ci is None or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _baseline_summary(metrics: dict) -> list[str]:
+    """The metadata baseline in one line, and a flag when the run does not beat it."""
+    baselines = metrics.get("baselines") or {}
+    metadata = baselines.get("metadata")
+    if not metadata:
+        return []
+    line = f"{'metadata baseline':<20} {_auc_text(metadata['mean_auc']):>6}  {_interval(metadata['mean_ci'])}"
+    lines = [line + f"  (age, sex, view; chance {baselines['chance_auc']:.3f})"]
+    if not baselines["beats_metadata"]:
+        lines.append("warning: this run does not beat the metadata-only baseline (age, sex, view position)")
+    return lines
+
+
+def summarize_metrics(
+    metrics: dict, *, run_dir: Path, split: str = "test", written: Path | None = None
+) -> str:
+    """A short per-disease table for the terminal."""
+    lines = [f"** {metrics['notice']} **"] if metrics.get("notice") else []
+    lines += [f"{'label':<20} {'AUC':>6}  95% CI (patients)"]
+    for label, m in metrics["labels"].items():
+        if m["auc"] is None:
+            lines.append(f"{label:<20} {'undef':>6}  (one class only in {split})")
+        else:
+            lines.append(f"{label:<20} {m['auc']:>6.3f}  {_interval(m['ci'])}")
+    lines.append(f"{'mean':<20} {_auc_text(metrics['mean_auc']):>6}  {_interval(metrics['mean_ci'])}")
+    reference = metrics.get("reference")
+    if reference:
+        low, high = reference["difference_ci"]
+        interval = "" if low is None else f" [{low:+.3f}, {high:+.3f}]"
+        lines.append(
+            f"{'ridge probe':<20} {reference['mean_auc']:>6.3f}  head - probe {reference['difference']:+.3f}{interval}"
+        )
+    if metrics.get("converged") is False:
+        lines.append(
+            f"not converged: validation AUC was still rising at the last allowed epoch ({metrics['epochs']}); "
+            "train with more epochs"
+        )
+    lines += _baseline_summary(metrics)
+    where = f"wrote {written}" if written else f"outputs in {run_dir}"
+    lines.append(f"{split}: {metrics['images']:,} images, {metrics['patients']:,} patients; {where}")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Which backbone made each cache: checked against the config before a head trains on it, recorded in
+the run as extracted (what predict and export rebuild), and checked again before a run is evaluated."""
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from cache.store import cache_path, read_attrs
+from cxr14.errors import Fix, InputError
+from experiments.config import Config
+from extract.settings import SOURCES, BackboneConfig
+from heads.data import cache_file
+
+# Cache attributes a run records; evaluate refuses a cache whose recorded ones changed since.
+RECORDED = ("backbone", "kind", "dtype", "views", "fingerprint", "image_list_sha256")
+BACKBONE_FIELDS = {f.name: f for f in dataclasses.fields(BackboneConfig)}
+
+
+def cache_kind(config: Config, name: str) -> str:
+    """What backbone `name`'s cache holds ("features" or "pixels"): from its [backbones] table, or for
+    features of one's own without a table, from the feature file itself."""
+    if name in config.backbones:
+        return SOURCES[config.backbones[name].source]
+    path = cache_path(config.cache_dir, name)
+    if not path.is_file():
+        raise InputError(
+            f"no backbone named {name!r}: {config.path} has no [backbones.{name}] table (configured: "
+            f"{', '.join(config.backbones) or 'none'}) and there is no feature file {path} "
+            "(a file of your own follows cache/README.md)"
+        )
+    return read_attrs(path)["kind"]
+
+
+def check_caches(config: Config, backbones: Sequence[str]) -> dict[str, dict]:
+    """Each backbone's cache attributes, refused where the cache was made by another backbone or with
+    other settings than the config's table for it."""
+    caches = {}
+    for name in backbones:
+        path = cache_file(config.cache_dir, name)
+        caches[name] = read_attrs(path)
+        check_cache(path, name=name, attrs=caches[name], configured=config.backbones.get(name))
+    return caches
+
+
+def check_cache(path: Path, *, name: str, attrs: dict, configured: BackboneConfig | None) -> None:
+    """Refuse a cache that is not backbone `name`'s as `configured` (None: no table, features of one's
+    own or a table since removed; the cache then describes itself)."""
+    if attrs["backbone"] != name:
+        raise InputError(
+            f"{path} holds features of backbone {attrs['backbone']!r} (its 'backbone' attribute), not "
+            f"{name!r}: a renamed file? Name it {attrs['backbone']}.h5, or make {name}'s"
+        ).fixed_by(Fix("extract", {"backbone": name, "force": True}))
+    if configured is None:
+        return
+    extracted = extracted_backbone(attrs)
+    if extracted is None:
+        raise InputError(
+            f"{path} records no backbone settings (no backbone_config: features made outside run.py "
+            f"extract), so they cannot be checked against [backbones.{name}]; remove that table to train "
+            "on them as features of your own, or re-extract them"
+        ).fixed_by(Fix("extract", {"backbone": name, "force": True}))
+    wanted = configured.as_dict()
+    differ = [key for key in wanted if extracted.get(key) != wanted[key]]
+    if differ:
+        shown = "; ".join(
+            f"{key} {extracted.get(key)!r} in the cache, {wanted[key]!r} in the config" for key in differ
+        )
+        raise InputError(
+            f"{path} was extracted with other [backbones.{name}] settings than the config's ({shown}); "
+            "set them back, or re-extract it"
+        ).fixed_by(Fix("extract", {"backbone": name, "force": True}))
+
+
+def extracted_backbone(attrs: dict) -> dict | None:
+    """The backbone's settings the cache was extracted with (the [backbones] table's keys; defaults for
+    keys it predates), or None for features made elsewhere, which record none."""
+    stored = attrs.get("backbone_config")
+    if not isinstance(stored, dict):
+        return None
+    defaults = {key: f.default for key, f in BACKBONE_FIELDS.items() if f.default is not dataclasses.MISSING}
+    return {**defaults, **{key: value for key, value in stored.items() if key in BACKBONE_FIELDS}}
+
+
+def recorded(caches: dict[str, dict]) -> dict[str, dict]:
+    """What a run records of each cache it trained on."""
+    return {name: {key: attrs.get(key) for key in RECORDED} for name, attrs in caches.items()}
+
+
+def check_unchanged(run_dir: Path, *, saved: dict, caches: dict[str, dict], cache_dir: Path) -> None:
+    """Refuse caches changed since the run was trained (re-extracted differently, replaced)."""
+    for name, then in (saved.get("caches") or {}).items():
+        now = recorded({name: caches[name]})[name] if name in caches else {}
+        differ = [key for key, value in then.items() if value is not None and now.get(key) != value]
+        if differ:
+            raise InputError(
+                f"{cache_path(cache_dir, name)} changed since {run_dir} was trained on it "
+                f"({', '.join(differ)} differ); train the run again on the cache as it is now"
+            )

@@ -1,0 +1,74 @@
+"""What stage one accepts by name and its settings: backbone sources, each backbone's table and the
+[extract] table. The one list of each.
+
+Kept free of TensorFlow, numpy and pandas so that the config and the command line check names at once;
+extract/backbones.py loads each source.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from cache.settings import FEATURE_DTYPES
+from cxr14.errors import InputError
+from cxr14.settings import allowed, check_ranges
+from dataset.settings import NORMALIZATIONS
+
+# Backbone source -> what its cache holds ("features" or "pixels").
+SOURCES = {"hub": "features", "keras": "features", "random": "features", "pixels": "pixels"}
+# The "random" backbone's stride-2 convolutions: its feature map is image_size / 2**RANDOM_STAGES a side.
+RANDOM_STAGES = 3
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str
+    source: str = allowed(dataclasses.MISSING, choices=tuple(SOURCES))
+    image_size: int = allowed(dataclasses.MISSING, low=8, high=2048)
+    preprocess: str = allowed(dataclasses.MISSING, choices=NORMALIZATIONS)
+    handle: str = ""
+    output_key: str = ""
+    model: str = ""
+    weights: str = "imagenet"
+    seed: int = allowed(0, low=0)
+    width: int = allowed(32, low=1, high=1024)
+    grid: int = allowed(4, low=1, high=16)
+
+    def __post_init__(self):
+        check_ranges(self, section=f"backbones.{self.name}")
+        side = -(-self.image_size // 2**RANDOM_STAGES)  # the feature map the grid pools
+        if self.source == "random" and self.grid > side:
+            raise InputError(
+                f"backbones.{self.name}.grid = {self.grid} is larger than the {side}x{side} feature map of "
+                f"a {self.image_size}-pixel image; use a grid of at most {side}"
+            )
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_backbone(b: BackboneConfig, *, path: Path) -> None:
+    """The keys a source needs beside the common ones, or an InputError naming the key and the file."""
+    section = f"backbones.{b.name}"
+    if b.source == "hub" and not b.handle:
+        raise InputError(f'{path}: {section}.handle is required when source = "hub"')
+    if b.source == "keras" and not b.model:
+        raise InputError(
+            f'{path}: {section}.model (a keras.applications name) is required when source = "keras"'
+        )
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    batch_size: int = allowed(64, low=1, high=65536)
+    shard_size: int = allowed(1024, low=1)
+    dtype: str = allowed("float16", choices=FEATURE_DTYPES)
+    mixed_precision: bool = False
+    xla: bool = False
+    views: int = allowed(1, low=1, high=64)
+    seed: int = allowed(0, low=0)
+    # Larger images are refused before decoding: a small PNG can decode to gigabytes.
+    max_pixels: int = allowed(25_000_000, low=1)
+
+    def __post_init__(self):
+        check_ranges(self, section="extract")

@@ -1,0 +1,26 @@
+"""How a number of a result is written for people: an AUC with its interval, a difference, and the one
+spelling of a value that is undefined or missing. Every table, summary and leaderboard uses these."""
+
+import math
+from collections.abc import Sequence
+
+UNDEFINED = "undefined"  # an AUC that has no value: a label with one class in the split
+MISSING = "—"  # a value the results do not hold
+
+
+def format_number(value: float | None, digits: int = 3) -> str:
+    return MISSING if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def format_auc(auc: float | None, ci: Sequence[float | None] | None = None) -> str:
+    """`0.812 [0.790, 0.833]`, or just the AUC when there is no interval; UNDEFINED when there is no AUC."""
+    if auc is None or (isinstance(auc, float) and math.isnan(auc)):
+        return UNDEFINED
+    if not ci or ci[0] is None or ci[1] is None:
+        return format_number(auc)
+    return f"{auc:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def as_float(value: float | None) -> float:
+    """A stored result as a float for sorting and plotting: None (undefined) becomes NaN."""
+    return math.nan if value is None else float(value)

@@ -1,0 +1,354 @@
+"""What a run shows people: the AUC table beside published numbers, and the ROC, comparison and
+reliability plots.
+
+Plots draw on a matplotlib Figure with the Agg canvas directly, so nothing touches pyplot's global state.
+"""
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import auc, roc_curve
+
+from cxr14.caveats import SYNTHETIC_NOTICE
+from cxr14.errors import InputError
+from results.format import MISSING, UNDEFINED, as_float, format_auc, format_number
+from results.metrics import RATES, mean_defined, reliability_curve
+from results.published import load_references
+
+
+def test_metrics(metrics: dict, *, source: str = "metrics") -> dict:
+    """The label_metrics() dict held at the top level of metrics.json."""
+    if "labels" in metrics:
+        return metrics
+    raise InputError(f"{source}: no per-label results ('labels'); re-run run.py evaluate on the run")
+
+
+def _reference_mean(reference: dict, label_names: Sequence[str]) -> float:
+    return mean_defined([reference["auc"].get(name, math.nan) for name in label_names])
+
+
+def _split_lines(metrics: dict, references: dict, run_name: str) -> list[str]:
+    split = metrics.get("split", "test")
+    source = f" from the {metrics['split_source']} splits" if metrics.get("split_source") else ""
+    if metrics.get("synthetic"):
+        source = f" of a {metrics['split_source']}"
+    boot = metrics.get("n_boot")
+    interval = f"; 95% interval from {boot} bootstrap resamples of patients" if boot else ""
+    lines = [
+        f"* **{run_name}**: the {split} split{source} ({metrics['images']} images, "
+        f"{metrics['patients']} patients){interval}."
+    ]
+    lines += [f"* **{ref['title']}**: {ref['split']}. {ref['citation']}." for ref in references.values()]
+    return lines
+
+
+def _references_for(metrics: dict) -> dict:
+    """Published columns to set beside a run: none for a synthetic run, which is not comparable."""
+    return {} if metrics.get("synthetic") else load_references()
+
+
+def _baseline_cell(metrics: dict, name: str | None = None) -> str:
+    metadata = (metrics.get("baselines") or {}).get("metadata")
+    if not metadata:
+        return MISSING
+    if name is None:
+        return format_auc(metadata["mean_auc"], metadata["mean_ci"])
+    return format_number(metadata["labels"][name]["auc"])
+
+
+def _auc_rows(
+    metrics: dict, references: dict, *, label_names: Sequence[str], run_name: str
+) -> list[list[str]]:
+    probe = metrics.get("reference")
+    header = ["Disease", "Positives", f"{run_name} AUC [95% CI]", "PR AUC"]
+    header += ["ridge probe (same features)"] if probe else []
+    header += ["Metadata baseline"]
+    header += [ref["title"] for ref in references.values()]
+    rows = [header, ["---", "---:"] + ["---:"] * (len(header) - 2)]
+    for name in label_names:
+        result = metrics["labels"][name]
+        row = [
+            name,
+            str(result["positives"]),
+            format_auc(result["auc"], result["ci"]),
+            format_number(result["pr_auc"]),
+        ]
+        row += [format_number(probe["labels"].get(name))] if probe else []
+        row += [_baseline_cell(metrics, name)]
+        rows.append(row + [format_number(ref["auc"].get(name)) for ref in references.values()])
+    # Published means over the same labels as the run's mean, so the bottom row compares like with like.
+    in_mean = [name for name in label_names if metrics["labels"][name]["auc"] is not None]
+    mean = format_auc(metrics["mean_auc"], metrics["mean_ci"])
+    rows.append(
+        [f"**Mean** ({len(in_mean)} labels)", "", f"**{mean}**", format_number(metrics.get("mean_pr_auc"))]
+        + ([format_number(probe["mean_auc"])] if probe else [])
+        + [_baseline_cell(metrics)]
+        + [format_number(_reference_mean(ref, in_mean)) for ref in references.values()]
+    )
+    return rows
+
+
+def _baseline_lines(metrics: dict) -> list[str]:
+    """What the run must beat, and whether it does."""
+    baselines = metrics.get("baselines") or {}
+    if not baselines.get("metadata"):
+        return []
+    chance = baselines["chance_auc"]
+    difference = baselines["run_minus_metadata"]
+    low, high = difference["ci"]
+    interval = "" if low is None else f" [{low:+.3f}, {high:+.3f}] (paired patient bootstrap)"
+    lines = [
+        "",
+        f"Baselines on the same images: a **metadata-only** logistic regression (age, sex, view position; "
+        f"fitted on train) reaches mean AUC {_baseline_cell(metrics)}; chance is {chance:.3f}. This run minus "
+        f"the metadata baseline: {difference['difference']:+.3f}{interval}.",
+    ]
+    if not baselines["beats_metadata"]:
+        lines += [
+            "",
+            "**⚠ This run does not beat the metadata-only baseline**: the interval of the difference reaches "
+            "0, so nothing here shows that the images add to age, sex and view position.",
+        ]
+    return lines
+
+
+def _operating_lines(metrics: dict, *, label_names: Sequence[str]) -> list[str]:
+    """The operating-point table: each label's threshold and its rates on this split."""
+    points, calibration = metrics.get("operating_points"), metrics.get("calibration")
+    if not points:
+        return []
+    how = "Youden's J" if points["method"] == "youden" else f"{points['method']} ≥ {points['target']:g}"
+    measured = metrics.get("split", "test")
+    caveat = " (chosen and measured on the same split: optimistic)" if points.get("in_sample") else ""
+    lines = [
+        "",
+        f"## Operating points: chosen on validation ({how}), measured on {measured}{caveat}",
+        "",
+        "A calibrated probability at or above the threshold is a positive call.",
+        "",
+        "| Disease | Threshold | Sensitivity [95% CI] | Specificity [95% CI] | PPV [95% CI] | NPV [95% CI] "
+        "| ECE before → after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in label_names:
+        point = points["labels"][name]
+        cells = [format_auc(point[rate]["value"], point[rate]["ci"]) for rate in RATES]
+        ece = calibration["labels"][name] if calibration else None
+        gap = f"{ece['ece_before']:.3f} → {ece['ece_after']:.3f}" if ece else MISSING
+        lines.append(f"| {name} | {format_number(point['threshold'])} | " + " | ".join([*cells, gap]) + " |")
+    if calibration:
+        lines += [
+            "",
+            f"Calibration ({calibration['method']}, fitted on validation): mean expected calibration error on "
+            f"{measured} {calibration['ece_before']:.3f} before, {calibration['ece_after']:.3f} after "
+            f"({calibration['bins']} bins); reliability diagram in calibration.png.",
+        ]
+    return lines
+
+
+def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name: str) -> Path:
+    """auc.md: this run's AUC per disease (with its interval) beside the metadata baseline and, on real
+    data, the published columns; then the operating points. A synthetic run says so on its first line."""
+    metrics = test_metrics(metrics)
+    references = _references_for(metrics)
+    lines = []
+    if metrics.get("synthetic"):
+        lines += [
+            f"**{SYNTHETIC_NOTICE}.** Trained and scored on drawn chests made by `make-sample`; published "
+            "numbers are left out.",
+            "",
+        ]
+    lines += [f"# ROC AUC per disease: {run_name}", ""]
+    rows = _auc_rows(metrics, references, label_names=label_names, run_name=run_name)
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if metrics.get("reference"):
+        lines += ["", probe_line(metrics["reference"])]
+    lines += _baseline_lines(metrics)
+    title = "Splits (AUCs from different splits are not strictly comparable):" if references else "Split:"
+    lines += ["", title, ""]
+    lines += _split_lines(metrics, references, run_name)
+    undefined = [name for name in label_names if metrics["labels"][name]["auc"] is None]
+    if undefined:
+        lines += [
+            "",
+            f"Undefined in this split (only one class present, so no AUC; left out of the mean): "
+            f"{', '.join(undefined)}.",
+        ]
+    lines += _operating_lines(metrics, label_names=label_names)
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def probe_line(probe: dict) -> str:
+    """What the head adds beyond a linear probe on the same features, with its paired interval."""
+    low, high = probe["difference_ci"]
+    interval = "" if low is None else f" [{low:+.3f}, {high:+.3f}]"
+    return (
+        f"Head minus the ridge probe on the same features and rows (penalty {probe['penalty']:.2g} x n_train, "
+        f"chosen on validation): **{probe['difference']:+.3f}**{interval} mean ROC AUC (95% paired "
+        "patient bootstrap). An interval above 0 means the head adds something a linear probe cannot."
+    )
+
+
+def _save(figure: Figure, path) -> Path:
+    """The figure as a PNG whose Title metadata is its axes' title, so tools (and tests) can read it."""
+    path = Path(path)
+    FigureCanvasAgg(figure)
+    title = " / ".join(axes.get_title() for axes in figure.axes if axes.get_title())
+    figure.savefig(path, dpi=120, bbox_inches="tight", metadata={"Title": title.replace("\n", " / ")})
+    return path
+
+
+def _titled(text: str, notice: str) -> str:
+    return f"{notice}\n{text}" if notice else text
+
+
+# 14 curves that stay apart: seven strong colours, solid for the first seven labels and dashed for the rest.
+ROC_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
+ROC_STYLES = ("-", "--", ":")
+
+
+def roc_style(j: int) -> dict:
+    """Colour and line style of the j-th label's curve."""
+    n = len(ROC_COLORS)
+    return {"color": ROC_COLORS[j % n], "linestyle": ROC_STYLES[(j // n) % len(ROC_STYLES)]}
+
+
+def plot_roc(
+    y_true,
+    y_score,
+    path,
+    *,
+    label_names: Sequence[str],
+    notice: str = "",
+    run_name: str = "",
+    split: str = "",
+) -> Path:
+    """roc.png: one ROC curve per label, titled with the run and split; a label with one class is listed
+    as undefined, not drawn. `notice` (the synthetic-sample notice) heads the title."""
+    figure = roc_figure(
+        y_true, y_score, label_names=label_names, notice=notice, run_name=run_name, split=split
+    )
+    return _save(figure, path)
+
+
+def roc_figure(
+    y_true, y_score, *, label_names: Sequence[str], notice: str = "", run_name: str = "", split: str = ""
+) -> Figure:
+    """The figure plot_roc saves."""
+    y_true, y_score = np.asarray(y_true), np.asarray(y_score, dtype=np.float64)
+    figure = Figure(figsize=(8, 7))
+    axes = figure.add_subplot()
+    for j, name in enumerate(label_names):
+        style = roc_style(j)
+        positives = int(y_true[:, j].sum())
+        if positives in (0, y_true.shape[0]):
+            axes.plot([], [], color=style["color"], linestyle=":", label=f"{name} ({UNDEFINED}: one class)")
+            continue
+        fpr, tpr, _ = roc_curve(y_true[:, j], y_score[:, j])
+        axes.plot(fpr, tpr, linewidth=1.4, label=f"{name} ({auc(fpr, tpr):.3f})", **style)
+    axes.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, linestyle=":")
+    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate")
+    what = ", ".join(part for part in (run_name, f"{split} split" if split else "") if part)
+    title = f"ROC per disease: {what}" if what else "ROC per disease"
+    axes.set_title(_titled(f"{title} ({y_true.shape[0]:,} images)", notice))
+    axes.legend(loc="lower right", fontsize=7, title="label (ROC AUC)", title_fontsize=8, handlelength=3)
+    return figure
+
+
+def _plot_references(axes, references: dict, *, label_names: Sequence[str], positions: np.ndarray) -> None:
+    for k, ref in enumerate(references.values()):
+        values = [ref["auc"].get(name, math.nan) for name in label_names]
+        marker = "osD^v"[k % 5]
+        axes.plot(values, positions, marker, color=f"C{k + 1}", markersize=5, alpha=0.8, label=ref["title"])
+
+
+def _plot_baseline(axes, metrics: dict, *, label_names: Sequence[str], positions: np.ndarray) -> None:
+    metadata = (metrics.get("baselines") or {}).get("metadata")
+    if metadata:
+        values = [as_float(metadata["labels"][name]["auc"]) for name in label_names]
+        axes.plot(values, positions, "x", color="0.35", markersize=6, label="metadata baseline")
+
+
+def _plot_run(
+    axes, metrics: dict, *, label_names: Sequence[str], positions: np.ndarray, run_name: str
+) -> float:
+    """The run's AUCs with interval bars; returns the lowest value drawn, to set the axis."""
+    aucs = np.array([as_float(metrics["labels"][n]["auc"]) for n in label_names])
+    cis = np.array([[as_float(v) for v in metrics["labels"][n]["ci"] or (None, None)] for n in label_names])
+    errors = np.abs(np.nan_to_num(cis - aucs[:, None]).T)
+    axes.errorbar(
+        aucs, positions, xerr=errors, fmt="o", color="black", markersize=6, capsize=3, label=run_name
+    )
+    for position, value in zip(positions, aucs, strict=True):
+        if math.isnan(value):
+            axes.text(0.51, position, UNDEFINED, va="center", fontsize=8, color="black")
+    drawn = np.r_[aucs, cis.ravel()]
+    return float(np.nanmin(drawn)) if np.isfinite(drawn).any() else 0.5
+
+
+def plot_auc_comparison(
+    metrics: dict, path, *, label_names: Sequence[str], run_name: str | None = None
+) -> Path:
+    """auc.png: this run's AUC per disease with its interval, beside the metadata baseline, chance and (on
+    real data only) each published source.
+
+    run_name defaults to metrics["run"] when the metrics carry it.
+    """
+    return _save(auc_figure(metrics, label_names=label_names, run_name=run_name), path)
+
+
+def auc_figure(metrics: dict, *, label_names: Sequence[str], run_name: str | None = None) -> Figure:
+    """The figure plot_auc_comparison saves."""
+    metrics = test_metrics(metrics)
+    run_name = run_name or metrics.get("run") or "this run"
+    positions = np.arange(len(label_names))[::-1]
+    figure = Figure(figsize=(8, 0.45 * len(label_names) + 1.8))
+    axes = figure.add_subplot()
+    references = _references_for(metrics)
+    _plot_references(axes, references, label_names=label_names, positions=positions)
+    _plot_baseline(axes, metrics, label_names=label_names, positions=positions)
+    lowest = _plot_run(axes, metrics, label_names=label_names, positions=positions, run_name=run_name)
+    axes.axvline(0.5, color="0.6", linewidth=0.8, linestyle=":", label="chance")
+    axes.set_yticks(positions, labels=list(label_names))
+    # A poor run (or an interval reaching below chance) stays on the axes rather than cut off, and so does
+    # a marker at 1.0 (a perfect AUC), which an axis ending at 1.0 would cut in half.
+    axes.set_xlim(min(0.45, lowest - 0.02), 1.02)
+    axes.set_xticks([t for t in axes.get_xticks() if t <= 1.0])
+    axes.set_xlabel("ROC AUC")
+    beside = "beside published" if references else "beside the metadata baseline"
+    title = f"{run_name}: mean ROC AUC {format_number(as_float(metrics['mean_auc']))} {beside}"
+    axes.set_title(_titled(title, metrics.get("notice", "")))
+    axes.legend(loc="lower left", fontsize=7, bbox_to_anchor=(1.01, 0.0))
+    axes.grid(axis="x", linewidth=0.3)
+    return figure
+
+
+def plot_reliability(y_true, raw, calibrated, path, *, bins: int, method: str, notice: str = "") -> Path:
+    """calibration.png: the reliability diagram, every label pooled, before and after calibration."""
+    figure = Figure(figsize=(6.5, 6.5))
+    axes = figure.add_subplot()
+    axes.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, linestyle=":", label="perfectly calibrated")
+    for scores, label, style in ((raw, "before", "o--"), (calibrated, f"after ({method})", "s-")):
+        curve = reliability_curve(y_true, scores, bins=bins)
+        drawn = curve["count"] > 0
+        axes.plot(curve["mean_probability"][drawn], curve["positive_share"][drawn], style, label=label)
+    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="Mean predicted probability", ylabel="Share positive")
+    images = np.asarray(y_true).shape[0]
+    axes.set_title(_titled(f"Reliability, all labels pooled ({images} images, {bins} bins)", notice))
+    axes.legend(loc="upper left", fontsize=8)
+    return _save(figure, path)
+
+
+def versus_metadata(metrics: dict) -> str:
+    """The run's mean AUC minus the metadata baseline's, flagged when the run does not beat it."""
+    baselines = metrics.get("baselines") or {}
+    difference = (baselines.get("run_minus_metadata") or {}).get("difference")
+    if difference is None:
+        return MISSING
+    return f"{difference:+.3f}" + ("" if baselines["beats_metadata"] else " ⚠ not above")
