@@ -14,6 +14,7 @@ from experiments.config import Config
 from extract.settings import SOURCES
 from heads.run_folder import read_config, refuse_existing
 from heads.settings import HEAD_KINDS, HeadConfig, TrainConfig, head_kind
+from results.format import format_auc, format_difference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,21 +171,13 @@ def run_localization(
     return result
 
 
-def _auc_text(value) -> str:
-    return "undef" if value is None or value != value else f"{value:.3f}"
-
-
-def _interval(ci) -> str:
-    return "" if ci is None or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
 def _baseline_summary(metrics: dict) -> list[str]:
     """The metadata baseline in one line, and a flag when the run does not beat it."""
     baselines = metrics.get("baselines") or {}
     metadata = baselines.get("metadata")
     if not metadata:
         return []
-    line = f"{'metadata baseline':<20} {_auc_text(metadata['mean_auc']):>6}  {_interval(metadata['mean_ci'])}"
+    line = f"{'metadata baseline':<20} {format_auc(metadata['mean_auc'], metadata['mean_ci'])}"
     lines = [line + f"  (age, sex, view; chance {baselines['chance_auc']:.3f})"]
     if not baselines["beats_metadata"]:
         lines.append("warning: this run does not beat the metadata-only baseline (age, sex, view position)")
@@ -196,20 +189,15 @@ def summarize_metrics(
 ) -> str:
     """A short per-disease table for the terminal."""
     lines = [f"** {metrics['notice']} **"] if metrics.get("notice") else []
-    lines += [f"{'label':<20} {'AUC':>6}  95% CI (patients)"]
+    lines += [f"{'label':<20} AUC [95% CI, patients]"]
     for label, m in metrics["labels"].items():
-        if m["auc"] is None:
-            lines.append(f"{label:<20} {'undef':>6}  (one class only in {split})")
-        else:
-            lines.append(f"{label:<20} {m['auc']:>6.3f}  {_interval(m['ci'])}")
-    lines.append(f"{'mean':<20} {_auc_text(metrics['mean_auc']):>6}  {_interval(metrics['mean_ci'])}")
+        one_class = f" (one class only in {split})" if m["auc"] is None else ""
+        lines.append(f"{label:<20} {format_auc(m['auc'], m['ci'])}{one_class}")
+    lines.append(f"{'mean':<20} {format_auc(metrics['mean_auc'], metrics['mean_ci'])}")
     reference = metrics.get("reference")
     if reference:
-        low, high = reference["difference_ci"]
-        interval = "" if low is None else f" [{low:+.3f}, {high:+.3f}]"
-        lines.append(
-            f"{'ridge probe':<20} {reference['mean_auc']:>6.3f}  head - probe {reference['difference']:+.3f}{interval}"
-        )
+        difference = format_difference(reference["difference"], reference["difference_ci"])
+        lines.append(f"{'ridge probe':<20} {format_auc(reference['mean_auc'])}  head - probe {difference}")
     if metrics.get("converged") is False:
         lines.append(
             f"not converged: validation AUC was still rising at the last allowed epoch ({metrics['epochs']}); "

@@ -16,6 +16,8 @@ from cxr14.tf_logging import models_built_in_a_loop
 from experiments.config import Config, with_training
 from experiments.experiment import RunPlan, plan_run, sized_for_data, snapshot
 from heads.settings import describe_settings
+from results.format import format_auc
+from results.record import read_results
 
 # Grid keys and the type of one value; every key but those in [fixed] holds a list of values.
 GRID_KEYS = {
@@ -130,7 +132,7 @@ def _trial_data(data, plan: RunPlan):
 
 def _finished(trial_dir: Path) -> dict | None:
     metrics = trial_dir / "metrics.json"
-    return json.loads(metrics.read_text(encoding="utf-8")) if metrics.is_file() else None
+    return read_results(metrics).as_dict() if metrics.is_file() else None
 
 
 def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
@@ -204,7 +206,7 @@ def _run_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, step: st
 
     done = _finished(trial_dir)
     if done is not None:
-        print(f"{step}: finished earlier, val mean AUC {_auc_text(done['mean_auc'])}", flush=True)
+        print(f"{step}: finished earlier, val mean AUC {format_auc(done['mean_auc'])}", flush=True)
         return done
     print(f"\n{step}: {_describe(plan)}", flush=True)
     return train_head(
@@ -222,11 +224,6 @@ def _run_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, step: st
 
 def _sort_key(value) -> float:
     return -1.0 if value is None or value != value else float(value)
-
-
-def _auc_text(value) -> str:
-    """A mean AUC to 4 places; None or NaN (no label with both classes) reads as undefined."""
-    return "undefined" if _sort_key(value) < 0 else f"{value:.4f}"
 
 
 def _describe(plan: RunPlan) -> str:
@@ -251,14 +248,12 @@ def format_leaderboard(*, name, ranked, plans, results, test, skipped) -> str:
     for rank, trial in enumerate(ranked, 1):
         m = results[trial]
         lines.append(
-            f"| {rank} | {trial} | {_auc_text(m['mean_auc'])} | {versus_metadata(m)} | {m.get('epochs', '')} "
+            f"| {rank} | {trial} | {format_auc(m['mean_auc'])} | {versus_metadata(m)} | {m.get('epochs', '')} "
             f"| {_describe(plans[trial])} |"
         )
-    lo, hi = test["mean_ci"]
-    interval = "" if lo is None else f" (95% CI {lo:.4f}–{hi:.4f}, patient bootstrap)"
     lines += [
         "",
-        f"Winner: **{ranked[0]}**. Test mean ROC AUC {_auc_text(test['mean_auc'])}{interval}, "
+        f"Winner: **{ranked[0]}**. Test mean ROC AUC {format_auc(test['mean_auc'], test['mean_ci'])} (95% CI, patient bootstrap), "
         f"{test['images']} test images; metadata baseline on test: {versus_metadata(test)}; per disease, "
         "with its operating points, in winner-test-auc.md.",
     ]

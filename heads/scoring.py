@@ -15,6 +15,7 @@ from results.baselines import CHANCE_AUC, baseline_metrics, metadata_baseline_sc
 from results.calibration import apply_calibration, fit_calibration
 from results.metrics import expected_calibration_error, label_metrics, mean_defined, rates_at_thresholds
 from results.operating import choose_thresholds, threshold_array
+from results.record import write_results
 from results.report import plot_reliability
 from results.settings import DecisionConfig
 
@@ -226,7 +227,7 @@ def score_run(*, run_dir: Path, data: HeadData, split: str = "test", n_boot: int
         decisions=read_decisions(run_dir),
     )
     metrics = {**metrics, "run": run_dir.name, "excluded": data.excluded}
-    write_json(evaluation_path(run_dir, split), metrics)
+    write_results(evaluation_path(run_dir, split), metrics)
     return metrics
 
 

@@ -28,7 +28,9 @@ from heads.scoring import (
 )
 from heads.settings import HeadConfig, TrainConfig, head_kind
 from heads.start import HeadStart, fit_start, probe_blocks
+from results.format import format_difference
 from results.metrics import bootstrap_difference, mean_defined, roc_auc_per_label
+from results.record import write_results
 from results.report import plot_auc_comparison, plot_roc, write_auc_table
 from results.settings import DecisionConfig
 
@@ -124,12 +126,8 @@ class BestEpoch(keras.callbacks.Callback):
         s = self.selection
         if not s.get("kept_start"):
             return ""
-        low, high = s["gain_ci90"]
-        interval = "" if low is None else f" [{low:+.4f}, {high:+.4f}]"
-        return (
-            f"kept the start (epoch 0): epoch {s['best_val_epoch']}'s validation gain "
-            f"{s['gain_over_start']:+.4f}{interval} is within the noise"
-        )
+        gain = format_difference(s["gain_over_start"], s["gain_ci90"], digits=4)
+        return f"kept the start (epoch 0): epoch {s['best_val_epoch']}'s validation gain {gain} is within the noise"
 
 
 # Patient resamples of the validation split for the start-or-best choice: a one-sided bound needs no more.
@@ -239,7 +237,7 @@ def train_head(
             "write": round(time.perf_counter() - evaluated, 2),
             "total": round(time.perf_counter() - start, 2),
         }
-        write_json(tmp / "metrics.json", metrics)
+        write_results(tmp / "metrics.json", metrics)
         finish_run(tmp, run_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

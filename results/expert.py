@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from cxr14.errors import InputError
+from results.format import format_auc
 from results.metrics import label_metrics
 
 FINDINGS = ("Fracture", "Pneumothorax", "Airspace opacity", "Nodule or mass")
@@ -163,7 +164,4 @@ def format_expert(result: dict, *, split: str) -> str:
 
 
 def _auc(metrics: dict) -> str:
-    if metrics["auc"] is None:
-        return "undefined"
-    low, high = metrics["ci"]
-    return f"{metrics['auc']:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
+    return format_auc(metrics["auc"], metrics["ci"])

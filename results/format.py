@@ -24,3 +24,15 @@ def format_auc(auc: float | None, ci: Sequence[float | None] | None = None) -> s
 def as_float(value: float | None) -> float:
     """A stored result as a float for sorting and plotting: None (undefined) becomes NaN."""
     return math.nan if value is None else float(value)
+
+
+def format_difference(
+    difference: float | None, ci: Sequence[float | None] | None = None, digits: int = 3
+) -> str:
+    """`+0.012 [-0.003, +0.027]`: a signed difference of AUCs and its interval; MISSING without one."""
+    if difference is None or (isinstance(difference, float) and math.isnan(difference)):
+        return MISSING
+    text = f"{difference:+.{digits}f}"
+    if ci and ci[0] is not None and ci[1] is not None:
+        text += f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+    return text

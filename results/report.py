@@ -15,7 +15,7 @@ from sklearn.metrics import auc, roc_curve
 
 from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.errors import InputError
-from results.format import MISSING, UNDEFINED, as_float, format_auc, format_number
+from results.format import MISSING, UNDEFINED, as_float, format_auc, format_difference, format_number
 from results.metrics import RATES, mean_defined, reliability_curve
 from results.published import load_references
 
@@ -99,13 +99,11 @@ def _baseline_lines(metrics: dict) -> list[str]:
         return []
     chance = baselines["chance_auc"]
     difference = baselines["run_minus_metadata"]
-    low, high = difference["ci"]
-    interval = "" if low is None else f" [{low:+.3f}, {high:+.3f}] (paired patient bootstrap)"
     lines = [
         "",
         f"Baselines on the same images: a **metadata-only** logistic regression (age, sex, view position; "
         f"fitted on train) reaches mean AUC {_baseline_cell(metrics)}; chance is {chance:.3f}. This run minus "
-        f"the metadata baseline: {difference['difference']:+.3f}{interval}.",
+        f"the metadata baseline: {format_difference(difference['difference'], difference['ci'])} (paired patient bootstrap).",
     ]
     if not baselines["beats_metadata"]:
         lines += [
@@ -186,11 +184,10 @@ def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name
 
 def probe_line(probe: dict) -> str:
     """What the head adds beyond a linear probe on the same features, with its paired interval."""
-    low, high = probe["difference_ci"]
-    interval = "" if low is None else f" [{low:+.3f}, {high:+.3f}]"
+    difference = format_difference(probe["difference"], probe["difference_ci"])
     return (
         f"Head minus the ridge probe on the same features and rows (penalty {probe['penalty']:.2g} x n_train, "
-        f"chosen on validation): **{probe['difference']:+.3f}**{interval} mean ROC AUC (95% paired "
+        f"chosen on validation): **{difference}** mean ROC AUC (95% paired "
         "patient bootstrap). An interval above 0 means the head adds something a linear probe cannot."
     )
 
@@ -351,4 +348,4 @@ def versus_metadata(metrics: dict) -> str:
     difference = (baselines.get("run_minus_metadata") or {}).get("difference")
     if difference is None:
         return MISSING
-    return f"{difference:+.3f}" + ("" if baselines["beats_metadata"] else " ⚠ not above")
+    return format_difference(difference) + ("" if baselines["beats_metadata"] else " ⚠ not above")
