@@ -20,6 +20,7 @@ import run
 from cxr14.errors import InputError
 from dataset.settings import LABELS
 from results.expert import FINDINGS, expert_metrics, find_expert_files, read_expert_labels
+from tests.fixtures import write_cache, write_tiny_config
 
 HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
@@ -185,8 +186,6 @@ def test_evaluate_expert_on_the_real_files_rows(tmp_path):
     """The real file's 4,376 images as a data set (its own NIH columns as the CSV, its sets as the split),
     features that carry the NIH labels, a linear head, then evaluate --expert on the test set."""
     from experiments.config import load_config
-    from tests.conftest import write_tiny_config
-    from tests.test_data import write_cache
 
     real = pd.read_csv(_real_expert_file(), dtype=str, keep_default_na=False)
     assert len(real) == 4376 and set(real["Set Id"]) == {"val", "test"}
