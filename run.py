@@ -568,7 +568,7 @@ def _add_head_commands(sub) -> None:
     p = _command(
         sub, "sweep", cmd_sweep, "Train every head combination in a grid; pick the best on validation."
     )
-    p.add_argument("--grid", type=Path, required=True, help="the grid TOML (see README)")
+    p.add_argument("--grid", type=Path, required=True, help="the grid TOML (see docs/stage-two.md)")
     p.add_argument("--name", default="sweep", help="sweep folder name under runs/")
     _json_flag(p, "print the result as one JSON object (progress goes to stderr)")
 

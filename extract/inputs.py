@@ -2,7 +2,7 @@
 
 A pixel cache (`source = "pixels"`, uint8, one view) read in place of the PNGs skips decoding: a new
 backbone then costs reading and resizing stored pixels. Its features differ slightly from PNG ones,
-because the image is resampled twice (to the cache's size, then to the backbone's); README says by how much.
+because the image is resampled twice (to the cache's size, then to the backbone's); docs/stage-one.md says by how much.
 """
 
 from collections.abc import Sequence

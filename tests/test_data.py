@@ -5,63 +5,10 @@ import numpy as np
 import pytest
 
 from cache.status import Status
-from cache.store import cache_path, shard_dir, write_features
+from cache.store import cache_path, shard_dir
 from cxr14.errors import Fix, InputError
-from dataset.index import Index
-from dataset.settings import LABELS
-from dataset.splits import Splits
 from heads.data import METADATA_COLUMNS, encode_metadata, load_head_data
-
-
-def make_index(n: int = 120, *, seed: int = 0, n_labels: int = len(LABELS)) -> Index:
-    """A small index: 3 images per patient, multi-hot labels with every label present."""
-    rng = np.random.default_rng(seed)
-    labels = (rng.random((n, n_labels)) < 0.3).astype(np.uint8)
-    age = rng.uniform(20, 80, n).astype(np.float32)
-    age[::17] = np.nan
-    return Index(
-        csv_path=None,
-        label_names=tuple(LABELS[:n_labels]),
-        names=np.array([f"{i // 3:08d}_{i % 3:03d}.png" for i in range(n)], dtype=object),
-        labels=labels,
-        patients=np.arange(n, dtype=np.int64) // 3,
-        follow_up=(np.arange(n) % 3).astype(np.int32),
-        age=age,
-        sex=np.where(rng.random(n) < 0.5, "M", "F").astype(object),
-        view=np.where(rng.random(n) < 0.6, "PA", "AP").astype(object),
-        width=np.full(n, 1024, np.int32),
-        height=np.full(n, 1024, np.int32),
-        ages_invalid=0,
-    )
-
-
-def make_splits(index: Index) -> Splits:
-    """Patient-wise 60/20/20 by patient id."""
-    bucket = index.patients % 5
-    assignment = np.where(bucket < 3, "train", np.where(bucket == 3, "val", "test")).astype(object)
-    return Splits(assignment=assignment, source="patient-random")
-
-
-def signal_features(index: Index, *, dim: int = 16, seed: int = 0, noise: float = 1.0) -> np.ndarray:
-    """Features that carry the labels linearly, plus noise: a head can learn them."""
-    rng = np.random.default_rng(seed)
-    weights = rng.standard_normal((index.labels.shape[1], dim))
-    return (index.labels @ weights + noise * rng.standard_normal((len(index), dim))).astype(np.float16)
-
-
-def write_cache(cache_dir, backbone, *, names, features, status=None, kind="features", views=1, attrs=None):
-    status = np.zeros(len(names), np.int8) if status is None else status
-    errors = np.where(status == Status.OK, "", "broken").astype(object)
-    base = {"backbone": backbone, "kind": kind, "dtype": str(features.dtype), "views": views}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    return write_features(
-        cache_path(cache_dir, backbone),
-        names=names,
-        features=features,
-        status=status,
-        errors=errors,
-        attrs={**base, **(attrs or {})},
-    )
+from tests.fixtures import make_index, make_splits, signal_features, write_cache
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from cxr14.caveats import SYNTHETIC_NOTICE
 from experiments.config import load_config
 from experiments.demo import DEMO_BACKBONES, run_demo
 from heads.run_folder import OUTPUTS
-from tests.conftest import write_tiny_config
+from tests.fixtures import write_tiny_config
 
 
 def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):

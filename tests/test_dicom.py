@@ -5,9 +5,9 @@ import numpy as np
 import pydicom
 import pytest
 import tensorflow as tf
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import JPEG2000Lossless
 
 from cache.status import Status
 from dataset.image_loader import ImageError, check_file, decode_error, read_gray01
@@ -20,42 +20,16 @@ from extract.inputs import PngInput
 from inference.export import build_module
 from inference.predict import list_images, predict_images
 from inference.trained import load_run
+from tests.fixtures import REAL_CXR, TINY, TINY_STD, make_config, make_run, write_dicom, write_png
 from tests.pypi_data import package_files
-from tests.test_predict import REAL_CXR, TINY, TINY_STD, make_config, make_run, write_png
 
 REAL_FILMS = {"RG1_UNCR.dcm": "data_store/data/RG1_UNCR.dcm", "RG1_J2KR.dcm": "data_store/data/RG1_J2KR.dcm"}
-CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
 
 
 @pytest.fixture(scope="module")
 def real_films() -> dict:
     """RG1_UNCR.dcm (CR chest PA, 1955 x 1841, 15-bit, MONOCHROME1) and RG1_J2KR.dcm (the same, JPEG 2000)."""
     return package_files("pydicom-data", "1.0.0", REAL_FILMS)
-
-
-def write_dicom(path, pixels: np.ndarray, **attributes):
-    """A CR film of `pixels` ((H, W), (frames, H, W) or (H, W, 3)) with the given DICOM attributes."""
-    bits = pixels.dtype.itemsize * 8
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CR_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CR_STORAGE, "1.2.3.4", "CR"
-    ds.Rows, ds.Columns = (
-        pixels.shape[-3:-1] if pixels.ndim == 3 and pixels.shape[-1] == 3 else pixels.shape[-2:]
-    )
-    ds.SamplesPerPixel = 3 if attributes.get("PhotometricInterpretation") == "RGB" else 1
-    if ds.SamplesPerPixel == 3:
-        ds.PlanarConfiguration = 0
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
-    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
-    ds.PixelData = pixels.tobytes()
-    for key, value in attributes.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def ramp(bits: int, *, shape=(40, 48), signed=False) -> np.ndarray:

@@ -6,9 +6,6 @@ import dataclasses
 import gzip
 import json
 import shutil
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +17,16 @@ import run
 from cxr14.errors import InputError
 from dataset.settings import LABELS
 from results.expert import FINDINGS, expert_metrics, find_expert_files, read_expert_labels
+from tests.fixtures import write_cache, write_tiny_config
+from tests.pypi_data import package_files
 
 HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
     "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],Fracture,Pneumothorax,Airspace opacity,"
     "Nodule or mass,Set Id"
 )
-CACHE = Path.home() / ".cache" / "cxr14-test-data"
 REAL_NAME = "google2019_nih-chest-xray-labels.csv.gz"
-WHEEL = "torchxrayvision==1.5.7"  # holds torchxrayvision/data/google2019_nih-chest-xray-labels.csv.gz
+WHEEL = ("torchxrayvision", "1.5.7")  # holds torchxrayvision/data/google2019_nih-chest-xray-labels.csv.gz
 
 
 def write_fixture(path: Path, names, findings: np.ndarray, sets) -> Path:
@@ -157,42 +155,21 @@ def test_evaluate_expert_on_the_sample_with_a_fixture(tmp_path, tiny_project, ca
 
 
 def _real_expert_file() -> Path:
-    """The real file, cached; downloaded once as data from the torchxrayvision wheel (never imported)."""
-    target = CACHE / REAL_NAME
-    if target.is_file():
-        return target
-    download = CACHE / "wheel"
-    try:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(download)],
-            check=True,
-            capture_output=True,
-            timeout=180,
-        )
-        wheel = next(download.glob("torchxrayvision-*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            member = next(n for n in archive.namelist() if n.endswith(REAL_NAME))
-            CACHE.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(archive.read(member))
-    except (subprocess.SubprocessError, OSError, StopIteration, zipfile.BadZipFile) as err:
-        pytest.skip(f"cannot download {WHEEL} for the expert labels ({type(err).__name__}); offline?")
-    finally:
-        shutil.rmtree(download, ignore_errors=True)
-    return target
+    """The real file, cached; fetched once as data from the torchxrayvision wheel (never imported)."""
+    return package_files(*WHEEL, {REAL_NAME: f"torchxrayvision/data/{REAL_NAME}"})[REAL_NAME]
 
 
 def test_evaluate_expert_on_the_real_files_rows(tmp_path):
     """The real file's 4,376 images as a data set (its own NIH columns as the CSV, its sets as the split),
     features that carry the NIH labels, a linear head, then evaluate --expert on the test set."""
     from experiments.config import load_config
-    from tests.conftest import write_tiny_config
-    from tests.test_data import write_cache
 
-    real = pd.read_csv(_real_expert_file(), dtype=str, keep_default_na=False)
+    real_file = _real_expert_file()
+    real = pd.read_csv(real_file, dtype=str, keep_default_na=False)
     assert len(real) == 4376 and set(real["Set Id"]) == {"val", "test"}
     data = tmp_path / "data"
     data.mkdir()
-    shutil.copyfile(CACHE / REAL_NAME, data / REAL_NAME)
+    shutil.copyfile(real_file, data / REAL_NAME)
     real.iloc[:, :11].to_csv(data / "Data_Entry_2017_v2020.csv", index=False)
     for list_name, set_id in (("train_val_list.txt", "val"), ("test_list.txt", "test")):
         (data / list_name).write_text("\n".join(real["Image Index"][real["Set Id"] == set_id]) + "\n")

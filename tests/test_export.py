@@ -16,16 +16,7 @@ from dataset.settings import LABELS
 from extract.settings import BackboneConfig
 from inference.export import export_run
 from inference.predict import predict_images
-from tests.test_predict import (
-    PIXELS,
-    REAL_CXR,
-    TINY,
-    TINY_STD,
-    add_decisions,
-    make_config,
-    make_run,
-    write_png,
-)
+from tests.fixtures import PIXELS, REAL_CXR, TINY, TINY_STD, add_decisions, make_config, make_run, write_png
 
 # Runs in a fresh interpreter, from a folder outside the repository, with only TensorFlow imported.
 RELOAD = """

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,33 +19,10 @@ from cache.status import Status
 from cxr14.errors import Fix, InputError
 from dataset import image_loader
 from extract import extraction
-from extract.inputs import PixelInput, PngInput
+from extract.inputs import PixelInput
+from tests.fixtures import SIZE, FakeBackbone, extract, second_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE = 8  # backbone input size: tiny, so every test runs in a second or two
-
-
-@dataclass(frozen=True)
-class FakeBackbone:
-    """Stands in for extract.backbones.Backbone: normalised uint8 pixels, 2x2 average-pooled; optionally slow."""
-
-    name: str = "fake"
-    kind: str = "features"
-    spec: image_loader.ImageSpec = image_loader.ImageSpec(size=SIZE, normalization="unit")
-    dim: int = 12
-    delay: float = 0.0
-    calls: list = field(default_factory=list)
-    config: dict = field(default_factory=lambda: {"name": "fake", "source": "test"})
-
-    def fn(self, pixels):
-        self.calls.append(tuple(pixels.shape))
-        time.sleep(self.delay)
-        images = image_loader.normalize(pixels, self.spec)
-        if self.kind == "pixels":
-            return images[..., 0]  # "bytes" normalisation: already 0..255
-        side = self.spec.size // 2
-        pooled = tf.nn.avg_pool2d(images, ksize=side, strides=side, padding="VALID")
-        return tf.reshape(pooled, (tf.shape(images)[0], -1))
 
 
 def write_png(path: Path, image: np.ndarray) -> bytes:
@@ -85,20 +61,6 @@ EXPECTED_STATUS = {
     8: Status.UNDECODABLE,
     10: Status.UNDECODABLE,
 }
-
-
-def extract(names, paths, cache_dir, *, backbone=None, backbones=None, images=None, **options):
-    """One backbone: its summary. `backbones=[...]`: one pass over all of them, a summary each."""
-    settings = dict(batch_size=2, shard_size=4, progress=False) | options
-    max_pixels = settings.pop("max_pixels", None)
-    summaries = extraction.extract_features(
-        backbones=backbones or [backbone or FakeBackbone()],
-        names=names,
-        images=images or PngInput(paths, max_pixels=max_pixels),
-        cache_dir=cache_dir,
-        **settings,
-    )
-    return summaries if backbones else summaries[0]
 
 
 def assert_same_file(a: Path, b: Path):
@@ -148,13 +110,6 @@ def test_last_batch_is_padded_so_the_backbone_sees_one_shape(images, tmp_path):
     assert set(backbone.calls) == {(3, SIZE, SIZE, 1)}  # uint8, one channel: the backbone makes three
 
 
-def second_backbone(**changes) -> FakeBackbone:
-    """Another fake backbone with its own size, normalisation and channels, to share a pass with the first."""
-    spec = image_loader.ImageSpec(size=6, normalization="standardize", channels=1)
-    config = {"name": "second", "source": "test"}
-    return FakeBackbone(**({"name": "second", "spec": spec, "dim": 4, "config": config} | changes))
-
-
 def pixel_backbone(size: int = 10, name: str = "pix") -> FakeBackbone:
     spec = image_loader.ImageSpec(size=size, normalization="bytes", channels=1)
     return FakeBackbone(
@@ -169,7 +124,7 @@ def assert_same_files(cache_a: Path, cache_b: Path, names=("fake", "second")):
 
 CHILD = """
 import json, sys
-from tests.test_extraction import FakeBackbone, extract, second_backbone
+from tests.fixtures import FakeBackbone, extract, second_backbone
 job = json.load(open(sys.argv[1]))
 backbones = [FakeBackbone(delay=0.4), second_backbone()]
 extract(job["names"], job["paths"], job["cache"], backbones=backbones, shard_size=2)

@@ -13,8 +13,7 @@ from dataset.settings import LABELS
 from extract.settings import BackboneConfig
 from inference.heatmap import _gradcam, explain, heatmap_method, logit_run, peak
 from inference.trained import head_probabilities, load_run
-from tests.test_dicom import write_dicom
-from tests.test_predict import PIXELS, TINY, make_run, write_png
+from tests.fixtures import PIXELS, TINY, make_run, write_dicom, write_png
 
 # Grid 1 is global average pooling, as keras.applications backbones pool.
 GLOBAL = BackboneConfig(

@@ -14,131 +14,14 @@ import run
 from cache.store import cache_path, read_features
 from cxr14.errors import InputError
 from dataset.image_loader import load_image
-from dataset.settings import LABELS, SplitConfig
-from experiments.config import Config
+from dataset.settings import LABELS
 from extract.backbones import load_backbone
 from extract.extraction import extract_features
 from extract.inputs import PngInput
 from extract.settings import BackboneConfig, ExtractConfig
-from heads.models import build_head
-from heads.settings import HeadConfig
 from inference.predict import format_predictions, list_images, predict_images
 from inference.trained import as_cached, cached_features, load_run
-
-REAL_CXR = Path(__file__).resolve().parents[2] / "shared" / "real-cxr"
-
-TINY = BackboneConfig(name="tiny", source="random", image_size=32, preprocess="unit", seed=1, width=8, grid=2)
-TINY_STD = BackboneConfig(
-    name="tiny_std", source="random", image_size=24, preprocess="standardize", seed=2, width=8, grid=2
-)
-PIXELS = BackboneConfig(name="pix", source="pixels", image_size=16, preprocess="bytes")
-
-
-def make_config(root: Path, *, batch_size: int = 8) -> Config:
-    return Config(
-        path=root / "cxr14.toml",
-        data_dir=root / "data",
-        csv="auto",
-        labels=LABELS,
-        split=SplitConfig(),
-        cache_dir=root / "features",
-        runs_dir=root / "runs",
-        extract=ExtractConfig(batch_size=batch_size),
-    )
-
-
-def _head(backbones: list[BackboneConfig], *, seed: int) -> keras.Model:
-    """A small head with one named input per backbone, shaped like the cached arrays."""
-    keras.utils.set_random_seed(seed)
-    inputs, branches = {}, []
-    for cfg in backbones:
-        if cfg.source == "pixels":
-            x = inputs[cfg.name] = keras.Input((cfg.image_size, cfg.image_size), name=cfg.name)
-            x = keras.layers.Rescaling(1 / 255)(keras.layers.Reshape((cfg.image_size, cfg.image_size, 1))(x))
-            x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu")(x))
-        else:
-            x = inputs[cfg.name] = keras.Input((load_backbone(cfg).dim,), name=cfg.name)
-        branches.append(keras.layers.Dense(16, activation="relu")(x))
-    x = keras.layers.Add()(branches) if len(branches) > 1 else branches[0]
-    # Large weights spread the outputs, so a wrong rounding or a mixed-up input shows in the numbers.
-    out = keras.layers.Dense(
-        len(LABELS), activation="sigmoid", kernel_initializer=keras.initializers.RandomNormal(stddev=2.0)
-    )(x)
-    model_inputs = inputs if len(inputs) > 1 else next(iter(inputs.values()))
-    return keras.Model(model_inputs, out)
-
-
-def _models_head(backbones: list[BackboneConfig], *, seed: int) -> keras.Model:
-    """The project's own head (heads.models), which takes a dict even for one backbone."""
-    kind = "cnn" if backbones[0].source == "pixels" else "ensemble" if len(backbones) > 1 else "fc"
-    shapes = {
-        cfg.name: (cfg.image_size, cfg.image_size) if cfg.source == "pixels" else (load_backbone(cfg).dim,)
-        for cfg in backbones
-    }
-    head = HeadConfig(kind=kind, units=(16,), transition=8, filters=(4,))
-    return build_head(kind=kind, inputs=shapes, n_labels=len(LABELS), head=head, seed=seed)
-
-
-def make_run(
-    run_dir: Path,
-    backbones: list[BackboneConfig],
-    *,
-    dtype: str = "float16",
-    metadata: bool = False,
-    seed: int = 0,
-    project_head: bool = False,
-) -> Path:
-    """A run folder as heads.train writes it: config.json (experiment.snapshot's keys) and model.keras."""
-    run_dir.mkdir(parents=True)
-    model = _models_head(backbones, seed=seed) if project_head else _head(backbones, seed=seed)
-    model.save(run_dir / "model.keras")
-    snapshot = {
-        "head": {"kind": "ensemble" if len(backbones) > 1 else "fc", "units": [16], "dropout": 0.0},
-        "train": {"metadata": metadata, "seed": seed, "bootstrap": 10},
-        "backbones": {cfg.name: cfg.as_dict() for cfg in backbones},
-        "labels": list(LABELS),
-        "feature_dtypes": {cfg.name: "uint8" if cfg.source == "pixels" else dtype for cfg in backbones},
-        "config": {},
-    }
-    (run_dir / "config.json").write_text(json.dumps(snapshot), encoding="utf-8")
-    return run_dir
-
-
-def add_decisions(run_dir: Path, *, method: str = "platt", seed: int = 0) -> dict:
-    """calibration.json and thresholds.json as training writes them, with values drawn for the test."""
-    from heads.run_folder import write_decisions
-
-    rng = np.random.default_rng(seed)
-    if method == "isotonic":
-        params = {
-            name: {"x": sorted(rng.random(6).tolist()), "y": sorted(rng.random(6).tolist())}
-            for name in LABELS
-        }
-    else:
-        params = {name: {"a": float(rng.uniform(0.3, 2)), "b": float(rng.normal())} for name in LABELS}
-    params[LABELS[-1]] = {"identity": True}
-    cuts = {name: {"threshold": float(np.float32(rng.uniform(0.2, 0.8)))} for name in LABELS}
-    cuts[LABELS[-2]] = {"threshold": None}
-    decisions = {
-        "calibration": {"method": method, "fitted_on": "val", "bins": 10, "labels": params},
-        "thresholds": {"method": "youden", "target": None, "fitted_on": "val", "labels": cuts},
-    }
-    write_decisions(run_dir, decisions)
-    return decisions
-
-
-def write_png(path: Path, *, size: int = 40, seed: int = 0, bits: int = 8, channels: int = 1) -> Path:
-    """A gray test image with a blob whose place depends on the seed."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    cy, cx = rng.uniform(0.2, 0.8, 2)
-    image = 0.3 + 0.6 * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) * 20) + 0.05 * rng.random((size, size))
-    top = 65535 if bits == 16 else 255
-    pixels = np.clip(image * top, 0, top).astype(np.uint16 if bits == 16 else np.uint8)[..., None]
-    if channels == 4:
-        pixels = np.concatenate([pixels] * 3 + [np.full_like(pixels, top)], axis=-1)
-    path.write_bytes(tf.io.encode_png(pixels).numpy())
-    return path
+from tests.fixtures import PIXELS, REAL_CXR, TINY, TINY_STD, add_decisions, make_config, make_run, write_png
 
 
 def expected_probabilities(run_dir: Path, path: Path, backbones: list[BackboneConfig]) -> np.ndarray:

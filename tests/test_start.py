@@ -7,7 +7,7 @@ from heads.directions import logistic_with_offset
 from heads.probe import platt_scaling
 from heads.start import _units, _validated_directions, fit_start, probe_blocks
 from results.metrics import mean_defined, roc_auc_per_label
-from tests.test_data import make_index, make_splits, signal_features, write_cache
+from tests.fixtures import make_index, make_splits, signal_features, write_cache
 
 
 def _val_auc(start_logits, units, weights, labels):

@@ -14,7 +14,7 @@ from heads.run_folder import OUTPUTS
 from heads.scoring import score_run
 from heads.settings import HeadConfig, TrainConfig
 from heads.train import train_head
-from tests.test_data import make_index, make_splits, signal_features, write_cache
+from tests.fixtures import make_index, make_splits, signal_features, write_cache
 
 FAST = TrainConfig(epochs=6, batch_size=32, lr=1e-2, bootstrap=20, patience=2, steps_per_execution=8)
 FC = HeadConfig(kind="fc", units=(16,), dropout=0.1)
