@@ -41,6 +41,7 @@ COMMAND_FOLDERS = {
     "export": ("runs",),
     "demo": (),
     "bench": ("data", "cache"),
+    "import-features": ("data", "cache"),
 }
 
 
@@ -308,6 +309,40 @@ def cmd_bench(args, config: Config) -> None:
         _print_json(result)
     else:
         print(text(result))
+
+
+def cmd_import_features(args, config: Config) -> None:
+    from extract.imported import open_source, uses_tensorflow
+    from extract.importing import ImportSettings, format_import, run_import_features
+
+    settings = ImportSettings(
+        name=args.name,
+        tokens=args.tokens,
+        dtype=args.dtype or config.extract.dtype,
+        pretrained_on=args.pretrained_on,
+        description=args.description,
+    )
+    source = open_source(
+        args.source, layout=args.layout, key=args.key, names=args.names, id_column=args.id_column
+    )
+    if uses_tensorflow(args.source):
+        _tensorflow(args)
+    with _results_only_on_stdout(args):
+        summary = run_import_features(config, source=source, settings=settings, force=args.force)
+    if args.json:
+        _print_json(dataclasses.asdict(summary))
+    else:
+        print(format_import(summary))
+
+
+def cmd_bench_import(args, config: Config) -> None:
+    from extract.import_bench import bench_import, format_bench_import
+
+    result = bench_import(rows=args.rows, dim=args.dim, workdir=args.workdir)
+    if args.json:
+        _print_json(result)
+    else:
+        print(format_bench_import(result))
 
 
 def _with_extract_flags(args, config: Config) -> Config:
@@ -614,10 +649,53 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--images", type=_positive, default=None, help="sample size (default: the demo's own)")
 
 
+def _add_import_command(sub) -> None:
+    from extract.settings import IMPORT_LAYOUTS, TOKEN_POOLING
+
+    p = _command(
+        sub,
+        "import-features",
+        cmd_import_features,
+        "Import embeddings made elsewhere (.npz, v1 .tfrecord/.npz per image, HDF5, .npy + names, parquet) "
+        "into <cache-dir>/NAME.h5, matched to the index by image id.",
+    )
+    p.add_argument(
+        "source", type=Path, metavar="SOURCE", help="the embedding file, or a folder of per-image files"
+    )
+    p.add_argument("--name", required=True, help="the backbone name to train with: --backbone NAME")
+    p.add_argument(
+        "--layout", choices=("auto", *IMPORT_LAYOUTS), default="auto", help="how SOURCE is laid out"
+    )
+    p.add_argument(
+        "--key",
+        default="",
+        help="HDF5: the array inside each image's group (e.g. elixrc/Embedding); "
+        "v1 files: the vector's key (default embedding)",
+    )
+    p.add_argument("--names", type=Path, help=".npy: CSV of the image id of each matrix row")
+    p.add_argument(
+        "--id-column", default="", help='names CSV / parquet: the id column (default "Image Index")'
+    )
+    p.add_argument(
+        "--tokens", choices=TOKEN_POOLING, default="mean", help="rows of tokens: average them, or flatten"
+    )
+    p.add_argument("--dtype", choices=FEATURE_DTYPES, help="stored feature type (default: extract.dtype)")
+    p.add_argument(
+        "--pretrained-on",
+        type=_names,
+        default=(),
+        metavar="SET,SET",
+        help="what the model was pre-trained on, e.g. ChestX-ray14 (every result then says so)",
+    )
+    p.add_argument("--description", default="", help="where the embeddings came from (recorded in the file)")
+    p.add_argument("--force", action="store_true", help="replace an existing <cache-dir>/NAME.h5")
+    _json_flag(p)
+
+
 def _add_bench_command(sub) -> None:
-    help_text = "Measure extraction or head-training speed."
+    help_text = "Measure extraction or head-training speed, or an import's memory."
     bench = sub.add_parser("bench", help=help_text, description=help_text)
-    what = bench.add_subparsers(dest="what", required=True, metavar="{extract,heads}")
+    what = bench.add_subparsers(dest="what", required=True, metavar="{extract,heads,import}")
     p = _command(
         what,
         "extract",
@@ -654,6 +732,17 @@ def _add_bench_command(sub) -> None:
         "--seed", type=_seed, default=0, help="with --quality: the seed that draws the planted problems"
     )
     _json_flag(p)
+    p = _command(
+        what,
+        "import",
+        cmd_bench_import,
+        "Peak memory of import-features on a full-size .npz keyed by image id (written to a temp dir).",
+        folders=(),
+    )
+    p.add_argument("--rows", type=_positive, default=112_120, help="images in the .npz and the index")
+    p.add_argument("--dim", type=_positive, default=1376, help="values per embedding (CXR Foundation v1)")
+    p.add_argument("--workdir", type=Path, help="where to write the .npz and the cache (default: a temp dir)")
+    _json_flag(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -665,6 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_extract_commands,
         _add_head_commands,
         _add_model_commands,
+        _add_import_command,
         _add_bench_command,
     ):
         add(sub)

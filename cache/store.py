@@ -21,7 +21,7 @@ from cxr14.temps import remove_stale_temps, temp_path
 
 SCHEMA_VERSION = 1
 REQUIRED_ATTRS = ("schema_version", "backbone", "kind", "dtype", "views")
-JSON_ATTRS = ("backbone_config", "preprocess", "versions")
+JSON_ATTRS = ("backbone_config", "preprocess", "versions", "imported", "pretrained_on")
 # What the fingerprint hashes, by attribute name (image_list_sha256 stands for the names).
 RECIPE_ATTRS = (
     "schema_version",

@@ -1,8 +1,10 @@
 """The caveats every output carries where they apply: a synthetic data set (not comparable with published
-results), backbones with random weights (not a medical model). Both stages use it: make-sample marks its
-folder, every later output reads the mark."""
+results), backbones with random weights (not a medical model), features from backbones that saw
+ChestX-ray14 in pre-training (optimistic beside published numbers). Both stages use it: make-sample marks
+its folder, every later output reads the mark."""
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 # make-sample writes this file into the data folder it makes; a folder holding it is synthetic.
@@ -10,6 +12,10 @@ SYNTHETIC_MARKER = "SYNTHETIC.txt"
 # Folders made by make-sample before the marker existed hold only this one.
 SAMPLE_README = "README_SAMPLE.txt"
 SYNTHETIC_NOTICE = "synthetic sample — not comparable with published results"
+# How a `pretrained_on` entry names this data set (compared without case, spaces or punctuation):
+# ChestX-ray8 is its first release, the same images.
+CHESTXRAY14_NAMES = ("chestxray14", "nihchestxray14", "cxr14", "nihcxr14", "chestxray8", "nihchestxray8")
+SEEN_NOTICE = "features pre-trained on ChestX-ray14 images — test AUC optimistic beside published results"
 
 
 def is_synthetic(data_dir: Path) -> bool:
@@ -51,3 +57,22 @@ def not_medical_warning(*, synthetic: bool, random_backbones: list[str]) -> str:
         f"not a medical model: {' and '.join(reasons)}; "
         "its outputs say nothing about a real X-ray (it only shows the commands work)"
     )
+
+
+def saw_chestxray14(pretrained_on: Mapping[str, Sequence[str]]) -> list[str]:
+    """Names of the backbones whose `pretrained_on` list names ChestX-ray14 (any spelling above)."""
+    return [
+        name
+        for name, sets in pretrained_on.items()
+        if any(re.sub(r"[^a-z0-9]", "", str(s).lower()) in CHESTXRAY14_NAMES for s in sets or ())
+    ]
+
+
+def seen_notice(backbones: Sequence[str]) -> str:
+    """The pre-training notice naming `backbones`, or "" when there are none."""
+    return f"{SEEN_NOTICE} ({', '.join(backbones)})" if backbones else ""
+
+
+def run_notice(*, synthetic: bool, seen: Sequence[str]) -> str:
+    """The one notice a run's outputs carry: synthetic data, pre-training on ChestX-ray14, both, or ""."""
+    return "; ".join(n for n in (SYNTHETIC_NOTICE if synthetic else "", seen_notice(seen)) if n)

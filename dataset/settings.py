@@ -2,7 +2,7 @@
 settings, and the image normalisations. The one list of each.
 
 Kept free of TensorFlow, numpy and pandas so that the config and the command line check names at once;
-dataset/splits.py applies each policy and dataset/images.py each normalisation.
+dataset/splits.py applies each policy and dataset/image_loader.py each normalisation.
 """
 
 from collections.abc import Sequence

@@ -24,5 +24,11 @@ def open_run_data(config: Config, *, backbones: Sequence[str], metadata: bool):
         splits=dataset.splits,
         metadata=metadata,
         synthetic=dataset.synthetic,
+        pretrained_on=pretraining(config),
     )
     return dataset, data
+
+
+def pretraining(config: Config) -> dict[str, tuple[str, ...]]:
+    """What each configured backbone's weights were pre-trained on (its table's pretrained_on)."""
+    return {name: b.pretrained_on for name, b in config.backbones.items()}

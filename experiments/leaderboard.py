@@ -5,7 +5,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from cxr14.caveats import SYNTHETIC_NOTICE
+from cxr14.caveats import SEEN_NOTICE, SYNTHETIC_NOTICE
 from cxr14.errors import InputError
 from heads.settings import describe_settings
 from results.format import MISSING, format_auc, format_difference
@@ -28,10 +28,11 @@ def _auc_cell(results: RunResults, name: str) -> str:
     return format_auc(results.labels[name].auc) if name in results.labels else MISSING
 
 
-def _leaderboard_row(run_dir: Path, label_names: Sequence[str]) -> tuple[float, list[str], bool]:
+def _leaderboard_row(run_dir: Path, label_names: Sequence[str]) -> tuple[float, list[str], bool, bool]:
     results = read_results(run_dir / "metrics.json")
     config = _read_json(run_dir / "config.json", "config.json")
     synthetic = bool(results.details.get("synthetic"))
+    seen = ", pre-trained on ChestX-ray14" if results.details.get("seen_chestxray14") else ""
     row = [
         run_dir.name,
         format_auc(results.mean_auc, results.mean_ci),
@@ -40,10 +41,10 @@ def _leaderboard_row(run_dir: Path, label_names: Sequence[str]) -> tuple[float, 
         ", ".join(describe_settings(config.get("head", {}), config.get("train", {}))),
         _difference_cell(results.details.get("reference")),
         versus_metadata(results.details),
-        f"{results.split} ({results.images}{', synthetic' if synthetic else ''})",
+        f"{results.split} ({results.images}{', synthetic' if synthetic else ''}{seen})",
     ]
     row += [_auc_cell(results, name) for name in label_names]
-    return results.sort_key, row, synthetic
+    return results.sort_key, row, synthetic, bool(seen)
 
 
 def _difference_cell(probe: dict | None) -> str:
@@ -66,12 +67,14 @@ def leaderboard(run_dirs: Sequence[Path]) -> str:
     header = ["#", "run", "mean AUC [95% CI]", "head", "backbones", "options", "vs ridge probe"]
     header += ["vs metadata baseline", "split (images)", *label_names]
     lines = []
-    if any(synthetic for *_, synthetic in scored):
+    if any(synthetic for _, _, synthetic, _ in scored):
         lines += [
             f"**{SYNTHETIC_NOTICE}**: runs marked synthetic were trained and scored on drawn chests.",
             "",
         ]
+    if any(seen for *_, seen in scored):
+        lines += [f"**{SEEN_NOTICE}**: runs marked pre-trained on ChestX-ray14.", ""]
     lines += ["| " + " | ".join(header) + " |", "| " + " | ".join(["---"] * len(header)) + " |"]
-    for rank, (_, row, _) in enumerate(scored, start=1):
+    for rank, (_, row, *_) in enumerate(scored, start=1):
         lines.append("| " + " | ".join([str(rank), *row]) + " |")
     return "\n".join(lines) + "\n"

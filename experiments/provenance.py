@@ -13,7 +13,8 @@ from heads.data import cache_file
 
 # Cache attributes a run records; evaluate refuses a cache whose recorded ones changed since.
 RECORDED = ("backbone", "kind", "dtype", "views", "fingerprint", "image_list_sha256")
-BACKBONE_FIELDS = {f.name: f for f in dataclasses.fields(BackboneConfig)}
+# The settings extraction records (BackboneConfig.as_dict): what the weights saw is not among them.
+BACKBONE_FIELDS = {f.name: f for f in dataclasses.fields(BackboneConfig) if f.name != "pretrained_on"}
 
 
 def cache_kind(config: Config, name: str) -> str:

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from cxr14.caveats import SYNTHETIC_NOTICE
+from cxr14.caveats import SYNTHETIC_NOTICE, seen_notice
 from cxr14.errors import InputError
 from cxr14.settings import read_toml
 from cxr14.tf_logging import models_built_in_a_loop
@@ -127,6 +127,7 @@ def _trial_data(data, plan: RunPlan):
         data,
         features={name: data.features[name] for name in plan.backbones},
         metadata=data.metadata if plan.train.metadata else None,
+        seen_chestxray14=tuple(b for b in data.seen_chestxray14 if b in plan.backbones),
     )
 
 
@@ -236,6 +237,7 @@ def format_leaderboard(*, name, ranked, plans, results, test, skipped) -> str:
     from results.report import versus_metadata
 
     lines = [f"**{SYNTHETIC_NOTICE}**", ""] if test.get("synthetic") else []
+    lines += [f"**{seen_notice(test['seen_chestxray14'])}**", ""] if test.get("seen_chestxray14") else []
     lines += [
         f"# Sweep {name}",
         "",

@@ -18,6 +18,12 @@ from dataset.settings import NORMALIZATIONS
 SOURCES = {"hub": "features", "keras": "features", "random": "features", "pixels": "pixels"}
 # The "random" backbone's stride-2 convolutions: its feature map is image_size / 2**RANDOM_STAGES a side.
 RANDOM_STAGES = 3
+# import-features: the layouts extract/imported.py reads ("npz": one .npz keyed by image id; "v1-npz" /
+# "v1-tfrecord": one file per image, the vector under `embedding`; "hdf5": one group per image, the array
+# at a path inside it; "npy": a matrix beside a CSV of names; "parquet": an id column and vector columns).
+IMPORT_LAYOUTS = ("npz", "v1-npz", "v1-tfrecord", "hdf5", "npy", "parquet")
+# How extract/importing.py turns a row of tokens into one vector ("keep": a token cache, not yet built).
+TOKEN_POOLING = ("mean", "flatten", "keep")
 
 
 @dataclass(frozen=True)
@@ -33,9 +39,12 @@ class BackboneConfig:
     seed: int = allowed(0, low=0)
     width: int = allowed(32, low=1, high=1024)
     grid: int = allowed(4, low=1, high=16)
+    # What the weights were pre-trained on, e.g. ["ImageNet"]; ChestX-ray14 there marks every result.
+    pretrained_on: tuple[str, ...] = ()
 
     def __post_init__(self):
         check_ranges(self, section=f"backbones.{self.name}")
+        check_pretrained_on(self.pretrained_on, key=f"backbones.{self.name}.pretrained_on")
         side = -(-self.image_size // 2**RANDOM_STAGES)  # the feature map the grid pools
         if self.source == "random" and self.grid > side:
             raise InputError(
@@ -44,7 +53,17 @@ class BackboneConfig:
             )
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings that make the features (what extraction records and fingerprints): pretrained_on
+        says what the weights saw, which changes no feature, so naming it never invalidates a cache."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "pretrained_on"}
+
+
+def check_pretrained_on(names, *, key: str) -> tuple[str, ...]:
+    """A list of distinct, non-empty data set names (for [backbones.NAME] and import-features)."""
+    names = tuple(names)
+    if any(not isinstance(n, str) or not n.strip() for n in names) or len(set(names)) != len(names):
+        raise InputError(f'{key} = {list(names)} must be distinct data set names, e.g. ["ImageNet"]')
+    return names
 
 
 def check_backbone(b: BackboneConfig, *, path: Path) -> None:

@@ -1,7 +1,7 @@
 """The rows a head trains on: cached features joined by image name with labels, patients, splits and
 metadata, each cache's description (kind, views, dtype, recipe) beside them; and a head's inputs from them."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -10,6 +10,7 @@ import numpy as np
 
 from cache.status import Status
 from cache.store import MadeDifferently, cache_path, check_recipe, finite_rows, read_features, shard_dir
+from cxr14.caveats import saw_chestxray14
 from cxr14.errors import Fix, InputError
 from cxr14.names import positions
 from dataset.splits import SPLITS
@@ -38,6 +39,8 @@ class HeadData:
     # The metadata columns of every row, whether or not the head takes them: the metadata-only baseline's.
     covariates: np.ndarray | None = None
     synthetic: bool = False  # a make-sample data set: no result on it is comparable with published ones
+    # Backbones whose pre-training saw ChestX-ray14 images: every result says so beside published numbers.
+    seen_chestxray14: tuple[str, ...] = ()
 
     def views(self, name: str) -> int:
         """Views per image in backbone `name`'s cache (1: one plain view, stored without a views axis)."""
@@ -65,10 +68,19 @@ class HeadData:
 
 
 def load_head_data(
-    *, cache_dir: Path, backbones: Sequence[str], index, splits, metadata: bool, synthetic: bool = False
+    *,
+    cache_dir: Path,
+    backbones: Sequence[str],
+    index,
+    splits,
+    metadata: bool,
+    synthetic: bool = False,
+    pretrained_on: Mapping[str, Sequence[str]] | None = None,
 ) -> HeadData:
     """Read each backbone's cache once, align its rows to the index by name, keep rows OK in every cache.
-    `metadata`: the head takes the metadata columns; `synthetic`: the data set is a make-sample one."""
+    `metadata`: the head takes the metadata columns; `synthetic`: the data set is a make-sample one;
+    `pretrained_on`: per backbone, what its weights saw (the config's tables; a cache without one says
+    it itself, as imported features do)."""
     if not backbones:
         raise InputError("no backbone given; pass --backbone NAME (one of the [backbones.*] in the config)")
     in_split = np.isin(splits.assignment, SPLITS)
@@ -115,7 +127,13 @@ def load_head_data(
         caches=attrs,
         covariates=covariates,
         synthetic=synthetic,
+        seen_chestxray14=tuple(saw_chestxray14(_pretraining(attrs, pretrained_on or {}))),
     )
+
+
+def _pretraining(attrs: dict[str, dict], configured: Mapping[str, Sequence[str]]) -> dict[str, Sequence]:
+    """Per backbone, its pre-training data sets: from the config's table, else from its cache."""
+    return {name: configured.get(name, a.get("pretrained_on") or ()) for name, a in attrs.items()}
 
 
 class _Cache(NamedTuple):

@@ -7,7 +7,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from cxr14.caveats import SYNTHETIC_NOTICE
+from cxr14.caveats import run_notice
 from cxr14.errors import InputError
 from heads.data import HeadData, head_inputs
 from heads.run_folder import load_model, read_decisions, run_labels, write_decisions, write_json
@@ -54,6 +54,11 @@ def check_labels(data: HeadData, label_names) -> None:
         )
 
 
+def data_notice(data: HeadData) -> str:
+    """The notice every output of a run on `data` carries (synthetic data, pre-training on ChestX-ray14)."""
+    return run_notice(synthetic=data.synthetic, seen=data.seen_chestxray14)
+
+
 def split_metrics(
     data: HeadData,
     scores: np.ndarray,
@@ -78,8 +83,9 @@ def split_metrics(
     y, groups = data.labels[rows], data.patients[rows]
     metrics = label_metrics(y, scores, groups=groups, label_names=label_names, n_boot=n_boot, seed=seed)
     metrics |= {"split": split, "split_source": data.split_source, "synthetic": data.synthetic}
-    if data.synthetic:
-        metrics["notice"] = SYNTHETIC_NOTICE
+    metrics["seen_chestxray14"] = list(data.seen_chestxray14)
+    if notice := data_notice(data):
+        metrics["notice"] = notice
     metrics["baselines"] = _baselines(
         data, scores, rows=rows, label_names=label_names, n_boot=n_boot, seed=seed
     )
@@ -139,8 +145,8 @@ def fit_decisions(data: HeadData, scores: np.ndarray, *, settings: DecisionConfi
         target=settings.target,
         label_names=label_names,
     )
-    if data.synthetic:
-        calibration["notice"] = thresholds["notice"] = SYNTHETIC_NOTICE
+    if notice := data_notice(data):
+        calibration["notice"] = thresholds["notice"] = notice
     return {"calibration": calibration, "thresholds": thresholds}
 
 
@@ -206,8 +212,8 @@ def score_expert(
         seed=seed,
     )
     result = {"run": run_dir.name, "split": split, "files": [str(p) for p in expert_files], **result}
-    if data.synthetic:
-        result["notice"] = SYNTHETIC_NOTICE
+    if notice := data_notice(data):
+        result["notice"] = notice
     write_json(run_dir / f"evaluate-expert-{split}.json", result)
     return result
 

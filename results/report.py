@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, roc_curve
 
-from cxr14.caveats import SYNTHETIC_NOTICE
+from cxr14.caveats import SYNTHETIC_NOTICE, seen_notice
 from cxr14.errors import InputError
 from results.format import MISSING, UNDEFINED, as_float, format_auc, format_difference, format_number
 from results.metrics import RATES, mean_defined, reliability_curve
@@ -160,6 +160,7 @@ def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name
             "numbers are left out.",
             "",
         ]
+    lines += _seen_lines(metrics)
     lines += [f"# ROC AUC per disease: {run_name}", ""]
     rows = _auc_rows(metrics, references, label_names=label_names, run_name=run_name)
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -180,6 +181,18 @@ def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name
     path = Path(path)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _seen_lines(metrics: dict) -> list[str]:
+    """auc.md's opening caveat for features whose pre-training saw ChestX-ray14 images."""
+    seen = metrics.get("seen_chestxray14")
+    if not seen:
+        return []
+    return [
+        f"**{seen_notice(seen)}.** Their pre-training saw ChestX-ray14 images, likely this test split's "
+        "among them; the published columns come from models that never saw them.",
+        "",
+    ]
 
 
 def probe_line(probe: dict) -> str:
