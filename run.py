@@ -159,11 +159,11 @@ def cmd_train_head(args, config: Config) -> None:
     config = dataclasses.replace(config, decision=override(config.decision, **_flags(args, DECISION_FIELDS)))
     from experiments.experiment import plan_run, run_train_head
 
-    plan_run(config, kind=args.head, backbones=args.backbone)
+    plan = plan_run(config, kind=args.head, backbones=args.backbone)
     _tensorflow(args)
     with _results_only_on_stdout(args):
         metrics = run_train_head(
-            config, kind=args.head, backbones=args.backbone, name=args.name, force=args.force
+            config, kind=args.head, backbones=args.backbone, name=args.name, force=args.force, plan=plan
         )
     _print_result(args, metrics)
 

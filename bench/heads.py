@@ -64,59 +64,28 @@ def bench_heads(
 def bench_fc(
     *, rows: int, dim: int, workdir: Path, epochs: int, seed: int, head: HeadConfig | None = None
 ) -> dict:
-    """Load time, fc epoch time against its compute floor, and a full train-head run."""
-    cache_dir, runs_dir = workdir / "features", workdir / "runs"
+    """Load time, fc epoch time against its compute floor, and a full train-head run (its time counts
+    the load, as a run's does)."""
+    cache_dir = workdir / "features"
     index, splits = planted_index(rows, seed=seed)
-    write_synthetic_cache(cache_dir, index=index, dim=dim, seed=seed)
-
+    write_bench_cache(cache_dir, index=index, dim=dim, seed=seed)
     start = time.perf_counter()
     data = load_head_data(
         cache_dir=cache_dir, backbones=[BACKBONE], index=index, splits=splits, metadata=False
     )
     load_s = time.perf_counter() - start
-
     head = head or HeadConfig(kind="fc")
     train = TrainConfig(seed=seed).sized_for(data.rows("train").size)
-    model = _bench_head(data, kind="fc", head=head, seed=train.seed)
-    timed = epochs_and_floor(model, data=data, train=train, turns=epochs, repeats=10)
-    flops = training_flops(model, data.rows("train").size)
-    rate = matmul_flops_per_s(batch=train.batch_size, dim=dim, units=head.units[0])
-    del data, model
-
+    timed = _time_fc_epochs(data, head=head, train=train, dim=dim, epochs=epochs)
     start = time.perf_counter()
-    data = load_head_data(
-        cache_dir=cache_dir, backbones=[BACKBONE], index=index, splits=splits, metadata=False
-    )
-    metrics = train_head(
-        run_dir=runs_dir / "bench-fc",
-        data=data,
-        head=head,
-        train=train,
-        label_names=LABELS,
-        config_snapshot={
-            "bench": True,
-            "labels": list(LABELS),
-            "head": dataclasses.asdict(head),
-            "train": dataclasses.asdict(train),
-            "backbones": [BACKBONE],
-        },
-        force=True,
-        progress=False,
-    )
-    full_s = time.perf_counter() - start
+    metrics = _bench_train_head(data, run_dir=workdir / "runs" / "bench-fc", head=head, train=train)
+    full_s = load_s + time.perf_counter() - start
     return {
         "rows": rows,
         "dim": dim,
         "train_rows": metrics["rows"]["train"],
         "load_s": round(load_s, 3),
         **timed,
-        "epochs_timed": epochs,
-        # The same FLOPs at the rate of the head's largest forward product: a lower floor, as the
-        # gradient products (transposed operands) run slower than the forward one on a CPU.
-        "matmul_gflops": round(rate / 1e9, 1),
-        "matmul_floor_s": round(flops / rate, 3),
-        "matmul_ratio": round(timed["epoch_s"] * rate / flops, 3),
-        "train_gflop_per_epoch": round(flops / 1e9, 1),
         "train_head_s": round(full_s, 1),
         "train_head_epochs": metrics["epochs"],
         "train_head_test_mean_auc": round(metrics["mean_auc"], 4),
@@ -129,7 +98,33 @@ def bench_fc(
     }
 
 
-def write_synthetic_cache(cache_dir: Path, *, index: Index, dim: int, seed: int) -> Path:
+def _time_fc_epochs(data, *, head: HeadConfig, train: TrainConfig, dim: int, epochs: int) -> dict:
+    """The fc epoch, timed in turns, against its FLOPs at the rate of its largest forward product."""
+    model = _bench_head(data, kind="fc", head=head, seed=train.seed)
+    timed = epochs_and_floor(model, data=data, train=train, turns=epochs, repeats=10)
+    flops = training_flops(model, data.rows("train").size)
+    rate = matmul_flops_per_s(batch=train.batch_size, dim=dim, units=head.units[0])
+    return {
+        **timed,
+        "epochs_timed": epochs,
+        # The same FLOPs at the rate of the head's largest forward product: a lower floor, as the
+        # gradient products (transposed operands) run slower than the forward one on a CPU.
+        "matmul_gflops": round(rate / 1e9, 1),
+        "matmul_floor_s": round(flops / rate, 3),
+        "matmul_ratio": round(timed["epoch_s"] * rate / flops, 3),
+        "train_gflop_per_epoch": round(flops / 1e9, 1),
+    }
+
+
+def _bench_train_head(data, *, run_dir: Path, head: HeadConfig, train: TrainConfig) -> dict:
+    """A whole train-head run on the bench's features; its metrics."""
+    snapshot = {"bench": True, "labels": list(LABELS), "backbones": [BACKBONE]}
+    snapshot |= {"head": dataclasses.asdict(head), "train": dataclasses.asdict(train)}
+    run = {"run_dir": run_dir, "data": data, "head": head, "train": train, "label_names": LABELS}
+    return train_head(**run, config_snapshot=snapshot, force=True, progress=False)
+
+
+def write_bench_cache(cache_dir: Path, *, index: Index, dim: int, seed: int) -> Path:
     """Gaussian float16 features with a weak linear label signal, written through the feature store."""
     rng = np.random.default_rng(seed)
     directions = rng.standard_normal((len(LABELS), dim)).astype(np.float32) * SIGNAL

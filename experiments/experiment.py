@@ -93,14 +93,21 @@ def snapshot(config: Config, plan: RunPlan, *, caches: dict[str, dict], syntheti
 
 
 def run_train_head(
-    config: Config, *, kind: str, backbones: str | Sequence[str], name: str | None, force: bool
+    config: Config,
+    *,
+    kind: str,
+    backbones: str | Sequence[str],
+    name: str | None,
+    force: bool,
+    plan: RunPlan | None = None,
 ) -> dict:
-    """Load the data set and cached features, train the head, write runs/NAME/."""
+    """Load the data set and cached features, train the head, write runs/NAME/. `plan`: plan_run's
+    answer for the same kind and backbones when the caller has it already."""
     from experiments.data import open_run_data
     from experiments.provenance import check_caches
     from heads.train import train_head
 
-    plan = plan_run(config, kind=kind, backbones=backbones)
+    plan = plan or plan_run(config, kind=kind, backbones=backbones)
     check_caches(config, plan.backbones)
     run_dir = config.runs_dir / (name or plan.default_name())
     try:

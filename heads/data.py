@@ -96,14 +96,9 @@ def load_head_data(
         not_finite |= cache.not_finite
         unknown = max(unknown, cache.not_in_index)
         cached[name], attrs[name] = (cache.features, cache.position), cache.attrs
-    # Each left-out row is counted once: absent from some cache first, else failed, else not finite.
-    excluded = {
-        "failed_extraction": int((in_split & failed & ~absent).sum()),
-        "not_finite": int((in_split & not_finite & ~failed & ~absent).sum()),
-        "not_in_cache": int((in_split & absent).sum()),
-        "not_in_index": unknown,
-        "no_split": int((~in_split).sum()),
-    }
+    excluded = _left_out(
+        in_split=in_split, absent=absent, failed=failed, not_finite=not_finite, unknown=unknown
+    )
     keep = in_split & ~absent & ~failed & ~not_finite
     rows = np.flatnonzero(keep)
     if rows.size == 0:
@@ -129,6 +124,18 @@ def load_head_data(
         synthetic=synthetic,
         seen_chestxray14=tuple(saw_chestxray14(_pretraining(attrs, pretrained_on or {}))),
     )
+
+
+def _left_out(*, in_split, absent, failed, not_finite, unknown: int) -> dict[str, int]:
+    """Rows left out, by reason; each counted once: absent from some cache first, else failed, else not
+    finite."""
+    return {
+        "failed_extraction": int((in_split & failed & ~absent).sum()),
+        "not_finite": int((in_split & not_finite & ~failed & ~absent).sum()),
+        "not_in_cache": int((in_split & absent).sum()),
+        "not_in_index": unknown,
+        "no_split": int((~in_split).sum()),
+    }
 
 
 def _pretraining(attrs: dict[str, dict], configured: Mapping[str, Sequence[str]]) -> dict[str, Sequence]:

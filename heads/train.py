@@ -4,6 +4,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -154,6 +155,24 @@ def _take_view(x, view):
     return ops.squeeze(ops.take_along_axis(x, index, axis=1), axis=1)
 
 
+@dataclass(frozen=True)
+class FittedHead:
+    """A trained head, its history and the probe start it began from (None for a pixel head)."""
+
+    model: keras.Model
+    history: pd.DataFrame
+    begin: HeadStart | None
+
+
+@dataclass(frozen=True)
+class ScoredHead:
+    """Every row's probabilities, the calibration and thresholds fitted on validation, and the metrics."""
+
+    scores: np.ndarray
+    decisions: dict
+    metrics: dict
+
+
 def train_head(
     *,
     run_dir: Path,
@@ -167,13 +186,13 @@ def train_head(
     eval_split: str = "test",
     decision: DecisionConfig | None = None,
 ) -> dict:
-    """Train, evaluate on `eval_split` and write every output of a run; returns those metrics.
+    """Fit, score on `eval_split` and write every output of a run; returns its metrics.
 
     A sweep passes eval_split="val" so that trials are compared without ever looking at the test split.
     `decision`: how the calibration and operating points are fitted on validation after training
     (None: the defaults).
     """
-    start = time.perf_counter()
+    clock = {"start": time.perf_counter()}
     run_dir, label_names = Path(run_dir), list(label_names)
     rows = {split: data.rows(split) for split in ("train", "val", "test")}
     train = train.sized_for(rows["train"].size)  # an "auto" batch size becomes a number
@@ -182,66 +201,102 @@ def train_head(
         print(data.describe(), flush=True)
     tmp = start_run(run_dir, force=force)
     try:
-        spec = head_kind(head.kind)
-        begin = None
-        if spec.takes == "features":
-            begin = fit_start(
-                data, rows=rows, max_directions=head.directions if spec.directions else 0, seed=train.seed
-            )
-        model, history = fit_head(
-            data, rows=rows, head=head, train=train, n_labels=len(label_names), progress=progress, start=begin
-        )
-        fitted = time.perf_counter()
-        scores = predict_probabilities(model, data, np.arange(len(data.names)))
-        evaluated_rows = rows[eval_split]
-        decisions = fit_decisions(
-            data, scores, settings=decision or DecisionConfig(), label_names=label_names
-        )
-        metrics = split_metrics(
+        fitted = fit(data, rows=rows, head=head, train=train, n_labels=len(label_names), progress=progress)
+        clock["fitted"] = time.perf_counter()
+        scored = score(
+            fitted,
             data,
-            scores[evaluated_rows],
-            split=eval_split,
+            rows=rows,
+            eval_split=eval_split,
             label_names=label_names,
-            n_boot=train.bootstrap,
-            seed=train.seed,
-            decisions=decisions,
+            train=train,
+            decision=decision or DecisionConfig(),
         )
-        metrics |= _run_facts(run_dir, data=data, head=head, rows=rows, history=history, epochs=train.epochs)
-        if begin is not None:
-            metrics["reference"] = reference_metrics(
-                data,
-                begin,
-                rows=evaluated_rows,
-                head_scores=scores[evaluated_rows],
-                label_names=label_names,
-                n_boot=train.bootstrap,
-                seed=train.seed,
-            )
-        evaluated = time.perf_counter()
-        write_json(tmp / "config.json", config_snapshot)
-        _write_outputs(
-            tmp,
-            model=model,
-            data=data,
-            history=history,
-            metrics=metrics,
-            label_names=label_names,
-            scores=scores,
+        scored.metrics |= _run_facts(
+            run_dir, data=data, head=head, rows=rows, history=fitted.history, epochs=train.epochs
         )
-        write_decision_outputs(
-            tmp, decisions=decisions, data=data, scores=scores, metrics=metrics, label_names=label_names
-        )
-        metrics["seconds"] = {
-            "train": round(fitted - start, 2),
-            "evaluate": round(evaluated - fitted, 2),
-            "write": round(time.perf_counter() - evaluated, 2),
-            "total": round(time.perf_counter() - start, 2),
-        }
-        write_results(tmp / "metrics.json", metrics)
+        clock["scored"] = time.perf_counter()
+        write(tmp, fitted=fitted, scored=scored, data=data, label_names=label_names, snapshot=config_snapshot)
+        scored.metrics["seconds"] = _seconds(clock)
+        write_results(tmp / "metrics.json", scored.metrics)
         finish_run(tmp, run_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return metrics
+    return scored.metrics
+
+
+def fit(
+    data: HeadData, *, rows: dict, head: HeadConfig, train: TrainConfig, n_labels: int, progress: bool
+) -> FittedHead:
+    """The probe start (feature heads), then the head trained from it with the best validation epoch kept."""
+    spec = head_kind(head.kind)
+    begin = None
+    if spec.takes == "features":
+        begin = fit_start(
+            data, rows=rows, max_directions=head.directions if spec.directions else 0, seed=train.seed
+        )
+    model, history = fit_head(
+        data, rows=rows, head=head, train=train, n_labels=n_labels, progress=progress, start=begin
+    )
+    return FittedHead(model=model, history=history, begin=begin)
+
+
+def score(
+    fitted: FittedHead,
+    data: HeadData,
+    *,
+    rows: dict,
+    eval_split: str,
+    label_names: list[str],
+    train: TrainConfig,
+    decision: DecisionConfig,
+) -> ScoredHead:
+    """Probabilities of every row; calibration and operating points fitted on validation; the metrics of
+    `eval_split` beside the baselines and, for a feature head, the ridge probe."""
+    scores = predict_probabilities(fitted.model, data, np.arange(len(data.names)))
+    evaluated = rows[eval_split]
+    decisions = fit_decisions(data, scores, settings=decision, label_names=label_names)
+    boot = {"n_boot": train.bootstrap, "seed": train.seed}
+    metrics = split_metrics(
+        data, scores[evaluated], split=eval_split, label_names=label_names, decisions=decisions, **boot
+    )
+    if fitted.begin is not None:
+        metrics["reference"] = reference_metrics(
+            data, fitted.begin, rows=evaluated, head_scores=scores[evaluated], label_names=label_names, **boot
+        )
+    return ScoredHead(scores=scores, decisions=decisions, metrics=metrics)
+
+
+def write(
+    run_dir: Path,
+    *,
+    fitted: FittedHead,
+    scored: ScoredHead,
+    data: HeadData,
+    label_names: list[str],
+    snapshot: dict,
+) -> None:
+    """Every file of the run but metrics.json (written last: a folder holding it is a finished run)."""
+    write_json(run_dir / "config.json", snapshot)
+    _write_outputs(run_dir, fitted=fitted, scored=scored, data=data, label_names=label_names)
+    write_decision_outputs(
+        run_dir,
+        decisions=scored.decisions,
+        data=data,
+        scores=scored.scores,
+        metrics=scored.metrics,
+        label_names=label_names,
+    )
+
+
+def _seconds(clock: dict) -> dict:
+    now = time.perf_counter()
+    return {
+        "train": round(clock["fitted"] - clock["start"], 2),
+        "evaluate": round(clock["scored"] - clock["fitted"], 2),
+        "write": round(now - clock["scored"], 2),
+        "total": round(now - clock["start"], 2),
+    }
 
 
 def fit_head(
@@ -534,19 +589,13 @@ def _row_batches(labels: np.ndarray, *, batch_size: int, seed: int) -> tf.data.D
 
 
 def _write_outputs(
-    run_dir: Path,
-    *,
-    model: keras.Model,
-    data: HeadData,
-    history: pd.DataFrame,
-    metrics: dict,
-    label_names: list[str],
-    scores: np.ndarray,
+    run_dir: Path, *, fitted: FittedHead, scored: ScoredHead, data: HeadData, label_names: list[str]
 ) -> None:
-    """Everything but config.json, metrics.json and the decisions; `scores` are the probabilities of every
-    row, in data order. A run scored on val (a sweep trial) keeps only val rows: the test split stays sealed."""
-    model.save(run_dir / "model.keras")
-    history.to_csv(run_dir / "history.csv", index=False)
+    """Everything but config.json, metrics.json and the decisions. A run scored on val (a sweep trial)
+    keeps only val rows' predictions: the test split stays sealed."""
+    metrics, scores = scored.metrics, scored.scores
+    fitted.model.save(run_dir / "model.keras")
+    fitted.history.to_csv(run_dir / "history.csv", index=False)
     shown = data.rows("val") if metrics["split"] == "val" else np.arange(len(data.names))
     predictions = pd.DataFrame(scores[shown], columns=label_names)
     predictions.insert(0, "split", data.split[shown])

@@ -10,7 +10,7 @@ from bench.heads import (
     bench_heads,
     format_bench_heads,
     training_flops,
-    write_synthetic_cache,
+    write_bench_cache,
 )
 from bench.planted import planted_index
 from cache.store import cache_path, read_features
@@ -35,7 +35,7 @@ def test_planted_index_and_synthetic_cache(tmp_path):
         assert set(index.patients[splits.mask(split)]).isdisjoint(index.patients[~splits.mask(split)])
     assert 0.6 < splits.mask("train").mean() < 0.8
     (tmp_path / "resnet.h5").write_bytes(b"a real cache")
-    write_synthetic_cache(tmp_path, index=index, dim=32, seed=0)
+    write_bench_cache(tmp_path, index=index, dim=32, seed=0)
     assert (tmp_path / "resnet.h5").read_bytes() == b"a real cache"  # other caches are left alone
     stored = read_features(cache_path(tmp_path, BACKBONE))
     assert stored.features.shape == (2000, 32) and stored.features.dtype == np.float16
