@@ -18,6 +18,7 @@ COARSE = 16  # grid points across a film for smooth noise
 BOX_LEVEL = 0.05
 BOX_BLUR = 0.01
 BOX_MIN_PART = 0.1
+BOX_TRUNCATE = 4.0  # the blur's kernel reaches this many sigmas (scipy's default)
 
 
 @dataclass(frozen=True, eq=False)
@@ -25,8 +26,10 @@ class Canvas:
     """Pixel-centre coordinates of a size x size film and what smooth-noise upsampling needs."""
 
     size: int
-    x: np.ndarray  # (S, S) float32 in [-1, 1], left to right
-    y: np.ndarray  # (S, S) float32 in [-1, 1], top to bottom
+    # One row and one column, not (S, S) grids: an expression in x alone or y alone costs S, not S^2, and
+    # broadcasting gives each pixel the same value a full grid would.
+    x: np.ndarray  # (1, S) float32 in [-1, 1], left to right
+    y: np.ndarray  # (S, 1) float32 in [-1, 1], top to bottom
     pixel: float  # one pixel in normalised units
     cell: np.ndarray  # (S,) int: the coarse-grid cell left of / above each pixel
     weight: np.ndarray  # (S,) float32: bilinear weight of the next grid point
@@ -36,9 +39,13 @@ class Canvas:
         axis = ((np.arange(size) + 0.5) / size * 2 - 1).astype(np.float32)
         position = (axis + 1) / 2 * (COARSE - 1)
         cell = np.minimum(position.astype(int), COARSE - 2)
-        x, y = np.meshgrid(axis, axis)
         return cls(
-            size=size, x=x, y=y, pixel=2 / size, cell=cell, weight=(position - cell).astype(np.float32)
+            size=size,
+            x=axis[None, :],
+            y=axis[:, None],
+            pixel=2 / size,
+            cell=cell,
+            weight=(position - cell).astype(np.float32),
         )
 
     def smooth_noise(self, rng: np.random.Generator) -> np.ndarray:
@@ -169,7 +176,10 @@ def draw_film(
 
 def change_boxes(change: np.ndarray) -> list[Box]:
     """Boxes (x, y, w, h) around the connected parts of a visible change to the film, largest first."""
-    size = ndimage.gaussian_filter(np.abs(change), BOX_BLUR * change.shape[0])
+    top, left, window = _changed_window(change)
+    if window is None:
+        return []
+    size = ndimage.gaussian_filter(np.abs(window), BOX_BLUR * change.shape[0], truncate=BOX_TRUNCATE)
     parts, count = ndimage.label(size >= BOX_LEVEL)
     if count == 0:
         return []
@@ -181,9 +191,28 @@ def change_boxes(change: np.ndarray) -> list[Box]:
             break
         rows, cols = extents[k]
         boxes.append(
-            (int(cols.start), int(rows.start), int(cols.stop - cols.start), int(rows.stop - rows.start))
+            (
+                int(left + cols.start),
+                int(top + rows.start),
+                int(cols.stop - cols.start),
+                int(rows.stop - rows.start),
+            )
         )
     return boxes
+
+
+def _changed_window(change: np.ndarray) -> tuple[int, int, np.ndarray | None]:
+    """The part of `change` the blur can reach from its nonzero pixels: (top, left, window), window None
+    where nothing changed. Most signs touch a small part of the film, and outside the window both the
+    change and its blur are exactly zero, so blurring the window alone gives the same boxes, sooner."""
+    rows, cols = np.flatnonzero(change.any(axis=1)), np.flatnonzero(change.any(axis=0))
+    if rows.size == 0:
+        return 0, 0, None
+    # The blur reaches int(truncate * sigma + 0.5) pixels; a margin that wide holds only zeros, so the
+    # window's mirrored edges add nothing the whole film's zeros would not.
+    reach = int(BOX_TRUNCATE * BOX_BLUR * change.shape[0] + 0.5)
+    top, left = max(int(rows[0]) - reach, 0), max(int(cols[0]) - reach, 0)
+    return top, left, change[top : int(rows[-1]) + reach + 1, left : int(cols[-1]) + reach + 1]
 
 
 def _reshape_for_findings(chest: _Chest, findings: Sequence[str]) -> _Chest:
