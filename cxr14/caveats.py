@@ -51,3 +51,12 @@ def not_medical_warning(*, synthetic: bool, random_backbones: list[str]) -> str:
         f"not a medical model: {' and '.join(reasons)}; "
         "its outputs say nothing about a real X-ray (it only shows the commands work)"
     )
+
+
+def caveat_lines(*, synthetic: bool, random_backbones: list[str]) -> list[str]:
+    """The lines that head a picture of a run's outputs (a heatmap overlay): the synthetic-sample notice,
+    as the other plots carry it, and a mark for random-weight backbones; none for real data and weights."""
+    lines = [SYNTHETIC_NOTICE] if synthetic else []
+    if random_backbones:
+        lines.append(f"not a medical model: random-weight backbone(s) {', '.join(random_backbones)}")
+    return lines
