@@ -108,12 +108,29 @@ def _patient_chest(rng: np.random.Generator, view: str) -> _Chest:
 
 def _soft(distance: np.ndarray, edge: float) -> np.ndarray:
     """1 inside (distance > 0), 0 outside, with a linear ramp `edge` wide."""
-    return np.clip(distance / edge + 0.5, 0.0, 1.0)
+    ramp = distance / edge
+    ramp += 0.5  # in place: a film is drawn with some 25 of these, and each temporary costs as much as a step
+    return np.clip(ramp, 0.0, 1.0, out=ramp)
 
 
 def _ellipse(c: Canvas, cx: float, cy: float, ax: float, ay: float, *, edge: float = 0.0) -> np.ndarray:
-    r = np.sqrt(((c.x - cx) / ax) ** 2 + ((c.y - cy) / ay) ** 2)
-    return _soft((1 - r) * min(ax, ay), max(edge, 1.5 * c.pixel))
+    edge = max(edge, 1.5 * c.pixel)
+    # The ramp reaches 0 at r = 1 + edge / (2 min(ax, ay)); beyond it the value is exactly 0, so only the
+    # bounding window (and a pixel more) is computed: most ellipses cover a small part of the film.
+    reach = 1 + edge / (2 * min(ax, ay))
+    rows, cols = _window(c.y[:, 0], cy, ay * reach + c.pixel), _window(c.x[0], cx, ax * reach + c.pixel)
+    out = np.zeros((c.size, c.size), np.float32)
+    x, y = c.x[:, cols], c.y[rows, :]
+    r = np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2)
+    out[rows, cols] = _soft((1 - r) * min(ax, ay), edge)
+    return out
+
+
+def _window(axis: np.ndarray, centre: float, half: float) -> slice:
+    """The pixels of a sorted axis within `half` of `centre`."""
+    return slice(
+        int(np.searchsorted(axis, centre - half)), int(np.searchsorted(axis, centre + half, "right"))
+    )
 
 
 def _lung_masks(c: Canvas, chest: _Chest) -> dict[int, np.ndarray]:
@@ -154,8 +171,8 @@ def draw_film(
     # Separate streams: the same film with or without a finding differs only by that finding.
     anatomy_rng, finding_rng, noise_rng = rng.spawn(3)
     lungs = _lung_masks(canvas, chest)
-    image = _draw_anatomy(canvas, anatomy_rng, chest, lungs, findings=findings)
     heart = _heart(canvas, chest)
+    image = _draw_anatomy(canvas, anatomy_rng, chest, lungs, heart=heart, findings=findings)
     # Lung findings show where the lung is not hidden behind the heart.
     lungs = {side: mask * (1 - heart) for side, mask in lungs.items()}
     boxes = {}
@@ -228,7 +245,9 @@ def _reshape_for_findings(chest: _Chest, findings: Sequence[str]) -> _Chest:
     return _Chest(**{**chest.__dict__, **changes})
 
 
-def _draw_anatomy(c: Canvas, rng, chest: _Chest, lungs: dict, *, findings: Sequence[str]) -> np.ndarray:
+def _draw_anatomy(
+    c: Canvas, rng, chest: _Chest, lungs: dict, *, heart: np.ndarray, findings: Sequence[str]
+) -> np.ndarray:
     # A superellipse body: shoulders fill the top corners, the abdomen the bottom.
     body = _soft(1 - (np.abs(c.x / (chest.width + 0.14)) ** 3 + np.abs((c.y - 0.1) / 1.15) ** 3), 0.1)
     image = 0.04 + (chest.tissue - 0.04) * body
@@ -249,7 +268,6 @@ def _draw_anatomy(c: Canvas, rng, chest: _Chest, lungs: dict, *, findings: Seque
         image += (
             0.1 * _soft(0.028 - np.abs(line), 0.02) * _soft(lateral - 0.1, 0.04) * _soft(0.72 - lateral, 0.05)
         )
-    heart = _heart(c, chest)
     mediastinum = _soft(0.11 - np.abs(c.x - 0.01), 0.04) * (c.y > -0.8)
     image = np.maximum(image, chest.tissue * np.maximum(heart, mediastinum))
     vertebrae = 1 + 0.3 * np.cos(2 * np.pi * c.y / 0.12)
