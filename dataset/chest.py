@@ -120,7 +120,7 @@ def _ellipse(c: Canvas, cx: float, cy: float, ax: float, ay: float, *, edge: flo
     reach = 1 + edge / (2 * min(ax, ay))
     rows, cols = _window(c.y[:, 0], cy, ay * reach + c.pixel), _window(c.x[0], cx, ax * reach + c.pixel)
     out = np.zeros((c.size, c.size), np.float32)
-    x, y = c.x[:, cols], c.y[rows, :]
+    x, y = c.x[:1, cols], c.y[rows, :1]
     r = np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2)
     out[rows, cols] = _soft((1 - r) * min(ax, ay), edge)
     return out

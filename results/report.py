@@ -141,8 +141,9 @@ def _operating_lines(metrics: dict, *, label_names: Sequence[str]) -> list[str]:
         cells = [format_auc(point[rate]["value"], point[rate]["ci"]) for rate in RATES]
         ece = calibration["labels"][name] if calibration else None
         gap = f"{ece['ece_before']:.3f} → {ece['ece_after']:.3f}" if ece else MISSING
-        threshold = MISSING if point["threshold"] is None else probability(point["threshold"])
-        lines.append(f"| {name} | {threshold} | " + " | ".join([*cells, gap]) + " |")
+        threshold = point["threshold"]
+        shown = MISSING if threshold is None or math.isnan(threshold) else probability(threshold)
+        lines.append(f"| {name} | {shown} | " + " | ".join([*cells, gap]) + " |")
     if calibration:
         lines += [
             "",
