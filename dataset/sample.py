@@ -1,7 +1,7 @@
 """A small synthetic ChestX-ray14 look-alike, in the real layout, so every command runs offline.
 
 The metadata (patients, labels, demographics, splits) and the files are made here; the films
-themselves are drawn by extract.chest.
+themselves are drawn by dataset.chest.
 """
 
 import functools
