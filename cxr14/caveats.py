@@ -76,3 +76,12 @@ def seen_notice(backbones: Sequence[str]) -> str:
 def run_notice(*, synthetic: bool, seen: Sequence[str]) -> str:
     """The one notice a run's outputs carry: synthetic data, pre-training on ChestX-ray14, both, or ""."""
     return "; ".join(n for n in (SYNTHETIC_NOTICE if synthetic else "", seen_notice(seen)) if n)
+
+
+def caveat_lines(*, synthetic: bool, random_backbones: list[str]) -> list[str]:
+    """The lines that head a picture of a run's outputs (a heatmap overlay): the synthetic-sample notice,
+    as the other plots carry it, and a mark for random-weight backbones; none for real data and weights."""
+    lines = [SYNTHETIC_NOTICE] if synthetic else []
+    if random_backbones:
+        lines.append(f"not a medical model: random-weight backbone(s) {', '.join(random_backbones)}")
+    return lines

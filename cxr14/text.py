@@ -1,5 +1,7 @@
 """Numbers for people: durations and sizes with their units, rounded to what matters."""
 
+import math
+
 
 def duration(seconds: float) -> str:
     """0.42 s, 12.3 s, 4 min 05 s, 1 h 02 min."""
@@ -19,3 +21,12 @@ def count(n: int, noun: str) -> str:
 def megabytes(mb: float) -> str:
     """850 MB, 3.2 GB."""
     return f"{mb:,.0f} MB" if mb < 1000 else f"{mb / 1024:.1f} GB"
+
+
+def probability(value: float, *, decimals: int = 3) -> str:
+    """0.400, 0.99976, 0.000012: `decimals` places, more near 0 or 1, where two significant digits of the
+    distance to the end (1 - 0.99976 = 0.00024) tell apart values that fixed places round alike (1.000)."""
+    distance = min(abs(value), abs(1 - value))
+    if 0 < distance < 10 ** (1 - decimals):
+        decimals = min(12, 1 - math.floor(math.log10(distance)))
+    return f"{value:.{decimals}f}"

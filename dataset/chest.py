@@ -18,6 +18,7 @@ COARSE = 16  # grid points across a film for smooth noise
 BOX_LEVEL = 0.05
 BOX_BLUR = 0.01
 BOX_MIN_PART = 0.1
+BOX_TRUNCATE = 4.0  # the blur's kernel reaches this many sigmas (scipy's default)
 
 
 @dataclass(frozen=True, eq=False)
@@ -25,8 +26,10 @@ class Canvas:
     """Pixel-centre coordinates of a size x size film and what smooth-noise upsampling needs."""
 
     size: int
-    x: np.ndarray  # (S, S) float32 in [-1, 1], left to right
-    y: np.ndarray  # (S, S) float32 in [-1, 1], top to bottom
+    # One row and one column, not (S, S) grids: an expression in x alone or y alone costs S, not S^2, and
+    # broadcasting gives each pixel the same value a full grid would.
+    x: np.ndarray  # (1, S) float32 in [-1, 1], left to right
+    y: np.ndarray  # (S, 1) float32 in [-1, 1], top to bottom
     pixel: float  # one pixel in normalised units
     cell: np.ndarray  # (S,) int: the coarse-grid cell left of / above each pixel
     weight: np.ndarray  # (S,) float32: bilinear weight of the next grid point
@@ -36,9 +39,13 @@ class Canvas:
         axis = ((np.arange(size) + 0.5) / size * 2 - 1).astype(np.float32)
         position = (axis + 1) / 2 * (COARSE - 1)
         cell = np.minimum(position.astype(int), COARSE - 2)
-        x, y = np.meshgrid(axis, axis)
         return cls(
-            size=size, x=x, y=y, pixel=2 / size, cell=cell, weight=(position - cell).astype(np.float32)
+            size=size,
+            x=axis[None, :],
+            y=axis[:, None],
+            pixel=2 / size,
+            cell=cell,
+            weight=(position - cell).astype(np.float32),
         )
 
     def smooth_noise(self, rng: np.random.Generator) -> np.ndarray:
@@ -101,12 +108,29 @@ def _patient_chest(rng: np.random.Generator, view: str) -> _Chest:
 
 def _soft(distance: np.ndarray, edge: float) -> np.ndarray:
     """1 inside (distance > 0), 0 outside, with a linear ramp `edge` wide."""
-    return np.clip(distance / edge + 0.5, 0.0, 1.0)
+    ramp = distance / edge
+    ramp += 0.5  # in place: a film is drawn with some 25 of these, and each temporary costs as much as a step
+    return np.clip(ramp, 0.0, 1.0, out=ramp)
 
 
 def _ellipse(c: Canvas, cx: float, cy: float, ax: float, ay: float, *, edge: float = 0.0) -> np.ndarray:
-    r = np.sqrt(((c.x - cx) / ax) ** 2 + ((c.y - cy) / ay) ** 2)
-    return _soft((1 - r) * min(ax, ay), max(edge, 1.5 * c.pixel))
+    edge = max(edge, 1.5 * c.pixel)
+    # The ramp reaches 0 at r = 1 + edge / (2 min(ax, ay)); beyond it the value is exactly 0, so only the
+    # bounding window (and a pixel more) is computed: most ellipses cover a small part of the film.
+    reach = 1 + edge / (2 * min(ax, ay))
+    rows, cols = _window(c.y[:, 0], cy, ay * reach + c.pixel), _window(c.x[0], cx, ax * reach + c.pixel)
+    out = np.zeros((c.size, c.size), np.float32)
+    x, y = c.x[:1, cols], c.y[rows, :1]
+    r = np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2)
+    out[rows, cols] = _soft((1 - r) * min(ax, ay), edge)
+    return out
+
+
+def _window(axis: np.ndarray, centre: float, half: float) -> slice:
+    """The pixels of a sorted axis within `half` of `centre`."""
+    return slice(
+        int(np.searchsorted(axis, centre - half)), int(np.searchsorted(axis, centre + half, "right"))
+    )
 
 
 def _lung_masks(c: Canvas, chest: _Chest) -> dict[int, np.ndarray]:
@@ -147,8 +171,8 @@ def draw_film(
     # Separate streams: the same film with or without a finding differs only by that finding.
     anatomy_rng, finding_rng, noise_rng = rng.spawn(3)
     lungs = _lung_masks(canvas, chest)
-    image = _draw_anatomy(canvas, anatomy_rng, chest, lungs, findings=findings)
     heart = _heart(canvas, chest)
+    image = _draw_anatomy(canvas, anatomy_rng, chest, lungs, heart=heart, findings=findings)
     # Lung findings show where the lung is not hidden behind the heart.
     lungs = {side: mask * (1 - heart) for side, mask in lungs.items()}
     boxes = {}
@@ -169,7 +193,10 @@ def draw_film(
 
 def change_boxes(change: np.ndarray) -> list[Box]:
     """Boxes (x, y, w, h) around the connected parts of a visible change to the film, largest first."""
-    size = ndimage.gaussian_filter(np.abs(change), BOX_BLUR * change.shape[0])
+    top, left, window = _changed_window(change)
+    if window is None:
+        return []
+    size = ndimage.gaussian_filter(np.abs(window), BOX_BLUR * change.shape[0], truncate=BOX_TRUNCATE)
     parts, count = ndimage.label(size >= BOX_LEVEL)
     if count == 0:
         return []
@@ -181,9 +208,28 @@ def change_boxes(change: np.ndarray) -> list[Box]:
             break
         rows, cols = extents[k]
         boxes.append(
-            (int(cols.start), int(rows.start), int(cols.stop - cols.start), int(rows.stop - rows.start))
+            (
+                int(left + cols.start),
+                int(top + rows.start),
+                int(cols.stop - cols.start),
+                int(rows.stop - rows.start),
+            )
         )
     return boxes
+
+
+def _changed_window(change: np.ndarray) -> tuple[int, int, np.ndarray | None]:
+    """The part of `change` the blur can reach from its nonzero pixels: (top, left, window), window None
+    where nothing changed. Most signs touch a small part of the film, and outside the window both the
+    change and its blur are exactly zero, so blurring the window alone gives the same boxes, sooner."""
+    rows, cols = np.flatnonzero(change.any(axis=1)), np.flatnonzero(change.any(axis=0))
+    if rows.size == 0:
+        return 0, 0, None
+    # The blur reaches int(truncate * sigma + 0.5) pixels; a margin that wide holds only zeros, so the
+    # window's mirrored edges add nothing the whole film's zeros would not.
+    reach = int(BOX_TRUNCATE * BOX_BLUR * change.shape[0] + 0.5)
+    top, left = max(int(rows[0]) - reach, 0), max(int(cols[0]) - reach, 0)
+    return top, left, change[top : int(rows[-1]) + reach + 1, left : int(cols[-1]) + reach + 1]
 
 
 def _reshape_for_findings(chest: _Chest, findings: Sequence[str]) -> _Chest:
@@ -199,7 +245,9 @@ def _reshape_for_findings(chest: _Chest, findings: Sequence[str]) -> _Chest:
     return _Chest(**{**chest.__dict__, **changes})
 
 
-def _draw_anatomy(c: Canvas, rng, chest: _Chest, lungs: dict, *, findings: Sequence[str]) -> np.ndarray:
+def _draw_anatomy(
+    c: Canvas, rng, chest: _Chest, lungs: dict, *, heart: np.ndarray, findings: Sequence[str]
+) -> np.ndarray:
     # A superellipse body: shoulders fill the top corners, the abdomen the bottom.
     body = _soft(1 - (np.abs(c.x / (chest.width + 0.14)) ** 3 + np.abs((c.y - 0.1) / 1.15) ** 3), 0.1)
     image = 0.04 + (chest.tissue - 0.04) * body
@@ -220,7 +268,6 @@ def _draw_anatomy(c: Canvas, rng, chest: _Chest, lungs: dict, *, findings: Seque
         image += (
             0.1 * _soft(0.028 - np.abs(line), 0.02) * _soft(lateral - 0.1, 0.04) * _soft(0.72 - lateral, 0.05)
         )
-    heart = _heart(c, chest)
     mediastinum = _soft(0.11 - np.abs(c.x - 0.01), 0.04) * (c.y > -0.8)
     image = np.maximum(image, chest.tissue * np.maximum(heart, mediastinum))
     vertebrae = 1 + 0.3 * np.cos(2 * np.pi * c.y / 0.12)

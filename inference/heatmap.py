@@ -14,10 +14,17 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 from scipy import ndimage
 
+from cxr14.caveats import caveat_lines, random_weight_backbones
 from cxr14.errors import InputError, check_choice
+from cxr14.text import probability
 from dataset.image_loader import ImageError, normalize, read_gray01, to_pixels
+from heads.run_folder import read_config
 from inference.settings import HEATMAP_METHODS
 from inference.trained import TrainedRun, as_cached, head_probabilities
 
@@ -32,6 +39,7 @@ SMOOTHGRAD_NOISE = 0.01
 # 0.43, heads trained from random initialisation).
 SMOOTHGRAD_BLUR = 1 / 16
 OVERLAY_ALPHA = 0.45
+HEATMAP_CMAP = "jet"
 PANEL_PIXELS = 512  # most pixels across one panel of the overlay PNG
 
 
@@ -177,6 +185,7 @@ def write_heatmaps(
     heatmap_method(run, method)  # refuse an impossible method before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    caveat = run_caveat(run)
     seen: dict[str, int] = {}
     for result in results:
         if result.get("error"):
@@ -203,6 +212,7 @@ def write_heatmaps(
             explanation=explanation,
             probabilities=[probabilities[label] for label in labels],
             title=path.name,
+            caveat=caveat,
         )
 
 
@@ -211,21 +221,51 @@ def _unique_stem(stem: str, seen: dict[str, int]) -> str:
     return stem if seen[stem] == 1 else f"{stem}~{seen[stem]}"
 
 
+def run_caveat(run: TrainedRun) -> list[str]:
+    """What a run's overlays must say first: a synthetic sample, random-weight backbones."""
+    backbones = read_config(run.run_dir).get("backbones", {})
+    return caveat_lines(synthetic=bool(run.notice), random_backbones=random_weight_backbones(backbones))
+
+
 def draw_overlay(
-    path: Path, *, gray01: np.ndarray, explanation: Explanation, probabilities: Sequence[float], title: str
-) -> None:
-    """The film, then one panel per label with its map over the film and its peak marked; one PNG."""
-    import matplotlib
+    path: Path,
+    *,
+    gray01: np.ndarray,
+    explanation: Explanation,
+    probabilities: Sequence[float],
+    title: str,
+    caveat: Sequence[str] = (),
+) -> Path:
+    """overlay_figure as a PNG whose Title metadata is its heading, caveat first, so tools can read it."""
+    figure = overlay_figure(
+        gray01=gray01, explanation=explanation, probabilities=probabilities, title=title, caveat=caveat
+    )
+    FigureCanvasAgg(figure)
+    heading = figure.get_suptitle().replace("\n", " / ")
+    figure.savefig(path, dpi=figure.dpi, metadata={"Title": heading})
+    return Path(path)
 
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
 
+def overlay_figure(
+    *,
+    gray01: np.ndarray,
+    explanation: Explanation,
+    probabilities: Sequence[float],
+    title: str,
+    caveat: Sequence[str] = (),
+) -> Figure:
+    """The film, then one panel per label with its map over the film and its peak marked, and a colour
+    bar for the maps; headed by the caveat lines (a synthetic sample, random-weight backbones)."""
     height, width = gray01.shape[:2]
     panels = 1 + len(explanation.labels)
     inches = 3.2
     dpi = max(40, min(PANEL_PIXELS, width) / inches)
-    fig, axes = plt.subplots(1, panels, figsize=(inches * panels, inches * height / width + 0.5), dpi=dpi)
-    axes = np.atleast_1d(axes)
+    figure = Figure(
+        figsize=(inches * panels + 0.8, inches * height / width + 0.5 + 0.2 * len(caveat)),
+        dpi=dpi,
+        layout="constrained",
+    )
+    axes = np.atleast_1d(figure.subplots(1, panels))
     extent = (0, width, height, 0)  # pixel edges: a map pixel sits on its image pixel
     for ax in axes:
         ax.imshow(gray01[..., 0], cmap="gray", vmin=0, vmax=1, extent=extent, interpolation="antialiased")
@@ -234,10 +274,15 @@ def draw_overlay(
     for ax, label, p, heatmap in zip(
         axes[1:], explanation.labels, probabilities, explanation.maps, strict=True
     ):
-        ax.imshow(heatmap, cmap="jet", alpha=OVERLAY_ALPHA, vmin=0, vmax=1, extent=extent)
+        ax.imshow(heatmap, cmap=HEATMAP_CMAP, alpha=OVERLAY_ALPHA, vmin=0, vmax=1, extent=extent)
         ax.plot(*peak(heatmap), marker="+", color="white", markersize=10, markeredgewidth=2)
-        ax.set_title(f"{label} {p:.2f}", fontsize=8)
-    fig.suptitle(f"{explanation.method}: where each finding's probability comes from", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+        ax.set_title(f"{label} {probability(p, decimals=2)}", fontsize=8)
+    if explanation.labels:
+        # The scale itself, unblended: over the film each colour shows at OVERLAY_ALPHA.
+        scale = ScalarMappable(norm=Normalize(0, 1), cmap=HEATMAP_CMAP)
+        bar = figure.colorbar(scale, ax=list(axes[1:]), fraction=0.03, pad=0.02)
+        bar.set_label("share of the map's peak", fontsize=7)
+        bar.ax.tick_params(labelsize=7)
+    heading = f"{explanation.method}: where each finding's probability comes from"
+    figure.suptitle("\n".join([*caveat, heading]), fontsize=8)
+    return figure

@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from sklearn.metrics import auc, roc_curve
 
 from cxr14.caveats import SYNTHETIC_NOTICE, seen_notice
 from cxr14.errors import InputError
+from cxr14.text import probability
 from results.format import MISSING, UNDEFINED, as_float, format_auc, format_difference, format_number
 from results.metrics import RATES, mean_defined, reliability_curve
 from results.published import load_references
@@ -137,7 +139,9 @@ def _operating_lines(metrics: dict, *, label_names: Sequence[str]) -> list[str]:
         cells = [format_auc(point[rate]["value"], point[rate]["ci"]) for rate in RATES]
         ece = calibration["labels"][name] if calibration else None
         gap = f"{ece['ece_before']:.3f} → {ece['ece_after']:.3f}" if ece else MISSING
-        lines.append(f"| {name} | {format_number(point['threshold'])} | " + " | ".join([*cells, gap]) + " |")
+        threshold = point["threshold"]
+        shown = MISSING if threshold is None or math.isnan(threshold) else probability(threshold)
+        lines.append(f"| {name} | {shown} | " + " | ".join([*cells, gap]) + " |")
     if calibration:
         lines += [
             "",
@@ -218,15 +222,19 @@ def _titled(text: str, notice: str) -> str:
     return f"{notice}\n{text}" if notice else text
 
 
-# 14 curves that stay apart: seven strong colours, solid for the first seven labels and dashed for the rest.
-ROC_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink")
-ROC_STYLES = ("-", "--", ":")
+# 14 curves that stay apart: each label its own colour, and line styles in turn, so neighbours differ twice.
+ROC_COLORS = (
+    "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+    "tab:gray", "tab:olive", "tab:cyan", "black", "gold", "navy", "lightcoral",
+)  # fmt: skip
+ROC_STYLES = ("-", "--", "-.", ":")
+# Sides of the zoomed top-left corner (false positive rate from 0, true positive rate up to 1) to pick from.
+ROC_CORNERS = (0.02, 0.05, 0.1, 0.2, 0.5)
 
 
 def roc_style(j: int) -> dict:
     """Colour and line style of the j-th label's curve."""
-    n = len(ROC_COLORS)
-    return {"color": ROC_COLORS[j % n], "linestyle": ROC_STYLES[(j // n) % len(ROC_STYLES)]}
+    return {"color": ROC_COLORS[j % len(ROC_COLORS)], "linestyle": ROC_STYLES[j % len(ROC_STYLES)]}
 
 
 def plot_roc(
@@ -239,8 +247,9 @@ def plot_roc(
     run_name: str = "",
     split: str = "",
 ) -> Path:
-    """roc.png: one ROC curve per label, titled with the run and split; a label with one class is listed
-    as undefined, not drawn. `notice` (the synthetic-sample notice) heads the title."""
+    """roc.png: one ROC curve per label, titled with the run and split, beside the top-left corner zoomed
+    in, where good curves crowd; the legend is ordered by AUC. A label with one class is listed as
+    undefined, not drawn. `notice` (the synthetic-sample notice) heads the title."""
     figure = roc_figure(
         y_true, y_score, label_names=label_names, notice=notice, run_name=run_name, split=split
     )
@@ -250,25 +259,60 @@ def plot_roc(
 def roc_figure(
     y_true, y_score, *, label_names: Sequence[str], notice: str = "", run_name: str = "", split: str = ""
 ) -> Figure:
-    """The figure plot_roc saves."""
+    """The figure plot_roc saves: the whole ROC square (axes 0) and its top-left corner (axes 1)."""
     y_true, y_score = np.asarray(y_true), np.asarray(y_score, dtype=np.float64)
-    figure = Figure(figsize=(8, 7))
-    axes = figure.add_subplot()
+    figure = Figure(figsize=(13, 6.2))
+    whole, corner = figure.subplots(1, 2)
+    aucs = {}
     for j, name in enumerate(label_names):
-        style = roc_style(j)
-        positives = int(y_true[:, j].sum())
-        if positives in (0, y_true.shape[0]):
-            axes.plot([], [], color=style["color"], linestyle=":", label=f"{name} ({UNDEFINED}: one class)")
-            continue
-        fpr, tpr, _ = roc_curve(y_true[:, j], y_score[:, j])
-        axes.plot(fpr, tpr, linewidth=1.4, label=f"{name} ({auc(fpr, tpr):.3f})", **style)
-    axes.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, linestyle=":")
-    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate")
+        aucs[name] = _draw_roc(whole, corner, y_true[:, j], y_score[:, j], name=name, style=roc_style(j))
+    side = roc_corner([a for a in aucs.values() if a is not None])
+    whole.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, linestyle=":")
+    whole.add_patch(Rectangle((0, 1 - side), side, side, fill=False, edgecolor="0.4", linewidth=0.8))
+    whole.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate")
+    corner.set(xlim=(0, side), ylim=(1 - side, 1 + side / 100), xlabel="False positive rate")
+    corner.set_title(f"top-left corner (boxed), {1 / side:g}x")
     what = ", ".join(part for part in (run_name, f"{split} split" if split else "") if part)
     title = f"ROC per disease: {what}" if what else "ROC per disease"
-    axes.set_title(_titled(f"{title} ({y_true.shape[0]:,} images)", notice))
-    axes.legend(loc="lower right", fontsize=7, title="label (ROC AUC)", title_fontsize=8, handlelength=3)
+    whole.set_title(_titled(f"{title} ({y_true.shape[0]:,} images)", notice))
+    # Best first, undefined last: the legend reads as a ranking, and crowded curves are found by rank.
+    order = sorted(range(len(label_names)), key=lambda j: -(aucs[label_names[j]] or -1.0))
+    handles = whole.get_lines()[: len(label_names)]
+    corner.legend(
+        [handles[j] for j in order],
+        [handles[j].get_label() for j in order],
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        fontsize=7,
+        title="label (ROC AUC), best first",
+        title_fontsize=8,
+        handlelength=3.5,
+    )
     return figure
+
+
+def _draw_roc(whole, corner, y_true, y_score, *, name: str, style: dict) -> float | None:
+    """One label's curve on both axes; its AUC, or None (drawn as an empty legend entry) for one class."""
+    positives = int(y_true.sum())
+    if positives in (0, y_true.size):
+        whole.plot([], [], color=style["color"], linestyle=":", label=f"{name} ({UNDEFINED}: one class)")
+        return None
+    fpr, tpr, _ = roc_curve(y_true, y_score)
+    area = float(auc(fpr, tpr))
+    for axes in (whole, corner):
+        axes.plot(fpr, tpr, linewidth=1.4, label=f"{name} ({probability(area)})", **style)
+    return area
+
+
+def roc_corner(aucs: Sequence[float]) -> float:
+    """Side of the corner to zoom on: about three times the median label's distance from a perfect AUC."""
+    if not aucs:
+        return ROC_CORNERS[-1]
+    wanted = 3 * (1 - float(np.median(aucs)))
+    return next((side for side in ROC_CORNERS if side >= wanted), ROC_CORNERS[-1])
+
+
+PROBE_OFFSET = 0.22  # the probe's marker sits this far below the run's, so that equal AUCs stay apart
 
 
 def _plot_references(axes, references: dict, *, label_names: Sequence[str], positions: np.ndarray) -> None:
@@ -283,6 +327,26 @@ def _plot_baseline(axes, metrics: dict, *, label_names: Sequence[str], positions
     if metadata:
         values = [as_float(metadata["labels"][name]["auc"]) for name in label_names]
         axes.plot(values, positions, "x", color="0.35", markersize=6, label="metadata baseline")
+
+
+def _plot_probe(axes, metrics: dict, *, label_names: Sequence[str], positions: np.ndarray) -> float:
+    """The ridge probe on the same features (the run's reference), just below the run's own marker; the
+    lowest value drawn, or NaN without a probe."""
+    probe = metrics.get("reference")
+    if not probe:
+        return math.nan
+    values = np.array([as_float(probe["labels"].get(name)) for name in label_names])
+    mean = format_number(as_float(probe.get("mean_auc")))
+    axes.plot(
+        values,
+        positions - PROBE_OFFSET,
+        "D",
+        color="tab:green",
+        markerfacecolor="none",
+        markersize=6,
+        label=f"ridge probe, same features (mean {mean})",
+    )
+    return float(np.nanmin(values)) if np.isfinite(values).any() else math.nan
 
 
 def _plot_run(
@@ -305,8 +369,8 @@ def _plot_run(
 def plot_auc_comparison(
     metrics: dict, path, *, label_names: Sequence[str], run_name: str | None = None
 ) -> Path:
-    """auc.png: this run's AUC per disease with its interval, beside the metadata baseline, chance and (on
-    real data only) each published source.
+    """auc.png: this run's AUC per disease with its interval, beside the ridge probe on the same features
+    (where the run has one), the metadata baseline, chance and (on real data only) each published source.
 
     run_name defaults to metrics["run"] when the metrics carry it.
     """
@@ -324,6 +388,7 @@ def auc_figure(metrics: dict, *, label_names: Sequence[str], run_name: str | Non
     _plot_references(axes, references, label_names=label_names, positions=positions)
     _plot_baseline(axes, metrics, label_names=label_names, positions=positions)
     lowest = _plot_run(axes, metrics, label_names=label_names, positions=positions, run_name=run_name)
+    lowest = np.nanmin([lowest, _plot_probe(axes, metrics, label_names=label_names, positions=positions)])
     axes.axvline(0.5, color="0.6", linewidth=0.8, linestyle=":", label="chance")
     axes.set_yticks(positions, labels=list(label_names))
     # A poor run (or an interval reaching below chance) stays on the axes rather than cut off, and so does
@@ -340,19 +405,37 @@ def auc_figure(metrics: dict, *, label_names: Sequence[str], run_name: str | Non
 
 
 def plot_reliability(y_true, raw, calibrated, path, *, bins: int, method: str, notice: str = "") -> Path:
-    """calibration.png: the reliability diagram, every label pooled, before and after calibration."""
-    figure = Figure(figsize=(6.5, 6.5))
-    axes = figure.add_subplot()
-    axes.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, linestyle=":", label="perfectly calibrated")
-    for scores, label, style in ((raw, "before", "o--"), (calibrated, f"after ({method})", "s-")):
+    """calibration.png: the reliability diagram, every label pooled, before and after calibration, over
+    the scores each bin holds (bars, numbers written on them): a point made of few scores means little."""
+    return _save(reliability_figure(y_true, raw, calibrated, bins=bins, method=method, notice=notice), path)
+
+
+def reliability_figure(y_true, raw, calibrated, *, bins: int, method: str, notice: str = "") -> Figure:
+    """The figure plot_reliability saves: the diagram (axes 0) and the scores per bin (axes 1)."""
+    figure = Figure(figsize=(6.5, 8.5))
+    diagram, counts = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1.2))
+    diagram.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, linestyle=":", label="perfectly calibrated")
+    width = 0.4 / bins
+    for k, (scores, label, style) in enumerate(
+        ((raw, "before", "o--"), (calibrated, f"after ({method})", "s-"))
+    ):
         curve = reliability_curve(y_true, scores, bins=bins)
         drawn = curve["count"] > 0
-        axes.plot(curve["mean_probability"][drawn], curve["positive_share"][drawn], style, label=label)
-    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="Mean predicted probability", ylabel="Share positive")
+        (line,) = diagram.plot(
+            curve["mean_probability"][drawn], curve["positive_share"][drawn], style, label=label
+        )
+        centres = (np.arange(bins) + 0.5) / bins + (k - 0.5) * width
+        bars = counts.bar(centres, curve["count"], width=width, color=line.get_color(), label=label, log=True)
+        counts.bar_label(
+            bars, labels=[f"{n:,}" if n else "" for n in curve["count"]], fontsize=6, rotation=90, padding=2
+        )
+    diagram.set(xlim=(0, 1), ylim=(0, 1), ylabel="Share positive")
     images = np.asarray(y_true).shape[0]
-    axes.set_title(_titled(f"Reliability, all labels pooled ({images} images, {bins} bins)", notice))
-    axes.legend(loc="upper left", fontsize=8)
-    return _save(figure, path)
+    diagram.set_title(_titled(f"Reliability, all labels pooled ({images} images, {bins} bins)", notice))
+    diagram.legend(loc="upper left", fontsize=8)
+    counts.set(xlabel="Mean predicted probability (bins of equal width)", ylabel="Scores in the bin")
+    counts.set_ylim(0.8, counts.get_ylim()[1] * 8)  # room for the numbers above the tallest bar
+    return figure
 
 
 def versus_metadata(metrics: dict) -> str:

@@ -5,13 +5,15 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 import run
+from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.errors import InputError
 from dataset.image_loader import normalize, read_gray01, to_pixels
 from dataset.settings import LABELS
 from extract.settings import BackboneConfig
-from inference.heatmap import _gradcam, explain, heatmap_method, logit_run, peak
+from inference.heatmap import Explanation, _gradcam, explain, heatmap_method, logit_run, overlay_figure, peak
 from inference.trained import head_probabilities, load_run
 from tests.fixtures import PIXELS, TINY, make_run, write_dicom, write_png
 
@@ -102,6 +104,8 @@ def test_predict_heatmap_writes_overlays_for_png_and_dicom(tmp_path, capsys):
         assert list(result["heatmap_maps"]) == top
         overlay = tf.io.decode_png((out / f"{stem}.heatmap.png").read_bytes())
         assert overlay.shape[1] > overlay.shape[0] > 50  # the film and two panels side by side
+        heading = Image.open(out / f"{stem}.heatmap.png").text["Title"]
+        assert heading.startswith("not a medical model: random-weight backbone(s) tiny / ")
         for label in top:
             heatmap = np.load(out / f"{stem}.{label}.npy")
             assert heatmap.shape == shape and heatmap.dtype == np.float16 and heatmap.max() == 1.0
@@ -138,3 +142,22 @@ def test_pixels_run_heatmaps_by_smoothgrad_and_gradcam_is_refused_before_work(tm
         == 2
     )
     assert "exposes none" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_overlays_carry_the_caveat_first_and_a_colour_bar(tmp_path):
+    gray01 = np.random.default_rng(0).random((40, 30, 1)).astype(np.float32)
+    maps = np.random.default_rng(1).random((2, 40, 30)).astype(np.float32)
+    explanation = Explanation(method="gradcam", labels=("Cardiomegaly", "Emphysema"), maps=maps)
+    caveat = [SYNTHETIC_NOTICE, "not a medical model: random-weight backbone(s) tiny"]
+    figure = overlay_figure(
+        gray01=gray01, explanation=explanation, probabilities=[0.99976, 0.4], title="a.png", caveat=caveat
+    )
+    lines = figure.get_suptitle().splitlines()
+    assert lines[:2] == caveat and lines[2].startswith("gradcam: where each finding's")
+    panels = [ax.get_title() for ax in figure.axes[:3]]
+    # A sure finding reads 0.99976, not 1.00; the others keep two places.
+    assert panels == ["a.png", "Cardiomegaly 0.99976", "Emphysema 0.40"]
+    (bar,) = figure.axes[3:]
+    assert bar.get_ylabel() == "share of the map's peak" and bar.get_ylim() == (0.0, 1.0)
+    plain = overlay_figure(gray01=gray01, explanation=explanation, probabilities=[0.5, 0.4], title="a.png")
+    assert plain.get_suptitle().startswith("gradcam: where")

@@ -7,7 +7,16 @@ from cxr14.errors import InputError
 from experiments.leaderboard import leaderboard
 from results.metrics import label_metrics
 from results.published import load_references
-from results.report import auc_figure, plot_auc_comparison, plot_roc, roc_figure, write_auc_table
+from results.report import (
+    ROC_CORNERS,
+    auc_figure,
+    plot_auc_comparison,
+    plot_roc,
+    reliability_figure,
+    roc_corner,
+    roc_figure,
+    write_auc_table,
+)
 
 LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
           "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")  # fmt: skip
@@ -144,6 +153,76 @@ def test_roc_names_run_and_split_and_tells_14_curves_apart():
     assert axes.get_title().startswith("ROC per disease: fc-resnet, val split (")
     drawn = [(line.get_color(), line.get_linestyle()) for line in axes.get_lines()[: len(LABELS)]]
     assert len(set(drawn)) == len(LABELS) == 14
+    # No colour is used twice, and neighbours in the label order differ in line style too.
+    assert len({color for color, _ in drawn}) == 14
+    assert all(drawn[j][1] != drawn[j + 1][1] for j in range(13))
+
+
+def test_roc_zooms_on_the_crowded_corner_and_ranks_the_legend_by_auc():
+    y_true, y_score, _ = fake_predictions()
+    # Near-perfect scores for most labels: the curves crowd the top-left corner, as on the synthetic sample.
+    y_score = np.where(np.arange(len(LABELS)) < 11, y_true * 0.9 + y_score * 0.1, y_score)
+    figure = roc_figure(y_true, y_score, label_names=LABELS)
+    whole, corner = figure.axes
+    side = corner.get_xlim()[1]
+    assert side < 0.5 and corner.get_ylim()[0] == pytest.approx(1 - side)
+    assert len(corner.get_lines()) == len(LABELS) - 1  # every defined curve, zoomed
+    entries = [text.get_text() for text in corner.get_legend().get_texts()]
+    aucs = [float(entry.rsplit("(", 1)[1].rstrip(")")) for entry in entries[:-1]]
+    assert aucs == sorted(aucs, reverse=True) and entries[-1].startswith("Hernia (undefined")
+    assert roc_corner([0.75, 0.8, 0.7]) == ROC_CORNERS[-1] and roc_corner([0.999, 0.998]) == 0.02
+    assert roc_corner([]) == ROC_CORNERS[-1]
+
+
+def test_auc_plot_sets_the_ridge_probe_beside_the_run():
+    metrics = fake_metrics()
+    probe = {name: 0.61 + 0.01 * j for j, name in enumerate(LABELS)} | {"Hernia": None}
+    metrics["reference"] = {"name": "ridge probe", "mean_auc": 0.67, "labels": probe}
+    axes = auc_figure(metrics, label_names=LABELS).axes[0]
+    (line,) = [line for line in axes.get_lines() if line.get_label().startswith("ridge probe")]
+    assert line.get_label() == "ridge probe, same features (mean 0.670)"
+    x, y = line.get_data()
+    expected = [np.nan if probe[name] is None else probe[name] for name in LABELS]
+    np.testing.assert_allclose(x, expected)
+    assert (np.diff(y) < 0).all()  # one marker per label, top to bottom, beside (not on) the run's row
+    assert "ridge probe" not in " ".join(
+        h.get_label() for h in auc_figure(fake_metrics(), label_names=LABELS).axes[0].get_lines()
+    )
+
+
+def test_calibration_plot_shows_the_scores_in_each_bin():
+    y_true, y_score, _ = fake_predictions()
+    calibrated = np.clip(y_score**1.5, 0, 1)
+    figure = reliability_figure(y_true, y_score, calibrated, bins=5, method="platt")
+    diagram, counts = figure.axes
+    bars = counts.containers
+    assert len(bars) == 2  # before and after
+    for container, scores in zip(bars, (y_score, calibrated), strict=True):
+        expected = np.bincount(np.minimum((scores.ravel() * 5).astype(int), 4), minlength=5)
+        assert [int(p.get_height()) for p in container] == expected.tolist()
+    written = sorted(int(t.get_text().replace(",", "")) for t in counts.texts if t.get_text())
+    assert written == sorted(
+        n
+        for scores in (y_score, calibrated)
+        for n in np.bincount(np.minimum((scores.ravel() * 5).astype(int), 4), minlength=5)
+        if n
+    )
+    assert sum(written) == 2 * y_score.size
+
+
+@pytest.mark.parametrize(
+    "threshold, shown",
+    [(0.4, "0.400"), (0.99976, "0.99976"), (0.0000123, "0.000012"), (1.0, "1.000"), (None, "—")],
+)
+def test_thresholds_print_with_the_places_that_tell_them_apart(tmp_path, threshold, shown):
+    metrics = fake_metrics()
+    rates = {r: {"value": 0.5, "ci": [0.4, 0.6]} for r in ("sensitivity", "specificity", "ppv", "npv")}
+    points = {name: {"threshold": 0.3, **rates} for name in LABELS}
+    points["Edema"] = {"threshold": threshold, **rates}
+    metrics["operating_points"] = {"method": "youden", "target": None, "in_sample": False, "labels": points}
+    text = write_auc_table(metrics, tmp_path / "auc.md", label_names=LABELS, run_name="r").read_text()
+    assert f"| Edema | {shown} | 0.500 [0.400, 0.600] |" in text
+    assert "| Mass | 0.300 |" in text
 
 
 def test_a_perfect_auc_is_drawn_whole():

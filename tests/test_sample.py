@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from cxr14.errors import InputError
-from dataset.chest import Canvas, draw_chest, draw_film
+from dataset.chest import BOX_BLUR, BOX_LEVEL, Canvas, change_boxes, draw_chest, draw_film
 from dataset.index import find_images, read_index
 from dataset.sample import PREVALENCE_FLOOR, _png_bytes, make_sample
 from dataset.settings import LABELS
@@ -251,6 +251,51 @@ def test_rewrites_its_own_sample_but_not_a_real_data_set(tmp_path):
     assert (tmp_path / "real" / "Data_Entry_2017.csv").read_text() == "real data\n"
 
 
+def test_same_bytes_whatever_the_worker_count_and_a_progress_bar(tmp_path, capsys):
+    def files(folder):
+        return {
+            p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+        }
+
+    alone = make_sample(tmp_path / "one", images=24, size=48, seed=5, broken=2, workers=1)
+    bar = capsys.readouterr().err
+    assert "make-sample 48 px" in bar and "24/24" in bar
+    shared = make_sample(tmp_path / "two", images=24, size=48, seed=5, broken=2, workers=2, progress=False)
+    assert capsys.readouterr().err == ""
+    assert files(tmp_path / "two") == files(tmp_path / "one")
+    assert shared == alone | {"out_dir": str(tmp_path / "two")}
+
+
+def test_a_canvas_of_one_row_and_one_column_draws_what_full_grids_draw():
+    canvas = Canvas.make(64)
+    x, y = np.meshgrid(canvas.x[0], canvas.y[:, 0])
+    grid = Canvas(size=64, x=x, y=y, pixel=canvas.pixel, cell=canvas.cell, weight=canvas.weight)
+    findings = ("Effusion", "Fibrosis", "Nodule", "Pneumothorax")
+    films = [
+        draw_film(c, np.random.default_rng(2), findings=findings, view="PA", patient=1, seed=0)
+        for c in (canvas, grid)
+    ]
+    np.testing.assert_array_equal(films[0].image, films[1].image)
+    assert films[0].boxes == films[1].boxes
+
+
+@pytest.mark.parametrize(
+    "where", [(slice(40, 50), slice(60, 75)), (slice(0, 12), slice(88, 96)), (slice(0, 96),) * 2]
+)
+def test_boxes_from_the_changed_window_match_blurring_the_whole_film(where):
+    from scipy import ndimage
+
+    change = np.zeros((96, 96), np.float32)
+    change[where] = np.random.default_rng(0).uniform(0.0, 0.6, change[where].shape)
+    change[70:74, 10:13] = 0.5  # a second, small part far away
+    whole = ndimage.label(ndimage.gaussian_filter(np.abs(change), BOX_BLUR * 96) >= BOX_LEVEL)[0]
+    expected = sorted(
+        (c.start, r.start, c.stop - c.start, r.stop - r.start) for r, c in ndimage.find_objects(whole)
+    )
+    assert sorted(change_boxes(change)) == expected
+    assert change_boxes(np.zeros((96, 96), np.float32)) == []
+
+
 @pytest.mark.parametrize(
     "options, expected",
     [
@@ -258,6 +303,7 @@ def test_rewrites_its_own_sample_but_not_a_real_data_set(tmp_path):
         ({"size": 16}, "--size must be at least 32"),
         ({"images": 2, "broken": 3}, "broken files must be between 0 and --images"),
         ({"label_names": ("Mass", "Cancer")}, "unknown label"),
+        ({"workers": 0}, "workers must be at least 1"),
     ],
 )
 def test_bad_arguments(tmp_path, options, expected):
