@@ -1,9 +1,12 @@
 """heads.data: cached features joined to the index by name; failed and absent rows counted, bad caches refused."""
 
+import json
+
 import h5py
 import numpy as np
 import pytest
 
+from cache.checksums import checksums
 from cache.status import Status
 from cache.store import cache_path, shard_dir, write_features
 from cxr14.errors import Fix, InputError
@@ -135,7 +138,9 @@ def test_rows_with_non_finite_features_are_left_out_and_counted(tmp_path, index)
         f.create_dataset("features", data=features)
         f.create_dataset("status", data=status)
         f.create_dataset("errors", data=[""] * len(index), dtype=h5py.string_dtype())
-        f.attrs.update(schema_version=1, backbone="bb", kind="features", dtype="float16", views=1)
+        f.attrs.update(schema_version=2, backbone="bb", kind="features", dtype="float16", views=1)
+        rows = dict(names=index.names, features=features, status=status, errors=[""] * len(index))
+        f.attrs["checksums"] = json.dumps(checksums(**rows))
     data = load_head_data(
         cache_dir=tmp_path, backbones=["bb"], index=index, splits=make_splits(index), metadata=False
     )

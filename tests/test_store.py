@@ -151,8 +151,10 @@ def test_bad_content_is_refused_and_the_old_file_kept(tmp_path, change, message)
 def test_unknown_schema_or_foreign_file_is_refused_on_read(tmp_path):
     path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **sample())
     with h5py.File(path, "a") as f:
-        f.attrs["schema_version"] = 2
-    with pytest.raises(InputError, match="schema_version 2.*extract it again from scratch"):
+        f.attrs["schema_version"] = 1  # a cache from before the rows' checksums
+    with pytest.raises(
+        InputError, match="schema_version 1.*version 2 added the rows' checksums.*extract it again"
+    ):
         store.read_features(path)
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f["x"] = [1]
@@ -247,10 +249,10 @@ def test_finite_rows_marks_each_row(monkeypatch):
 def test_a_string_schema_version_says_it_is_a_string(tmp_path):
     path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **sample())
     with h5py.File(path, "a") as f:
-        f.attrs["schema_version"] = "1"
+        f.attrs["schema_version"] = "2"
     with pytest.raises(InputError) as err:
         store.read_features(path)
-    assert "schema_version is the str '1'; it must be the integer 1" in str(err.value)
+    assert "schema_version is the str '2'; it must be the integer 2" in str(err.value)
 
 
 def _full_disk(monkeypatch, *, after: int = 0):
