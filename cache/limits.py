@@ -25,6 +25,7 @@ def check_declared(path: Path, f: h5py.File, *, attrs: dict, features: bool) -> 
         if not isinstance(f[key], h5py.Dataset):
             raise InputError(f"{path}: '{key}' is an HDF5 group, not a dataset; see cache/README.md")
     _check_columns(path, f)
+    _check_features(path, f["features"], attrs=attrs)  # its shape first: a scalar has no rows
     rows = f["names"].shape[0]
     for key in ("features", "status", "errors"):
         if f[key].shape[0] != rows:
@@ -33,7 +34,6 @@ def check_declared(path: Path, f: h5py.File, *, attrs: dict, features: bool) -> 
         raise InputError(
             f"{path}: declares {rows:,} rows, more than the {MAX_ROWS:,} a feature file may hold"
         )
-    _check_features(path, f["features"], attrs=attrs)
     _check_stored(path, f["features"])
     if features:
         _check_memory(path, f["features"], rows=rows)

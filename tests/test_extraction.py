@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import h5py
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -103,12 +104,16 @@ def extract(names, paths, cache_dir, *, backbone=None, backbones=None, images=No
     return summaries if backbones else summaries[0]
 
 
-def dataset_of(names, *, seed=0) -> dict:
-    """The data set fingerprint of an index of `names` (a patient each, labels drawn by `seed`)."""
+def index_of(names, *, seed=0):
+    """An index of `names`: a patient each, two labels drawn by `seed`."""
     labels = np.random.default_rng(seed).integers(0, 2, size=(len(names), 2), dtype=np.uint8)
-    index = SimpleNamespace(names=np.asarray(names, dtype=object), patients=np.arange(len(names)), labels=labels,
-                            label_names=("Mass", "Nodule"))  # fmt: skip
-    return index_fingerprint(index, rows=np.arange(len(names)))
+    return SimpleNamespace(names=np.asarray(names, dtype=object), patients=np.arange(len(names)), labels=labels,
+                           label_names=("Mass", "Nodule"), csv_path=Path(f"data{seed}/Data_Entry_2017.csv"))  # fmt: skip
+
+
+def dataset_of(names, *, seed=0) -> dict:
+    """The data set fingerprint of `index_of(names, seed=seed)`."""
+    return index_fingerprint(index_of(names, seed=seed), rows=np.arange(len(names)))
 
 
 def assert_same_file(a: Path, b: Path):
@@ -624,3 +629,17 @@ def test_a_rerun_on_another_data_set_reusing_the_names_is_refused(images, tmp_pa
     with pytest.raises(InputError, match=r"made differently from this run \(dataset.labels\)") as err:
         extract(names, paths, tmp_path / "cache", shard=(1, 2), dataset=dataset_of(names, seed=1))
     assert err.value.fix == Fix("extract", {"backbone": "fake", "force": True})
+
+
+def test_a_pixel_cache_of_another_data_set_or_with_shifted_rows_is_refused(images, tmp_path):
+    names, paths = images
+    pixels = extract(
+        names, paths, tmp_path / "cache", backbone=pixel_backbone(size=12), dataset=dataset_of(names)
+    )
+    assert PixelInput.open(pixels.path, names=names, index=index_of(names)).size == 12
+    with pytest.raises(InputError, match=r"pix.h5 was extracted from another data set than data1/Data_Entry"):
+        PixelInput.open(pixels.path, names=names, index=index_of(names, seed=1))
+    with h5py.File(pixels.path, "a") as f:
+        f["features"][...] = np.roll(f["features"][()], 1, axis=0)
+    with pytest.raises(InputError, match="pix.h5: its features do not match the checksums"):
+        PixelInput.open(pixels.path, names=names, index=index_of(names))
