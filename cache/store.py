@@ -13,25 +13,47 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from cache import checksums as crc
+from cache.limits import check_declared
 from cache.settings import DTYPES
 from cache.status import Status
 from cxr14.errors import InputError
 from cxr14.names import positions
 from cxr14.temps import remove_stale_temps, temp_path
 
-SCHEMA_VERSION = 1
+# Version 2 added the rows' `checksums` and the data set's fingerprint (`dataset`); version 1 files are
+# refused, since nothing in them can show their rows are still the rows that were written.
+SCHEMA_VERSION = 2
 REQUIRED_ATTRS = ("schema_version", "backbone", "kind", "dtype", "views")
-JSON_ATTRS = ("backbone_config", "preprocess", "versions", "imported", "pretrained_on")
+JSON_ATTRS = (
+    "backbone_config",
+    "preprocess",
+    "versions",
+    "imported",
+    "pretrained_on",
+    "dataset",
+    "checksums",
+)
 # What the fingerprint hashes, by attribute name (image_list_sha256 stands for the names).
 RECIPE_ATTRS = (
     "schema_version",
     "image_list_sha256",
+    "dataset",
     "backbone_config",
     "preprocess",
     "dtype",
     "views",
     "shard_size",
 )
+OPTIONAL_RECIPE = ("dataset",)  # absent when extraction was given no index; hashed as null then
+# The type of every attribute the format names: a hand-edited file is refused by key, not by a traceback.
+ATTR_TYPES = {
+    **dict.fromkeys(("backbone", "kind", "dtype", "fingerprint", "image_list_sha256", "created"), str),
+    **dict.fromkeys(
+        ("views", "image_size", "shard_size", "shard_start", "shard_stop", "shard_total_rows"), int
+    ),
+    **dict.fromkeys(JSON_ATTRS, dict),
+}
 DATASETS = ("names", "features", "status", "errors")
 SHARD_ATTRS = ("shard_start", "shard_stop", "shard_total_rows")
 LIBRARIES = ("numpy", "h5py", "tensorflow", "keras", "tensorflow-hub")
@@ -75,12 +97,21 @@ def image_list_sha256(names: Sequence[str]) -> str:
 
 
 def fingerprint(
-    *, names: Sequence[str], backbone_config: dict, preprocess: dict, dtype: str, views: int, shard_size: int
+    *,
+    names: Sequence[str],
+    backbone_config: dict,
+    preprocess: dict,
+    dtype: str,
+    views: int,
+    shard_size: int,
+    dataset: dict | None = None,
 ) -> str:
-    """Hash of everything that decides a file's bytes; library versions are recorded, not hashed."""
+    """Hash of everything that decides a file's bytes, and the data set its rows belong to (`dataset`,
+    cache.origin); library versions are recorded, not hashed."""
     recipe = {
         "schema_version": SCHEMA_VERSION,
         "image_list_sha256": image_list_sha256(names),
+        "dataset": dataset,
         "backbone_config": backbone_config,
         "preprocess": preprocess,
         "dtype": dtype,
@@ -92,7 +123,7 @@ def fingerprint(
 
 def recipe_fingerprint(recipe: dict) -> str:
     """The fingerprint of a recipe: RECIPE_ATTRS of `recipe` (for instance a file's own attributes)."""
-    hashed = {key: recipe[key] for key in RECIPE_ATTRS}
+    hashed = {key: recipe.get(key) for key in RECIPE_ATTRS}
     return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
 
 
@@ -106,7 +137,7 @@ def check_recipe(path: Path, *, attrs: dict, names: Sequence[str]) -> None:
                 f"{path}: its image names do not hash to its image_list_sha256, so they were changed after "
                 "the features were written (rows may be shifted); extract it again from scratch"
             )
-    if "fingerprint" in attrs and all(key in attrs for key in RECIPE_ATTRS):
+    if "fingerprint" in attrs and all(key in attrs for key in RECIPE_ATTRS if key not in OPTIONAL_RECIPE):
         if recipe_fingerprint(attrs) != attrs["fingerprint"]:
             raise MadeDifferently(
                 f"{path}: its attributes no longer give its fingerprint, so they were edited after "
@@ -159,6 +190,8 @@ def write_features(path: Path, *, names, features, status, errors, attrs: dict) 
         features = np.asarray(features).astype(attrs["dtype"], copy=False)
     _check(path, names=names, features=features, status=status, errors=errors, attrs=attrs)
     _check_finite(path, names=names, features=features)
+    # The store alone stamps the checksums, over exactly the arrays it writes (any given ones are stale).
+    attrs["checksums"] = crc.checksums(names=names, features=features, status=status, errors=errors)
 
     def fill(f: h5py.File) -> None:
         f.create_dataset("names", data=names, dtype=h5py.string_dtype())
@@ -187,6 +220,7 @@ def _write_atomically(path: Path, fill) -> Path:
     Temporaries left by killed writers of the same file are removed first; on failure (a full disk) this
     one is removed too, and the file already under `path`, if any, is left as it was.
     """
+    refuse_folder(path)
     remove_stale_temps(path)
     tmp = temp_path(path)
     try:
@@ -217,7 +251,7 @@ def read_attrs(path: Path) -> dict:
     """Root attributes of a feature file, JSON-valued ones decoded; refuses unknown schema versions."""
     path = Path(path)
     with _open(path, "r") as f:
-        attrs = _get_attrs(f)
+        attrs = _get_attrs(path, f)
     _check_attrs(path, attrs)
     return attrs
 
@@ -226,14 +260,13 @@ def read_features(path: Path, *, names: Sequence[str] | None = None) -> FeatureS
     """Read a feature file; with `names`, rows come back in that order and absent names as MISSING."""
     path = Path(path)
     with _open(path, "r") as f:
-        attrs = _get_attrs(f)
-        _check_attrs(path, attrs)
-        _check_datasets(path, f)
-        stored = f["names"].asstr()[()].astype(object)
+        attrs = _read_checked_attrs(path, f)
+        check_declared(path, f, attrs=attrs, features=True)
+        stored, status, errors = _read_columns(f)
         features = f["features"][()]
-        status = f["status"][()].astype(np.int8)
-        errors = f["errors"].asstr()[()].astype(object)
     _check(path, names=stored, features=features, status=status, errors=errors, attrs=attrs)
+    computed = crc.checksums(names=stored, features=features, status=status, errors=errors)
+    _check_checksums(path, attrs=attrs, computed=computed)
     if names is None:
         return FeatureSet(path, stored, features, status, errors, attrs)
     return _select(FeatureSet(path, stored, features, status, errors, attrs), names)
@@ -243,9 +276,56 @@ def read_status(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(names, status, errors) of a feature file without loading its features (for summaries)."""
     path = Path(path)
     with _open(path, "r") as f:
-        _check_attrs(path, _get_attrs(f))
-        _check_datasets(path, f)
-        return f["names"].asstr()[()].astype(object), f["status"][()], f["errors"].asstr()[()].astype(object)
+        attrs = _read_checked_attrs(path, f)
+        check_declared(path, f, attrs=attrs, features=False)
+        names, status, errors = _read_columns(f)
+    computed = crc.Running().add(names=names, features=np.zeros(0), status=status, errors=errors).digests()
+    _check_checksums(path, attrs=attrs, computed=computed, keys=("names", "status", "errors"))
+    return names, status, errors
+
+
+def check_rows(path: Path, *, chunk: int = 4096) -> None:
+    """Check every stored row against the file's checksums, reading `chunk` rows at a time: for readers
+    that take rows a few at a time (iter_rows) and so never hold the whole file."""
+    path = Path(path)
+    running = crc.Running()
+    with _open(path, "r") as f:
+        attrs = _read_checked_attrs(path, f)
+        rows = check_declared(path, f, attrs=attrs, features=False)
+        for start in range(0, rows, chunk):
+            part = slice(start, min(start + chunk, rows))
+            names = f["names"].asstr()[part].astype(object)
+            errors = f["errors"].asstr()[part].astype(object)
+            running.add(names=names, features=f["features"][part], status=f["status"][part], errors=errors)
+    _check_checksums(path, attrs=attrs, computed=running.digests())
+
+
+def _read_columns(f: h5py.File) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(names, status, errors) of an open file whose declared datasets were checked."""
+    names = f["names"].asstr()[()].astype(object)
+    return names, f["status"][()].astype(np.int8), f["errors"].asstr()[()].astype(object)
+
+
+def _read_checked_attrs(path: Path, f: h5py.File) -> dict:
+    """An open file's attributes, checked, with the row checksums every file of this version carries."""
+    attrs = _get_attrs(path, f)
+    _check_attrs(path, attrs)
+    if "checksums" not in attrs:
+        raise InputError(
+            f"{path}: attribute checksums missing, so its rows cannot be checked; write it with "
+            "cache.store.write_features, or add them as cache/README.md describes"
+        )
+    return attrs
+
+
+def _check_checksums(path: Path, *, attrs: dict, computed: dict, keys=crc.CHECKED) -> None:
+    """Refuse rows that are not the rows the store wrote (shifted, edited or damaged since)."""
+    differ = crc.changed(attrs["checksums"], computed, keys=keys)
+    if differ:
+        raise MadeDifferently(
+            f"{path}: its {' and '.join(differ)} do not match the checksums written with them, so its rows "
+            "were changed after they were written (shifted, edited or damaged); extract it again from scratch"
+        )
 
 
 def iter_rows(path: Path, rows: Sequence[int], *, chunk: int) -> Iterator[np.ndarray]:
@@ -253,8 +333,9 @@ def iter_rows(path: Path, rows: Sequence[int], *, chunk: int) -> Iterator[np.nda
     path = Path(path)
     rows = np.asarray(rows, dtype=np.int64)
     with _open(path, "r") as f:
-        _check_attrs(path, _get_attrs(f))
-        _check_datasets(path, f)
+        stored = check_declared(path, f, attrs=_read_checked_attrs(path, f), features=False)
+        if len(rows) and not (0 <= rows.min() and rows.max() < stored):
+            raise InputError(f"{path}: rows up to {int(rows.max())} asked for, but it holds {stored}")
         features = f["features"]
         for begin in range(0, len(rows), chunk):
             part = rows[begin : begin + chunk]
@@ -363,6 +444,7 @@ def merge_shards(directory: Path, *, out_path: Path) -> Path:
     total = first.attrs["shard_total_rows"]
     attrs = {k: v for k, v in first.attrs.items() if k not in SHARD_ATTRS}
     attrs["created"] = _now()
+    running = crc.Running()  # the merged file's checksums, over the rows as they are copied
 
     def fill(out: h5py.File) -> None:
         string = h5py.string_dtype()
@@ -375,7 +457,8 @@ def merge_shards(directory: Path, *, out_path: Path) -> Path:
             rows = slice(part.attrs["shard_start"], part.attrs["shard_stop"])
             for key in DATASETS:
                 out[key][rows] = getattr(part, key)
-        _set_attrs(out, attrs)
+            running.add(**{key: getattr(part, key) for key in DATASETS})
+        _set_attrs(out, {**attrs, "checksums": running.digests()})
 
     return _write_atomically(out_path, fill)
 
@@ -447,13 +530,17 @@ def _check_attrs(path: Path, attrs: dict) -> None:
             f"integer {SCHEMA_VERSION} (cache/README.md)"
         )
     if version != SCHEMA_VERSION:
+        older = (
+            " (version 2 added the rows' checksums and the data set's fingerprint)" if version == 1 else ""
+        )
         raise InputError(
-            f"{path}: schema_version {version}, but this code reads version {SCHEMA_VERSION}; "
+            f"{path}: schema_version {version}, but this code reads version {SCHEMA_VERSION}{older}; "
             "extract it again from scratch, or rewrite it as cache/README.md describes"
         )
     missing = [key for key in REQUIRED_ATTRS if key not in attrs]
     if missing:
         raise InputError(f"{path}: required attribute(s) {missing} missing; see cache/README.md")
+    _check_types(path, attrs)
     kind, dtype = attrs["kind"], attrs["dtype"]
     if kind not in DTYPES:
         raise InputError(f"{path}: attribute kind={kind!r}; expected one of {sorted(DTYPES)}")
@@ -461,14 +548,22 @@ def _check_attrs(path: Path, attrs: dict) -> None:
         raise InputError(
             f"{path}: attribute dtype={dtype!r} for kind {kind!r}; expected one of {DTYPES[kind]}"
         )
-    if not isinstance(attrs["views"], int) or attrs["views"] < 1:
+    if attrs["views"] < 1:
         raise InputError(f"{path}: attribute views={attrs['views']!r}; expected an integer >= 1")
 
 
-def _check_datasets(path: Path, f: h5py.File) -> None:
-    for key in DATASETS:
-        if key not in f:
-            raise InputError(f"{path}: dataset '{key}' is missing; see cache/README.md for the format")
+def _check_types(path: Path, attrs: dict) -> None:
+    """Every attribute the format names has its type (a string, an integer, a JSON object)."""
+    spelled = {str: "a string", int: "an integer", dict: "a JSON object"}
+    accepted = {str: str, int: (int, np.integer), dict: dict}
+    for key, wanted in ATTR_TYPES.items():
+        value = attrs.get(key)
+        if value is not None and (not isinstance(value, accepted[wanted]) or isinstance(value, bool)):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise InputError(
+                f"{path}: attribute {key} is the {type(value).__name__} {shown}; expected {spelled[wanted]} "
+                "(cache/README.md)"
+            )
 
 
 def _check(path: Path, *, names, features, status, errors, attrs: dict) -> None:
@@ -499,18 +594,30 @@ def _check(path: Path, *, names, features, status, errors, attrs: dict) -> None:
 
 def _set_attrs(f: h5py.File, attrs: dict) -> None:
     for key, value in attrs.items():
+        if value is None:  # HDF5 has no null: an attribute not known is not written
+            continue
         f.attrs[key] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else value
 
 
-def _get_attrs(f: h5py.File) -> dict:
+def _get_attrs(path: Path, f: h5py.File) -> dict:
     attrs = {}
     for key, value in f.attrs.items():
         if isinstance(value, bytes):
-            value = value.decode()
+            value = value.decode(errors="replace")
         elif isinstance(value, np.generic):
             value = value.item()
-        attrs[key] = json.loads(value) if key in JSON_ATTRS and isinstance(value, str) else value
+        attrs[key] = _decode_json(path, key, value) if key in JSON_ATTRS and isinstance(value, str) else value
     return attrs
+
+
+def _decode_json(path: Path, key: str, text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(
+            f"{path}: attribute {key} is not JSON ({err.msg} at character {err.pos}); it must be a JSON "
+            "object (cache/README.md)"
+        ) from None
 
 
 def _open(path: Path, mode: str) -> h5py.File:
@@ -518,12 +625,21 @@ def _open(path: Path, mode: str) -> h5py.File:
     # complete ones, and locks fail on many shared file systems (NFS, Lustre) used by job arrays.
     if mode != "r":
         return h5py.File(path, mode, locking=False)
+    refuse_folder(path)
     if not Path(path).exists():
         raise InputError(f"{path}: no such feature file; extract it first")
     try:
         return h5py.File(path, mode, locking=False)
     except OSError as err:
         raise InputError(f"{path} cannot be read as HDF5 ({err}); delete it or start over") from err
+
+
+def refuse_folder(path: Path) -> None:
+    """A folder where a feature file belongs is named as one: not 'not found', not an HDF5 error."""
+    if Path(path).is_dir():
+        raise InputError(
+            f"{path} is a folder, not a feature file; move it out of the way (a feature file is written there)"
+        )
 
 
 def _now() -> str:

@@ -3,7 +3,10 @@
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from cache import store
+from cache.origin import index_fingerprint
 from cxr14.text import count, duration
 from dataset.index import find_images
 from experiments.config import Config
@@ -16,12 +19,13 @@ def extract_names(config: Config, *, limit: int | None):
     return names if limit is None else names[:limit]
 
 
-def _input(config: Config, *, names, from_pixels: str | None):
-    """PNG files found under the data folder (names without a file are recorded), or a pixel cache."""
+def _input(config: Config, *, names, from_pixels: str | None, index=None):
+    """PNG files found under the data folder (names without a file are recorded), or a pixel cache
+    (refused when made from another data set than `index`'s)."""
     from extract.inputs import PixelInput, PngInput
 
     if from_pixels:
-        return PixelInput.open(store.cache_path(config.cache_dir, from_pixels), names=names)
+        return PixelInput.open(store.cache_path(config.cache_dir, from_pixels), names=names, index=index)
     return PngInput(find_images(config.data_dir, names), max_pixels=config.extract.max_pixels)
 
 
@@ -49,8 +53,9 @@ def run_extract(
     settings = config.extract
     for name in backbones:
         config.backbone(name)  # an unknown name fails before the index is read
-    names = extract_names(config, limit=limit)
-    images = _input(config, names=names, from_pixels=from_pixels)
+    index = open_config_dataset(config).index
+    names = index.names if limit is None else index.names[:limit]
+    images = _input(config, names=names, from_pixels=from_pixels, index=index)
     return extract_features(
         backbones=load_backbones(config, backbones),
         names=names,
@@ -63,6 +68,7 @@ def run_extract(
         views=settings.views,
         seed=settings.seed,
         force=force,
+        dataset=index_fingerprint(index, rows=np.arange(len(names))),
     )
 
 

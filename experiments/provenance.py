@@ -5,7 +5,7 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from cache.store import cache_path, read_attrs
+from cache.store import cache_path, read_attrs, refuse_folder
 from cxr14.errors import Fix, InputError
 from experiments.config import Config
 from extract.settings import SOURCES, BackboneConfig
@@ -23,6 +23,7 @@ def cache_kind(config: Config, name: str) -> str:
     if name in config.backbones:
         return SOURCES[config.backbones[name].source]
     path = cache_path(config.cache_dir, name)
+    refuse_folder(path)
     if not path.is_file():
         raise InputError(
             f"no backbone named {name!r}: {config.path} has no [backbones.{name}] table (configured: "

@@ -67,6 +67,7 @@ def extract_features(
     seed: int = 0,
     force: bool = False,
     progress: bool = True,
+    dataset: dict | None = None,
 ) -> list[ExtractSummary]:
     """Run `backbones` (extract.backbones.Backbone) over `images` in one pass; one summary per backbone.
 
@@ -74,11 +75,14 @@ def extract_features(
     holds row i's image. Shards K, K+N, ... of `shard=(K, N)` are written for each backbone; each image
     is decoded once for all of them. Every recipe is checked before any work starts; finished shards are
     skipped; when every shard of a backbone exists, its `<cache_dir>/<backbone>.h5` is merged.
+    `dataset`: the fingerprint of the index rows `names` are (cache.origin), recorded in every file.
     """
     started = time.perf_counter()
     names = np.asarray(names, dtype=object)
     _check_args(names=names, images=images, backbones=backbones, shard=shard)
-    options = dict(dtype=dtype, views=views, seed=seed, shard_size=shard_size, shard=shard, force=force)
+    options = dict(
+        dtype=dtype, views=views, seed=seed, shard_size=shard_size, shard=shard, force=force, dataset=dataset
+    )
     plans = [
         _plan(b, names=names, source=images.describe(), cache_dir=cache_dir, **options) for b in backbones
     ]
@@ -124,7 +128,15 @@ def _start_over_fixes(backbone: str) -> Iterator[None]:
 
 
 def file_attrs(
-    *, backbone, names: np.ndarray, dtype: str, views: int, seed: int, shard_size: int, source: dict
+    *,
+    backbone,
+    names: np.ndarray,
+    dtype: str,
+    views: int,
+    seed: int,
+    shard_size: int,
+    source: dict,
+    dataset: dict | None = None,
 ) -> dict:
     """The attributes stamped on every shard and on the merged file, fingerprint included.
 
@@ -133,7 +145,9 @@ def file_attrs(
     preprocess = backbone.spec.as_dict() | {"input": source}
     if views > 1:  # the seed only shapes the augmented views, so it only counts when there are some
         preprocess["augment_seed"] = seed
-    recipe = dict(backbone_config=backbone.config, preprocess=preprocess, dtype=dtype, views=views)
+    recipe = dict(
+        backbone_config=backbone.config, preprocess=preprocess, dtype=dtype, views=views, dataset=dataset
+    )
     return {
         "backbone": backbone.name,
         "kind": backbone.kind,
@@ -161,7 +175,7 @@ def _check_args(*, names, images, backbones: Sequence, shard: tuple[int, int]) -
 
 
 def _plan(
-    backbone, *, names, source: dict, cache_dir: Path, dtype, views, seed, shard_size, shard, force
+    backbone, *, names, source: dict, cache_dir: Path, dtype, views, seed, shard_size, shard, force, dataset
 ) -> _Plan:
     """What this worker still owes `backbone`; a file or shard of another recipe is refused here, early."""
     dtype = "uint8" if backbone.kind == "pixels" else dtype
@@ -173,11 +187,13 @@ def _plan(
         seed=seed,
         shard_size=shard_size,
         source=source,
+        dataset=dataset,
     )
     final, directory = store.cache_path(cache_dir, backbone.name), store.shard_dir(cache_dir, backbone.name)
     ranges = store.shard_ranges(len(names), shard_size)
     mine = ranges[shard[0] :: shard[1]]
     plan = dict(backbone=backbone, attrs=attrs, final=final, directory=directory, ranges=ranges, mine=mine)
+    store.refuse_folder(final)  # before --force tries to unlink it
     if force:
         final.unlink(missing_ok=True)
         remove_stale_temps(final)  # a killed merge's temporary file is as large as the final one

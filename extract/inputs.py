@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from cache import store
+from cache.origin import check_origin
 from cache.status import Status
 from cxr14.errors import Fix, InputError
 from cxr14.names import positions
@@ -106,9 +107,11 @@ class PixelInput:
     errors: np.ndarray  # per extraction row: the stored reason
 
     @classmethod
-    def open(cls, path: Path, *, names: Sequence[str]) -> "PixelInput":
-        """Check that `path` is a finished one-view pixel cache and line its rows up with `names`."""
+    def open(cls, path: Path, *, names: Sequence[str], index=None) -> "PixelInput":
+        """Check that `path` is a finished one-view pixel cache of `index`'s data set (when given), its
+        rows those it wrote, and line its rows up with `names`."""
         path = Path(path)
+        store.refuse_folder(path)
         if not path.is_file():
             raise InputError(
                 f"{path}: no pixel cache; make it first "
@@ -121,6 +124,9 @@ class PixelInput:
                 'one-view cache of a source = "pixels" backbone'
             )
         stored_names, stored_status, stored_errors = store.read_status(path)
+        if index is not None:
+            check_origin(path, recorded=attrs.get("dataset"), names=stored_names, index=index)
+        store.check_rows(path)  # iter_rows reads a few rows at a time, so it cannot check them itself
         rows = positions(names, among=stored_names)
         found = rows >= 0
         status = np.full(len(rows), Status.MISSING, dtype=np.int8)

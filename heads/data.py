@@ -8,8 +8,17 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cache.origin import check_origin
 from cache.status import Status
-from cache.store import MadeDifferently, cache_path, check_recipe, finite_rows, read_features, shard_dir
+from cache.store import (
+    MadeDifferently,
+    cache_path,
+    check_recipe,
+    finite_rows,
+    read_features,
+    refuse_folder,
+    shard_dir,
+)
 from cxr14.caveats import saw_chestxray14
 from cxr14.errors import Fix, InputError
 from cxr14.names import positions
@@ -158,6 +167,7 @@ class _Cache(NamedTuple):
 def cache_file(cache_dir: Path, backbone: str) -> Path:
     """The path of backbone's feature file, or an error saying how to make it."""
     path = cache_path(cache_dir, backbone)
+    refuse_folder(path)
     if not path.is_file():
         pending = shard_dir(cache_dir, backbone)
         if pending.is_dir():
@@ -172,11 +182,14 @@ def cache_file(cache_dir: Path, backbone: str) -> Path:
 
 
 def _read_cache(cache_dir: Path, backbone: str, index) -> _Cache:
-    """A cache's features as stored, aligned to the index by name; refused if changed since it was made."""
+    """A cache's features as stored, aligned to the index by name; refused if changed since it was made
+    (rows, names or attributes) or made from another data set."""
     path = cache_file(cache_dir, backbone)
-    cached = read_features(path)
     try:
+        cached = read_features(path)
         check_recipe(path, attrs=cached.attrs, names=cached.names)
+        # Same names are not the same images: the cache must come from this index's data set.
+        check_origin(path, recorded=cached.attrs.get("dataset"), names=cached.names, index=index)
     except MadeDifferently as err:
         raise InputError(str(err)).fixed_by(Fix("extract", {"backbone": backbone, "force": True})) from None
     # Join by name, never by position: a cache may hold its rows in any order, or other images.

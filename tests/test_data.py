@@ -1,12 +1,18 @@
 """heads.data: cached features joined to the index by name; failed and absent rows counted, bad caches refused."""
 
+import dataclasses
+import json
+
 import h5py
 import numpy as np
 import pytest
 
+from cache.checksums import checksums
+from cache.origin import index_fingerprint
 from cache.status import Status
 from cache.store import cache_path, shard_dir
 from cxr14.errors import Fix, InputError
+from dataset.settings import LABELS
 from heads.data import METADATA_COLUMNS, encode_metadata, load_head_data
 from tests.fixtures import make_index, make_splits, signal_features, write_cache
 
@@ -82,7 +88,9 @@ def test_rows_with_non_finite_features_are_left_out_and_counted(tmp_path, index)
         f.create_dataset("features", data=features)
         f.create_dataset("status", data=status)
         f.create_dataset("errors", data=[""] * len(index), dtype=h5py.string_dtype())
-        f.attrs.update(schema_version=1, backbone="bb", kind="features", dtype="float16", views=1)
+        f.attrs.update(schema_version=2, backbone="bb", kind="features", dtype="float16", views=1)
+        rows = dict(names=index.names, features=features, status=status, errors=[""] * len(index))
+        f.attrs["checksums"] = json.dumps(checksums(**rows))
     data = load_head_data(
         cache_dir=tmp_path, backbones=["bb"], index=index, splits=make_splits(index), metadata=False
     )
@@ -188,3 +196,41 @@ def test_all_rows_failed_is_an_error(tmp_path, index):
         load_head_data(
             cache_dir=tmp_path, backbones=["bb"], index=index, splits=make_splits(index), metadata=False
         )
+
+
+def _load(cache_dir, index):
+    return load_head_data(
+        cache_dir=cache_dir, backbones=["bb"], index=index, splits=make_splits(index), metadata=False
+    )
+
+
+def test_a_cache_of_another_data_set_reusing_the_names_is_refused_naming_both(tmp_path, index):
+    """Same names and patients, other labels: a make-sample set of another seed, say."""
+    index = dataclasses.replace(index, csv_path=tmp_path / "A" / "Data_Entry_2017.csv")
+    other = dataclasses.replace(make_index(seed=1), csv_path=tmp_path / "B" / "Data_Entry_2017.csv")
+    assert list(other.names) == list(index.names) and not np.array_equal(other.labels, index.labels)
+    recorded = index_fingerprint(index, rows=np.arange(len(index)))
+    path = write_cache(
+        tmp_path, "bb", names=index.names, features=signal_features(index), attrs={"dataset": recorded}
+    )
+    assert len(_load(tmp_path, index).names) == len(index)  # its own data set joins
+    with pytest.raises(InputError) as err:
+        _load(tmp_path, other)
+    message = str(err.value)
+    assert message.startswith(f"{path} was extracted from another data set than {other.csv_path}")
+    assert "the same image names, other labels Atelectasis" in message and "\n" not in message
+    assert err.value.fix == Fix("extract", {"backbone": "bb", "force": True})
+    moved = dataclasses.replace(other, labels=index.labels, patients=index.patients + 1)
+    with pytest.raises(InputError, match="the same image names, other patients"):
+        _load(tmp_path, moved)
+    fewer = dataclasses.replace(index, labels=index.labels[:, 2:], label_names=index.label_names[2:])
+    assert len(_load(tmp_path, fewer).label_names) == len(LABELS) - 2  # the labels it has still check out
+    with pytest.raises(InputError, match="2 of its 120 images are not in it"):
+        _load(tmp_path, make_index(118))
+
+
+def test_a_cache_name_that_is_a_folder_is_called_a_folder(tmp_path, index):
+    cache_path(tmp_path, "bb").mkdir()
+    shard_dir(tmp_path, "bb").mkdir()  # even with shards beside it: it is not "not merged yet"
+    with pytest.raises(InputError, match="bb.h5 is a folder, not a feature file"):
+        _load(tmp_path, index)

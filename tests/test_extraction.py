@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import h5py
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from cache import store
+from cache.origin import index_fingerprint
 from cache.status import Status
 from cxr14.errors import Fix, InputError
 from dataset import image_loader
@@ -63,6 +66,18 @@ EXPECTED_STATUS = {
 }
 
 
+def index_of(names, *, seed=0):
+    """An index of `names`: a patient each, two labels drawn by `seed`."""
+    labels = np.random.default_rng(seed).integers(0, 2, size=(len(names), 2), dtype=np.uint8)
+    return SimpleNamespace(names=np.asarray(names, dtype=object), patients=np.arange(len(names)), labels=labels,
+                           label_names=("Mass", "Nodule"), csv_path=Path(f"data{seed}/Data_Entry_2017.csv"))  # fmt: skip
+
+
+def dataset_of(names, *, seed=0) -> dict:
+    """The data set fingerprint of `index_of(names, seed=seed)`."""
+    return index_fingerprint(index_of(names, seed=seed), rows=np.arange(len(names)))
+
+
 def assert_same_file(a: Path, b: Path):
     x, y = store.read_features(a), store.read_features(b)
     assert x.features.tobytes() == y.features.tobytes()
@@ -75,9 +90,10 @@ def assert_same_file(a: Path, b: Path):
 
 def test_every_failure_kind_is_recorded_and_good_rows_match_the_backbone(images, tmp_path):
     names, paths = images
-    summary = extract(names, paths, tmp_path / "cache", progress=True)
+    summary = extract(names, paths, tmp_path / "cache", progress=True, dataset=dataset_of(names))
     got = store.read_features(summary.path)
     assert summary.path == tmp_path / "cache" / "fake.h5"
+    assert got.attrs["dataset"] == dataset_of(names) and set(got.attrs["checksums"]) == set(store.DATASETS)
     for row, status in EXPECTED_STATUS.items():
         assert got.status[row] == status, (row, got.errors[row])
         assert names[row] in got.errors[row] or "no image file of this name" in got.errors[row]
@@ -100,7 +116,7 @@ def test_every_failure_kind_is_recorded_and_good_rows_match_the_backbone(images,
     readme = (ROOT / "cache" / "README.md").read_text()
     documented = re.findall(r"^\| `(\w+)` +\| (?:yes|extract|written) ", readme, re.M)
     # Every attribute written is documented, and every documented one is written.
-    assert len(documented) == 13 and set(documented) == set(got.attrs)
+    assert len(documented) == 15 and set(documented) == set(got.attrs)
 
 
 def test_last_batch_is_padded_so_the_backbone_sees_one_shape(images, tmp_path):
@@ -559,3 +575,26 @@ def test_images_missing_from_the_pixel_cache_are_recorded(images, tmp_path):
     assert (got.status[8:] == Status.MISSING).all() and "not in pixel cache" in got.errors[9]
     assert got.status[7] == Status.TRUNCATED and "IEND" in got.errors[7]  # the cache's own record
     assert (got.status[[0, 1, 2, 4, 6]] == Status.OK).all()
+
+
+def test_a_rerun_on_another_data_set_reusing_the_names_is_refused(images, tmp_path):
+    """Same image names, other labels (a make-sample set of another seed): its shards are not resumed."""
+    names, paths = images
+    extract(names, paths, tmp_path / "cache", shard=(0, 2), dataset=dataset_of(names))
+    with pytest.raises(InputError, match=r"made differently from this run \(dataset.labels\)") as err:
+        extract(names, paths, tmp_path / "cache", shard=(1, 2), dataset=dataset_of(names, seed=1))
+    assert err.value.fix == Fix("extract", {"backbone": "fake", "force": True})
+
+
+def test_a_pixel_cache_of_another_data_set_or_with_shifted_rows_is_refused(images, tmp_path):
+    names, paths = images
+    pixels = extract(
+        names, paths, tmp_path / "cache", backbone=pixel_backbone(size=12), dataset=dataset_of(names)
+    )
+    assert PixelInput.open(pixels.path, names=names, index=index_of(names)).size == 12
+    with pytest.raises(InputError, match=r"pix.h5 was extracted from another data set than data1/Data_Entry"):
+        PixelInput.open(pixels.path, names=names, index=index_of(names, seed=1))
+    with h5py.File(pixels.path, "a") as f:
+        f["features"][...] = np.roll(f["features"][()], 1, axis=0)
+    with pytest.raises(InputError, match="pix.h5: its features do not match the checksums"):
+        PixelInput.open(pixels.path, names=names, index=index_of(names))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import run
+from cache.checksums import checksums
 from cache.store import cache_path, read_attrs
 from cxr14.errors import Fix, InputError
 from experiments.data import open_config_dataset
@@ -71,8 +72,21 @@ def test_shifted_names_are_refused(tiny_project, tmp_path):
     with h5py.File(cache_path(config.cache_dir, "offline_cnn"), "a") as f:
         names = f["names"].asstr()[()]
         f["names"][...] = np.roll(names, 1).astype(object)  # every feature row now has its neighbour's name
-    with pytest.raises(InputError, match="image names do not hash to its image_list_sha256"):
+    with pytest.raises(InputError, match="its names do not match the checksums written with them"):
         _train(config)
+
+
+def test_shifted_feature_rows_are_refused_in_one_line_naming_the_file(tiny_project, tmp_path):
+    """Names untouched, every feature row moved down one: a head would train on its neighbour's image."""
+    config = _with(tiny_project, tmp_path, copy=["offline_cnn"])
+    path = cache_path(config.cache_dir, "offline_cnn")
+    with h5py.File(path, "a") as f:
+        f["features"][...] = np.roll(f["features"][()], 1, axis=0)
+    with pytest.raises(InputError) as err:
+        _train(config)
+    message = str(err.value)
+    assert message.startswith(f"{path}: its features do not match the checksums") and "\n" not in message
+    assert err.value.fix == Fix("extract", {"backbone": "offline_cnn", "force": True})
 
 
 def test_recipe_attributes_edited_to_match_the_config_are_refused(tiny_project, tmp_path):
@@ -129,7 +143,11 @@ def _own_features(config, name="my_model", *, dim=24):
         f.create_dataset("features", data=features)
         f.create_dataset("status", data=np.zeros(len(index), np.int8))
         f.create_dataset("errors", data=[""] * len(index), dtype=h5py.string_dtype())
-        f.attrs.update(schema_version=1, backbone=name, kind="features", dtype="float16", views=1)
+        f.attrs.update(schema_version=2, backbone=name, kind="features", dtype="float16", views=1)
+        rows = dict(
+            names=index.names, features=features, status=np.zeros(len(index)), errors=[""] * len(index)
+        )
+        f.attrs["checksums"] = json.dumps(checksums(**rows))
         f.attrs["fingerprint"] = f"{name}-2024-05"
     return path
 

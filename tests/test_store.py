@@ -151,8 +151,10 @@ def test_bad_content_is_refused_and_the_old_file_kept(tmp_path, change, message)
 def test_unknown_schema_or_foreign_file_is_refused_on_read(tmp_path):
     path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **sample())
     with h5py.File(path, "a") as f:
-        f.attrs["schema_version"] = 2
-    with pytest.raises(InputError, match="schema_version 2.*extract it again from scratch"):
+        f.attrs["schema_version"] = 1  # a cache from before the rows' checksums
+    with pytest.raises(
+        InputError, match="schema_version 1.*version 2 added the rows' checksums.*extract it again"
+    ):
         store.read_features(path)
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f["x"] = [1]
@@ -247,10 +249,10 @@ def test_finite_rows_marks_each_row(monkeypatch):
 def test_a_string_schema_version_says_it_is_a_string(tmp_path):
     path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **sample())
     with h5py.File(path, "a") as f:
-        f.attrs["schema_version"] = "1"
+        f.attrs["schema_version"] = "2"
     with pytest.raises(InputError) as err:
         store.read_features(path)
-    assert "schema_version is the str '1'; it must be the integer 1" in str(err.value)
+    assert "schema_version is the str '2'; it must be the integer 2" in str(err.value)
 
 
 def _full_disk(monkeypatch, *, after: int = 0):
@@ -325,3 +327,161 @@ def test_iter_rows_reads_rows_in_the_order_asked_a_chunk_at_a_time(tmp_path):
         assert [len(c) for c in chunks] == [2] * (len(rows) // 2) + [1] * (len(rows) % 2)
         np.testing.assert_array_equal(np.concatenate(chunks), stored[rows])
     assert list(store.iter_rows(path, [], chunk=2)) == []
+
+
+# Family: the store proves its rows are the rows it wrote.
+
+
+def _one_line_naming(err, path, *words):
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message, message
+    for word in words:
+        assert word in message, (word, message)
+
+
+@pytest.mark.parametrize(
+    "dataset, edit",
+    [
+        ("features", lambda v: np.roll(v, 1, axis=0)),  # names untouched, every row its neighbour's
+        ("status", lambda v: np.roll(v, 1)),
+        ("errors", lambda v: np.roll(v, 1)),
+    ],
+)
+def test_rows_changed_after_writing_are_refused_naming_the_file(tmp_path, dataset, edit):
+    data = sample(n=6)
+    data["status"][2], data["errors"][2] = Status.EMPTY, "empty file"
+    path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **data)
+    with h5py.File(path, "a") as f:
+        stored = f[dataset].asstr()[()].astype(object) if dataset == "errors" else f[dataset][()]
+        f[dataset][...] = edit(stored)
+    with pytest.raises(store.MadeDifferently) as err:
+        store.read_features(path)
+    _one_line_naming(err, path, f"its {dataset} do not match the checksums", "extract it again")
+    if dataset != "features":  # the summary reader checks the columns it reads
+        with pytest.raises(store.MadeDifferently, match=f"its {dataset} do not match"):
+            store.read_status(path)
+    with pytest.raises(store.MadeDifferently, match=f"its {dataset} do not match"):
+        store.check_rows(path, chunk=4)  # streamed across chunk boundaries
+
+
+def test_checksums_are_the_stores_own_and_survive_a_merge(tmp_path):
+    data = sample(n=7)
+    whole = store.write_features(tmp_path / "w.h5", attrs=attrs_for(checksums={"features": "0"}), **data)
+    expected = store.read_attrs(whole)["checksums"]
+    assert expected["features"] != "0"  # a given value is replaced, never trusted
+    write_all_shards(tmp_path / "s", data, shard_size=3)
+    merged = store.merge_shards(tmp_path / "s", out_path=tmp_path / "m.h5")
+    assert store.read_attrs(merged)["checksums"] == expected  # streamed shard by shard, same digests
+    store.check_rows(merged, chunk=2)
+    with h5py.File(merged, "a") as f:
+        del f.attrs["checksums"]
+    with pytest.raises(InputError, match="attribute checksums missing"):
+        store.read_features(merged)
+
+
+# Family: memory bounded by the work, not by a header.
+
+
+def _declaring(path, *, features_shape, rows=None, dtype="float16", chunks=True):
+    """A file whose `features` declares `features_shape` but stores nothing (HDF5 allocates lazily)."""
+    rows = features_shape[0] if rows is None else rows
+    with h5py.File(path, "w") as f:
+        f.create_dataset("names", data=[f"{i:08d}_000.png" for i in range(rows)], dtype=h5py.string_dtype())
+        f.create_dataset("features", shape=features_shape, dtype=dtype, chunks=chunks or None)
+        f.create_dataset("status", data=np.zeros(rows, np.int8))
+        f.create_dataset("errors", data=[""] * rows, dtype=h5py.string_dtype())
+        f.attrs.update(schema_version=2, backbone="big", kind="features", dtype=dtype, views=1)
+        f.attrs["checksums"] = '{"names": "0", "features": "0", "status": "0", "errors": "0"}'
+    return path
+
+
+def test_a_small_file_declaring_a_huge_array_is_refused_before_reading(tmp_path, monkeypatch):
+    path = _declaring(tmp_path / "bomb.h5", features_shape=(300, 10**7))
+    assert path.stat().st_size < 32 * 1024
+    reads = []
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", lambda *a: reads.append(a))  # nothing may be read
+    for reader in (store.read_features, store.read_status, store.check_rows):
+        with pytest.raises(InputError) as err:
+            reader(path)
+        _one_line_naming(err, path, "(300, 10000000)", "wider than the 65,536")
+    assert reads == []
+
+
+def test_declared_rows_storage_and_memory_are_checked(tmp_path, monkeypatch):
+    rows = _declaring(tmp_path / "rows.h5", features_shape=(40, 8), rows=4)
+    with pytest.raises(InputError, match="'features' declares 40 rows but 'names' has 4"):
+        store.read_features(rows)
+    unwritten = _declaring(tmp_path / "unwritten.h5", features_shape=(4, 8))
+    with pytest.raises(
+        InputError, match="declare 64 bytes but the file stores 0; it was never written whole"
+    ):
+        store.read_features(unwritten)
+    path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **sample(n=1000, d=64))
+    monkeypatch.setattr("cache.limits.available_memory", lambda: 100_000)
+    with pytest.raises(InputError) as err:
+        store.read_features(path)
+    _one_line_naming(err, path, "GiB of memory is available")
+    assert len(list(store.iter_rows(path, [0, 1], chunk=2))) == 1  # a chunk at a time fits
+
+
+# Family: hand-edited or foreign files are one line naming the file and the key.
+
+
+def _rewrite(path, key, value):
+    with h5py.File(path, "a") as f:
+        if key in f:
+            del f[key]
+            f[key] = value
+        else:
+            f.attrs[key] = value
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("backbone_config", "{not json", ["attribute backbone_config is not JSON"]),
+        ("preprocess", "[1, 2]", ["attribute preprocess is the list", "JSON object"]),
+        ("kind", np.array([b"features", b"pixels"]), ["attribute kind is the ndarray", "a string"]),
+        ("views", "1", ["attribute views is the str '1'", "an integer"]),
+        ("shard_size", True, ["attribute shard_size is the bool", "an integer"]),
+        ("names", np.arange(4), ["'names' holds int64", "1-D string"]),
+        ("features", np.float16(1.0), ["features have shape ()"]),
+        ("status", np.array(["0", "0", "0", "0"], dtype=h5py.string_dtype()), ["'status' holds", "integer"]),
+    ],
+)
+def test_a_hand_edited_file_is_one_line_naming_the_file_and_key(tmp_path, key, value, words):
+    path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **sample())
+    _rewrite(path, key, value)
+    with pytest.raises(InputError) as err:
+        store.read_features(path)
+    _one_line_naming(err, path, *words)
+
+
+def test_missing_attributes_and_groups_are_named(tmp_path):
+    path = store.write_features(tmp_path / "f.h5", attrs=attrs_for(), **sample())
+    with h5py.File(path, "a") as f:
+        del f.attrs["views"]
+    with pytest.raises(InputError) as err:
+        store.read_attrs(path)
+    _one_line_naming(err, path, "['views'] missing")
+    path = store.write_features(tmp_path / "g.h5", attrs=attrs_for(), **sample())
+    with h5py.File(path, "a") as f:
+        del f["features"]
+        f.create_group("features")
+    with pytest.raises(InputError) as err:
+        store.read_features(path)
+    _one_line_naming(err, path, "'features' is an HDF5 group")
+
+
+# Family: a refusal says what is wrong.
+
+
+def test_a_folder_where_a_feature_file_belongs_is_called_a_folder(tmp_path):
+    folder = tmp_path / "bb.h5"
+    folder.mkdir()
+    for reader in (store.read_features, store.read_attrs, store.read_status):
+        with pytest.raises(InputError, match="bb.h5 is a folder, not a feature file"):
+            reader(folder)
+    with pytest.raises(InputError, match="bb.h5 is a folder, not a feature file"):
+        store.write_features(folder, attrs=attrs_for(), **sample())
+    assert folder.is_dir() and not any(folder.iterdir())
