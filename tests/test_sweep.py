@@ -106,6 +106,8 @@ def test_sweep_resumes_and_picks_on_validation_only(tmp_path, tiny_project, monk
     assert board.startswith("**synthetic sample") and "vs metadata baseline" in board
     assert board.index(result["winner"]) < board.index(min(val, key=val.get))
 
+    _check_verdicts(config, sweep_dir, result, board)
+
     calls = _counting(monkeypatch)
     again = run_sweep(config, grid_path=grid, name="s")
     assert calls == [] and again["winner"] == result["winner"]
@@ -122,3 +124,40 @@ def test_sweep_skips_combinations_that_make_no_sense(tmp_path, tiny_project, mon
     result = run_sweep(config, grid_path=grid, name="mix")
     assert len(calls) == 2
     assert len(result["skipped"]) == 2
+
+
+def _check_verdicts(config, sweep_dir, result, board):
+    """Every trial's difference to the winner agrees with a paired bootstrap done here from the two
+    predictions.csv files; ties are marked where the interval reaches 0."""
+    from experiments.data import open_config_dataset
+    from results.metrics import bootstrap_difference
+
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    verdicts, winner = summary["versus_winner"], result["winner"]
+    assert verdicts[winner]["difference"] == 0.0 and verdicts[winner]["p"] == 1.0
+    index = open_config_dataset(config).index
+
+    def scores(trial):
+        table = pd.read_csv(sweep_dir / trial / "predictions.csv")
+        return table, table[list(config.labels)].to_numpy()
+
+    table, best = scores(winner)
+    rows = index.rows(table["name"])
+    for trial, verdict in verdicts.items():
+        other_table, other = scores(trial)
+        assert list(other_table["name"]) == list(table["name"])
+        expected = bootstrap_difference(
+            index.labels[rows],
+            other,
+            best,
+            groups=index.patients[rows],
+            n_boot=config.train.bootstrap,
+            seed=0,
+        )
+        assert verdict["difference"] == pytest.approx(expected["difference"], abs=1e-5)
+        assert verdict["ci"] == pytest.approx(expected["ci"], abs=1e-5)
+        assert verdict["tied"] == (trial != winner and verdict["ci"][1] >= 0)
+    assert "vs winner (val)" in board and "best" in board
+    assert summary["tied_with_winner"] == [t for t in verdicts if verdicts[t]["tied"]]
+    if summary["tied_with_winner"]:
+        assert "**tied**" in board
