@@ -35,7 +35,8 @@ COMMAND_FOLDERS = {
     "merge": ("cache",),
     "train-head": ALL_FOLDERS,
     "evaluate": ALL_FOLDERS,
-    "report": ("runs",),
+    "report": ("data", "runs"),
+    "compare": ("data", "runs"),
     "sweep": ALL_FOLDERS,
     "predict": ("runs",),
     "export": ("runs",),
@@ -209,6 +210,22 @@ def cmd_report(args, config: Config) -> None:
         args.out.write_text(text, encoding="utf-8")
         print(f"wrote {args.out}")
     print(text)
+
+
+def cmd_compare(args, config: Config) -> None:
+    from experiments.compare import run_compare
+    from heads.run_folder import find_run
+
+    runs = [find_run(run, runs_dir=config.runs_dir) for run in args.runs]
+    result = run_compare(
+        config,
+        run_dirs=runs,
+        split=args.split,
+        out=args.out,
+        n_boot=args.bootstrap if args.bootstrap is not None else config.train.bootstrap,
+        seed=args.seed,
+    )
+    _print_result(args, result)
 
 
 def cmd_sweep(args, config: Config) -> None:
@@ -599,6 +616,21 @@ def _add_head_commands(sub) -> None:
     p = _command(sub, "report", cmd_report, "Gather runs into one markdown leaderboard.")
     p.add_argument("runs", nargs="*", help="run names or folders (default: every run under the runs folder)")
     p.add_argument("--out", type=Path, help="also write the leaderboard to this file")
+
+    p = _command(
+        sub,
+        "compare",
+        cmd_compare,
+        "Runs against the first named on the same images: per-disease AUC differences, intervals, p-values.",
+    )
+    p.add_argument("runs", nargs="+", help="two or more run names or folders; the first is the reference")
+    p.add_argument("--split", choices=("val", "test"), default="test", help="whose predictions to compare")
+    p.add_argument("--out", type=Path, help="folder for compare.md/.json/.png (default: runs/compare-A-vs-B)")
+    p.add_argument(
+        "--bootstrap", type=lambda t: _whole(t, low=0), help="patient resamples (default: train.bootstrap)"
+    )
+    p.add_argument("--seed", type=_seed, default=0, help="the seed that draws the patient resamples")
+    _json_flag(p)
 
     p = _command(
         sub, "sweep", cmd_sweep, "Train every head combination in a grid; pick the best on validation."
