@@ -199,17 +199,27 @@ def _print_result(args, result: dict) -> None:
 
 
 def cmd_report(args, config: Config) -> None:
-    from experiments.leaderboard import leaderboard
-    from heads.run_folder import find_run
+    from experiments.data import open_config_dataset
+    from experiments.leaderboard import find_reported, leaderboard
 
-    runs = [find_run(run, runs_dir=config.runs_dir) for run in args.runs] or sorted(
-        p.parent for p in config.runs_dir.glob("*/metrics.json")
+    runs = [_run_or_sweep(run, runs_dir=config.runs_dir) for run in args.runs] or find_reported(
+        config.runs_dir
     )
-    text = leaderboard(runs)
+    text = leaderboard(runs, split=args.split, index=open_config_dataset(config).index)
     if args.out:
         args.out.write_text(text, encoding="utf-8")
         print(f"wrote {args.out}")
     print(text)
+
+
+def _run_or_sweep(run: str, *, runs_dir: Path) -> Path:
+    """A run folder (find_run), or a sweep folder: one holding the grid.toml a sweep copies in."""
+    from heads.run_folder import find_run
+
+    for candidate in (Path(run), runs_dir / run):
+        if (candidate / "grid.toml").is_file():
+            return candidate
+    return find_run(run, runs_dir=runs_dir)
 
 
 def cmd_compare(args, config: Config) -> None:
@@ -616,6 +626,9 @@ def _add_head_commands(sub) -> None:
     p = _command(sub, "report", cmd_report, "Gather runs into one markdown leaderboard.")
     p.add_argument("runs", nargs="*", help="run names or folders (default: every run under the runs folder)")
     p.add_argument("--out", type=Path, help="also write the leaderboard to this file")
+    p.add_argument(
+        "--split", choices=("val", "test"), default="test", help="the split every run is ranked on"
+    )
 
     p = _command(
         sub,

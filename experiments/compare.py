@@ -15,6 +15,8 @@ def read_predictions(run_dir: Path, *, split: str) -> tuple[np.ndarray, list[str
     import pandas as pd
 
     path = Path(run_dir) / "predictions.csv"
+    if (Path(run_dir) / f"predictions-{split}.csv").is_file():  # a sweep's winner, scored on test after
+        path = Path(run_dir) / f"predictions-{split}.csv"
     if not path.is_file():
         raise InputError(f"{path}: no predictions.csv; train the run with run.py train-head")
     table = pd.read_csv(path)

@@ -183,6 +183,7 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
         split="test",
         n_boot=winner_plan.train.bootstrap,
         seed=winner_plan.train.seed,
+        keep_predictions=True,
     )
     write_auc_table(
         test, sweep_dir / "winner-test-auc.md", label_names=config.labels, run_name=f"{name}/{winner}"

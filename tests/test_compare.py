@@ -145,3 +145,50 @@ def test_compare_command_prints_json(runs, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["reference"] == "bad" and set(printed["versus"]) == {"good"}
     assert (tmp_path / "runs" / "compare-bad-vs-good" / "compare.md").is_file()
+
+
+def test_report_marks_the_best_ties_and_sweeps(runs, tmp_path):
+    from experiments.leaderboard import find_reported, leaderboard
+    from results.metrics import label_metrics
+
+    config, index, folders = runs
+    for name in ("good", "bad"):
+        table = pd.read_csv(folders[name] / "predictions.csv")
+        rows = index.rows(table["name"].to_numpy())
+        metrics = label_metrics(
+            index.labels[rows],
+            table[list(config.labels)].to_numpy(),
+            groups=index.patients[rows],
+            label_names=config.labels,
+            n_boot=20,
+            seed=0,
+        )
+        (folders[name] / "metrics.json").write_text(json.dumps({**metrics, "split": "test"}))
+        (folders[name] / "config.json").write_text(json.dumps({"train": {"bootstrap": 40, "seed": 0}}))
+    # A sweep whose winner is a copy of "good", scored on test after the sweep; and one not finished.
+    sweep = tmp_path / "runs" / "sw"
+    winner = sweep / "trial"
+    winner.mkdir(parents=True)
+    (sweep / "grid.toml").write_text("")
+    (sweep / "sweep.json").write_text(json.dumps({"winner": "trial"}))
+    (winner / "config.json").write_bytes((folders["good"] / "config.json").read_bytes())
+    scored_on_val = json.loads((folders["good"] / "metrics.json").read_text())
+    (winner / "metrics.json").write_text(json.dumps({**scored_on_val, "split": "val"}))
+    (winner / "evaluate-test.json").write_bytes((folders["good"] / "metrics.json").read_bytes())
+    (winner / "predictions-test.csv").write_bytes((folders["good"] / "predictions.csv").read_bytes())
+    (tmp_path / "runs" / "unfinished").mkdir()
+    (tmp_path / "runs" / "unfinished" / "grid.toml").write_text("")
+    reported = [d for d in find_reported(tmp_path / "runs") if d.name != "fewer"]
+    text = leaderboard(reported, index=index)
+    rows = {
+        cells[1]: cells
+        for line in text.splitlines()
+        if line.startswith("| ") and line[2].isdigit()
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert "Ranked by **test** mean ROC AUC" in text
+    assert set(rows) == {"good", "bad", "sw/trial (sweep winner)"}
+    tied = next(c for name, c in rows.items() if name != "bad" and c[3] != "best")
+    assert tied[3].startswith("+0.0000") and tied[3].endswith("**tied**")
+    assert rows["bad"][0] == "3" and rows["bad"][3].startswith("-") and "tied" not in rows["bad"][3]
+    assert "unfinished: a sweep that has not finished" in text
