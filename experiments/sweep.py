@@ -17,7 +17,7 @@ from cxr14.settings import read_toml
 from cxr14.tf_logging import models_built_in_a_loop
 from experiments.config import Config, with_training
 from experiments.experiment import RunPlan, plan_run, sized_for_data, snapshot
-from heads.settings import describe_settings
+from heads.settings import describe_settings, head_kind
 from results.format import MISSING, format_auc, format_difference
 from results.record import read_results
 
@@ -74,10 +74,44 @@ def read_grid(path: Path) -> tuple[dict[str, list], dict]:
     for key in REQUIRED:
         if key not in axes and key not in fixed:
             raise InputError(f"{path}: the grid needs {key!r} (a list of values, or one value under [fixed])")
+    for key, values in [*axes.items(), *((k, [v]) for k, v in fixed.items())]:
+        for value in values:
+            check_alone(key, value, path=path)
     both = sorted(set(axes) & set(fixed))
     if both:
         raise InputError(f"{path}: {both[0]!r} is both a grid axis and in [fixed]; keep one")
     return axes, fixed
+
+
+def check_alone(key: str, value, *, path: Path) -> None:
+    """Refuse a grid value that is invalid whatever it is combined with, naming the key and what it takes."""
+    from heads.settings import HEAD_FIELDS, HEAD_KINDS, HeadConfig, TrainConfig
+
+    try:
+        if key == "head":
+            head_kind(value)
+        elif key in HEAD_FIELDS:
+            HeadConfig(kind="grid", **{key: value})
+        elif key != "backbone":
+            TrainConfig(**{key: value})
+    except InputError as err:
+        allowed = f"one of {', '.join(HEAD_KINDS)}" if key == "head" else str(err).replace("heads.grid.", "")
+        raise InputError(
+            f"{path}: {key} value {value!r} is not allowed ({allowed}); nothing was trained"
+        ) from None
+
+
+def check_backbones(config: Config, axes: dict, fixed: dict, *, path: Path) -> None:
+    """Refuse a backbone the config does not know and the cache folder does not hold, before training."""
+    from experiments.experiment import backbone_kind
+
+    values = axes.get("backbone", []) + ([fixed["backbone"]] if "backbone" in fixed else [])
+    for value in values:
+        for name in (b.strip() for b in str(value).split(",") if b.strip()):
+            try:
+                backbone_kind(config, name)
+            except InputError as err:
+                raise InputError(f"{path}: backbone value {value!r}: {err}") from None
 
 
 def expand_grid(axes: dict[str, list], fixed: dict) -> list[dict]:
@@ -146,6 +180,7 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     from results.report import write_auc_table
 
     axes, fixed = read_grid(grid_path)
+    check_backbones(config, axes, fixed, path=grid_path)
     combos = expand_grid(axes, fixed)
     plans, skipped = plan_trials(config, combos, axes=list(axes))
     if not plans:

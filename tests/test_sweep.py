@@ -46,6 +46,10 @@ def test_grid_expands_every_combination(tmp_path):
         ("head = ['fc']\nbackbone = ['a']\nunits = [[1, 'x']]\n", "units"),
         ("head = ['fc']\nbackbone = ['a']\nlr = ['fast']\n", "lr"),
         ("head = ['fc']\nbackbone = ['a']\nlr = [0.1]\n[fixed]\nlr = 0.2\n", "both"),
+        ("head = ['mlp']\nbackbone = ['a']\n", r"head value 'mlp' is not allowed \(one of linear, fc"),
+        ("head = ['fc']\nbackbone = ['a']\ndropout = [0.2, 1.5]\n", r"dropout value 1.5 .*below 1"),
+        ("head = ['fc']\nbackbone = ['a']\nloss = ['hinge']\n", r"loss value 'hinge' .*bce"),
+        ("head = ['fc']\nbackbone = ['a']\n[fixed]\nepochs = 0\n", r"epochs value 0 .*range"),
     ],
 )
 def test_bad_grid_names_the_key(tmp_path, text, needle):
@@ -161,3 +165,12 @@ def _check_verdicts(config, sweep_dir, result, board):
     assert summary["tied_with_winner"] == [t for t in verdicts if verdicts[t]["tied"]]
     if summary["tied_with_winner"]:
         assert "**tied**" in board
+
+
+def test_unknown_backbone_is_refused_before_anything_trains(tmp_path, tiny_project, monkeypatch):
+    config = dataclasses.replace(tiny_project, runs_dir=tmp_path / "runs")
+    calls = _counting(monkeypatch)
+    grid = _grid(tmp_path, 'head = ["fc"]\nbackbone = ["offline_cnn", "nope"]\n')
+    with pytest.raises(InputError, match="backbone value 'nope'.*no backbone named 'nope'"):
+        run_sweep(config, grid_path=grid, name="bad")
+    assert calls == [] and not (config.runs_dir / "bad").exists()
