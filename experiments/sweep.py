@@ -1,6 +1,7 @@
 """Head sweeps: every combination of a TOML grid trained on features loaded once, chosen on validation."""
 
 import dataclasses
+import gc
 import itertools
 import json
 import re
@@ -197,9 +198,12 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     print(
         f"sweep {name}: {len(plans)} trials ({len(combos)} combinations, {len(skipped)} skipped)", flush=True
     )
+    starts = SharedStarts(data)
     with models_built_in_a_loop():
         results = {
-            trial: _run_trial(config, data, sweep_dir / trial, plan, step=f"[{i}/{len(plans)}] {trial}")
+            trial: _run_trial(
+                config, data, sweep_dir / trial, plan, step=f"[{i}/{len(plans)}] {trial}", starts=starts
+            )
             for i, (trial, plan) in enumerate(plans.items(), 1)
         }
 
@@ -281,17 +285,55 @@ def _sweep_summary(*, ranked: list[str], results: dict, test: dict, skipped: lis
     }
 
 
-def _run_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, step: str) -> dict:
-    """A trial's validation metrics: trained now, or read back when an earlier run finished it."""
-    from heads.train import train_head
+class SharedStarts:
+    """What every trial over one backbone set shares, fitted once: the ridge probe with its penalty search
+    and the second-order directions (heads/start.py). Keyed by what fit_start depends on."""
+
+    def __init__(self, data):
+        self.data, self.fitted = data, {}
+
+    def for_plan(self, plan: RunPlan):
+        from heads.settings import head_kind
+        from heads.start import fit_start
+
+        spec = head_kind(plan.head.kind)
+        if spec.takes != "features":
+            return None
+        directions = plan.head.directions if spec.directions else 0
+        key = (plan.backbones, plan.train.metadata, directions, plan.train.seed)
+        if key not in self.fitted:
+            data = _trial_data(self.data, plan)
+            rows = {split: data.rows(split) for split in ("train", "val", "test")}
+            self.fitted[key] = fit_start(data, rows=rows, max_directions=directions, seed=plan.train.seed)
+        return self.fitted[key]
+
+
+def _run_trial(
+    config: Config, data, trial_dir: Path, plan: RunPlan, *, step: str, starts: SharedStarts
+) -> dict:
+    """A trial's validation metrics: trained now, or read back when an earlier run finished it; its
+    model and graph are released when it ends, so memory stays flat in the number of trials."""
+    import keras
+
 
     done = _finished(trial_dir)
     if done is not None:
         print(f"{step}: finished earlier, val mean AUC {format_auc(done['mean_auc'])}", flush=True)
         return done
     print(f"\n{step}: {_describe(plan)}", flush=True)
+    try:
+        return _train_trial(config, data, trial_dir, plan, start=starts.for_plan(plan))
+    finally:
+        keras.backend.clear_session()
+        gc.collect()
+
+
+def _train_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, start) -> dict:
+    from heads.train import train_head
+
     return train_head(
         run_dir=trial_dir,
+        start=start,
         data=_trial_data(data, plan),
         head=plan.head,
         train=plan.train,

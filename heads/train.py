@@ -166,14 +166,18 @@ def train_head(
     progress: bool = True,
     eval_split: str = "test",
     decision: DecisionConfig | None = None,
+    start: HeadStart | None = None,
 ) -> dict:
     """Train, evaluate on `eval_split` and write every output of a run; returns those metrics.
+
+    `start`: the probe and directions fit_start gives for this data, when the caller has them already (a
+    sweep fits them once per backbone set and reuses them for every trial); None fits them here.
 
     A sweep passes eval_split="val" so that trials are compared without ever looking at the test split.
     `decision`: how the calibration and operating points are fitted on validation after training
     (None: the defaults).
     """
-    start = time.perf_counter()
+    began = time.perf_counter()
     run_dir, label_names = Path(run_dir), list(label_names)
     rows = {split: data.rows(split) for split in ("train", "val", "test")}
     train = train.sized_for(rows["train"].size)  # an "auto" batch size becomes a number
@@ -183,8 +187,8 @@ def train_head(
     tmp = start_run(run_dir, force=force)
     try:
         spec = head_kind(head.kind)
-        begin = None
-        if spec.takes == "features":
+        begin = start if spec.takes == "features" else None
+        if spec.takes == "features" and begin is None:
             begin = fit_start(
                 data, rows=rows, max_directions=head.directions if spec.directions else 0, seed=train.seed
             )
@@ -232,10 +236,10 @@ def train_head(
             tmp, decisions=decisions, data=data, scores=scores, metrics=metrics, label_names=label_names
         )
         metrics["seconds"] = {
-            "train": round(fitted - start, 2),
+            "train": round(fitted - began, 2),
             "evaluate": round(evaluated - fitted, 2),
             "write": round(time.perf_counter() - evaluated, 2),
-            "total": round(time.perf_counter() - start, 2),
+            "total": round(time.perf_counter() - began, 2),
         }
         write_results(tmp / "metrics.json", metrics)
         finish_run(tmp, run_dir)

@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 
+import heads.start
 import heads.train
 from cxr14.errors import InputError
 from experiments.sweep import expand_grid, read_grid, run_sweep
@@ -82,9 +83,16 @@ def test_sweep_resumes_and_picks_on_validation_only(tmp_path, tiny_project, monk
     assert len(calls) == 4
 
     calls = _counting(monkeypatch)
+    fits = []
+    real_fit_start = heads.start.fit_start
+    monkeypatch.setattr(
+        heads.start, "fit_start", lambda data, **kw: fits.append(1) or real_fit_start(data, **kw)
+    )
     result = run_sweep(config, grid_path=grid, name="s")
     # Three trials finished before the interruption; the fourth and the rest train now.
     assert len(calls) == 5
+    # The probe and directions are fitted once per backbone set, not once per trial.
+    assert len(fits) == 2
     sweep_dir = config.runs_dir / "s"
     trials = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
     assert len(trials) == 8
