@@ -315,7 +315,6 @@ def _run_trial(
     model and graph are released when it ends, so memory stays flat in the number of trials."""
     import keras
 
-
     done = _finished(trial_dir)
     if done is not None:
         print(f"{step}: finished earlier, val mean AUC {format_auc(done['mean_auc'])}", flush=True)
