@@ -35,7 +35,8 @@ COMMAND_FOLDERS = {
     "merge": ("cache",),
     "train-head": ALL_FOLDERS,
     "evaluate": ALL_FOLDERS,
-    "report": ("runs",),
+    "report": ("data", "runs"),
+    "compare": ("data", "runs"),
     "sweep": ALL_FOLDERS,
     "predict": ("runs",),
     "export": ("runs",),
@@ -198,17 +199,43 @@ def _print_result(args, result: dict) -> None:
 
 
 def cmd_report(args, config: Config) -> None:
-    from experiments.leaderboard import leaderboard
-    from heads.run_folder import find_run
+    from experiments.data import open_config_dataset
+    from experiments.leaderboard import find_reported, leaderboard
 
-    runs = [find_run(run, runs_dir=config.runs_dir) for run in args.runs] or sorted(
-        p.parent for p in config.runs_dir.glob("*/metrics.json")
+    runs = [_run_or_sweep(run, runs_dir=config.runs_dir) for run in args.runs] or find_reported(
+        config.runs_dir
     )
-    text = leaderboard(runs)
+    text = leaderboard(runs, split=args.split, index=open_config_dataset(config).index)
     if args.out:
         args.out.write_text(text, encoding="utf-8")
         print(f"wrote {args.out}")
     print(text)
+
+
+def _run_or_sweep(run: str, *, runs_dir: Path) -> Path:
+    """A run folder (find_run), or a sweep folder: one holding the grid.toml a sweep copies in."""
+    from heads.run_folder import find_run
+
+    for candidate in (Path(run), runs_dir / run):
+        if (candidate / "grid.toml").is_file():
+            return candidate
+    return find_run(run, runs_dir=runs_dir)
+
+
+def cmd_compare(args, config: Config) -> None:
+    from experiments.compare import run_compare
+    from heads.run_folder import find_run
+
+    runs = [find_run(run, runs_dir=config.runs_dir) for run in args.runs]
+    result = run_compare(
+        config,
+        run_dirs=runs,
+        split=args.split,
+        out=args.out,
+        n_boot=args.bootstrap if args.bootstrap is not None else config.train.bootstrap,
+        seed=args.seed,
+    )
+    _print_result(args, result)
 
 
 def cmd_sweep(args, config: Config) -> None:
@@ -599,6 +626,24 @@ def _add_head_commands(sub) -> None:
     p = _command(sub, "report", cmd_report, "Gather runs into one markdown leaderboard.")
     p.add_argument("runs", nargs="*", help="run names or folders (default: every run under the runs folder)")
     p.add_argument("--out", type=Path, help="also write the leaderboard to this file")
+    p.add_argument(
+        "--split", choices=("val", "test"), default="test", help="the split every run is ranked on"
+    )
+
+    p = _command(
+        sub,
+        "compare",
+        cmd_compare,
+        "Runs against the first named on the same images: per-disease AUC differences, intervals, p-values.",
+    )
+    p.add_argument("runs", nargs="+", help="two or more run names or folders; the first is the reference")
+    p.add_argument("--split", choices=("val", "test"), default="test", help="whose predictions to compare")
+    p.add_argument("--out", type=Path, help="folder for compare.md/.json/.png (default: runs/compare-A-vs-B)")
+    p.add_argument(
+        "--bootstrap", type=lambda t: _whole(t, low=0), help="patient resamples (default: train.bootstrap)"
+    )
+    p.add_argument("--seed", type=_seed, default=0, help="the seed that draws the patient resamples")
+    _json_flag(p)
 
     p = _command(
         sub, "sweep", cmd_sweep, "Train every head combination in a grid; pick the best on validation."

@@ -18,6 +18,7 @@ def _step(text: str) -> None:
 def run_demo(config: Config, *, workdir: Path, images: int | None = None) -> str:
     """Run the whole pipeline offline under `workdir`; a second run reuses the sample and the cache."""
     from dataset.sample import make_sample
+    from experiments.data import open_config_dataset
     from experiments.experiment import run_train_head
     from experiments.extract import format_extract_summary, run_extract
     from experiments.leaderboard import leaderboard
@@ -52,7 +53,8 @@ def run_demo(config: Config, *, workdir: Path, images: int | None = None) -> str
         runs.append(metrics["run_dir"])
 
     board = config.runs_dir / "leaderboard.md"
-    board.write_text(leaderboard(runs), encoding="utf-8")
+    index = open_config_dataset(config).index
+    board.write_text(leaderboard(runs, index=index), encoding="utf-8")
     lines = [
         "",
         f"demo finished in {time.perf_counter() - start:.0f} s",

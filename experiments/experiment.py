@@ -45,7 +45,7 @@ def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> Ru
             + (f"; for several, use the {' or '.join(others)} head" if spec.max_backbones == 1 else "")
         )
     for name in backbones:
-        holds = _cache_kind(config, name)
+        holds = backbone_kind(config, name)
         if holds != spec.takes:
             raise InputError(
                 f"the {kind} head trains on cached {spec.takes}, but backbone {name!r} holds {holds}; "
@@ -54,7 +54,7 @@ def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> Ru
     return RunPlan(head=config.head(kind), train=config.train, backbones=backbones)
 
 
-def _cache_kind(config: Config, name: str) -> str:
+def backbone_kind(config: Config, name: str) -> str:
     """experiments.provenance.cache_kind, without loading numpy or h5py for a backbone the config names."""
     if name in config.backbones:
         return SOURCES[config.backbones[name].source]

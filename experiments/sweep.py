@@ -1,6 +1,7 @@
 """Head sweeps: every combination of a TOML grid trained on features loaded once, chosen on validation."""
 
 import dataclasses
+import gc
 import itertools
 import json
 import re
@@ -9,14 +10,16 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from cxr14.caveats import SYNTHETIC_NOTICE, seen_notice
 from cxr14.errors import InputError
 from cxr14.settings import read_toml
 from cxr14.tf_logging import models_built_in_a_loop
 from experiments.config import Config, with_training
 from experiments.experiment import RunPlan, plan_run, sized_for_data, snapshot
-from heads.settings import describe_settings
-from results.format import format_auc
+from heads.settings import describe_settings, head_kind
+from results.format import MISSING, format_auc, format_difference
 from results.record import read_results
 
 # Grid keys and the type of one value; every key but those in [fixed] holds a list of values.
@@ -72,10 +75,44 @@ def read_grid(path: Path) -> tuple[dict[str, list], dict]:
     for key in REQUIRED:
         if key not in axes and key not in fixed:
             raise InputError(f"{path}: the grid needs {key!r} (a list of values, or one value under [fixed])")
+    for key, values in [*axes.items(), *((k, [v]) for k, v in fixed.items())]:
+        for value in values:
+            check_alone(key, value, path=path)
     both = sorted(set(axes) & set(fixed))
     if both:
         raise InputError(f"{path}: {both[0]!r} is both a grid axis and in [fixed]; keep one")
     return axes, fixed
+
+
+def check_alone(key: str, value, *, path: Path) -> None:
+    """Refuse a grid value that is invalid whatever it is combined with, naming the key and what it takes."""
+    from heads.settings import HEAD_FIELDS, HEAD_KINDS, HeadConfig, TrainConfig
+
+    try:
+        if key == "head":
+            head_kind(value)
+        elif key in HEAD_FIELDS:
+            HeadConfig(kind="grid", **{key: value})
+        elif key != "backbone":
+            TrainConfig(**{key: value})
+    except InputError as err:
+        allowed = f"one of {', '.join(HEAD_KINDS)}" if key == "head" else str(err).replace("heads.grid.", "")
+        raise InputError(
+            f"{path}: {key} value {value!r} is not allowed ({allowed}); nothing was trained"
+        ) from None
+
+
+def check_backbones(config: Config, axes: dict, fixed: dict, *, path: Path) -> None:
+    """Refuse a backbone the config does not know and the cache folder does not hold, before training."""
+    from experiments.experiment import backbone_kind
+
+    values = axes.get("backbone", []) + ([fixed["backbone"]] if "backbone" in fixed else [])
+    for value in values:
+        for name in (b.strip() for b in str(value).split(",") if b.strip()):
+            try:
+                backbone_kind(config, name)
+            except InputError as err:
+                raise InputError(f"{path}: backbone value {value!r}: {err}") from None
 
 
 def expand_grid(axes: dict[str, list], fixed: dict) -> list[dict]:
@@ -144,6 +181,7 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     from results.report import write_auc_table
 
     axes, fixed = read_grid(grid_path)
+    check_backbones(config, axes, fixed, path=grid_path)
     combos = expand_grid(axes, fixed)
     plans, skipped = plan_trials(config, combos, axes=list(axes))
     if not plans:
@@ -160,35 +198,79 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     print(
         f"sweep {name}: {len(plans)} trials ({len(combos)} combinations, {len(skipped)} skipped)", flush=True
     )
+    starts = SharedStarts(data)
     with models_built_in_a_loop():
         results = {
-            trial: _run_trial(config, data, sweep_dir / trial, plan, step=f"[{i}/{len(plans)}] {trial}")
+            trial: _run_trial(
+                config, data, sweep_dir / trial, plan, step=f"[{i}/{len(plans)}] {trial}", starts=starts
+            )
             for i, (trial, plan) in enumerate(plans.items(), 1)
         }
 
     ranked = sorted(results, key=lambda t: _sort_key(results[t]["mean_auc"]), reverse=True)
     winner, winner_plan = ranked[0], plans[ranked[0]]
+    verdicts = versus_winner(
+        data,
+        {t: sweep_dir / t for t in ranked},
+        winner=winner,
+        n_boot=winner_plan.train.bootstrap,
+        seed=winner_plan.train.seed,
+    )
     test = score_run(
         run_dir=sweep_dir / winner,
         data=_trial_data(data, winner_plan),
         split="test",
         n_boot=winner_plan.train.bootstrap,
         seed=winner_plan.train.seed,
+        keep_predictions=True,
     )
     write_auc_table(
         test, sweep_dir / "winner-test-auc.md", label_names=config.labels, run_name=f"{name}/{winner}"
     )
     board = format_leaderboard(
-        name=name, ranked=ranked, plans=plans, results=results, test=test, skipped=skipped
+        name=name, ranked=ranked, plans=plans, results=results, test=test, skipped=skipped, verdicts=verdicts
     )
     (sweep_dir / "leaderboard.md").write_text(board, encoding="utf-8")
-    summary = _sweep_summary(ranked=ranked, results=results, test=test, skipped=skipped)
+    summary = _sweep_summary(ranked=ranked, results=results, test=test, skipped=skipped, verdicts=verdicts)
     (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     return {**summary, "summary": board + f"\nwritten to {sweep_dir}"}
 
 
-def _sweep_summary(*, ranked: list[str], results: dict, test: dict, skipped: list) -> dict:
-    """sweep.json: the winner, its validation and test figures, every trial's validation mean AUC."""
+def val_scores(trial_dir: Path, data) -> np.ndarray:
+    """A trial's validation probabilities from its predictions.csv, in the order of data's val rows."""
+    import pandas as pd
+
+    path = trial_dir / "predictions.csv"
+    names = data.names[data.rows("val")]
+    table = pd.read_csv(path).set_index("name")
+    missing = np.setdiff1d(names, table.index.to_numpy())
+    if missing.size:
+        raise InputError(
+            f"{path}: no prediction for {missing.size} validation images (e.g. {missing[0]}); the trial was "
+            "trained on other rows: delete its folder and run the sweep again to retrain it"
+        )
+    return table.loc[names, list(data.label_names)].to_numpy(np.float64)
+
+
+def versus_winner(data, trial_dirs: dict, *, winner: str, n_boot: int, seed: int) -> dict:
+    """Each trial's validation mean AUC minus the winner's, with a paired patient-bootstrap interval and
+    whether it is tied with the winner (the interval reaches 0: the winner does not beat it beyond noise)."""
+    from results.metrics import mean_differences_against
+
+    val = data.rows("val")
+    scores = {trial: val_scores(path, data) for trial, path in trial_dirs.items()}
+    verdicts = mean_differences_against(
+        data.labels[val], scores, scores[winner], groups=data.patients[val], n_boot=n_boot, seed=seed
+    )
+    for trial, verdict in verdicts.items():
+        high = verdict["ci"][1]
+        verdict["tied"] = trial != winner and (high is None or high >= 0.0)
+    return verdicts
+
+
+def _sweep_summary(*, ranked: list[str], results: dict, test: dict, skipped: list, verdicts: dict) -> dict:
+    """sweep.json: the winner, its validation and test figures, every trial's validation mean AUC and its
+    difference to the winner's."""
     notice = {"notice": test["notice"]} if test.get("notice") else {}
     return notice | {
         "winner": ranked[0],
@@ -197,21 +279,60 @@ def _sweep_summary(*, ranked: list[str], results: dict, test: dict, skipped: lis
         "test_mean_ci": test["mean_ci"],
         "test_beats_metadata": test["baselines"]["beats_metadata"],
         "trials": {t: results[t]["mean_auc"] for t in ranked},
+        "versus_winner": {t: verdicts[t] for t in ranked},
+        "tied_with_winner": [t for t in ranked if verdicts[t]["tied"]],
         "skipped": skipped,
     }
 
 
-def _run_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, step: str) -> dict:
-    """A trial's validation metrics: trained now, or read back when an earlier run finished it."""
-    from heads.train import train_head
+class SharedStarts:
+    """What every trial over one backbone set shares, fitted once: the ridge probe with its penalty search
+    and the second-order directions (heads/start.py). Keyed by what fit_start depends on."""
+
+    def __init__(self, data):
+        self.data, self.fitted = data, {}
+
+    def for_plan(self, plan: RunPlan):
+        from heads.settings import head_kind
+        from heads.start import fit_start
+
+        spec = head_kind(plan.head.kind)
+        if spec.takes != "features":
+            return None
+        directions = plan.head.directions if spec.directions else 0
+        key = (plan.backbones, plan.train.metadata, directions, plan.train.seed)
+        if key not in self.fitted:
+            data = _trial_data(self.data, plan)
+            rows = {split: data.rows(split) for split in ("train", "val", "test")}
+            self.fitted[key] = fit_start(data, rows=rows, max_directions=directions, seed=plan.train.seed)
+        return self.fitted[key]
+
+
+def _run_trial(
+    config: Config, data, trial_dir: Path, plan: RunPlan, *, step: str, starts: SharedStarts
+) -> dict:
+    """A trial's validation metrics: trained now, or read back when an earlier run finished it; its
+    model and graph are released when it ends, so memory stays flat in the number of trials."""
+    import keras
 
     done = _finished(trial_dir)
     if done is not None:
         print(f"{step}: finished earlier, val mean AUC {format_auc(done['mean_auc'])}", flush=True)
         return done
     print(f"\n{step}: {_describe(plan)}", flush=True)
+    try:
+        return _train_trial(config, data, trial_dir, plan, start=starts.for_plan(plan))
+    finally:
+        keras.backend.clear_session()
+        gc.collect()
+
+
+def _train_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, start) -> dict:
+    from heads.train import train_head
+
     return train_head(
         run_dir=trial_dir,
+        start=start,
         data=_trial_data(data, plan),
         head=plan.head,
         train=plan.train,
@@ -232,7 +353,17 @@ def _describe(plan: RunPlan) -> str:
     return " ".join([f"head={plan.head.kind}", f"backbones={'+'.join(plan.backbones)}", *settings])
 
 
-def format_leaderboard(*, name, ranked, plans, results, test, skipped) -> str:
+def verdict_cell(verdict: dict | None, *, best: bool) -> str:
+    """Difference to the best with its interval, and "tied" where the best does not beat it beyond noise."""
+    if best:
+        return "best"
+    if not verdict or verdict.get("difference") is None:
+        return MISSING
+    text = format_difference(verdict["difference"], verdict["ci"], digits=4)
+    return text + (" **tied**" if verdict.get("tied") else "")
+
+
+def format_leaderboard(*, name, ranked, plans, results, test, skipped, verdicts) -> str:
     """Trials ranked by validation mean AUC; the winner's test figure stated once, below the table."""
     from results.report import versus_metadata
 
@@ -243,14 +374,19 @@ def format_leaderboard(*, name, ranked, plans, results, test, skipped) -> str:
         "",
         "Trials are ranked by **validation** mean ROC AUC. Only the winner was evaluated on the test split:",
         "choosing among trials on test would flatter the result. Trials keep validation predictions only.",
+        "\"vs winner\" is a trial's validation mean AUC minus the winner's, with a 95% paired patient-bootstrap",
+        "interval; **tied**: the interval reaches 0, so the winner does not beat that trial beyond noise.",
         "",
-        "| rank | trial | val mean AUC | vs metadata baseline (val) | epochs | configuration |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| rank | trial | val mean AUC | vs winner (val) [95% CI] | vs metadata baseline (val) | epochs "
+        "| configuration |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for rank, trial in enumerate(ranked, 1):
         m = results[trial]
+        verdict = verdict_cell(verdicts.get(trial), best=rank == 1)
         lines.append(
-            f"| {rank} | {trial} | {format_auc(m['mean_auc'])} | {versus_metadata(m)} | {m.get('epochs', '')} "
+            f"| {rank} | {trial} | {format_auc(m['mean_auc'])} | {verdict} | {versus_metadata(m)} "
+            f"| {m.get('epochs', '')} "
             f"| {_describe(plans[trial])} |"
         )
     lines += [

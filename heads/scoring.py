@@ -6,6 +6,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 
 from cxr14.caveats import run_notice
 from cxr14.errors import InputError
@@ -218,11 +219,21 @@ def score_expert(
     return result
 
 
-def score_run(*, run_dir: Path, data: HeadData, split: str = "test", n_boot: int, seed: int) -> dict:
-    """A run's metrics on `split`, recomputed from its model.keras; also written to evaluate-SPLIT.json."""
+def score_run(
+    *, run_dir: Path, data: HeadData, split: str = "test", n_boot: int, seed: int, keep_predictions=False
+) -> dict:
+    """A run's metrics on `split`, recomputed from its model.keras; also written to evaluate-SPLIT.json.
+    `keep_predictions`: also write the probabilities to predictions-SPLIT.csv (a sweep's winner, whose
+    predictions.csv holds validation only), so that report and compare can pair it with other runs."""
     run_dir = Path(run_dir)
     labels = run_labels(run_dir)
-    scores = predict_probabilities(load_model(run_dir), data, data.rows(split))
+    rows = data.rows(split)
+    scores = predict_probabilities(load_model(run_dir), data, rows)
+    if keep_predictions:
+        table = pd.DataFrame(scores, columns=labels)
+        table.insert(0, "split", split)
+        table.insert(0, "name", data.names[rows])
+        table.to_csv(run_dir / f"predictions-{split}.csv", index=False, float_format="%.6f")
     metrics = split_metrics(
         data,
         scores,

@@ -185,8 +185,12 @@ def train_head(
     progress: bool = True,
     eval_split: str = "test",
     decision: DecisionConfig | None = None,
+    start: HeadStart | None = None,
 ) -> dict:
     """Fit, score on `eval_split` and write every output of a run; returns its metrics.
+
+    `start`: the probe and directions fit_start gives for this data, when the caller has them already (a
+    sweep fits them once per backbone set and reuses them for every trial); None fits them here.
 
     A sweep passes eval_split="val" so that trials are compared without ever looking at the test split.
     `decision`: how the calibration and operating points are fitted on validation after training
@@ -201,7 +205,9 @@ def train_head(
         print(data.describe(), flush=True)
     tmp = start_run(run_dir, force=force)
     try:
-        fitted = fit(data, rows=rows, head=head, train=train, n_labels=len(label_names), progress=progress)
+        fitted = fit(
+            data, rows=rows, head=head, train=train, n_labels=len(label_names), progress=progress, start=start
+        )
         clock["fitted"] = time.perf_counter()
         scored = score(
             fitted,
@@ -226,12 +232,20 @@ def train_head(
 
 
 def fit(
-    data: HeadData, *, rows: dict, head: HeadConfig, train: TrainConfig, n_labels: int, progress: bool
+    data: HeadData,
+    *,
+    rows: dict,
+    head: HeadConfig,
+    train: TrainConfig,
+    n_labels: int,
+    progress: bool,
+    start: HeadStart | None = None,
 ) -> FittedHead:
-    """The probe start (feature heads), then the head trained from it with the best validation epoch kept."""
+    """The probe start (feature heads; `start` when given), then the head trained from it with the best
+    validation epoch kept."""
     spec = head_kind(head.kind)
-    begin = None
-    if spec.takes == "features":
+    begin = start if spec.takes == "features" else None
+    if spec.takes == "features" and begin is None:
         begin = fit_start(
             data, rows=rows, max_directions=head.directions if spec.directions else 0, seed=train.seed
         )

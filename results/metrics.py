@@ -369,3 +369,105 @@ def reliability_curve(y_true, y_prob, *, bins: int = 10) -> dict:
         mean_p = np.bincount(which, weights=p, minlength=bins) / count
         positive = np.bincount(which, weights=y, minlength=bins) / count
     return {"mean_probability": mean_p, "positive_share": positive, "count": count}
+
+
+def compare_scores(
+    y_true,
+    score_a,
+    score_b,
+    *,
+    groups,
+    label_names: Sequence[str],
+    n_boot: int,
+    seed: int,
+    level: float = 0.95,
+) -> dict:
+    """Per label and on the mean: AUC of `score_a` minus that of `score_b` on the same images, with a paired
+    patient-bootstrap percentile interval and a two-sided p-value; JSON-ready.
+
+    The p-value is the bootstrap's own: the share of resampled differences at least as far from the
+    observed one as the observed one is from 0 (the resampling distribution shifted to the null), plus one
+    in numerator and denominator; two identical score sets give differences of 0 and p = 1. Both score sets
+    are scored on the very same patient resamples (one seed), so what they share cancels out.
+    """
+    y_true, score_a = _check_inputs(y_true, score_a)
+    _, score_b = _check_inputs(y_true, score_b)
+    _check_level(level)
+    observed = roc_auc_per_label(y_true, score_a) - roc_auc_per_label(y_true, score_b)
+    mean = mean_defined(roc_auc_per_label(y_true, score_a)) - mean_defined(roc_auc_per_label(y_true, score_b))
+    if n_boot > 0:
+        rep_a = _replicates(y_true, score_a, groups=groups, n_boot=n_boot, seed=seed)
+        rep_b = _replicates(y_true, score_b, groups=groups, n_boot=n_boot, seed=seed)
+        per_label = rep_a - rep_b
+        _, means_a = _mean_replicates(y_true, rep_a)
+        _, means_b = _mean_replicates(y_true, rep_b)
+        mean_replicates = means_a - means_b
+    else:
+        per_label, mean_replicates = np.full((0, len(label_names)), np.nan), np.empty(0)
+    labels = {
+        name: _difference_entry(observed[j], per_label[:, j], level=level)
+        for j, name in enumerate(label_names)
+    }
+    return {
+        "labels": labels,
+        "mean": _difference_entry(mean, mean_replicates, level=level),
+        "n_boot": int(n_boot),
+        "seed": int(seed),
+        "level": level,
+    }
+
+
+def _difference_entry(observed: float, replicates: np.ndarray, *, level: float) -> dict:
+    """One difference: its value, percentile interval and bootstrap p-value (None where undefined)."""
+    finite = replicates[~np.isnan(replicates)]
+    if math.isnan(observed) or finite.size == 0:
+        return {"difference": _json_float(observed), "ci": [None, None], "p": None}
+    # A tolerance keeps float rounding of two equal AUCs from counting as a difference.
+    far = np.abs(finite - observed) >= abs(observed) - 1e-12
+    return {
+        "difference": _json_float(observed),
+        "ci": [_json_float(v) for v in _interval(finite, level)],
+        "p": float((1 + far.sum()) / (1 + finite.size)),
+    }
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjustment of p-values for testing them all at once (NaN stays NaN).
+
+    Sorted ascending, the k-th smallest of m is multiplied by m - k + 1; a running maximum keeps the
+    adjusted values in the order of the raw ones, and none exceeds 1."""
+    p = np.asarray(p_values, dtype=np.float64)
+    adjusted = np.full(p.shape, np.nan)
+    defined = np.flatnonzero(~np.isnan(p))
+    order = defined[np.argsort(p[defined], kind="stable")]
+    m = order.size
+    scaled = p[order] * (m - np.arange(m))
+    adjusted[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    return adjusted
+
+
+def mean_differences_against(
+    y_true, scores: dict, reference, *, groups, n_boot: int, seed: int, level: float = 0.95
+) -> dict:
+    """For each named score set: its mean ROC AUC minus `reference`'s on the same images, with a paired
+    patient-bootstrap interval and p-value (as compare_scores' "mean"); the reference's resamples are
+    drawn once for all."""
+    y_true, reference = _check_inputs(y_true, reference)
+    base = mean_defined(roc_auc_per_label(y_true, reference))
+    ref_means = None
+    if n_boot > 0:
+        _, ref_means = _mean_replicates(
+            y_true, _replicates(y_true, reference, groups=groups, n_boot=n_boot, seed=seed)
+        )
+    result = {}
+    for name, score in scores.items():
+        _, score = _check_inputs(y_true, score)
+        observed = mean_defined(roc_auc_per_label(y_true, score)) - base
+        replicates = np.empty(0)
+        if ref_means is not None:
+            _, means = _mean_replicates(
+                y_true, _replicates(y_true, score, groups=groups, n_boot=n_boot, seed=seed)
+            )
+            replicates = means - ref_means
+        result[name] = _difference_entry(observed, replicates, level=level)
+    return result

@@ -257,15 +257,17 @@ def test_leaderboard_ranks_runs_by_mean_auc(tmp_path):
         write_run(tmp_path, "strong", metrics=strong, kind="ensemble", backbones=("a", "b"),
                   train={"loss": "focal", "focal_gamma": 2.0, "metadata": True}),
     ]  # fmt: skip
-    lines = leaderboard(runs).splitlines()
+    lines = [line for line in leaderboard(runs).splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header[:9] == [
-        "#", "run", "mean AUC [95% CI]", "head", "backbones", "options", "vs ridge probe", "vs metadata baseline",
-        "split (images)",
+    assert header[:10] == [
+        "#", "run", "mean AUC [95% CI]", "vs best (test) [95% CI]", "head", "backbones", "options",
+        "vs ridge probe", "vs metadata baseline", "split (images)",
     ]  # fmt: skip
-    assert header[9:] == list(LABELS)
+    assert header[10:] == list(LABELS)
     first = [cell.strip() for cell in lines[2].strip("|").split("|")]
     second = [cell.strip() for cell in lines[3].strip("|").split("|")]
+    # Without the data set's labels there is nothing to pair; the best is still marked.
+    assert first.pop(3) == "best" and second.pop(3) == "—"
     assert first[:5] == ["1", "strong", first[2], "ensemble", "a+b"]
     assert first[2].startswith(f"{strong['mean_auc']:.3f} [")
     assert "loss=focal" in first[5] and "metadata" in first[5] and "fusion=add" in first[5]
@@ -301,7 +303,7 @@ def test_leaderboard_flags_synthetic_runs_and_runs_below_the_metadata_baseline(t
     text = leaderboard([write_run(tmp_path, "weak", metrics=below)])
     assert text.splitlines()[0].startswith(f"**{SYNTHETIC_NOTICE}**")
     row = [cell.strip() for cell in text.splitlines()[-1].strip("|").split("|")]
-    assert row[7] == "-0.012 ⚠ not above" and row[8].endswith(", synthetic)")
+    assert row[8] == "-0.012 ⚠ not above" and row[9].endswith(", synthetic)")
 
 
 def test_synthetic_auc_table_drops_published_columns_and_shows_the_operating_points(tmp_path):

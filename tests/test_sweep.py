@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 
+import heads.start
 import heads.train
 from cxr14.errors import InputError
 from experiments.sweep import expand_grid, read_grid, run_sweep
@@ -46,6 +47,10 @@ def test_grid_expands_every_combination(tmp_path):
         ("head = ['fc']\nbackbone = ['a']\nunits = [[1, 'x']]\n", "units"),
         ("head = ['fc']\nbackbone = ['a']\nlr = ['fast']\n", "lr"),
         ("head = ['fc']\nbackbone = ['a']\nlr = [0.1]\n[fixed]\nlr = 0.2\n", "both"),
+        ("head = ['mlp']\nbackbone = ['a']\n", r"head value 'mlp' is not allowed \(one of linear, fc"),
+        ("head = ['fc']\nbackbone = ['a']\ndropout = [0.2, 1.5]\n", r"dropout value 1.5 .*below 1"),
+        ("head = ['fc']\nbackbone = ['a']\nloss = ['hinge']\n", r"loss value 'hinge' .*bce"),
+        ("head = ['fc']\nbackbone = ['a']\n[fixed]\nepochs = 0\n", r"epochs value 0 .*range"),
     ],
 )
 def test_bad_grid_names_the_key(tmp_path, text, needle):
@@ -78,9 +83,16 @@ def test_sweep_resumes_and_picks_on_validation_only(tmp_path, tiny_project, monk
     assert len(calls) == 4
 
     calls = _counting(monkeypatch)
+    fits = []
+    real_fit_start = heads.start.fit_start
+    monkeypatch.setattr(
+        heads.start, "fit_start", lambda data, **kw: fits.append(1) or real_fit_start(data, **kw)
+    )
     result = run_sweep(config, grid_path=grid, name="s")
     # Three trials finished before the interruption; the fourth and the rest train now.
     assert len(calls) == 5
+    # The probe and directions are fitted once per backbone set, not once per trial.
+    assert len(fits) == 2
     sweep_dir = config.runs_dir / "s"
     trials = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
     assert len(trials) == 8
@@ -106,6 +118,8 @@ def test_sweep_resumes_and_picks_on_validation_only(tmp_path, tiny_project, monk
     assert board.startswith("**synthetic sample") and "vs metadata baseline" in board
     assert board.index(result["winner"]) < board.index(min(val, key=val.get))
 
+    _check_verdicts(config, sweep_dir, result, board)
+
     calls = _counting(monkeypatch)
     again = run_sweep(config, grid_path=grid, name="s")
     assert calls == [] and again["winner"] == result["winner"]
@@ -122,3 +136,49 @@ def test_sweep_skips_combinations_that_make_no_sense(tmp_path, tiny_project, mon
     result = run_sweep(config, grid_path=grid, name="mix")
     assert len(calls) == 2
     assert len(result["skipped"]) == 2
+
+
+def _check_verdicts(config, sweep_dir, result, board):
+    """Every trial's difference to the winner agrees with a paired bootstrap done here from the two
+    predictions.csv files; ties are marked where the interval reaches 0."""
+    from experiments.data import open_config_dataset
+    from results.metrics import bootstrap_difference
+
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    verdicts, winner = summary["versus_winner"], result["winner"]
+    assert verdicts[winner]["difference"] == 0.0 and verdicts[winner]["p"] == 1.0
+    index = open_config_dataset(config).index
+
+    def scores(trial):
+        table = pd.read_csv(sweep_dir / trial / "predictions.csv")
+        return table, table[list(config.labels)].to_numpy()
+
+    table, best = scores(winner)
+    rows = index.rows(table["name"])
+    for trial, verdict in verdicts.items():
+        other_table, other = scores(trial)
+        assert list(other_table["name"]) == list(table["name"])
+        expected = bootstrap_difference(
+            index.labels[rows],
+            other,
+            best,
+            groups=index.patients[rows],
+            n_boot=config.train.bootstrap,
+            seed=0,
+        )
+        assert verdict["difference"] == pytest.approx(expected["difference"], abs=1e-5)
+        assert verdict["ci"] == pytest.approx(expected["ci"], abs=1e-5)
+        assert verdict["tied"] == (trial != winner and verdict["ci"][1] >= 0)
+    assert "vs winner (val)" in board and "best" in board
+    assert summary["tied_with_winner"] == [t for t in verdicts if verdicts[t]["tied"]]
+    if summary["tied_with_winner"]:
+        assert "**tied**" in board
+
+
+def test_unknown_backbone_is_refused_before_anything_trains(tmp_path, tiny_project, monkeypatch):
+    config = dataclasses.replace(tiny_project, runs_dir=tmp_path / "runs")
+    calls = _counting(monkeypatch)
+    grid = _grid(tmp_path, 'head = ["fc"]\nbackbone = ["offline_cnn", "nope"]\n')
+    with pytest.raises(InputError, match="backbone value 'nope'.*no backbone named 'nope'"):
+        run_sweep(config, grid_path=grid, name="bad")
+    assert calls == [] and not (config.runs_dir / "bad").exists()
