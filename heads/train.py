@@ -218,9 +218,10 @@ def train_head(
             train=train,
             decision=decision or DecisionConfig(),
         )
-        scored.metrics |= _run_facts(
+        facts = _run_facts(
             run_dir, data=data, head=head, rows=rows, history=fitted.history, epochs=train.epochs
         )
+        scored.metrics.update(facts)
         clock["scored"] = time.perf_counter()
         write(tmp, fitted=fitted, scored=scored, data=data, label_names=label_names, snapshot=config_snapshot)
         scored.metrics["seconds"] = _seconds(clock)
