@@ -34,16 +34,16 @@ def _parse_auc(text: str, *, path: Path, line_no: int) -> float:
     return value
 
 
-def load_references(path: Path | None = None) -> dict:
+def load_published(path: Path | None = None) -> dict:
     """{source_key: {"title", "citation", "split", "auc": {label: value}}} in the file's order."""
     path = Path(path) if path is not None else published_path()
     lines = path.read_text(encoding="utf-8").splitlines()
-    references: dict[str, dict] = {}
+    published: dict[str, dict] = {}
     data_lines = []
     for line_no, line in enumerate(lines, start=1):
         if line.startswith(_SOURCE_PREFIX):
             source = _parse_source(line, path=path, line_no=line_no)
-            references[source.pop("key")] = {**source, "auc": {}}
+            published[source.pop("key")] = {**source, "auc": {}}
         elif line.strip() and not line.startswith("#"):
             data_lines.append((line_no, line))
     if not data_lines or data_lines[0][1].replace(" ", "") != "source,label,auc":
@@ -52,11 +52,11 @@ def load_references(path: Path | None = None) -> dict:
         if len(row) != 3:
             raise InputError(f"{path}:{line_no}: expected 3 fields source,label,auc; received {row}")
         key, label, auc = (field.strip() for field in row)
-        if key not in references:
+        if key not in published:
             raise InputError(
-                f"{path}:{line_no}: source {key!r} has no '# source:' line; declared: {list(references)}"
+                f"{path}:{line_no}: source {key!r} has no '# source:' line; declared: {list(published)}"
             )
-        if label in references[key]["auc"]:
+        if label in published[key]["auc"]:
             raise InputError(f"{path}:{line_no}: {key} gives {label!r} twice")
-        references[key]["auc"][label] = _parse_auc(auc, path=path, line_no=line_no)
-    return references
+        published[key]["auc"][label] = _parse_auc(auc, path=path, line_no=line_no)
+    return published

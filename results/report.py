@@ -19,7 +19,7 @@ from cxr14.errors import InputError
 from cxr14.text import probability
 from results.format import MISSING, UNDEFINED, as_float, format_auc, format_difference, format_number
 from results.metrics import RATES, mean_defined, reliability_curve
-from results.published import load_references
+from results.published import load_published
 
 
 def test_metrics(metrics: dict, *, source: str = "metrics") -> dict:
@@ -29,11 +29,11 @@ def test_metrics(metrics: dict, *, source: str = "metrics") -> dict:
     raise InputError(f"{source}: no per-label results ('labels'); re-run run.py evaluate on the run")
 
 
-def _reference_mean(reference: dict, label_names: Sequence[str]) -> float:
-    return mean_defined([reference["auc"].get(name, math.nan) for name in label_names])
+def _published_mean(paper: dict, label_names: Sequence[str]) -> float:
+    return mean_defined([paper["auc"].get(name, math.nan) for name in label_names])
 
 
-def _split_lines(metrics: dict, references: dict, run_name: str) -> list[str]:
+def _split_lines(metrics: dict, published: dict, run_name: str) -> list[str]:
     split = metrics.get("split", "test")
     source = f" from the {metrics['split_source']} splits" if metrics.get("split_source") else ""
     if metrics.get("synthetic"):
@@ -44,13 +44,15 @@ def _split_lines(metrics: dict, references: dict, run_name: str) -> list[str]:
         f"* **{run_name}**: the {split} split{source} ({metrics['images']} images, "
         f"{metrics['patients']} patients){interval}."
     ]
-    lines += [f"* **{ref['title']}**: {ref['split']}. {ref['citation']}." for ref in references.values()]
+    lines += [
+        f"* **{paper['title']}**: {paper['split']}. {paper['citation']}." for paper in published.values()
+    ]
     return lines
 
 
-def _references_for(metrics: dict) -> dict:
+def _published_for(metrics: dict) -> dict:
     """Published columns to set beside a run: none for a synthetic run, which is not comparable."""
-    return {} if metrics.get("synthetic") else load_references()
+    return {} if metrics.get("synthetic") else load_published()
 
 
 def _baseline_cell(metrics: dict, name: str | None = None) -> str:
@@ -63,13 +65,13 @@ def _baseline_cell(metrics: dict, name: str | None = None) -> str:
 
 
 def _auc_rows(
-    metrics: dict, references: dict, *, label_names: Sequence[str], run_name: str
+    metrics: dict, published: dict, *, label_names: Sequence[str], run_name: str
 ) -> list[list[str]]:
     probe = metrics.get("reference")
     header = ["Disease", "Positives", f"{run_name} AUC [95% CI]", "PR AUC"]
     header += ["ridge probe (same features)"] if probe else []
     header += ["Metadata baseline"]
-    header += [ref["title"] for ref in references.values()]
+    header += [paper["title"] for paper in published.values()]
     rows = [header, ["---", "---:"] + ["---:"] * (len(header) - 2)]
     for name in label_names:
         result = metrics["labels"][name]
@@ -81,7 +83,7 @@ def _auc_rows(
         ]
         row += [format_number(probe["labels"].get(name))] if probe else []
         row += [_baseline_cell(metrics, name)]
-        rows.append(row + [format_number(ref["auc"].get(name)) for ref in references.values()])
+        rows.append(row + [format_number(paper["auc"].get(name)) for paper in published.values()])
     # Published means over the same labels as the run's mean, so the bottom row compares like with like.
     in_mean = [name for name in label_names if metrics["labels"][name]["auc"] is not None]
     mean = format_auc(metrics["mean_auc"], metrics["mean_ci"])
@@ -89,7 +91,7 @@ def _auc_rows(
         [f"**Mean** ({len(in_mean)} labels)", "", f"**{mean}**", format_number(metrics.get("mean_pr_auc"))]
         + ([format_number(probe["mean_auc"])] if probe else [])
         + [_baseline_cell(metrics)]
-        + [format_number(_reference_mean(ref, in_mean)) for ref in references.values()]
+        + [format_number(_published_mean(paper, in_mean)) for paper in published.values()]
     )
     return rows
 
@@ -156,7 +158,7 @@ def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name
     """auc.md: this run's AUC per disease (with its interval) beside the metadata baseline and, on real
     data, the published columns; then the operating points. A synthetic run says so on its first line."""
     metrics = test_metrics(metrics)
-    references = _references_for(metrics)
+    published = _published_for(metrics)
     lines = []
     if metrics.get("synthetic"):
         lines += [
@@ -166,14 +168,14 @@ def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name
         ]
     lines += _seen_lines(metrics)
     lines += [f"# ROC AUC per disease: {run_name}", ""]
-    rows = _auc_rows(metrics, references, label_names=label_names, run_name=run_name)
+    rows = _auc_rows(metrics, published, label_names=label_names, run_name=run_name)
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     if metrics.get("reference"):
         lines += ["", probe_line(metrics["reference"])]
     lines += _baseline_lines(metrics)
-    title = "Splits (AUCs from different splits are not strictly comparable):" if references else "Split:"
+    title = "Splits (AUCs from different splits are not strictly comparable):" if published else "Split:"
     lines += ["", title, ""]
-    lines += _split_lines(metrics, references, run_name)
+    lines += _split_lines(metrics, published, run_name)
     undefined = [name for name in label_names if metrics["labels"][name]["auc"] is None]
     if undefined:
         lines += [
@@ -315,11 +317,11 @@ def roc_corner(aucs: Sequence[float]) -> float:
 PROBE_OFFSET = 0.22  # the probe's marker sits this far below the run's, so that equal AUCs stay apart
 
 
-def _plot_references(axes, references: dict, *, label_names: Sequence[str], positions: np.ndarray) -> None:
-    for k, ref in enumerate(references.values()):
-        values = [ref["auc"].get(name, math.nan) for name in label_names]
+def _plot_published(axes, published: dict, *, label_names: Sequence[str], positions: np.ndarray) -> None:
+    for k, paper in enumerate(published.values()):
+        values = [paper["auc"].get(name, math.nan) for name in label_names]
         marker = "osD^v"[k % 5]
-        axes.plot(values, positions, marker, color=f"C{k + 1}", markersize=5, alpha=0.8, label=ref["title"])
+        axes.plot(values, positions, marker, color=f"C{k + 1}", markersize=5, alpha=0.8, label=paper["title"])
 
 
 def _plot_baseline(axes, metrics: dict, *, label_names: Sequence[str], positions: np.ndarray) -> None:
@@ -384,8 +386,8 @@ def auc_figure(metrics: dict, *, label_names: Sequence[str], run_name: str | Non
     positions = np.arange(len(label_names))[::-1]
     figure = Figure(figsize=(8, 0.45 * len(label_names) + 1.8))
     axes = figure.add_subplot()
-    references = _references_for(metrics)
-    _plot_references(axes, references, label_names=label_names, positions=positions)
+    published = _published_for(metrics)
+    _plot_published(axes, published, label_names=label_names, positions=positions)
     _plot_baseline(axes, metrics, label_names=label_names, positions=positions)
     lowest = _plot_run(axes, metrics, label_names=label_names, positions=positions, run_name=run_name)
     lowest = np.nanmin([lowest, _plot_probe(axes, metrics, label_names=label_names, positions=positions)])
@@ -396,7 +398,7 @@ def auc_figure(metrics: dict, *, label_names: Sequence[str], run_name: str | Non
     axes.set_xlim(min(0.45, lowest - 0.02), 1.02)
     axes.set_xticks([t for t in axes.get_xticks() if t <= 1.0])
     axes.set_xlabel("ROC AUC")
-    beside = "beside published" if references else "beside the metadata baseline"
+    beside = "beside published" if published else "beside the metadata baseline"
     title = f"{run_name}: mean ROC AUC {format_number(as_float(metrics['mean_auc']))} {beside}"
     axes.set_title(_titled(title, metrics.get("notice", "")))
     axes.legend(loc="lower left", fontsize=7, bbox_to_anchor=(1.01, 0.0))

@@ -6,7 +6,7 @@ import pytest
 from cxr14.errors import InputError
 from experiments.leaderboard import leaderboard
 from results.metrics import label_metrics
-from results.published import load_references
+from results.published import load_published
 from results.report import (
     ROC_CORNERS,
     auc_figure,
@@ -77,17 +77,17 @@ def write_run(
     return run_dir
 
 
-def test_references_hold_exactly_the_published_numbers():
-    references = load_references()
-    assert list(references) == ["blog_resnet_fe", "blog_ensemble", "wang2017", "chexnet"]
-    assert references["wang2017"]["auc"] == dict(zip(LABELS, WANG, strict=True))
-    assert references["chexnet"]["auc"] == dict(zip(LABELS, CHEXNET, strict=True))
-    assert references["blog_resnet_fe"]["auc"] == {label: fe for label, (fe, _) in BLOG.items()}
-    assert references["blog_ensemble"]["auc"] == {label: ens for label, (_, ens) in BLOG.items()}
-    assert "1705.02315" in references["wang2017"]["citation"]
-    assert "official" in references["wang2017"]["split"]
-    assert "random" in references["chexnet"]["split"]
-    assert all(ref["title"] and ref["citation"] and ref["split"] for ref in references.values())
+def test_published_numbers_are_held_exactly():
+    published = load_published()
+    assert list(published) == ["blog_resnet_fe", "blog_ensemble", "wang2017", "chexnet"]
+    assert published["wang2017"]["auc"] == dict(zip(LABELS, WANG, strict=True))
+    assert published["chexnet"]["auc"] == dict(zip(LABELS, CHEXNET, strict=True))
+    assert published["blog_resnet_fe"]["auc"] == {label: fe for label, (fe, _) in BLOG.items()}
+    assert published["blog_ensemble"]["auc"] == {label: ens for label, (_, ens) in BLOG.items()}
+    assert "1705.02315" in published["wang2017"]["citation"]
+    assert "official" in published["wang2017"]["split"]
+    assert "random" in published["chexnet"]["split"]
+    assert all(ref["title"] and ref["citation"] and ref["split"] for ref in published.values())
 
 
 @pytest.mark.parametrize(
@@ -104,7 +104,7 @@ def test_bad_reference_file_names_the_line(tmp_path, text, message):
     path = tmp_path / "published.csv"
     path.write_text(text)
     with pytest.raises(InputError, match=message):
-        load_references(path)
+        load_published(path)
 
 
 def test_auc_table_puts_run_beside_references_and_shows_undefined(tmp_path):
