@@ -4,12 +4,15 @@ Written under a temporary name and renamed when complete, so a failed run never 
 blocks its name; a folder holding metrics.json is a finished run.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from cxr14.errors import InputError
+from cxr14.errors import InputError, check_file_name
 from cxr14.temps import remove_stale_temps, temp_path
 
 OUTPUTS = (
@@ -25,6 +28,8 @@ OUTPUTS = (
     "calibration.png",
     "metrics.json",
 )
+# Written into every run folder the project makes: --force replaces only folders that hold it.
+MARKER = ".cxr14-run"
 CALIBRATION = "calibration.json"  # per-label calibration fitted on validation (results/calibration.py)
 THRESHOLDS = "thresholds.json"  # per-label operating points chosen on validation (results/operating.py)
 
@@ -46,25 +51,77 @@ def _run_names(runs_dir: Path, most: int = 8) -> list[str]:
     return names[:most] + (["..."] if len(names) > most else [])
 
 
+def run_path(runs_dir: Path, name: str) -> Path:
+    """runs_dir/name, for a name that stays inside the runs folder; a runs folder that is a file is refused."""
+    check_file_name(name, what="run name (--name)")
+    runs_dir = Path(runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise InputError(f"{runs_dir}: the runs folder (paths.runs_dir, --runs-dir) is a file, not a folder")
+    return runs_dir / name
+
+
 def refuse_existing(run_dir: Path, *, force: bool) -> None:
-    """Refuse a finished or non-empty run folder unless `force`; checked before any work starts."""
-    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+    """Refuse a finished or non-empty run folder unless `force`, and even then a folder this project did
+    not make (no MARKER: a user's own files are never removed); checked before any work starts."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"{run_dir} is a file, not a run folder; pick another run name")
+    if not (run_dir.exists() and any(run_dir.iterdir())):
+        return
+    if not force:
         raise InputError(f"{run_dir} exists; pick another run name, or overwrite it")
+    if not (run_dir / MARKER).is_file():
+        raise InputError(
+            f"{run_dir} is not a run folder this project made (no {MARKER} in it), so --force does not "
+            "overwrite it; pick another run name"
+        )
 
 
-def start_run(run_dir: Path, *, force: bool) -> Path:
-    """A fresh temporary folder beside run_dir, where the run is written until finish_run renames it."""
-    refuse_existing(run_dir, force=force)
-    remove_stale_temps(run_dir)  # left by killed runs of the same name
-    tmp = temp_path(run_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+@contextlib.contextmanager
+def claim_run(run_dir: Path, *, force: bool) -> Iterator[Path]:
+    """Hold the name `run_dir` against every other run, and yield a fresh temporary folder beside it,
+    where the run is written until finish_run renames it; the temporary is removed on the way out."""
+    with _name_lock(run_dir):
+        refuse_existing(run_dir, force=force)  # again, now no other run can finish under this name
+        remove_stale_temps(run_dir)  # left by killed runs of the same name
+        tmp = temp_path(run_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _name_lock(run_dir: Path) -> Iterator[None]:
+    """An exclusive lock on runs/.NAME.lock while a run of NAME works: two runs of one name started
+    together cannot both write it. flock, so a killed run's lock goes with its process."""
+    lock = run_dir.with_name(f".{run_dir.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InputError(
+                f"{run_dir}: another run of this name is being written now; wait for it or pick another name"
+            ) from None
+        # The holder before us may have removed the file after we opened it: then lock the new one.
+        if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def finish_run(tmp: Path, run_dir: Path) -> Path:
     """Move a complete run into place; only files a run writes are replaced, never a user's own."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).write_text("a run folder made by cxr14; --force may replace it\n", encoding="utf-8")
     for name in OUTPUTS:
         target = run_dir / name
         if target.is_dir():
