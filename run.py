@@ -196,8 +196,12 @@ def _print_result(args, result: dict) -> None:
 
 
 def cmd_report(args, config: Config) -> None:
+    from cxr14.outputs import check_output_file
     from experiments.leaderboard import leaderboard
     from heads.run_folder import find_run
+
+    if args.out:
+        check_output_file(args.out, what="--out")
 
     runs = [find_run(run, runs_dir=config.runs_dir) for run in args.runs] or sorted(
         p.parent for p in config.runs_dir.glob("*/metrics.json")
@@ -232,8 +236,11 @@ def _warn(text: str) -> None:
 
 
 def cmd_predict(args, config: Config) -> int:
+    from cxr14.outputs import check_output_file
     from heads.run_folder import find_run
 
+    if args.csv is not None:
+        check_output_file(args.csv, what="--csv")  # before any prediction is made
     run_dir = find_run(args.run, runs_dir=config.runs_dir)
     _tensorflow(args)
     from inference.predict import format_predictions, predict_images

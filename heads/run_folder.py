@@ -7,10 +7,13 @@ blocks its name; a folder holding metrics.json is a finished run.
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from cxr14.errors import InputError, check_file_name
 from cxr14.temps import remove_stale_temps, temp_path
@@ -32,6 +35,11 @@ OUTPUTS = (
 MARKER = ".cxr14-run"
 CALIBRATION = "calibration.json"  # per-label calibration fitted on validation (results/calibration.py)
 THRESHOLDS = "thresholds.json"  # per-label operating points chosen on validation (results/operating.py)
+# What every reader of config.json takes from it, and the JSON type each must have.
+CONFIG_KEYS = {"head": dict, "train": dict, "labels": list, "backbones": dict, "feature_dtypes": dict}
+# The numbers each label's entry in calibration.json / thresholds.json may hold (lists for isotonic).
+DECISION_NUMBERS = ("a", "b", "threshold", "sensitivity", "specificity")
+DECISION_LISTS = ("x", "y")
 
 
 def find_run(run: str | Path, *, runs_dir: Path) -> Path:
@@ -144,10 +152,25 @@ def read_config(run_dir: Path) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise InputError(f"{run_dir}: not a run folder (no config.json); train one with run.py train-head")
+    config = _read_json(path)
+    for key, kind in CONFIG_KEYS.items():
+        if not isinstance(config.get(key), kind):
+            raise InputError(
+                f"{path}: no {key!r} {'table' if kind is dict else 'list'} (a damaged or hand-edited "
+                "run file); train the run again"
+            )
+    return config
+
+
+def _read_json(path: Path) -> dict:
+    """A run file's JSON object, or one line naming the file (cut short, not JSON, not an object)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: not valid JSON ({err}); train the run again") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: holds a {type(value).__name__}, not a JSON object; train the run again")
+    return value
 
 
 def write_decisions(run_dir: Path, decisions: dict) -> None:
@@ -161,11 +184,53 @@ def read_decisions(run_dir: Path) -> dict:
     found = {}
     for key, name in (("calibration", CALIBRATION), ("thresholds", THRESHOLDS)):
         path = Path(run_dir) / name
-        try:
-            found[key] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}: not valid JSON ({err}); train the run again") from None
+        found[key] = _check_decision_file(_read_json(path), path=path) if path.is_file() else None
     return found
+
+
+def _check_decision_file(value: dict, *, path: Path) -> dict:
+    """A calibration or thresholds file whose every label entry holds numbers where numbers belong."""
+    labels = value.get("labels")
+    if not isinstance(labels, dict):
+        raise InputError(f"{path}: no 'labels' table; train the run again")
+    for label, entry in labels.items():
+        problem = _decision_entry_problem(entry)
+        if problem:
+            raise InputError(f"{path}: labels[{label!r}] {problem}; train the run again")
+    return value
+
+
+def _decision_entry_problem(entry) -> str:
+    """What is wrong with one label's calibration or threshold entry ("" when nothing)."""
+    if not isinstance(entry, dict):
+        return f"is {entry!r}, not a table"
+    for key in DECISION_NUMBERS:
+        if entry.get(key) is not None and not _finite(entry[key]):
+            return f"{key} = {entry[key]!r} is not a finite number"
+    for key in DECISION_LISTS:
+        if key in entry and not (isinstance(entry[key], list) and all(map(_finite, entry[key]))):
+            return f"{key} = {entry[key]!r} is not a list of finite numbers"
+    if len(entry.get("x", ())) != len(entry.get("y", ())):
+        return "x and y have different lengths"
+    return ""
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_recorded_labels(run_dir: Path, labels: list[str]) -> None:
+    """Refuse labels (config.json's) that differ from those the run was scored on at training, in order
+    (metrics.json): a hand-edit that swaps two would relabel every output without a word."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return  # an unfinished run is refused where its model is loaded
+    scored = _read_json(path).get("labels")
+    if isinstance(scored, dict) and list(scored) != list(labels):
+        raise InputError(
+            f"{Path(run_dir) / 'config.json'}: labels {list(labels)} differ from those the run was trained "
+            f"and scored on, in order, in {path.name} ({list(scored)}); the run folder was edited, train it again"
+        )
 
 
 def run_labels(run_dir: Path) -> list[str]:
@@ -188,11 +253,16 @@ def load_model(run_dir: Path):
             f"{run_dir}: no model.keras (an unfinished run?); train it again with run.py train-head"
         )
     try:
-        return keras.saving.load_model(path, compile=False)
+        model = keras.saving.load_model(path, compile=False)
     except Exception as err:  # noqa: BLE001 - Keras raises many types for a bad file; all mean the same
         raise InputError(
             f"{path}: cannot be loaded ({type(err).__name__}: {_first_cause(err)}); train the run again"
         ) from None
+    for weight in model.weights:
+        # A NaN weight gives NaN probabilities, which every threshold calls negative.
+        if not np.isfinite(keras.ops.convert_to_numpy(weight)).all():
+            raise InputError(f"{path}: weight {weight.path!r} holds NaN or infinite values; train the run again")
+    return model
 
 
 def _first_cause(err: Exception) -> str:
