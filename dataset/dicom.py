@@ -137,9 +137,13 @@ def _check_film(ds, *, source: str, max_pixels: int | None = None) -> None:
         raise DicomError(f"{source}: DICOM{modality} {reason}")
 
     try:
-        _check_layout(ds, fail=fail)
-        _check_values(ds, fail=fail)
-        width, height = int(ds.Columns), int(ds.Rows)
+        # pydicom converts values as they are read, warning for those it cannot (IS 'ab', DS 'nan'):
+        # each is refused here with its reason, once, so the warning would only repeat it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            _check_layout(ds, fail=fail)
+            _check_values(ds, fail=fail)
+            width, height = int(ds.Columns), int(ds.Rows)
     except DicomError:
         raise
     except Exception as err:  # noqa: BLE001 - an element pydicom cannot even convert (IS 'ab', ...)
@@ -190,7 +194,9 @@ def _check_values(ds, *, fail) -> None:
     slope = _number(ds, "RescaleSlope", 1, fail=fail)
     intercept = _number(ds, "RescaleIntercept", 0, fail=fail)
     if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
-        fail(f"has RescaleSlope = {slope:g}, RescaleIntercept = {intercept:g}; the slope must be a non-zero number")
+        fail(
+            f"has RescaleSlope = {slope:g}, RescaleIntercept = {intercept:g}; the slope must be a non-zero number"
+        )
     voi = _voi_kind(ds)
     if voi == "lut":
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
@@ -200,7 +206,9 @@ def _check_values(ds, *, fail) -> None:
         center = _number(ds, "WindowCenter", 0, fail=fail)
         width = _number(ds, "WindowWidth", 1, fail=fail)
         if not (np.isfinite(center) and np.isfinite(width)) or width < 1:
-            fail(f"has WindowCenter = {center:g}, WindowWidth = {width:g}; the width must be a number of at least 1")
+            fail(
+                f"has WindowCenter = {center:g}, WindowWidth = {width:g}; the width must be a number of at least 1"
+            )
 
 
 def _pixels(ds, *, source: str) -> np.ndarray:

@@ -261,7 +261,9 @@ def load_model(run_dir: Path):
     for weight in model.weights:
         # A NaN weight gives NaN probabilities, which every threshold calls negative.
         if not np.isfinite(keras.ops.convert_to_numpy(weight)).all():
-            raise InputError(f"{path}: weight {weight.path!r} holds NaN or infinite values; train the run again")
+            raise InputError(
+                f"{path}: weight {weight.path!r} holds NaN or infinite values; train the run again"
+            )
     return model
 
 
