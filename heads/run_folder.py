@@ -13,8 +13,6 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 from cxr14.errors import InputError, check_file_name
 from cxr14.temps import remove_stale_temps, temp_path
 
@@ -246,6 +244,7 @@ def run_labels(run_dir: Path) -> list[str]:
 def load_model(run_dir: Path):
     """The run's head (a keras.Model) from model.keras, without its training loss (not needed to predict)."""
     import keras  # here, not at the top: finding and refusing run folders needs no TensorFlow
+    import numpy as np
 
     path = Path(run_dir) / "model.keras"
     if not path.is_file():
