@@ -7,7 +7,6 @@ One CLI; each subcommand loads the config, calls one library function and prints
 import argparse
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import shlex
@@ -18,7 +17,7 @@ from pathlib import Path
 from cache.settings import FEATURE_DTYPES
 from cxr14 import __version__
 from cxr14.errors import Fix, InputError
-from cxr14.settings import override
+from cxr14.settings import SEED_MAX, override
 from experiments.config import Config, load_config, with_training
 from heads.settings import FUSIONS, HEAD_FIELDS, HEAD_KINDS, LOSSES, TRAIN_FIELDS
 from inference.settings import HEATMAP_METHODS
@@ -199,8 +198,12 @@ def _print_result(args, result: dict) -> None:
 
 
 def cmd_report(args, config: Config) -> None:
+    from cxr14.outputs import check_output_file
     from experiments.data import open_config_dataset
     from experiments.leaderboard import find_reported, leaderboard
+
+    if args.out:
+        check_output_file(args.out, what="--out")
 
     runs = [_run_or_sweep(run, runs_dir=config.runs_dir) for run in args.runs] or find_reported(
         config.runs_dir
@@ -239,14 +242,18 @@ def cmd_compare(args, config: Config) -> None:
 
 
 def cmd_sweep(args, config: Config) -> None:
-    from experiments.sweep import read_grid
+    from experiments.sweep import MAX_TRIALS, check_grid_size, read_grid
+    from heads.run_folder import run_path
 
-    read_grid(args.grid)  # a bad grid file answers before TensorFlow loads
+    most = args.max_trials or MAX_TRIALS
+    # A bad grid file, a grid too large or a bad name answers before TensorFlow loads.
+    check_grid_size(read_grid(args.grid)[0], most=most, path=args.grid)
+    run_path(config.runs_dir, args.name)
     _tensorflow(args)
     from experiments.sweep import run_sweep
 
     with _results_only_on_stdout(args):
-        result = run_sweep(config, grid_path=args.grid, name=args.name)
+        result = run_sweep(config, grid_path=args.grid, name=args.name, max_trials=most)
     _print_result(args, result)
 
 
@@ -257,8 +264,11 @@ def _warn(text: str) -> None:
 
 
 def cmd_predict(args, config: Config) -> int:
+    from cxr14.outputs import check_output_file
     from heads.run_folder import find_run
 
+    if args.csv is not None:
+        check_output_file(args.csv, what="--csv")  # before any prediction is made
     run_dir = find_run(args.run, runs_dir=config.runs_dir)
     _tensorflow(args)
     from inference.predict import format_predictions, predict_images
@@ -412,7 +422,10 @@ def _positive(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    return _whole(text, low=0)
+    value = _whole(text, low=0)
+    if value > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"a seed is at most 2**32 - 1 = {SEED_MAX}, got {value}")
+    return value
 
 
 def _units(text: str) -> tuple[int, ...]:
@@ -650,6 +663,12 @@ def _add_head_commands(sub) -> None:
     )
     p.add_argument("--grid", type=Path, required=True, help="the grid TOML (see docs/stage-two.md)")
     p.add_argument("--name", default="sweep", help="sweep folder name under runs/")
+    p.add_argument(
+        "--max-trials",
+        type=_positive,
+        help="refuse a grid of more combinations than this (default: 1000, a guard against a grid typed "
+        "too large)",
+    )
     _json_flag(p, "print the result as one JSON object (progress goes to stderr)")
 
 
@@ -823,14 +842,39 @@ def main(argv=None) -> int:
         sys.stderr.close()
         return 0
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
         # Work already finished was written whole (shards, runs); the rerun resumes from it.
-        print(f"error: {os.strerror(err.errno).lower()}: {err.filename or ''}", file=sys.stderr)
+        print(f"error: {_os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
-        return 130
+        return _interrupted()
+    except SystemError as err:
+        # Ctrl-C inside TensorFlow's C++ code can surface as "<built-in function ...> returned a result
+        # with an exception set", the KeyboardInterrupt its context; it is the same interruption.
+        if not _caused_by_interrupt(err):
+            raise
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    print("interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
+    return 130
+
+
+def _caused_by_interrupt(err: BaseException) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for any OSError: what went wrong and the path it names (e.g. "is a directory: out.csv")."""
+    reason = os.strerror(err.errno).lower() if err.errno else str(err)
+    where = ": ".join(str(name) for name in (err.filename, err.filename2) if name is not None)
+    return f"{reason}: {where}" if where else reason
 
 
 if __name__ == "__main__":

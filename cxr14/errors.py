@@ -38,3 +38,20 @@ def check_choice(value: str, valid: Iterable[str], *, what: str) -> str:
     if value not in valid:
         raise InputError(f"{what} = {value!r} is not one of: {', '.join(valid)}")
     return value
+
+
+def check_file_name(name: str, *, what: str) -> str:
+    """`name` if it can be one file or folder name inside the folder it belongs to, else an InputError
+    naming `what`: no path separators, not "." or "..", not hidden (the project's temporaries are)."""
+    bad = (
+        not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or any(sep in name for sep in ("/", "\\", "\0"))
+    )
+    if bad:
+        raise InputError(
+            f"{what} = {name!r} must be a plain name (letters, digits, - _ + .), not a path: "
+            "no '/', '\\', leading '.' or '..'"
+        )
+    return name

@@ -3,6 +3,8 @@ unknown keys and wrong types named. Each folder's own settings.py declares its d
 only experiments/config.py composes them into the whole config."""
 
 import dataclasses
+import math
+import os
 import tomllib
 import types
 import typing
@@ -11,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from cxr14.errors import InputError, check_choice
+
+# numpy's and TensorFlow's seeds are 32-bit: a larger one fails deep inside training or a split.
+SEED_MAX = 2**32 - 1
+# Layer sizes past this are typing mistakes (a 10**9-unit layer asks for terabytes), refused at the edge.
+MAX_LAYER_SIZE = 65_536
+MAX_LAYERS = 16
 
 
 def allowed(default, *, low=None, high=None, below=None, choices=None, words=None):
@@ -32,6 +40,9 @@ def check_ranges(settings: Any, *, section: str) -> None:
             raise InputError(f"{key} = {value!r} must be a whole number or {' or '.join(rule['words'])}")
         if rule.get("choices") is not None:
             check_choice(value, rule["choices"], what=f"{key}")
+        # NaN compares false with every bound, so it would pass them all; infinity has no use either.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{key} = {value} must be a finite number")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             low, high, below = rule.get("low"), rule.get("high"), rule.get("below")
             if (low is not None and value < low) or (high is not None and value > high):
@@ -41,9 +52,15 @@ def check_ranges(settings: Any, *, section: str) -> None:
             if below is not None and value >= below:
                 raise InputError(f"{key} = {value} must be below {below}")
     for name in ("units", "filters"):
-        sizes = getattr(settings, name, ())
-        if any(size < 1 for size in sizes):
-            raise InputError(f"{section}.{name} = {list(sizes)}: every size must be at least 1")
+        check_layer_sizes(getattr(settings, name, ()), key=f"{section}.{name}")
+
+
+def check_layer_sizes(sizes, *, key: str) -> None:
+    """Layer sizes between 1 and MAX_LAYER_SIZE, at most MAX_LAYERS of them, or an InputError naming `key`."""
+    if any(size < 1 or size > MAX_LAYER_SIZE for size in sizes) or len(sizes) > MAX_LAYERS:
+        raise InputError(
+            f"{key} = {list(sizes)}: at most {MAX_LAYERS} sizes, each between 1 and {MAX_LAYER_SIZE:,}"
+        )
 
 
 def _convert(value: Any, annotation: Any, *, key: str, path: Path) -> Any:
@@ -110,6 +127,12 @@ def read_toml(path: Path, *, what: str) -> dict:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder; the {what} is a TOML file") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: {what} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise InputError(f"{path}: {what} cannot be read ({os.strerror(err.errno or 0).lower()})") from None
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"{path}: not valid TOML: {err}") from None
 

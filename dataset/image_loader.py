@@ -6,6 +6,7 @@ with one channel instead of three. Extraction, prediction, export and the benchm
 so an image is never preprocessed one way for training and another way for prediction.
 """
 
+import errno
 import os
 import re
 import struct
@@ -204,12 +205,24 @@ def _not_a_file(path: Path) -> str:
     if path.is_file():
         return ""
     if path.is_symlink():
-        return f"{path}: broken symbolic link (to {os.readlink(path)}); image file not found"
+        return _link_problem(path)
     if path.is_dir():
         return f"{path}: a folder, not an image file"
     if path.exists():
         return f"{path}: not a regular file"
     return f"{path}: image file not found"
+
+
+def _link_problem(path: Path) -> str:
+    """Why a symbolic link is no image file: a loop, a broken link, or a link to a device, pipe or folder."""
+    target = os.readlink(path)
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return f"{path}: symbolic-link loop (to {target}); replace it with the image file or remove it"
+        return f"{path}: broken symbolic link (to {target}); image file not found"
+    return f"{path}: a symbolic link to {target}, which is not a regular file (a device, a pipe or a folder)"
 
 
 def _read_ends(path: Path) -> tuple[int, bytes, bytes, bool]:
@@ -261,7 +274,7 @@ def read_gray01(path, *, max_pixels: int | None = None) -> np.ndarray:
     data = Path(path).read_bytes()
     if dicom.is_dicom(data[: dicom.MAGIC_END]):
         try:
-            return dicom.decode_dicom(data, source=str(path))
+            return dicom.decode_dicom(data, source=str(path), max_pixels=max_pixels)
         except dicom.DicomError as err:
             raise ImageError(Status.UNDECODABLE, str(err)) from None
     try:

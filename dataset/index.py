@@ -299,16 +299,26 @@ def find_images(data_dir: Path, names: Sequence[str]) -> np.ndarray:
             with os.scandir(folder) as entries:
                 for entry in entries:
                     # The first folder holding a name wins, so the result does not depend on scan order.
-                    chosen = found if entry.is_file() else other
+                    is_file = _is_file(entry)
+                    chosen = found if is_file else other
                     chosen.setdefault(entry.name, entry.path)
                     stem, suffix = os.path.splitext(entry.name)
-                    if suffix.lower() == ".dcm" and entry.is_file():
+                    if suffix.lower() == ".dcm" and is_file:
                         dicoms.setdefault(stem + ".png", entry.path)
         except OSError as err:
             raise InputError(f"{folder}: cannot list the image folder ({err.strerror})") from None
     return np.array(
         [found.get(name) or dicoms.get(name) or other.get(name, "") for name in names], dtype=object
     )
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """Whether a folder entry is a file; a symbolic-link loop is not (the extraction says what it is),
+    rather than an error that refuses the whole data set."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def count_missing(paths: Sequence[str]) -> int:

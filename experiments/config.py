@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxr14.errors import InputError, check_choice
+from cxr14.errors import InputError, check_choice, check_file_name
 from cxr14.settings import build_settings, jsonable, override, read_toml
 from dataset.settings import LABELS, SplitConfig, check_fractions
 from extract.settings import BackboneConfig, ExtractConfig, check_backbone
@@ -95,6 +95,9 @@ def load_config(path: Path) -> Config:
 
 
 def _backbones(tables: dict, *, path: Path) -> dict[str, BackboneConfig]:
+    for name in tables:
+        # The name becomes the feature file's name, CACHE/NAME.h5: it must stay inside the cache folder.
+        check_file_name(name, what=f"{path}: [backbones.{name}] name")
     backbones = {
         name: build_settings(
             BackboneConfig, table, section=f"backbones.{name}", path=path, fixed={"name": name}

@@ -12,7 +12,7 @@ from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.errors import Fix, InputError
 from experiments.config import Config
 from extract.settings import SOURCES
-from heads.run_folder import read_config, refuse_existing
+from heads.run_folder import read_config, refuse_existing, run_path
 from heads.settings import HEAD_KINDS, HeadConfig, TrainConfig, head_kind
 from results.format import format_auc, format_difference
 
@@ -108,8 +108,8 @@ def run_train_head(
     from heads.train import train_head
 
     plan = plan or plan_run(config, kind=kind, backbones=backbones)
+    run_dir = run_path(config.runs_dir, name or plan.default_name())
     check_caches(config, plan.backbones)
-    run_dir = config.runs_dir / (name or plan.default_name())
     try:
         refuse_existing(run_dir, force=force)
     except InputError as err:

@@ -4,6 +4,7 @@ import dataclasses
 import gc
 import itertools
 import json
+import math
 import re
 import shutil
 from collections import Counter
@@ -18,6 +19,7 @@ from cxr14.settings import read_toml
 from cxr14.tf_logging import models_built_in_a_loop
 from experiments.config import Config, with_training
 from experiments.experiment import RunPlan, plan_run, sized_for_data, snapshot
+from heads.run_folder import run_path
 from heads.settings import describe_settings, head_kind
 from results.format import MISSING, format_auc, format_difference
 from results.record import read_results
@@ -40,6 +42,9 @@ GRID_KEYS = {
     "patience": int,
 }
 REQUIRED = ("head", "backbone")
+# More combinations than this are refused unless --max-trials says so: a grid of six axes of ten values is
+# 10**6 trials (years of training) and is a mistake far more often than a plan.
+MAX_TRIALS = 1000
 
 
 def _value(value, kind: type, *, key: str, path: Path):
@@ -115,6 +120,18 @@ def check_backbones(config: Config, axes: dict, fixed: dict, *, path: Path) -> N
                 raise InputError(f"{path}: backbone value {value!r}: {err}") from None
 
 
+def check_grid_size(axes: dict[str, list], *, most: int, path: Path) -> int:
+    """The number of combinations of `axes`, or an InputError when it is more than `most`."""
+    count = math.prod(len(values) for values in axes.values())
+    if count > most:
+        sizes = " x ".join(f"{len(v)} {k}" for k, v in axes.items())
+        raise InputError(
+            f"{path}: the grid has {count:,} combinations ({sizes}), more than the {most:,} trials a sweep "
+            "runs; shrink the grid, or raise the cap with --max-trials"
+        )
+    return count
+
+
 def expand_grid(axes: dict[str, list], fixed: dict) -> list[dict]:
     """Every combination of the axes, each merged with the fixed options."""
     keys = list(axes)
@@ -168,19 +185,40 @@ def _trial_data(data, plan: RunPlan):
     )
 
 
-def _finished(trial_dir: Path) -> dict | None:
-    metrics = trial_dir / "metrics.json"
-    return read_results(metrics).as_dict() if metrics.is_file() else None
+# What a finished trial must share with the trial planned now to be reused: all that made it, from
+# the head and its training to the caches' fingerprints (config.json, heads/run_folder.py).
+SAME_SETTINGS = ("head", "train", "decision", "labels", "backbones", "feature_dtypes", "caches")
 
 
-def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
+def _finished(trial_dir: Path, *, snapshot_now: dict) -> tuple[dict | None, str]:
+    """A finished trial's metrics when it was trained with the settings planned now, else None and why
+    it is trained again ("" when it never finished)."""
+    try:
+        if not (trial_dir / "metrics.json").is_file():
+            return None, ""
+        metrics = read_results(trial_dir / "metrics.json").as_dict()
+        saved = json.loads((trial_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, InputError) as err:
+        return None, f"its files are damaged ({type(err).__name__})"
+    now = json.loads(json.dumps(snapshot_now, default=str, ensure_ascii=False))
+    changed = [key for key in SAME_SETTINGS if saved.get(key) != now.get(key)]
+    if changed:
+        return None, f"its {', '.join(changed)} settings differ from the grid's now"
+    if not isinstance(metrics, dict) or "mean_auc" not in metrics:
+        return None, "its metrics.json is incomplete"
+    return metrics, ""
+
+
+def run_sweep(config: Config, *, grid_path: Path, name: str, max_trials: int = MAX_TRIALS) -> dict:
     """Train every trial not already finished, rank by validation mean AUC, test only the winner."""
     from experiments.data import open_run_data
     from experiments.provenance import check_caches
     from heads.scoring import score_run
     from results.report import write_auc_table
 
+    sweep_dir = run_path(config.runs_dir, name)
     axes, fixed = read_grid(grid_path)
+    check_grid_size(axes, most=max_trials, path=grid_path)
     check_backbones(config, axes, fixed, path=grid_path)
     combos = expand_grid(axes, fixed)
     plans, skipped = plan_trials(config, combos, axes=list(axes))
@@ -192,7 +230,6 @@ def run_sweep(config: Config, *, grid_path: Path, name: str) -> dict:
     # One load for every trial: all trials then also see exactly the same rows.
     dataset, data = open_run_data(config, backbones=backbones, metadata=True)
     plans = {trial: sized_for_data(plan, data) for trial, plan in plans.items()}
-    sweep_dir = config.runs_dir / name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(grid_path, sweep_dir / "grid.toml")
     print(
@@ -315,19 +352,21 @@ def _run_trial(
     model and graph are released when it ends, so memory stays flat in the number of trials."""
     import keras
 
-    done = _finished(trial_dir)
+    settings = snapshot(config, plan, caches=data.caches, synthetic=data.synthetic)
+    done, why = _finished(trial_dir, snapshot_now=settings)
     if done is not None:
         print(f"{step}: finished earlier, val mean AUC {format_auc(done['mean_auc'])}", flush=True)
         return done
-    print(f"\n{step}: {_describe(plan)}", flush=True)
+    again = f" (trained earlier, but {why}: training it again)" if why else ""
+    print(f"\n{step}: {_describe(plan)}{again}", flush=True)
     try:
-        return _train_trial(config, data, trial_dir, plan, start=starts.for_plan(plan))
+        return _train_trial(config, data, trial_dir, plan, start=starts.for_plan(plan), settings=settings)
     finally:
         keras.backend.clear_session()
         gc.collect()
 
 
-def _train_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, start) -> dict:
+def _train_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, start, settings: dict) -> dict:
     from heads.train import train_head
 
     return train_head(
@@ -337,7 +376,7 @@ def _train_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, start)
         head=plan.head,
         train=plan.train,
         label_names=config.labels,
-        config_snapshot=snapshot(config, plan, caches=data.caches, synthetic=data.synthetic),
+        config_snapshot=settings,
         force=True,
         eval_split="val",
         decision=config.decision,

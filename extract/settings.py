@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cache.settings import FEATURE_DTYPES
 from cxr14.errors import InputError
-from cxr14.settings import allowed, check_ranges
+from cxr14.settings import SEED_MAX, allowed, check_ranges
 from dataset.settings import NORMALIZATIONS
 
 # Backbone source -> what its cache holds ("features" or "pixels").
@@ -36,7 +36,7 @@ class BackboneConfig:
     output_key: str = ""
     model: str = ""
     weights: str = "imagenet"
-    seed: int = allowed(0, low=0)
+    seed: int = allowed(0, low=0, high=SEED_MAX)
     width: int = allowed(32, low=1, high=1024)
     grid: int = allowed(4, low=1, high=16)
     # What the weights were pre-trained on, e.g. ["ImageNet"]; ChestX-ray14 there marks every result.
@@ -85,7 +85,7 @@ class ExtractConfig:
     mixed_precision: bool = False
     xla: bool = False
     views: int = allowed(1, low=1, high=64)
-    seed: int = allowed(0, low=0)
+    seed: int = allowed(0, low=0, high=SEED_MAX)
     # Larger images are refused before decoding: a small PNG can decode to gigabytes.
     max_pixels: int = allowed(25_000_000, low=1)
 

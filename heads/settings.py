@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from cxr14.errors import check_choice
-from cxr14.settings import allowed, check_ranges
+from cxr14.settings import MAX_LAYER_SIZE, SEED_MAX, allowed, check_ranges
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,8 @@ def describe_settings(head: dict, train: dict) -> list[str]:
 # busy with small heads); the 1,470 training images of the demo's sample get 128, 11 steps an epoch,
 # where 1024 gave 2 steps and a worse head (fc test mean AUC 0.856 against 0.916).
 AUTO_BATCH = 1024
+# Resamples past this cost hours per run for no visible change in an interval (1,000 is the default).
+MAX_BOOTSTRAP = 100_000
 SMALLEST_AUTO_BATCH = 32
 MIN_STEPS = 10
 
@@ -95,7 +97,7 @@ class HeadConfig:
     kind: str
     units: tuple[int, ...] = (512, 256)
     dropout: float = allowed(0.3, low=0.0, below=1.0)
-    transition: int = allowed(512, low=1)
+    transition: int = allowed(512, low=1, high=MAX_LAYER_SIZE)
     fusion: str = allowed("add", choices=FUSIONS)
     filters: tuple[int, ...] = (32, 64, 128)
     l2: float = allowed(0.0, low=0.0)
@@ -110,7 +112,7 @@ class TrainConfig:
     epochs: int = allowed(30, low=1)
     batch_size: int | str = allowed("auto", low=1, words=("auto",))
     lr: float = allowed(1e-3, low=1e-12, high=10.0)
-    seed: int = allowed(0, low=0)
+    seed: int = allowed(0, low=0, high=SEED_MAX)
     loss: str = allowed("bce", choices=LOSSES)
     focal_gamma: float = allowed(2.0, low=0.0)
     patience: int = allowed(6, low=1)
@@ -118,7 +120,7 @@ class TrainConfig:
     weight_decay: float = allowed(1e-2, low=0.0, below=1.0)
     metadata: bool = False
     augment: bool = False
-    bootstrap: int = allowed(1000, low=0)
+    bootstrap: int = allowed(1000, low=0, high=MAX_BOOTSTRAP)
     steps_per_execution: int = allowed(32, low=1)
 
     def __post_init__(self):

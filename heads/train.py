@@ -1,7 +1,6 @@
 """Train one head on cached features, keep the best epoch by validation mean ROC AUC, write runs/RUN/."""
 
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from heads.data import HeadData, head_inputs
 from heads.losses import make_loss
 from heads.models import METADATA_INPUT, build_head
 from heads.progress import EpochProgress
-from heads.run_folder import finish_run, start_run, write_json
+from heads.run_folder import claim_run, finish_run, write_json
 from heads.scoring import (
     check_labels,
     fit_decisions,
@@ -203,8 +202,7 @@ def train_head(
     _check_data(data, rows=rows, label_names=label_names, augment=train.augment)
     if progress:
         print(data.describe(), flush=True)
-    tmp = start_run(run_dir, force=force)
-    try:
+    with claim_run(run_dir, force=force) as tmp:
         fitted = fit(
             data, rows=rows, head=head, train=train, n_labels=len(label_names), progress=progress, start=start
         )
@@ -227,8 +225,6 @@ def train_head(
         scored.metrics["seconds"] = _seconds(clock)
         write_results(tmp / "metrics.json", scored.metrics)
         finish_run(tmp, run_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return scored.metrics
 
 

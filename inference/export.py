@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from cxr14.errors import InputError
+from cxr14.outputs import check_output_folder
 from cxr14.temps import remove_stale_temps, temp_path
 from dataset.image_loader import decode, load_image, to_pixels
 from inference.trained import TrainedRun, decided, fused_probabilities, load_run
@@ -61,6 +62,7 @@ def export_run(*, run_dir: Path, out_dir: Path) -> Path:
 
 
 def _check_target(out_dir: Path) -> None:
+    check_output_folder(out_dir, what="--out")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"{out_dir} exists and is not an empty folder; pick a new --out or remove it first")
 

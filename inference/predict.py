@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr14.errors import InputError
+from cxr14.outputs import check_output_folder
 from cxr14.text import count
 from dataset.image_loader import ImageError, load_image
 from extract.settings import ExtractConfig
@@ -21,25 +22,37 @@ FORMATS = ("table", "json")
 IMAGE_SUFFIXES = (".png", ".dcm")
 
 
-def list_images(inputs: Sequence[Path]) -> list[Path]:
-    """Files as given, folders expanded to the PNG and DICOM (.dcm) files directly inside them (sorted)."""
-    paths = []
+def list_images(inputs: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files as given, folders expanded to the PNG and DICOM (.dcm) files directly inside them (sorted);
+    and what each folder held that is left out, with why."""
+    paths, left_out = [], []
     for item in map(Path, inputs):
-        if item.is_dir():
-            try:
-                found = sorted(
-                    p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                )
-            except OSError as err:
-                raise InputError(f"{item}: cannot list the folder ({err.strerror})") from None
-            if not found:
-                raise InputError(
-                    f"{item}: folder holds no .png or .dcm files; pass PNG or DICOM files or a folder of them"
-                )
-            paths.extend(found)
-        else:
+        if not item.is_dir():
             paths.append(item)  # a missing or broken file is reported in its own result, not raised
-    return paths
+            continue
+        try:
+            entries = sorted(item.iterdir())
+        except OSError as err:
+            raise InputError(f"{item}: cannot list the folder ({err.strerror})") from None
+        found = [p for p in entries if _left_out_because(p) == ""]
+        if not found:
+            raise InputError(
+                f"{item}: folder holds no .png or .dcm files; pass PNG or DICOM files or a folder of them"
+            )
+        paths.extend(found)
+        left_out.extend((p, _left_out_because(p)) for p in entries if p not in found)
+    return paths, left_out
+
+
+def _left_out_because(path: Path) -> str:
+    """Why a folder's entry is not predicted ("" when it is)."""
+    if path.is_dir():
+        return "left out: a folder (only the files directly inside a named folder are read)"
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"left out: not a {' or '.join(IMAGE_SUFFIXES)} file"
+    if not path.is_file():
+        return "left out: not a regular file (a broken link, a device or a pipe)"
+    return ""
 
 
 def predict_images(
@@ -57,8 +70,10 @@ def predict_images(
     With heatmap_dir, also the `heatmap_top` most probable findings' heatmaps per image, made by
     `heatmap_method` (inference/heatmap.py).
     """
+    if heatmap_dir is not None:
+        check_output_folder(heatmap_dir, what="--heatmap")
     run = load_run(run_dir)
-    paths = list_images(inputs)
+    paths, left_out = list_images(inputs)
     if heatmap_dir is not None:
         heatmap.heatmap_method(run, heatmap_method)  # an impossible method fails before any work
     batch_size = extract.batch_size
@@ -68,7 +83,9 @@ def predict_images(
         results.extend(_predict_batch(run, batch, max_pixels=extract.max_pixels))
     if heatmap_dir is not None:
         heatmap.write_heatmaps(run, results, out_dir=heatmap_dir, top=heatmap_top, method=heatmap_method)
-    return results
+    # Said in the output, beside the images, so that nothing in a folder is skipped without a word.
+    empty = {"probabilities": None, "uncalibrated": None, "calls": None, "warning": run.warning or None}
+    return results + [{"image": str(path), **empty, "error": why} for path, why in left_out]
 
 
 def _predict_batch(run: TrainedRun, paths: Sequence[Path], *, max_pixels: int) -> list[dict]:

@@ -13,7 +13,7 @@ from cxr14.caveats import SYNTHETIC_NOTICE, not_medical_warning, random_weight_b
 from cxr14.errors import InputError
 from extract.backbones import load_backbone
 from extract.settings import BackboneConfig
-from heads.run_folder import load_model, read_config, read_decisions
+from heads.run_folder import check_recorded_labels, load_model, read_config, read_decisions
 from results.calibration import calibrator
 from results.operating import caller
 
@@ -78,6 +78,7 @@ def load_run(run_dir: Path) -> TrainedRun:
     }
     _check_shapes(run_dir, head=head, backbones=backbones)
     labels = tuple(plan["labels"])
+    check_recorded_labels(run_dir, list(labels))
     decisions = read_decisions(run_dir)
     return TrainedRun(
         run_dir=run_dir,

@@ -275,7 +275,10 @@ def test_predict_lists_dcm_files_and_export_takes_a_decoded_dicom(tmp_path):
     )
     png = write_png(folder / "a.png", seed=5)
     (folder / "notes.txt").write_text("not an image")
-    assert list_images([folder]) == [png, film]
+    assert list_images([folder]) == (
+        [png, film],
+        [(folder / "notes.txt", "left out: not a .png or .dcm file")],
+    )
 
     run_dir = make_run(tmp_path / "runs" / "fc", [TINY])
     expected = predict_images(run_dir=run_dir, inputs=[film], extract=make_config(tmp_path).extract)[0][

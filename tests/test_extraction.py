@@ -119,11 +119,20 @@ def test_every_failure_kind_is_recorded_and_good_rows_match_the_backbone(images,
     assert len(documented) == 15 and set(documented) == set(got.attrs)
 
 
-def test_last_batch_is_padded_so_the_backbone_sees_one_shape(images, tmp_path):
+def test_batches_are_padded_only_under_xla_and_only_to_a_power_of_two(images, tmp_path):
     names, paths = images
-    backbone = FakeBackbone()
-    extract(names, paths, tmp_path / "cache", backbone=backbone, batch_size=3)
-    assert set(backbone.calls) == {(3, SIZE, SIZE, 1)}  # uint8, one channel: the backbone makes three
+    plain = FakeBackbone()
+    extract(names, paths, tmp_path / "plain", backbone=plain, batch_size=4)
+    # 7 readable images of 12 in shards of 4 rows: each call is its own batch, no padded rows.
+    assert all(shape[1:] == (SIZE, SIZE, 1) for shape in plain.calls)  # uint8, one channel
+    assert sum(shape[0] for shape in plain.calls) == 7
+    compiled = FakeBackbone(config={"name": "fake", "source": "test", "resolved": {"xla": True}})
+    extract(names, paths, tmp_path / "xla", backbone=compiled, batch_size=64)
+    sizes = [shape[0] for shape in compiled.calls]
+    assert set(sizes) <= {1, 2, 4} and sum(sizes) > 7  # short batches padded to a power of two, not to 64
+    plain_rows = store.read_features(tmp_path / "plain" / "fake.h5").features
+    np.testing.assert_array_equal(store.read_features(tmp_path / "xla" / "fake.h5").features, plain_rows)
+    assert [extraction.padded_rows(n, most=64) for n in (1, 3, 5, 64, 65)] == [1, 4, 8, 64, 64]
 
 
 def pixel_backbone(size: int = 10, name: str = "pix") -> FakeBackbone:
@@ -202,7 +211,9 @@ def test_one_pass_over_several_backbones_writes_the_files_of_separate_runs(image
             row: Status(status[row]) for row in np.flatnonzero(status)
         } == EXPECTED_STATUS  # failed for all
     # Each backbone saw every batch at its own size: decoded once, resized per backbone.
-    assert set(fake.calls) == {(2 * views, SIZE, SIZE, 1)} and set(second.calls) == {(2 * views, 6, 6, 1)}
+    assert [c[0] for c in fake.calls] == [c[0] for c in second.calls]
+    assert {c[1:] for c in fake.calls} == {(SIZE, SIZE, 1)} and {c[1:] for c in second.calls} == {(6, 6, 1)}
+    assert sum(c[0] for c in fake.calls) == 7 * views  # each readable image's views, no padded rows
 
 
 def test_one_pass_with_shard_workers_gives_the_files_of_one_worker(images, tmp_path):

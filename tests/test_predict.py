@@ -120,7 +120,13 @@ def test_batches_do_not_change_results(fc_run, images, tmp_path):
 def test_folders_expand_to_sorted_pngs(images, tmp_path):
     folder = images[0].parent
     (folder / "notes.txt").write_text("not an image")
-    assert list_images([folder, images[1]]) == sorted(images) + [images[1]]
+    (folder / "more").mkdir()
+    paths, left_out = list_images([folder, images[1]])
+    assert paths == sorted(images) + [images[1]]
+    assert left_out == [
+        (folder / "more", "left out: a folder (only the files directly inside a named folder are read)"),
+        (folder / "notes.txt", "left out: not a .png or .dcm file"),
+    ]
     empty = tmp_path / "nothing"
     empty.mkdir()
     with pytest.raises(InputError, match="no .png or .dcm files"):

@@ -18,7 +18,7 @@ from experiments.data import open_config_dataset
 from experiments.experiment import run_evaluate, run_train_head
 from experiments.provenance import extracted_backbone
 from experiments.sweep import run_sweep
-from heads.run_folder import start_run
+from heads.run_folder import claim_run
 from inference.export import export_run
 from inference.predict import predict_images
 
@@ -206,8 +206,8 @@ def test_a_failed_run_leaves_no_folder_and_killed_runs_leave_no_temporary_folder
     with pytest.raises(InputError, match="one view per image"):
         _train(augmenting)  # the cache has one view: refused once the data is loaded
     assert list(config.runs_dir.iterdir()) == [killed]
-    tmp = start_run(config.runs_dir / "r", force=False)  # the next run of that name clears it away
-    assert list(config.runs_dir.iterdir()) == [tmp]
+    with claim_run(config.runs_dir / "r", force=False) as tmp:  # the next run of that name clears it away
+        assert sorted(config.runs_dir.iterdir()) == sorted([tmp, config.runs_dir / ".r.lock"])
 
 
 def test_evaluate_with_a_model_that_fails_to_load_is_one_line(trained, tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 from cxr14.errors import InputError
 from dataset.settings import LABELS
 from heads.data import load_head_data
-from heads.run_folder import OUTPUTS
+from heads.run_folder import MARKER, OUTPUTS
 from heads.scoring import score_run
 from heads.settings import HeadConfig, TrainConfig
 from heads.train import train_head
@@ -54,6 +54,10 @@ def _data(cache_dir, index, backbones, *, metadata=False):
 
 def _train(run_dir, data, *, head=FC, train=FAST, force=False):
     snapshot = {"labels": list(LABELS), "head": dataclasses.asdict(head), "train": dataclasses.asdict(train)}
+    snapshot |= {
+        "backbones": dict.fromkeys(data.features),
+        "feature_dtypes": dict.fromkeys(data.features, "float16"),
+    }
     return train_head(
         run_dir=run_dir,
         data=data,
@@ -69,7 +73,7 @@ def _train(run_dir, data, *, head=FC, train=FAST, force=False):
 def test_fc_run_writes_every_output_and_learns(tmp_path, cache_dir, index):
     data = _data(cache_dir, index, ["plain"], metadata=True)
     metrics = _train(tmp_path / "run", data)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(OUTPUTS)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted([*OUTPUTS, MARKER])
     assert metrics["mean_auc"] > 0.75, metrics["mean_auc"]  # labels are linear in the features
     lo, hi = metrics["mean_ci"]
     assert lo <= metrics["mean_auc"] <= hi
@@ -181,7 +185,7 @@ def test_label_with_one_class_in_test_is_undefined_not_a_crash(tmp_path, cache_d
         metrics["mean_auc"] is not None
         and "| Hernia | 0 | undefined |" in (tmp_path / "run" / "auc.md").read_text()
     )
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(OUTPUTS)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted([*OUTPUTS, MARKER])
 
 
 def test_evaluating_under_other_labels_is_refused(tmp_path, cache_dir, index):
@@ -211,9 +215,15 @@ def test_existing_run_is_not_overwritten_without_force(tmp_path, cache_dir, inde
     (tmp_path / "run" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="run exists; pick another run name"):
         _train(tmp_path / "run", data)
-    _train(tmp_path / "run", data, train=dataclasses.replace(FAST, epochs=1), force=True)
-    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    with pytest.raises(InputError, match="not a run folder this project made"):
+        _train(tmp_path / "run", data, force=True)  # the user's own folder: --force does not touch it
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
+    one_epoch = dataclasses.replace(FAST, epochs=1)
+    _train(tmp_path / "made", data, train=one_epoch)
+    (tmp_path / "made" / "notes.txt").write_text("mine")
+    _train(tmp_path / "made", data, train=one_epoch, force=True)  # a run folder: replaced, notes kept
+    assert (tmp_path / "made" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "made" / "metrics.json").is_file()
 
 
 def test_a_run_that_fails_leaves_no_folder_behind(tmp_path, cache_dir, index, monkeypatch):
