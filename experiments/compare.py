@@ -80,6 +80,8 @@ def run_compare(
         seed=seed,
     )
     result["split"] = split
+    # Each run's own caveats (a synthetic sample, features pre-trained on ChestX-ray14) travel with it.
+    result["notices"] = sorted({n for d in run_dirs if (n := _notice(Path(d)))})
     out = (
         Path(out) if out else config.runs_dir / ("compare-" + "-vs-".join(n.replace("/", "_") for n in runs))
     )
@@ -89,6 +91,13 @@ def run_compare(
     (out / "compare.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     plot_comparison(result, out / "compare.png", label_names=labels)
     return {**result, "written": str(out), "summary": text + f"\nwritten to {out}"}
+
+
+def _notice(run_dir: Path) -> str:
+    from results.record import read_results
+
+    path = run_dir / "metrics.json"
+    return str(read_results(path).details.get("notice") or "") if path.is_file() else ""
 
 
 def _run_name(run_dir: Path, runs_dir: Path) -> str:

@@ -19,13 +19,13 @@ from results.metrics import compare_scores, holm
 def compare_runs(y_true, scores: dict, *, groups, label_names: Sequence[str], n_boot: int, seed: int) -> dict:
     """Every run after the first against the first (scores: run name -> (N, L) on the same images)."""
     names = list(scores)
-    reference = names[0]
+    against = names[0]
     versus = {}
     for name in names[1:]:
         result = compare_scores(
             y_true,
             scores[name],
-            scores[reference],
+            scores[against],
             groups=groups,
             label_names=label_names,
             n_boot=n_boot,
@@ -38,7 +38,7 @@ def compare_runs(y_true, scores: dict, *, groups, label_names: Sequence[str], n_
             entry["p_holm"] = None if np.isnan(p) else float(p)
         versus[name] = result
     return {
-        "reference": reference,
+        "against": against,
         "images": int(len(y_true)),
         "patients": int(np.unique(groups).size),
         "method": "paired patient bootstrap (percentile interval, shifted-null p-value), Holm across labels",
@@ -60,17 +60,18 @@ def _p(value) -> str:
 
 def format_comparison(result: dict, *, split: str) -> str:
     """Markdown: per run, one row per disease (difference, interval, p, Holm p) and the mean."""
-    lines = [
-        f"# {', '.join(result['versus'])} vs {result['reference']}",
+    lines = [f"**{notice}**" for notice in result.get("notices", [])]
+    lines += [
+        f"# {', '.join(result['versus'])} vs {result['against']}",
         "",
-        f"ROC AUC of each run minus {result['reference']}'s on the same {result['images']} {split} images "
+        f"ROC AUC of each run minus {result['against']}'s on the same {result['images']} {split} images "
         f"({result['patients']} patients); {result['method']}. A difference whose interval excludes 0 and "
         "whose Holm p is below 0.05 is beyond noise.",
     ]
     for name, versus in result["versus"].items():
         lines += [
             "",
-            f"## {name} − {result['reference']}",
+            f"## {name} − {result['against']}",
             "",
             "| label | difference [95% CI] | p | p (Holm) |",
         ]
@@ -83,7 +84,7 @@ def format_comparison(result: dict, *, split: str) -> str:
 
 
 def plot_comparison(result: dict, path: Path, *, label_names: Sequence[str]) -> Path:
-    """A forest plot: per disease and for the mean, each run's difference to the reference with its interval."""
+    """A forest plot: per disease and for the mean, each run's difference to the against with its interval."""
     rows = [*label_names, "mean"]
     figure = Figure(figsize=(7, 0.35 * len(rows) + 1.5))
     FigureCanvasAgg(figure)
@@ -110,7 +111,7 @@ def plot_comparison(result: dict, path: Path, *, label_names: Sequence[str]) -> 
     axes.axvline(0.0, color="grey", linewidth=0.8)
     axes.set_yticks(np.arange(len(rows)), rows)
     axes.invert_yaxis()
-    axes.set_xlabel(f"ROC AUC difference to {result['reference']} (95% paired patient bootstrap)")
+    axes.set_xlabel(f"ROC AUC difference to {result['against']} (95% paired patient bootstrap)")
     axes.legend(loc="best", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -143,7 +143,7 @@ def test_compare_command_prints_json(runs, tmp_path, capsys):
     common = ["--config", str(config.path), "--runs-dir", str(tmp_path / "runs")]
     assert run.main(["compare", *common, "bad", "good", "--bootstrap", "20", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["reference"] == "bad" and set(printed["versus"]) == {"good"}
+    assert printed["against"] == "bad" and set(printed["versus"]) == {"good"}
     assert (tmp_path / "runs" / "compare-bad-vs-good" / "compare.md").is_file()
 
 
@@ -192,3 +192,23 @@ def test_report_marks_the_best_ties_and_sweeps(runs, tmp_path):
     assert tied[3].startswith("+0.0000") and tied[3].endswith("**tied**")
     assert rows["bad"][0] == "3" and rows["bad"][3].startswith("-") and "tied" not in rows["bad"][3]
     assert "unfinished: a sweep that has not finished" in text
+
+
+def test_a_comparison_carries_the_runs_caveats(runs, tmp_path):
+    from cxr14.caveats import SEEN_NOTICE
+    from results.record import write_results
+
+    config, _, folders = runs
+    notice = f"{SEEN_NOTICE} (rad_dino)"
+    metrics = {"images": 1, "mean_auc": 0.5, "mean_ci": [None, None], "labels": {}, "notice": notice}
+    write_results(folders["bad"] / "metrics.json", metrics)
+    result = run_compare(
+        config,
+        run_dirs=[folders["good"], folders["bad"]],
+        split="test",
+        out=tmp_path / "n",
+        n_boot=20,
+        seed=0,
+    )
+    assert result["notices"] == [notice]
+    assert (tmp_path / "n" / "compare.md").read_text().splitlines()[0] == f"**{notice}**"
