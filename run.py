@@ -19,6 +19,7 @@ from cache.settings import FEATURE_DTYPES
 from cxr14 import __version__
 from cxr14.errors import Fix, InputError
 from cxr14.settings import override
+from cxr14.text import did_you_mean
 from experiments.config import Config, load_config, with_training
 from heads.settings import FUSIONS, HEAD_FIELDS, HEAD_KINDS, LOSSES, TRAIN_FIELDS
 from inference.settings import HEATMAP_METHODS
@@ -26,8 +27,9 @@ from results.settings import CALIBRATIONS, DECISION_FIELDS, OPERATING_POINTS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "cxr14.toml"
 ALL_FOLDERS = ("data", "cache", "runs")
-# The folder flags (--data-dir, --cache-dir, --runs-dir) each subcommand takes; also how a suggested
-# command is completed with the folders the user passed.
+# The folders each subcommand uses; also how a suggested command is completed with the folders the user
+# passed. Every subcommand accepts all three folder flags, so that one set of them can be reused from
+# command to command; one a command does not use is named in a note on stderr, never silently dropped.
 COMMAND_FOLDERS = {
     "index": ("data",),
     "make-sample": (),
@@ -43,6 +45,47 @@ COMMAND_FOLDERS = {
     "bench": ("data", "cache"),
     "import-features": ("data", "cache"),
 }
+# Why a command that uses no folder needs none of the folder flags.
+NO_FOLDERS_BECAUSE = {
+    "make-sample": "it writes only to --out",
+    "demo": "it writes everything under --workdir",
+    "bench heads": "it writes synthetic features under --workdir",
+    "bench import": "it writes a synthetic .npz and cache under --workdir",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line, with a close name where there is one; the full usage only with --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")
+
+    def _check_value(self, action, value):
+        # argparse's own check, with the close names added; subcommands are choices too.
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise argparse.ArgumentError(
+                action,
+                f"invalid choice: {value!r} (choose from {choices}){did_you_mean(value, action.choices)}",
+            )
+
+
+def _refuse_unknown(args, extras: list[str]) -> None:
+    """Arguments the command does not take: one error line, with the command's close option names."""
+    options = [o for o in args.parser._option_string_actions if o.startswith("--")]
+    hints = "".join(did_you_mean(word.split("=")[0], options) for word in extras if word.startswith("-"))
+    args.parser.error(f"unrecognized arguments: {' '.join(extras)}{hints}")
+
+
+def _note_unused_folders(args) -> None:
+    """A note on stderr naming the folder flags given that this command does not use."""
+    unused = [f"--{f}-dir" for f in ALL_FOLDERS if getattr(args, f"{f}_dir") is not None]
+    unused = [flag for flag in unused if flag[2:-4] not in args.folders]
+    if not unused:
+        return
+    used = " and ".join(f"the {f} folder" for f in args.folders)
+    because = f"it uses only {used}" if used else NO_FOLDERS_BECAUSE[args.parser.prog.removeprefix("run.py ")]
+    print(f"note: {args.parser.prog} does not use {', '.join(unused)} ({because})", file=sys.stderr)
 
 
 def _tensorflow(args) -> None:
@@ -419,19 +462,32 @@ class _HelpWithDefaults(argparse.HelpFormatter):
 def _command(sub, name, func, help_text, *, folders=None):
     """A subcommand with --config, --verbose and the folder overrides it uses (COMMAND_FOLDERS)."""
     p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpWithDefaults)
-    p.set_defaults(func=func)
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file")
     folders = COMMAND_FOLDERS[name] if folders is None else folders
-    if "data" in folders:
-        p.add_argument("--data-dir", type=Path, help="data set folder (default: data.dir in the config)")
-    if "cache" in folders:
-        p.add_argument("--cache-dir", type=Path, help="feature files folder (default: paths.cache_dir)")
-    if "runs" in folders:
-        p.add_argument("--runs-dir", type=Path, help="run folders (default: paths.runs_dir)")
+    p.set_defaults(func=func, parser=p, folders=folders)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file")
+    p.add_argument(
+        "--data-dir", type=Path, help=_folder_help("data set folder (default: data.dir)", "data", folders)
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help=_folder_help("feature files folder (default: paths.cache_dir)", "cache", folders),
+    )
+    p.add_argument(
+        "--runs-dir", type=Path, help=_folder_help("run folders (default: paths.runs_dir)", "runs", folders)
+    )
     p.add_argument(
         "--verbose", action="store_true", help="show TensorFlow's own log lines (CUDA, oneDNN, XLA)"
     )
     return p
+
+
+def _folder_help(text: str, folder: str, folders) -> str:
+    return (
+        text
+        if folder in folders
+        else "not used by this command (accepted, so one set of folder flags fits all)"
+    )
 
 
 def _json_flag(p, what: str = "print one JSON object instead of text") -> None:
@@ -746,7 +802,7 @@ def _add_bench_command(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cxr14 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
@@ -763,8 +819,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args, extras = build_parser().parse_known_args(argv)
+    if extras:
+        _refuse_unknown(args, extras)
     args.argv = argv  # for suggested commands that repeat the user's own
+    _note_unused_folders(args)
     try:
         config = load_config(args.config)
         config = dataclasses.replace(config, **_flags(args, ("data_dir", "cache_dir", "runs_dir")))
