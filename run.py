@@ -15,12 +15,14 @@ import sys
 from pathlib import Path
 
 # Only light modules here: --help and argument errors answer before numpy or TensorFlow load.
+from cache.paths import cache_file, check_shards
 from cache.settings import FEATURE_DTYPES
 from cxr14 import __version__
 from cxr14.errors import Fix, InputError
 from cxr14.settings import override
 from cxr14.text import did_you_mean
 from experiments.config import Config, load_config, with_training
+from experiments.preflight import check_backbones, check_data, check_run_inputs
 from heads.settings import FUSIONS, HEAD_FIELDS, HEAD_KINDS, LOSSES, TRAIN_FIELDS
 from inference.settings import HEATMAP_METHODS
 from results.settings import CALIBRATIONS, DECISION_FIELDS, OPERATING_POINTS
@@ -133,6 +135,7 @@ def suggested_command(fix: Fix, args) -> str:
 
 
 def cmd_index(args, config: Config) -> None:
+    check_data(config)  # a data folder without its CSV answers before pandas loads
     from dataset.index import count_missing, find_images, format_summary, summarize
     from dataset.splits import write_split_lists
     from experiments.data import open_config_dataset
@@ -171,6 +174,7 @@ def cmd_extract(args, config: Config) -> None:
     config = _with_extract_flags(args, config)
     for name in (*args.backbone, *([args.from_pixels] if args.from_pixels else [])):
         config.backbone(name)  # an unknown name fails before TensorFlow loads
+    _check_extract_inputs(args, config)
     _tensorflow(args)
     from experiments.extract import format_extract_summary, run_extract
 
@@ -190,6 +194,7 @@ def cmd_extract(args, config: Config) -> None:
 
 
 def cmd_merge(args, config: Config) -> None:
+    check_shards(config.cache_dir, args.backbone)
     _tensorflow(args)
     from extract.extraction import merge
 
@@ -200,6 +205,8 @@ def cmd_train_head(args, config: Config) -> None:
     # Settings and names are checked before TensorFlow loads, so a mistake answers at once.
     config = with_training(config, kind=args.head, **_flags(args, TRAIN_FIELDS + HEAD_FIELDS))
     config = dataclasses.replace(config, decision=override(config.decision, **_flags(args, DECISION_FIELDS)))
+    # A missing cache answers before h5py loads.
+    check_backbones(config, [name for name in args.backbone.split(",") if name.strip()])
     from experiments.experiment import plan_run, run_train_head
 
     plan = plan_run(config, kind=args.head, backbones=args.backbone)
@@ -215,6 +222,7 @@ def cmd_evaluate(args, config: Config) -> None:
     from heads.run_folder import find_run
 
     run_dir = find_run(args.run, runs_dir=config.runs_dir)
+    check_run_inputs(config, run_dir)
     _tensorflow(args)
     if args.localization:
         from experiments.experiment import run_localization
@@ -241,12 +249,17 @@ def _print_result(args, result: dict) -> None:
 
 
 def cmd_report(args, config: Config) -> None:
-    from experiments.leaderboard import leaderboard
     from heads.run_folder import find_run
 
     runs = [find_run(run, runs_dir=config.runs_dir) for run in args.runs] or sorted(
         p.parent for p in config.runs_dir.glob("*/metrics.json")
     )
+    if not runs:
+        raise InputError(
+            f"no runs to report under {config.runs_dir}: train one with run.py train-head, or name run folders"
+        )
+    from experiments.leaderboard import leaderboard
+
     text = leaderboard(runs)
     if args.out:
         args.out.write_text(text, encoding="utf-8")
@@ -319,6 +332,7 @@ def cmd_bench(args, config: Config) -> None:
         config = _with_extract_flags(args, config)
         for name in (*args.backbone, *([args.from_pixels] if args.from_pixels else [])):
             config.backbone(name)
+        _check_extract_inputs(args, config)
     _tensorflow(args)
     if args.what == "extract":
         from bench.extract import format_bench_extract, run_bench_extract
@@ -386,6 +400,13 @@ def cmd_bench_import(args, config: Config) -> None:
         _print_json(result)
     else:
         print(format_bench_import(result))
+
+
+def _check_extract_inputs(args, config: Config) -> None:
+    """The data folder and a --from-pixels cache, present before TensorFlow loads."""
+    check_data(config)
+    if args.from_pixels:
+        cache_file(config.cache_dir, args.from_pixels)
 
 
 def _with_extract_flags(args, config: Config) -> Config:

@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from cache.paths import cache_path, shard_dir  # noqa: F401  (the store's paths, read from here too)
 from cache.settings import DTYPES
 from cache.status import Status
 from cxr14.errors import InputError
@@ -53,14 +54,6 @@ class FeatureSet:
     status: np.ndarray  # (N,) int8 Status
     errors: np.ndarray  # (N,) object str, "" when OK
     attrs: dict
-
-
-def cache_path(cache_dir: Path, backbone: str) -> Path:
-    return Path(cache_dir) / f"{backbone}.h5"
-
-
-def shard_dir(cache_dir: Path, backbone: str) -> Path:
-    return Path(cache_dir) / f"{backbone}.shards"
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
