@@ -271,6 +271,7 @@ def cmd_sweep(args, config: Config) -> None:
     from experiments.sweep import read_grid
 
     read_grid(args.grid)  # a bad grid file answers before TensorFlow loads
+    config = dataclasses.replace(config, train=override(config.train, **_flags(args, ("tensorboard",))))
     _tensorflow(args)
     from experiments.sweep import run_sweep
 
@@ -648,6 +649,7 @@ def _add_head_commands(sub) -> None:
     _add_head_flags(p)
     _add_decision_flags(p)
     p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    _tensorboard_flag(p)
     _json_flag(p, "print the metrics as one JSON object (progress goes to stderr)")
 
     p = _command(
@@ -682,7 +684,16 @@ def _add_head_commands(sub) -> None:
     )
     p.add_argument("--grid", type=Path, required=True, help="the grid TOML (see docs/stage-two.md)")
     p.add_argument("--name", default="sweep", help="sweep folder name under runs/")
+    _tensorboard_flag(p)
     _json_flag(p, "print the result as one JSON object (progress goes to stderr)")
+
+
+def _tensorboard_flag(p) -> None:
+    p.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="write each run's per-epoch scalars for TensorBoard to DIR/RUN (default: train.tensorboard)",
+    )
 
 
 def _add_heatmap_method(p) -> None:

@@ -210,6 +210,7 @@ def _run_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, step: st
         print(f"{step}: finished earlier, val mean AUC {format_auc(done['mean_auc'])}", flush=True)
         return done
     print(f"\n{step}: {_describe(plan)}", flush=True)
+    plan = dataclasses.replace(plan, train=plan.train.logged_as(f"{trial_dir.parent.name}/{trial_dir.name}"))
     return train_head(
         run_dir=trial_dir,
         data=_trial_data(data, plan),

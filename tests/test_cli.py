@@ -251,7 +251,21 @@ def test_train_evaluate_report_round_trip(tmp_path, tiny_project, capsys):
     common = ["--config", str(tiny_project.path), "--runs-dir", str(tmp_path / "runs")]
     args = ["train-head", *common, "--head", "ensemble", "--backbone", "offline_cnn,offline_cnn_wide"]
     decision = ["--calibration", "isotonic", "--operating-point", "sensitivity", "--target", "0.8"]
-    assert run.main([*args, "--epochs", "2", "--fusion", "concat", "--name", "e", *decision]) == 0
+    board = tmp_path / "board"
+    argv = [
+        *args,
+        "--epochs",
+        "2",
+        "--fusion",
+        "concat",
+        "--name",
+        "e",
+        *decision,
+        "--tensorboard",
+        str(board),
+    ]
+    assert run.main(argv) == 0
+    assert list((board / "e").rglob("events.out.tfevents.*"))  # the run's own TensorBoard folder
     # One closing line for the training, no Keras epoch lines.
     out = capsys.readouterr().out
     assert "trained 2 epochs in " in out and "Epoch 1/2" not in out
@@ -259,6 +273,9 @@ def test_train_evaluate_report_round_trip(tmp_path, tiny_project, capsys):
     saved = json.loads((tmp_path / "runs" / "e" / "config.json").read_text())
     assert saved["head"]["fusion"] == "concat" and saved["train"]["epochs"] == 2
     assert saved["decision"]["calibration"] == "isotonic" and saved["data"]["synthetic"] is True
+    made = saved["made_by"]  # what made the run: versions, the code's commit, the command line
+    assert made["versions"]["numpy"] == np.__version__ and made["command"] == sys.argv
+    assert set(made["git"]) == {"commit", "dirty"} and saved["train"]["tensorboard"] == str(board / "e")
     thresholds = json.loads((tmp_path / "runs" / "e" / "thresholds.json").read_text())
     assert thresholds["method"] == "sensitivity" and thresholds["target"] == 0.8
     assert json.loads((tmp_path / "runs" / "e" / "calibration.json").read_text())["method"] == "isotonic"

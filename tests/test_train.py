@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -328,3 +330,43 @@ def test_fused_adamw_takes_keras_adamw_steps():
     for before, want, got in zip(start, reference, fused, strict=True):
         assert np.abs(want - before).max() > 1e-3  # the weights moved
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_history_has_validation_loss_and_learning_rate_and_tensorboard_gets_them(tmp_path, cache_dir, index):
+    data = _data(cache_dir, index, ["plain"])
+    board = tmp_path / "board"
+    train = dataclasses.replace(FAST, epochs=3, patience=3, tensorboard=str(board))
+    _train(tmp_path / "run", data, train=train)
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert len(history) >= 2
+    # Epoch 0 is the untrained start: its validation loss is measured, no step has set a learning rate.
+    assert np.isfinite(history["val_loss"]).all() and (history["val_loss"] > 0).all()
+    assert np.isnan(history["learning_rate"].iloc[0])
+    rates = history["learning_rate"].iloc[1:].to_numpy()
+    # A cosine schedule from train.lr: below it after the first epoch, and falling.
+    assert (rates < FAST.lr).all() and (np.diff(rates) < 0).all()
+    # The validation loss is the run's loss on the validation rows: a worse head than the start has a
+    # different one, so the column is not a copy of the training loss.
+    assert not np.allclose(history["val_loss"].iloc[1:], history["loss"].iloc[1:])
+    events = list(board.rglob("events.out.tfevents.*"))
+    assert events, list(board.rglob("*"))
+
+
+def test_a_trained_run_records_what_made_it(tmp_path):
+    from cxr14.made_by import git_state, made_by
+
+    made = made_by(source_dir=Path(__file__).resolve().parents[1])
+    assert set(made["versions"]) == {
+        "python",
+        "tensorflow",
+        "keras",
+        "numpy",
+        "h5py",
+        "scikit-learn",
+        "pandas",
+    }
+    assert made["versions"]["numpy"] == np.__version__
+    assert made["command"] == sys.argv
+    assert len(made["git"]["commit"]) == 40 and isinstance(made["git"]["dirty"], bool)
+    # Outside a repository (or without git), both are "unknown", never an error.
+    assert git_state(tmp_path) == {"commit": "unknown", "dirty": "unknown"}
