@@ -205,6 +205,7 @@ def cmd_train_head(args, config: Config) -> None:
     # Settings and names are checked before TensorFlow loads, so a mistake answers at once.
     config = with_training(config, kind=args.head, **_flags(args, TRAIN_FIELDS + HEAD_FIELDS))
     config = dataclasses.replace(config, decision=override(config.decision, **_flags(args, DECISION_FIELDS)))
+    _check_tensorboard(args)
     # A missing cache answers before h5py loads.
     check_backbones(config, [name for name in args.backbone.split(",") if name.strip()])
     from experiments.experiment import plan_run, run_train_head
@@ -271,6 +272,7 @@ def cmd_sweep(args, config: Config) -> None:
     from experiments.sweep import read_grid
 
     read_grid(args.grid)  # a bad grid file answers before TensorFlow loads
+    _check_tensorboard(args)
     config = dataclasses.replace(config, train=override(config.train, **_flags(args, ("tensorboard",))))
     _tensorflow(args)
     from experiments.sweep import run_sweep
@@ -686,6 +688,14 @@ def _add_head_commands(sub) -> None:
     p.add_argument("--name", default="sweep", help="sweep folder name under runs/")
     _tensorboard_flag(p)
     _json_flag(p, "print the result as one JSON object (progress goes to stderr)")
+
+
+def _check_tensorboard(args) -> None:
+    """--tensorboard needs the tensorboard package (TensorFlow no longer brings it): said before training."""
+    import importlib.util
+
+    if getattr(args, "tensorboard", None) and importlib.util.find_spec("tensorboard") is None:
+        raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 def _tensorboard_flag(p) -> None:
