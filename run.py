@@ -14,19 +14,23 @@ import sys
 from pathlib import Path
 
 # Only light modules here: --help and argument errors answer before numpy or TensorFlow load.
+from cache.paths import cache_file, check_shards
 from cache.settings import FEATURE_DTYPES
 from cxr14 import __version__
 from cxr14.errors import Fix, InputError
 from cxr14.settings import SEED_MAX, override
+from cxr14.text import did_you_mean
 from experiments.config import Config, load_config, with_training
+from experiments.preflight import check_backbones, check_data, check_run_inputs
 from heads.settings import FUSIONS, HEAD_FIELDS, HEAD_KINDS, LOSSES, TRAIN_FIELDS
 from inference.settings import HEATMAP_METHODS
 from results.settings import CALIBRATIONS, DECISION_FIELDS, OPERATING_POINTS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "cxr14.toml"
 ALL_FOLDERS = ("data", "cache", "runs")
-# The folder flags (--data-dir, --cache-dir, --runs-dir) each subcommand takes; also how a suggested
-# command is completed with the folders the user passed.
+# The folders each subcommand uses; also how a suggested command is completed with the folders the user
+# passed. Every subcommand accepts all three folder flags, so that one set of them can be reused from
+# command to command; one a command does not use is named in a note on stderr, never silently dropped.
 COMMAND_FOLDERS = {
     "index": ("data",),
     "make-sample": (),
@@ -43,6 +47,47 @@ COMMAND_FOLDERS = {
     "bench": ("data", "cache"),
     "import-features": ("data", "cache"),
 }
+# Why a command that uses no folder needs none of the folder flags.
+NO_FOLDERS_BECAUSE = {
+    "make-sample": "it writes only to --out",
+    "demo": "it writes everything under --workdir",
+    "bench heads": "it writes synthetic features under --workdir",
+    "bench import": "it writes a synthetic .npz and cache under --workdir",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line, with a close name where there is one; the full usage only with --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (usage: {self.prog} --help)\n")
+
+    def _check_value(self, action, value):
+        # argparse's own check, with the close names added; subcommands are choices too.
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise argparse.ArgumentError(
+                action,
+                f"invalid choice: {value!r} (choose from {choices}){did_you_mean(value, action.choices)}",
+            )
+
+
+def _refuse_unknown(args, extras: list[str]) -> None:
+    """Arguments the command does not take: one error line, with the command's close option names."""
+    options = [o for o in args.parser._option_string_actions if o.startswith("--")]
+    hints = "".join(did_you_mean(word.split("=")[0], options) for word in extras if word.startswith("-"))
+    args.parser.error(f"unrecognized arguments: {' '.join(extras)}{hints}")
+
+
+def _note_unused_folders(args) -> None:
+    """A note on stderr naming the folder flags given that this command does not use."""
+    unused = [f"--{f}-dir" for f in ALL_FOLDERS if getattr(args, f"{f}_dir") is not None]
+    unused = [flag for flag in unused if flag[2:-4] not in args.folders]
+    if not unused:
+        return
+    used = " and ".join(f"the {f} folder" for f in args.folders)
+    because = f"it uses only {used}" if used else NO_FOLDERS_BECAUSE[args.parser.prog.removeprefix("run.py ")]
+    print(f"note: {args.parser.prog} does not use {', '.join(unused)} ({because})", file=sys.stderr)
 
 
 def _tensorflow(args) -> None:
@@ -90,6 +135,7 @@ def suggested_command(fix: Fix, args) -> str:
 
 
 def cmd_index(args, config: Config) -> None:
+    check_data(config)  # a data folder without its CSV answers before pandas loads
     from dataset.index import count_missing, find_images, format_summary, summarize
     from dataset.splits import write_split_lists
     from experiments.data import open_config_dataset
@@ -128,6 +174,7 @@ def cmd_extract(args, config: Config) -> None:
     config = _with_extract_flags(args, config)
     for name in (*args.backbone, *([args.from_pixels] if args.from_pixels else [])):
         config.backbone(name)  # an unknown name fails before TensorFlow loads
+    _check_extract_inputs(args, config)
     _tensorflow(args)
     from experiments.extract import format_extract_summary, run_extract
 
@@ -147,6 +194,7 @@ def cmd_extract(args, config: Config) -> None:
 
 
 def cmd_merge(args, config: Config) -> None:
+    check_shards(config.cache_dir, args.backbone)
     _tensorflow(args)
     from extract.extraction import merge
 
@@ -157,6 +205,9 @@ def cmd_train_head(args, config: Config) -> None:
     # Settings and names are checked before TensorFlow loads, so a mistake answers at once.
     config = with_training(config, kind=args.head, **_flags(args, TRAIN_FIELDS + HEAD_FIELDS))
     config = dataclasses.replace(config, decision=override(config.decision, **_flags(args, DECISION_FIELDS)))
+    _check_tensorboard(args)
+    # A missing cache answers before h5py loads.
+    check_backbones(config, [name for name in args.backbone.split(",") if name.strip()])
     from experiments.experiment import plan_run, run_train_head
 
     plan = plan_run(config, kind=args.head, backbones=args.backbone)
@@ -172,6 +223,7 @@ def cmd_evaluate(args, config: Config) -> None:
     from heads.run_folder import find_run
 
     run_dir = find_run(args.run, runs_dir=config.runs_dir)
+    check_run_inputs(config, run_dir)
     _tensorflow(args)
     if args.localization:
         from experiments.experiment import run_localization
@@ -249,6 +301,8 @@ def cmd_sweep(args, config: Config) -> None:
     # A bad grid file, a grid too large or a bad name answers before TensorFlow loads.
     check_grid_size(read_grid(args.grid)[0], most=most, path=args.grid)
     run_path(config.runs_dir, args.name)
+    _check_tensorboard(args)
+    config = dataclasses.replace(config, train=override(config.train, **_flags(args, ("tensorboard",))))
     _tensorflow(args)
     from experiments.sweep import run_sweep
 
@@ -313,6 +367,7 @@ def cmd_bench(args, config: Config) -> None:
         config = _with_extract_flags(args, config)
         for name in (*args.backbone, *([args.from_pixels] if args.from_pixels else [])):
             config.backbone(name)
+        _check_extract_inputs(args, config)
     _tensorflow(args)
     if args.what == "extract":
         from bench.extract import format_bench_extract, run_bench_extract
@@ -380,6 +435,13 @@ def cmd_bench_import(args, config: Config) -> None:
         _print_json(result)
     else:
         print(format_bench_import(result))
+
+
+def _check_extract_inputs(args, config: Config) -> None:
+    """The data folder and a --from-pixels cache, present before TensorFlow loads."""
+    check_data(config)
+    if args.from_pixels:
+        cache_file(config.cache_dir, args.from_pixels)
 
 
 def _with_extract_flags(args, config: Config) -> Config:
@@ -459,19 +521,32 @@ class _HelpWithDefaults(argparse.HelpFormatter):
 def _command(sub, name, func, help_text, *, folders=None):
     """A subcommand with --config, --verbose and the folder overrides it uses (COMMAND_FOLDERS)."""
     p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpWithDefaults)
-    p.set_defaults(func=func)
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file")
     folders = COMMAND_FOLDERS[name] if folders is None else folders
-    if "data" in folders:
-        p.add_argument("--data-dir", type=Path, help="data set folder (default: data.dir in the config)")
-    if "cache" in folders:
-        p.add_argument("--cache-dir", type=Path, help="feature files folder (default: paths.cache_dir)")
-    if "runs" in folders:
-        p.add_argument("--runs-dir", type=Path, help="run folders (default: paths.runs_dir)")
+    p.set_defaults(func=func, parser=p, folders=folders)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config file")
+    p.add_argument(
+        "--data-dir", type=Path, help=_folder_help("data set folder (default: data.dir)", "data", folders)
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help=_folder_help("feature files folder (default: paths.cache_dir)", "cache", folders),
+    )
+    p.add_argument(
+        "--runs-dir", type=Path, help=_folder_help("run folders (default: paths.runs_dir)", "runs", folders)
+    )
     p.add_argument(
         "--verbose", action="store_true", help="show TensorFlow's own log lines (CUDA, oneDNN, XLA)"
     )
     return p
+
+
+def _folder_help(text: str, folder: str, folders) -> str:
+    return (
+        text
+        if folder in folders
+        else "not used by this command (accepted, so one set of folder flags fits all)"
+    )
 
 
 def _json_flag(p, what: str = "print one JSON object instead of text") -> None:
@@ -611,6 +686,7 @@ def _add_head_commands(sub) -> None:
     _add_head_flags(p)
     _add_decision_flags(p)
     p.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    _tensorboard_flag(p)
     _json_flag(p, "print the metrics as one JSON object (progress goes to stderr)")
 
     p = _command(
@@ -669,7 +745,24 @@ def _add_head_commands(sub) -> None:
         help="refuse a grid of more combinations than this (default: 1000, a guard against a grid typed "
         "too large)",
     )
+    _tensorboard_flag(p)
     _json_flag(p, "print the result as one JSON object (progress goes to stderr)")
+
+
+def _check_tensorboard(args) -> None:
+    """--tensorboard needs the tensorboard package (TensorFlow no longer brings it): said before training."""
+    import importlib.util
+
+    if getattr(args, "tensorboard", None) and importlib.util.find_spec("tensorboard") is None:
+        raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard")
+
+
+def _tensorboard_flag(p) -> None:
+    p.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="write each run's per-epoch scalars for TensorBoard to DIR/RUN (default: train.tensorboard)",
+    )
 
 
 def _add_heatmap_method(p) -> None:
@@ -810,7 +903,7 @@ def _add_bench_command(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cxr14 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (
@@ -827,8 +920,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args, extras = build_parser().parse_known_args(argv)
+    if extras:
+        _refuse_unknown(args, extras)
     args.argv = argv  # for suggested commands that repeat the user's own
+    _note_unused_folders(args)
     try:
         config = load_config(args.config)
         config = dataclasses.replace(config, **_flags(args, ("data_dir", "cache_dir", "runs_dir")))

@@ -14,6 +14,7 @@ from cache import store
 from cache.status import Status
 from cxr14.errors import Fix, InputError
 from cxr14.text import duration, megabytes
+from dataset.files import sample_folder
 from dataset.image_loader import PngFiles, cores, make_dataset
 from dataset.index import find_images
 from experiments.config import Config
@@ -304,8 +305,9 @@ def run_bench_extract(
     present = np.array([bool(p) and os.path.isfile(p) for p in paths], dtype=bool)
     if not present.any():
         raise InputError(
-            f"{config.data_dir}: no image files found to benchmark; make a sample data set there"
-        ).fixed_by(Fix("make-sample", {"out": str(config.data_dir)}))
+            f"{config.data_dir}: no image files found to benchmark; point --data-dir at the images, or make a "
+            f"synthetic sample in a folder of its own and pass --data-dir {sample_folder(config.data_dir)}"
+        ).fixed_by(Fix("make-sample", {"out": str(sample_folder(config.data_dir))}))
     pixels = None
     if from_pixels:
         pixels = PixelInput.open(store.cache_path(config.cache_dir, from_pixels), names=names[present])

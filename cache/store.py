@@ -15,6 +15,7 @@ import numpy as np
 
 from cache import checksums as crc
 from cache.limits import check_declared
+from cache.paths import cache_path, refuse_folder, shard_dir  # noqa: F401  (the store's paths, read from here too)
 from cache.settings import DTYPES
 from cache.status import Status
 from cxr14.errors import InputError
@@ -75,14 +76,6 @@ class FeatureSet:
     status: np.ndarray  # (N,) int8 Status
     errors: np.ndarray  # (N,) object str, "" when OK
     attrs: dict
-
-
-def cache_path(cache_dir: Path, backbone: str) -> Path:
-    return Path(cache_dir) / f"{backbone}.h5"
-
-
-def shard_dir(cache_dir: Path, backbone: str) -> Path:
-    return Path(cache_dir) / f"{backbone}.shards"
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -632,14 +625,6 @@ def _open(path: Path, mode: str) -> h5py.File:
         return h5py.File(path, mode, locking=False)
     except OSError as err:
         raise InputError(f"{path} cannot be read as HDF5 ({err}); delete it or start over") from err
-
-
-def refuse_folder(path: Path) -> None:
-    """A folder where a feature file belongs is named as one: not 'not found', not an HDF5 error."""
-    if Path(path).is_dir():
-        raise InputError(
-            f"{path} is a folder, not a feature file; move it out of the way (a feature file is written there)"
-        )
 
 
 def _now() -> str:

@@ -3,6 +3,8 @@
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from cxr14.text import did_you_mean
+
 
 @dataclass(frozen=True)
 class Fix:
@@ -36,7 +38,7 @@ def check_choice(value: str, valid: Iterable[str], *, what: str) -> str:
     """`value` if it is one of `valid`, else an InputError naming `what`, the value and the valid ones."""
     valid = tuple(valid)
     if value not in valid:
-        raise InputError(f"{what} = {value!r} is not one of: {', '.join(valid)}")
+        raise InputError(f"{what} = {value!r} is not one of: {', '.join(valid)}{did_you_mean(value, valid)}")
     return value
 
 

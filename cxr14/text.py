@@ -1,6 +1,9 @@
-"""Numbers for people: durations and sizes with their units, rounded to what matters."""
+"""Numbers for people: durations and sizes with their units, rounded to what matters; close names for
+mistyped ones."""
 
+import difflib
 import math
+from collections.abc import Iterable
 
 
 def duration(seconds: float) -> str:
@@ -30,3 +33,18 @@ def probability(value: float, *, decimals: int = 3) -> str:
     if 0 < distance < 10 ** (1 - decimals):
         decimals = min(12, 1 - math.floor(math.log10(distance)))
     return f"{value:.{decimals}f}"
+
+
+def did_you_mean(word: str, names: Iterable[str]) -> str:
+    """ "; did you mean 'fc'?" where `names` holds a close one (a near spelling, or one that begins the
+    other: val for validation), else ""."""
+    names = [str(name) for name in names]
+    close = [
+        n
+        for n in names
+        if n != word and min(len(n), len(word)) >= 3 and (n.startswith(word) or word.startswith(n))
+    ]
+    close += [n for n in difflib.get_close_matches(word, names, n=3, cutoff=0.6) if n not in close]
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(repr(n) for n in close[:3]) + "?"

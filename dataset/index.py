@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 
 from cxr14.caveats import SYNTHETIC_NOTICE
-from cxr14.errors import Fix, InputError
+from cxr14.errors import InputError
 from cxr14.names import positions as rows_of
+from dataset.files import find_csv  # noqa: F401  (its home until the layout step: read from here too)
 from dataset.settings import LABELS
 from dataset.splits import SPLITS, Splits, patient_overlap
 
-CSV_NAMES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 NO_FINDING = "No Finding"
 MAX_AGE = 120
 
@@ -67,25 +67,6 @@ class Index:
                 f"({unknown.size} unknown name(s)); use names from the metadata CSV"
             )
         return positions.astype(np.int64)
-
-
-def find_csv(data_dir: Path, csv: str = "auto") -> Path:
-    """The metadata CSV in `data_dir`: the named file, or with "auto" either official name (v2020 first)."""
-    data_dir = Path(data_dir)
-    if csv != "auto":
-        path = data_dir / csv
-        if not path.is_file():
-            raise InputError(
-                f"{path}: metadata CSV not found; check data.csv in the config and the data folder"
-            )
-        return path
-    for name in CSV_NAMES:
-        if (data_dir / name).is_file():
-            return data_dir / name
-    raise InputError(
-        f"{data_dir}: no {' or '.join(CSV_NAMES)} found; point the data folder (data.dir) at the "
-        "ChestX-ray14 folder, or make a small sample data set there"
-    ).fixed_by(Fix("make-sample", {"out": str(data_dir)}))
 
 
 def read_index(csv_path: Path, *, label_names: Sequence[str]) -> Index:

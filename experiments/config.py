@@ -8,6 +8,7 @@ from typing import Any
 
 from cxr14.errors import InputError, check_choice, check_file_name
 from cxr14.settings import build_settings, jsonable, override, read_toml
+from cxr14.text import did_you_mean
 from dataset.settings import LABELS, SplitConfig, check_fractions
 from extract.settings import BackboneConfig, ExtractConfig, check_backbone
 from heads.settings import HEAD_FIELDS, HEAD_KINDS, TRAIN_FIELDS, HeadConfig, TrainConfig
@@ -34,7 +35,7 @@ class Config:
         if name not in self.backbones:
             raise InputError(
                 f"{self.path}: no backbone named {name!r}; configured: {', '.join(self.backbones)} "
-                f"(add a [backbones.{name}] table to use it)"
+                f"(add a [backbones.{name}] table to use it){did_you_mean(name, self.backbones)}"
             )
         return self.backbones[name]
 

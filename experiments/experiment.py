@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.errors import Fix, InputError
+from cxr14.made_by import made_by
 from experiments.config import Config
 from extract.settings import SOURCES
 from heads.run_folder import read_config, refuse_existing, run_path
@@ -27,6 +28,10 @@ class RunPlan:
 
     def default_name(self) -> str:
         return f"{self.head.kind}-{'+'.join(self.backbones)}"
+
+
+# The code's own folder, whose git commit every run records.
+SOURCE_DIR = Path(__file__).resolve().parents[1]
 
 
 def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> RunPlan:
@@ -89,6 +94,7 @@ def snapshot(config: Config, plan: RunPlan, *, caches: dict[str, dict], syntheti
         "feature_dtypes": {name: caches[name]["dtype"] for name in plan.backbones},
         "caches": recorded({name: caches[name] for name in plan.backbones}),
         "config": config.as_dict(),
+        "made_by": made_by(source_dir=SOURCE_DIR),
     }
 
 
@@ -116,6 +122,7 @@ def run_train_head(
         raise err.fixed_by(Fix("train-head", {"force": True})) from None
     dataset, data = open_run_data(config, backbones=plan.backbones, metadata=plan.train.metadata)
     plan = sized_for_data(plan, data)
+    plan = dataclasses.replace(plan, train=plan.train.logged_as(run_dir.name))
     metrics = train_head(
         run_dir=run_dir,
         data=data,

@@ -8,6 +8,7 @@ from pathlib import Path
 from cache.store import cache_path, read_attrs, refuse_folder
 from cxr14.errors import Fix, InputError
 from experiments.config import Config
+from experiments.preflight import check_named
 from extract.settings import SOURCES, BackboneConfig
 from heads.data import cache_file
 
@@ -24,12 +25,7 @@ def cache_kind(config: Config, name: str) -> str:
         return SOURCES[config.backbones[name].source]
     path = cache_path(config.cache_dir, name)
     refuse_folder(path)
-    if not path.is_file():
-        raise InputError(
-            f"no backbone named {name!r}: {config.path} has no [backbones.{name}] table (configured: "
-            f"{', '.join(config.backbones) or 'none'}) and there is no feature file {path} "
-            "(a file of your own follows cache/README.md)"
-        )
+    check_named(config, name)
     return read_attrs(path)["kind"]
 
 

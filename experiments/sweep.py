@@ -359,6 +359,7 @@ def _run_trial(
         return done
     again = f" (trained earlier, but {why}: training it again)" if why else ""
     print(f"\n{step}: {_describe(plan)}{again}", flush=True)
+    plan = dataclasses.replace(plan, train=plan.train.logged_as(f"{trial_dir.parent.name}/{trial_dir.name}"))
     try:
         return _train_trial(config, data, trial_dir, plan, start=starts.for_plan(plan), settings=settings)
     finally:

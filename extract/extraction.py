@@ -15,6 +15,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from cache import store
+from cache.paths import check_shards
 from cache.status import Status
 from cxr14.errors import Fix, InputError
 from cxr14.temps import remove_stale_temps
@@ -109,11 +110,7 @@ def extract_features(
 
 def merge(*, cache_dir: Path, backbone_name: str) -> Path:
     """Build `<cache_dir>/<backbone_name>.h5` from its finished shards by hand (`run.py merge`)."""
-    directory = store.shard_dir(cache_dir, backbone_name)
-    if not any(directory.glob("*.h5")):
-        raise InputError(f"{directory}: no finished shards to merge; extract first").fixed_by(
-            Fix("extract", {"backbone": backbone_name})
-        )
+    directory = check_shards(cache_dir, backbone_name)
     with _start_over_fixes(backbone_name):
         return store.merge_shards(directory, out_path=store.cache_path(cache_dir, backbone_name))
 

@@ -9,16 +9,9 @@ from typing import NamedTuple
 import numpy as np
 
 from cache.origin import check_origin
+from cache.paths import cache_file
 from cache.status import Status
-from cache.store import (
-    MadeDifferently,
-    cache_path,
-    check_recipe,
-    finite_rows,
-    read_features,
-    refuse_folder,
-    shard_dir,
-)
+from cache.store import MadeDifferently, check_recipe, finite_rows, read_features
 from cxr14.caveats import saw_chestxray14
 from cxr14.errors import Fix, InputError
 from cxr14.names import positions
@@ -162,23 +155,6 @@ class _Cache(NamedTuple):
     not_finite: np.ndarray
     not_in_index: int  # stored names the index does not know
     attrs: dict
-
-
-def cache_file(cache_dir: Path, backbone: str) -> Path:
-    """The path of backbone's feature file, or an error saying how to make it."""
-    path = cache_path(cache_dir, backbone)
-    refuse_folder(path)
-    if not path.is_file():
-        pending = shard_dir(cache_dir, backbone)
-        if pending.is_dir():
-            raise InputError(
-                f"no feature cache for backbone {backbone!r} ({path} not found): its shards in {pending} "
-                "are not merged yet; finish the extraction, or merge the shards"
-            ).fixed_by(Fix("merge", {"backbone": backbone}))
-        raise InputError(
-            f"no feature cache for backbone {backbone!r} ({path} not found); extract it first"
-        ).fixed_by(Fix("extract", {"backbone": backbone}))
-    return path
 
 
 def _read_cache(cache_dir: Path, backbone: str, index) -> _Cache:

@@ -7,6 +7,7 @@ builds each kind from its trunk and heads/losses.py makes each loss.
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from cxr14.errors import check_choice
 from cxr14.settings import MAX_LAYER_SIZE, SEED_MAX, allowed, check_ranges
@@ -122,9 +123,16 @@ class TrainConfig:
     augment: bool = False
     bootstrap: int = allowed(1000, low=0, high=MAX_BOOTSTRAP)
     steps_per_execution: int = allowed(32, low=1)
+    tensorboard: str = ""  # a folder: each run's per-epoch scalars go to FOLDER/RUN (keras TensorBoard)
 
     def __post_init__(self):
         check_ranges(self, section="train")
+
+    def logged_as(self, run: str) -> "TrainConfig":
+        """This config with its TensorBoard folder (if any) narrowed to the run's own subfolder."""
+        if not self.tensorboard:
+            return self
+        return dataclasses.replace(self, tensorboard=str(Path(self.tensorboard) / run))
 
     def sized_for(self, train_rows: int) -> "TrainConfig":
         """This config with an "auto" batch size made a number for `train_rows` training examples."""

@@ -84,7 +84,8 @@ class BestEpoch(keras.callbacks.Callback):
         self.best_weights, self.best, self.gained_at = self.start_weights, 0, 0
 
     def on_epoch_end(self, epoch, logs=None):
-        score = self.validation_auc()
+        self.last_scores = self.validation_scores()  # kept for EpochLog's validation loss
+        score = mean_defined(roc_auc_per_label(self.labels, self.last_scores))
         logs[MONITOR] = score
         self.scores.append(score)
         if score > self.scores[self.best]:
@@ -132,6 +133,30 @@ class BestEpoch(keras.callbacks.Callback):
 
 # Patient resamples of the validation split for the start-or-best choice: a one-sided bound needs no more.
 SELECTION_BOOT = 200
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Validation loss (the run's own loss, on BestEpoch's validation scores) and the learning rate at each
+    epoch's end, into the logs (for TensorBoard) and kept for history.csv; after BestEpoch."""
+
+    def __init__(self, *, best: BestEpoch, loss):
+        super().__init__()
+        self.best, self.loss = best, loss
+        self.val_loss: list[float] = []
+        self.learning_rate: list[float] = []
+
+    def _val_loss(self, scores: np.ndarray) -> float:
+        return float(ops.convert_to_numpy(self.loss(self.best.labels.astype("float32"), scores)))
+
+    def on_train_begin(self, logs=None):
+        self.val_loss = [self._val_loss(self.best.start_scores)]
+        self.learning_rate = [math.nan]
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_loss"] = self._val_loss(self.best.last_scores)
+        logs["learning_rate"] = float(ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        self.val_loss.append(logs["val_loss"])
+        self.learning_rate.append(logs["learning_rate"])
 
 
 class RandomView(keras.layers.Layer):
@@ -493,7 +518,10 @@ def _fit(
     )
     fit_model, batches = training_setup(model, data=data, rows=rows["train"], train=train)
     compile_for_training(fit_model, train=train, labels_train=data.labels[rows["train"]])
-    callbacks = [best]
+    log = EpochLog(best=best, loss=fit_model.loss)
+    callbacks = [best, log]
+    if train.tensorboard:  # after EpochLog: TensorBoard writes the logs it completes
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=train.tensorboard, write_graph=False))
     if progress:  # after BestEpoch: it shows the score BestEpoch puts into the logs
         callbacks.append(
             EpochProgress(
@@ -512,6 +540,8 @@ def _fit(
         {
             "epoch": epochs,
             "loss": losses[: len(best.scores)],
+            "val_loss": log.val_loss[: len(best.scores)],
+            "learning_rate": log.learning_rate[: len(best.scores)],
             MONITOR: best.scores,
             "chosen": epochs == best.best,
         }
@@ -524,7 +554,14 @@ def _closed_form(model: keras.Model, *, data: HeadData, rows: dict) -> pd.DataFr
     """A head with nothing to train (the linear probe): its one "epoch" is the start."""
     best = BestEpoch(head=model, data=data, rows=rows["val"], patience=1, min_delta=0.0)
     return pd.DataFrame(
-        {"epoch": [0], "loss": [math.nan], MONITOR: [best.validation_auc()], "chosen": [True]}
+        {
+            "epoch": [0],
+            "loss": [math.nan],
+            "val_loss": [math.nan],  # nothing trained, no loss
+            "learning_rate": [math.nan],
+            MONITOR: [best.validation_auc()],
+            "chosen": [True],
+        }
     )
 
 

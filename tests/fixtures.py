@@ -2,6 +2,7 @@
 and its caches, fake backbones for the extraction loop, run folders as training writes them, test images
 and DICOM films. Pytest fixtures built on them live in conftest.py."""
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ from extract.backbones import load_backbone
 from extract.inputs import PngInput
 from extract.settings import BackboneConfig, ExtractConfig
 from heads.models import build_head
-from heads.settings import HeadConfig
+from heads.settings import HeadConfig, TrainConfig
+from heads.train import train_head
 
 # A tiny project: the config the CLI-level tests run on.
 
@@ -324,3 +326,26 @@ def write_dicom(path, pixels: np.ndarray, **attributes):
         setattr(ds, key, value)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# Training a head in a second or two: few epochs, a small batch, few bootstrap resamples.
+FAST = TrainConfig(epochs=6, batch_size=32, lr=1e-2, bootstrap=20, patience=2, steps_per_execution=8)
+FC = HeadConfig(kind="fc", units=(16,), dropout=0.1)
+
+
+def train_quickly(run_dir, data, *, head=FC, train=FAST, force=False):
+    snapshot = {"labels": list(LABELS), "head": dataclasses.asdict(head), "train": dataclasses.asdict(train)}
+    snapshot |= {
+        "backbones": dict.fromkeys(data.features),
+        "feature_dtypes": dict.fromkeys(data.features, "float16"),
+    }
+    return train_head(
+        run_dir=run_dir,
+        data=data,
+        head=head,
+        train=train,
+        label_names=LABELS,
+        config_snapshot=snapshot,
+        force=force,
+        progress=False,
+    )

@@ -139,7 +139,8 @@ def test_suggested_commands_keep_the_users_folders_and_flags():
 
 
 def test_help_and_argument_errors_load_nothing_heavy(tiny_project):
-    """--help, a mistyped value and a setting out of range answer before numpy or TensorFlow load."""
+    """--help, a mistyped value, a setting out of range and a missing folder, cache or run answer before
+    numpy or TensorFlow load."""
     config = str(tiny_project.path)
     argvs = [
         ["--help"],
@@ -149,6 +150,40 @@ def test_help_and_argument_errors_load_nothing_heavy(tiny_project):
         ["train-head", "--config", config, "--head", "fc", "--backbone", "offline_cnn", "--dropout", "1.5"],
         ["train-head", "--config", config, "--head", "ensemble", "--backbone", "offline_cnn"],
         ["evaluate", "--config", config, "--run", "no-such-run"],
+        # What needs no TensorFlow is checked before it loads: the data folder, caches, shards, runs.
+        ["index", "--config", config, "--data-dir", "/no/data"],
+        ["extract", "--config", config, "--backbone", "offline_cnn", "--data-dir", "/no/data"],
+        [
+            "extract",
+            "--config",
+            config,
+            "--backbone",
+            "offline_cnn",
+            "--from-pixels",
+            "pixels",
+            "--cache-dir",
+            "/no/c",
+        ],
+        ["bench", "extract", "--config", config, "--data-dir", "/no/data"],
+        ["merge", "--config", config, "--backbone", "offline_cnn", "--cache-dir", "/no/c"],
+        [
+            "train-head",
+            "--config",
+            config,
+            "--head",
+            "fc",
+            "--backbone",
+            "offline_cnn",
+            "--cache-dir",
+            "/no/c",
+        ],
+        ["train-head", "--config", config, "--head", "fc", "--backbone", "nope"],
+        ["report", "--config", config, "--runs-dir", "/no/runs"],
+        ["report", "--config", config, "no-such-run"],
+        ["predict", "--config", config, "--run", "no-such-run", "x.png"],
+        ["export", "--config", config, "--run", "no-such-run", "--out", "x"],
+        ["sweep", "--config", config, "--grid", "/no/grid.toml"],
+        ["demo", "--config", "/no/config.toml"],
     ]
     code = (
         "import contextlib, io, sys, run\n"
@@ -163,14 +198,6 @@ def test_help_and_argument_errors_load_nothing_heavy(tiny_project):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
-    # A backbone the config does not name may be a feature file of one's own: that file is looked for,
-    # but TensorFlow still does not load.
-    code = code.replace(
-        repr(argvs), repr([["train-head", "--config", config, "--head", "fc", "--backbone", "nope"]])
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    assert "tensorflow" not in result.stdout and "keras" not in result.stdout
 
 
 def test_version_and_every_flag_has_help(capsys):
@@ -224,7 +251,21 @@ def test_train_evaluate_report_round_trip(tmp_path, tiny_project, capsys):
     common = ["--config", str(tiny_project.path), "--runs-dir", str(tmp_path / "runs")]
     args = ["train-head", *common, "--head", "ensemble", "--backbone", "offline_cnn,offline_cnn_wide"]
     decision = ["--calibration", "isotonic", "--operating-point", "sensitivity", "--target", "0.8"]
-    assert run.main([*args, "--epochs", "2", "--fusion", "concat", "--name", "e", *decision]) == 0
+    board = tmp_path / "board"
+    argv = [
+        *args,
+        "--epochs",
+        "2",
+        "--fusion",
+        "concat",
+        "--name",
+        "e",
+        *decision,
+        "--tensorboard",
+        str(board),
+    ]
+    assert run.main(argv) == 0
+    assert list((board / "e").rglob("events.out.tfevents.*"))  # the run's own TensorBoard folder
     # One closing line for the training, no Keras epoch lines.
     out = capsys.readouterr().out
     assert "trained 2 epochs in " in out and "Epoch 1/2" not in out
@@ -232,6 +273,9 @@ def test_train_evaluate_report_round_trip(tmp_path, tiny_project, capsys):
     saved = json.loads((tmp_path / "runs" / "e" / "config.json").read_text())
     assert saved["head"]["fusion"] == "concat" and saved["train"]["epochs"] == 2
     assert saved["decision"]["calibration"] == "isotonic" and saved["data"]["synthetic"] is True
+    made = saved["made_by"]  # what made the run: versions, the code's commit, the command line
+    assert made["versions"]["numpy"] == np.__version__ and made["command"] == sys.argv
+    assert set(made["git"]) == {"commit", "dirty"} and saved["train"]["tensorboard"] == str(board / "e")
     thresholds = json.loads((tmp_path / "runs" / "e" / "thresholds.json").read_text())
     assert thresholds["method"] == "sensitivity" and thresholds["target"] == 0.8
     assert json.loads((tmp_path / "runs" / "e" / "calibration.json").read_text())["method"] == "isotonic"
@@ -342,3 +386,61 @@ def test_one_pass_then_a_pixel_cache_as_input(tmp_path, tiny_project, capsys):
     assert "needs a one-view cache" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run.build_parser().parse_args(["extract", "--backbone", "a,,b"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["train-head", "--head", "mlp", "--backbone", "x"], "invalid choice: 'mlp'"),
+        (["evaluate", "--run", "r", "--split", "validation"], "did you mean 'val'?"),
+        (["train-head", "--head", "fc", "--backbone", "x", "--dropuot", "0.3"], "did you mean '--dropout'?"),
+        (["trian-head"], "did you mean 'train-head'?"),
+        (["bench", "heds"], "did you mean 'heads'?"),
+    ],
+)
+def test_an_argument_error_is_one_line_with_a_close_name(argv, expected, capsys):
+    with pytest.raises(SystemExit) as end:
+        run.main(argv)
+    assert end.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and "usage: run.py" in err and "--help" in err
+
+
+def test_a_mistyped_backbone_names_the_close_one(capsys):
+    assert run.main(["extract", "--backbone", "resnet50"]) == 2
+    assert "did you mean 'resnet_v2_50'?" in capsys.readouterr().err
+
+
+def test_every_command_takes_the_folder_flags_and_names_those_it_does_not_use(tmp_path, capsys):
+    folders = [
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--runs-dir",
+        str(tmp_path / "r"),
+    ]
+    assert run.main(["report", *folders]) == 2
+    err = capsys.readouterr().err
+    assert "note: run.py report does not use --data-dir, --cache-dir (it uses only the runs folder)" in err
+    assert "no runs to report" in err  # the real mistake is reached
+    assert run.main(["extract", "--backbone", "offline_cnn", *folders]) == 2
+    err = capsys.readouterr().err
+    assert "does not use --runs-dir" in err and "no Data_Entry_2017" in err
+    # Every command and bench's parts parse all three.
+    parser = run.build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        parsers = [sub] if name != "bench" else list(sub._subparsers._group_actions[0].choices.values())
+        for p in parsers:
+            assert {"--config", "--data-dir", "--cache-dir", "--runs-dir"} <= set(p._option_string_actions), (
+                name
+            )
+
+
+def test_a_missing_data_folder_suggests_a_sample_beside_it(tmp_path, capsys):
+    data = tmp_path / "real"
+    assert run.main(["index", "--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    sample = tmp_path / "real-sample"
+    assert err.rstrip().endswith(f"python run.py make-sample --out {sample}")
+    assert f"--data-dir {sample}" in err

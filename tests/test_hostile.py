@@ -25,9 +25,15 @@ from heads.run_folder import MARKER, claim_run, finish_run, read_config, read_de
 from heads.settings import HeadConfig, TrainConfig
 from inference.predict import predict_images
 from results.settings import DecisionConfig
-from tests.conftest import write_tiny_config
-from tests.test_dicom import write_dicom
-from tests.test_predict import TINY, add_decisions, make_config, make_run, write_png
+from tests.fixtures import (
+    TINY,
+    add_decisions,
+    make_config,
+    make_run,
+    write_dicom,
+    write_png,
+    write_tiny_config,
+)
 
 
 def _one_line_error(capsys) -> str:

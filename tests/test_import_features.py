@@ -22,8 +22,7 @@ from extract.importing import ImportSettings, format_import, import_features
 from extract.settings import BackboneConfig
 from heads.data import load_head_data
 from heads.settings import HeadConfig
-from tests.test_data import make_index, make_splits, write_cache
-from tests.test_train import FAST, _train
+from tests.fixtures import FAST, make_index, make_splits, train_quickly, write_cache
 
 DIM = 8
 LINEAR = HeadConfig(kind="linear")
@@ -109,7 +108,7 @@ def _head_predictions(tmp_path, index, backbone, *, run):
         splits=make_splits(index),
         metadata=False,
     )
-    _train(tmp_path / run, data, head=LINEAR, train=dataclasses.replace(FAST, epochs=2))
+    train_quickly(tmp_path / run, data, head=LINEAR, train=dataclasses.replace(FAST, epochs=2))
     return pd.read_csv(tmp_path / run / "predictions.csv"), data
 
 

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,12 +14,8 @@ from dataset.settings import LABELS
 from heads.data import load_head_data
 from heads.run_folder import MARKER, OUTPUTS
 from heads.scoring import score_run
-from heads.settings import HeadConfig, TrainConfig
-from heads.train import train_head
-from tests.fixtures import make_index, make_splits, signal_features, write_cache
-
-FAST = TrainConfig(epochs=6, batch_size=32, lr=1e-2, bootstrap=20, patience=2, steps_per_execution=8)
-FC = HeadConfig(kind="fc", units=(16,), dropout=0.1)
+from heads.settings import HeadConfig
+from tests.fixtures import FAST, FC, make_index, make_splits, signal_features, train_quickly, write_cache
 
 
 @pytest.fixture(scope="module")
@@ -52,27 +50,9 @@ def _data(cache_dir, index, backbones, *, metadata=False):
     )
 
 
-def _train(run_dir, data, *, head=FC, train=FAST, force=False):
-    snapshot = {"labels": list(LABELS), "head": dataclasses.asdict(head), "train": dataclasses.asdict(train)}
-    snapshot |= {
-        "backbones": dict.fromkeys(data.features),
-        "feature_dtypes": dict.fromkeys(data.features, "float16"),
-    }
-    return train_head(
-        run_dir=run_dir,
-        data=data,
-        head=head,
-        train=train,
-        label_names=LABELS,
-        config_snapshot=snapshot,
-        force=force,
-        progress=False,
-    )
-
-
 def test_fc_run_writes_every_output_and_learns(tmp_path, cache_dir, index):
     data = _data(cache_dir, index, ["plain"], metadata=True)
-    metrics = _train(tmp_path / "run", data)
+    metrics = train_quickly(tmp_path / "run", data)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted([*OUTPUTS, MARKER])
     assert metrics["mean_auc"] > 0.75, metrics["mean_auc"]  # labels are linear in the features
     lo, hi = metrics["mean_ci"]
@@ -95,7 +75,7 @@ def test_fc_run_writes_every_output_and_learns(tmp_path, cache_dir, index):
 def test_a_later_epoch_replaces_the_probe_only_beyond_validation_noise(tmp_path, cache_dir, index):
     # A weak linear signal: the probe is all there is to learn, and a later epoch scores a hair higher on
     # validation by chance (epoch 2 here, +0.0005 with an interval across zero).
-    weak = _train(tmp_path / "weak", _data(cache_dir, index, ["weak"]))
+    weak = train_quickly(tmp_path / "weak", _data(cache_dir, index, ["weak"]))
     selection = weak["selection"]
     assert selection["best_val_epoch"] > 0 and selection["gain_over_start"] > 0
     assert selection["kept_start"] is True and selection["gain_ci90"][0] <= 0
@@ -145,7 +125,7 @@ def test_a_synthetic_run_on_noise_is_flagged_and_says_so_in_every_output(tmp_pat
         synthetic=True,
         split_source="synthetic sample (official-format lists)",
     )
-    metrics = _train(tmp_path / "run", data, train=dataclasses.replace(FAST, epochs=2))
+    metrics = train_quickly(tmp_path / "run", data, train=dataclasses.replace(FAST, epochs=2))
     run = tmp_path / "run"
     assert metrics["baselines"]["beats_metadata"] is False
     text = (run / "auc.md").read_text()
@@ -163,7 +143,7 @@ def test_a_synthetic_run_on_noise_is_flagged_and_says_so_in_every_output(tmp_pat
 
 def test_evaluate_run_recomputes_the_test_metrics(tmp_path, cache_dir, index):
     data = _data(cache_dir, index, ["plain"])
-    metrics = _train(tmp_path / "run", data)
+    metrics = train_quickly(tmp_path / "run", data)
     again = score_run(
         run_dir=tmp_path / "run", data=data, split="test", n_boot=FAST.bootstrap, seed=FAST.seed
     )
@@ -179,7 +159,9 @@ def test_label_with_one_class_in_test_is_undefined_not_a_crash(tmp_path, cache_d
     labels = data.labels.copy()
     labels[data.split == "test", LABELS.index("Hernia")] = 0
     data = dataclasses.replace(data, labels=labels)
-    metrics = _train(tmp_path / "run", data, train=dataclasses.replace(FAST, epochs=1, loss="weighted"))
+    metrics = train_quickly(
+        tmp_path / "run", data, train=dataclasses.replace(FAST, epochs=1, loss="weighted")
+    )
     assert metrics["undefined"] == ["Hernia"] and metrics["labels"]["Hernia"]["auc"] is None
     assert (
         metrics["mean_auc"] is not None
@@ -190,19 +172,19 @@ def test_label_with_one_class_in_test_is_undefined_not_a_crash(tmp_path, cache_d
 
 def test_evaluating_under_other_labels_is_refused(tmp_path, cache_dir, index):
     data = _data(cache_dir, index, ["plain"])
-    _train(tmp_path / "run", data, train=dataclasses.replace(FAST, epochs=1))
+    train_quickly(tmp_path / "run", data, train=dataclasses.replace(FAST, epochs=1))
     # The config's labels reordered after training: every AUC would go to the wrong disease.
     reordered = dataclasses.replace(data, label_names=tuple(reversed(data.label_names)))
     with pytest.raises(InputError, match="not the index's label columns"):
         score_run(run_dir=tmp_path / "run", data=reordered, split="test", n_boot=0, seed=0)
     with pytest.raises(InputError, match="not the index's label columns"):
-        _train(tmp_path / "other", reordered)
+        train_quickly(tmp_path / "other", reordered)
 
 
 def test_cache_row_order_does_not_change_the_result(tmp_path, cache_dir, index):
-    in_order = _train(tmp_path / "a", _data(cache_dir, index, ["plain"]))
+    in_order = train_quickly(tmp_path / "a", _data(cache_dir, index, ["plain"]))
     shuffled_data = _data(cache_dir, index, ["shuffled"])
-    shuffled = _train(tmp_path / "b", shuffled_data)
+    shuffled = train_quickly(tmp_path / "b", shuffled_data)
     assert shuffled["mean_auc"] == pytest.approx(in_order["mean_auc"], abs=1e-6)
     a = pd.read_csv(tmp_path / "a" / "predictions.csv")
     b = pd.read_csv(tmp_path / "b" / "predictions.csv")
@@ -214,14 +196,14 @@ def test_existing_run_is_not_overwritten_without_force(tmp_path, cache_dir, inde
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="run exists; pick another run name"):
-        _train(tmp_path / "run", data)
+        train_quickly(tmp_path / "run", data)
     with pytest.raises(InputError, match="not a run folder this project made"):
-        _train(tmp_path / "run", data, force=True)  # the user's own folder: --force does not touch it
+        train_quickly(tmp_path / "run", data, force=True)  # the user's own folder: --force does not touch it
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["notes.txt"]
     one_epoch = dataclasses.replace(FAST, epochs=1)
-    _train(tmp_path / "made", data, train=one_epoch)
+    train_quickly(tmp_path / "made", data, train=one_epoch)
     (tmp_path / "made" / "notes.txt").write_text("mine")
-    _train(tmp_path / "made", data, train=one_epoch, force=True)  # a run folder: replaced, notes kept
+    train_quickly(tmp_path / "made", data, train=one_epoch, force=True)  # a run folder: replaced, notes kept
     assert (tmp_path / "made" / "notes.txt").read_text() == "mine"
     assert (tmp_path / "made" / "metrics.json").is_file()
 
@@ -234,7 +216,7 @@ def test_a_run_that_fails_leaves_no_folder_behind(tmp_path, cache_dir, index, mo
 
     monkeypatch.setattr(heads.train, "_write_outputs", fail)
     with pytest.raises(InputError, match="disk full"):
-        _train(
+        train_quickly(
             tmp_path / "run", _data(cache_dir, index, ["plain"]), train=dataclasses.replace(FAST, epochs=1)
         )
     assert list(tmp_path.iterdir()) == []  # neither the run nor its temporary folder
@@ -243,7 +225,7 @@ def test_a_run_that_fails_leaves_no_folder_behind(tmp_path, cache_dir, index, mo
 @pytest.mark.parametrize("loss", ["weighted", "focal"])
 def test_linear_head_with_each_loss(tmp_path, cache_dir, index, loss):
     train = dataclasses.replace(FAST, loss=loss, epochs=3)
-    metrics = _train(
+    metrics = train_quickly(
         tmp_path / "run", _data(cache_dir, index, ["plain"]), head=HeadConfig(kind="linear"), train=train
     )
     assert metrics["mean_auc"] > 0.7
@@ -251,7 +233,7 @@ def test_linear_head_with_each_loss(tmp_path, cache_dir, index, loss):
 
 def test_ensemble_run(tmp_path, cache_dir, index):
     head = HeadConfig(kind="ensemble", units=(16,), transition=8, dropout=0.1)
-    metrics = _train(tmp_path / "run", _data(cache_dir, index, ["plain", "other"]), head=head)
+    metrics = train_quickly(tmp_path / "run", _data(cache_dir, index, ["plain", "other"]), head=head)
     assert metrics["backbones"] == ["plain", "other"]
     assert metrics["mean_auc"] > 0.75
 
@@ -259,14 +241,14 @@ def test_ensemble_run(tmp_path, cache_dir, index):
 def test_cnn_run_on_cached_pixels(tmp_path, cache_dir, index):
     head = HeadConfig(kind="cnn", units=(8,), filters=(8,), dropout=0.0)
     train = dataclasses.replace(FAST, epochs=12, lr=1e-2, patience=12)
-    metrics = _train(tmp_path / "run", _data(cache_dir, index, ["pixels"]), head=head, train=train)
+    metrics = train_quickly(tmp_path / "run", _data(cache_dir, index, ["pixels"]), head=head, train=train)
     # Only Atelectasis is drawn into the pixels.
     assert metrics["labels"]["Atelectasis"]["auc"] > 0.8
 
 
 def test_augment_trains_on_cached_views(tmp_path, cache_dir, index):
     data = _data(cache_dir, index, ["views"], metadata=True)
-    metrics = _train(tmp_path / "run", data, train=dataclasses.replace(FAST, augment=True))
+    metrics = train_quickly(tmp_path / "run", data, train=dataclasses.replace(FAST, augment=True))
     assert metrics["mean_auc"] > 0.75
     again = score_run(run_dir=tmp_path / "run", data=data, split="test", n_boot=0, seed=0)
     assert again["mean_auc"] == pytest.approx(metrics["mean_auc"], abs=1e-6)
@@ -274,7 +256,7 @@ def test_augment_trains_on_cached_views(tmp_path, cache_dir, index):
 
 def test_augment_without_views_is_refused(tmp_path, cache_dir, index):
     with pytest.raises(InputError, match="views > 1"):
-        _train(
+        train_quickly(
             tmp_path / "run",
             _data(cache_dir, index, ["plain"]),
             train=dataclasses.replace(FAST, augment=True),
@@ -287,7 +269,7 @@ def test_empty_val_split_is_refused(tmp_path, cache_dir, index):
         data, split=np.where(data.split == "val", "train", data.split).astype(object)
     )
     with pytest.raises(InputError, match="val split has no images"):
-        _train(tmp_path / "run", no_val)
+        train_quickly(tmp_path / "run", no_val)
 
 
 def test_a_run_whose_best_epoch_is_the_last_allowed_says_it_did_not_converge(tmp_path, cache_dir, index):
@@ -338,3 +320,43 @@ def test_fused_adamw_takes_keras_adamw_steps():
     for before, want, got in zip(start, reference, fused, strict=True):
         assert np.abs(want - before).max() > 1e-3  # the weights moved
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_history_has_validation_loss_and_learning_rate_and_tensorboard_gets_them(tmp_path, cache_dir, index):
+    data = _data(cache_dir, index, ["plain"])
+    board = tmp_path / "board"
+    train = dataclasses.replace(FAST, epochs=3, patience=3, tensorboard=str(board))
+    train_quickly(tmp_path / "run", data, train=train)
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert len(history) >= 2
+    # Epoch 0 is the untrained start: its validation loss is measured, no step has set a learning rate.
+    assert np.isfinite(history["val_loss"]).all() and (history["val_loss"] > 0).all()
+    assert np.isnan(history["learning_rate"].iloc[0])
+    rates = history["learning_rate"].iloc[1:].to_numpy()
+    # A cosine schedule from train.lr: below it after the first epoch, and falling.
+    assert (rates < FAST.lr).all() and (np.diff(rates) < 0).all()
+    # The validation loss is the run's loss on the validation rows: a worse head than the start has a
+    # different one, so the column is not a copy of the training loss.
+    assert not np.allclose(history["val_loss"].iloc[1:], history["loss"].iloc[1:])
+    events = list(board.rglob("events.out.tfevents.*"))
+    assert events, list(board.rglob("*"))
+
+
+def test_a_trained_run_records_what_made_it(tmp_path):
+    from cxr14.made_by import git_state, made_by
+
+    made = made_by(source_dir=Path(__file__).resolve().parents[1])
+    assert set(made["versions"]) == {
+        "python",
+        "tensorflow",
+        "keras",
+        "numpy",
+        "h5py",
+        "scikit-learn",
+        "pandas",
+    }
+    assert made["versions"]["numpy"] == np.__version__
+    assert made["command"] == sys.argv
+    assert len(made["git"]["commit"]) == 40 and isinstance(made["git"]["dirty"], bool)
+    # Outside a repository (or without git), both are "unknown", never an error.
+    assert git_state(tmp_path) == {"commit": "unknown", "dirty": "unknown"}
