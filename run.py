@@ -206,6 +206,10 @@ def cmd_train_head(args, config: Config) -> None:
     config = with_training(config, kind=args.head, **_flags(args, TRAIN_FIELDS + HEAD_FIELDS))
     config = dataclasses.replace(config, decision=override(config.decision, **_flags(args, DECISION_FIELDS)))
     _check_tensorboard(args)
+    if args.name is not None:  # a name that would leave the runs folder is refused first
+        from heads.run_folder import run_path
+
+        run_path(config.runs_dir, args.name)
     # A missing cache answers before h5py loads.
     check_backbones(config, [name for name in args.backbone.split(",") if name.strip()])
     from experiments.experiment import plan_run, run_train_head
