@@ -679,6 +679,8 @@ def _add_head_commands(sub) -> None:
     p.add_argument("--name", default="sweep", help="sweep folder name under runs/")
     _json_flag(p, "print the result as one JSON object (progress goes to stderr)")
 
+
+def _add_curve_command(sub) -> None:
     p = _command(
         sub,
         "curve",
@@ -838,6 +840,21 @@ def _add_bench_command(sub) -> None:
         "--seed", type=_seed, default=0, help="with --quality: the seed that draws the planted problems"
     )
     _json_flag(p)
+    _add_bench_curve(what)
+    p = _command(
+        what,
+        "import",
+        cmd_bench_import,
+        "Peak memory of import-features on a full-size .npz keyed by image id (written to a temp dir).",
+        folders=(),
+    )
+    p.add_argument("--rows", type=_positive, default=112_120, help="images in the .npz and the index")
+    p.add_argument("--dim", type=_positive, default=1376, help="values per embedding (CXR Foundation v1)")
+    p.add_argument("--workdir", type=Path, help="where to write the .npz and the cache (default: a temp dir)")
+    _json_flag(p)
+
+
+def _add_bench_curve(what) -> None:
     p = _command(
         what,
         "curve",
@@ -853,17 +870,6 @@ def _add_bench_command(sub) -> None:
         "--workdir", type=Path, help="where to write the cache and the curve (default: a temp dir)"
     )
     _json_flag(p)
-    p = _command(
-        what,
-        "import",
-        cmd_bench_import,
-        "Peak memory of import-features on a full-size .npz keyed by image id (written to a temp dir).",
-        folders=(),
-    )
-    p.add_argument("--rows", type=_positive, default=112_120, help="images in the .npz and the index")
-    p.add_argument("--dim", type=_positive, default=1376, help="values per embedding (CXR Foundation v1)")
-    p.add_argument("--workdir", type=Path, help="where to write the .npz and the cache (default: a temp dir)")
-    _json_flag(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -874,6 +880,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_data_commands,
         _add_extract_commands,
         _add_head_commands,
+        _add_curve_command,
         _add_model_commands,
         _add_import_command,
         _add_bench_command,

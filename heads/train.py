@@ -219,15 +219,8 @@ def train_head(
         )
         scored.metrics.update(facts)
         clock["scored"] = time.perf_counter()
-        write(
-            tmp,
-            fitted=fitted,
-            scored=scored,
-            data=data,
-            label_names=label_names,
-            snapshot=config_snapshot,
-            plots=plots,
-        )
+        outputs = {"data": data, "label_names": label_names, "snapshot": config_snapshot, "plots": plots}
+        write(tmp, fitted=fitted, scored=scored, **outputs)
         scored.metrics["seconds"] = _seconds(clock)
         write_results(tmp / "metrics.json", scored.metrics)
         finish_run(tmp, run_dir)
