@@ -41,6 +41,7 @@ COMMAND_FOLDERS = {
     "report": ("data", "runs"),
     "compare": ("data", "runs"),
     "sweep": ALL_FOLDERS,
+    "curve": ALL_FOLDERS,
     "predict": ("runs",),
     "export": ("runs",),
     "demo": (),
@@ -315,6 +316,35 @@ def cmd_sweep(args, config: Config) -> None:
     _print_result(args, result)
 
 
+def cmd_curve(args, config: Config) -> None:
+    from experiments.curve import curve_sizes, plan_lines
+
+    sizes = curve_sizes(fractions=args.fractions, images=args.images)
+    changes = _flags(args, TRAIN_FIELDS)
+    backbone_sets = args.backbone or []
+    plan_lines(config, heads=args.head, backbone_sets=backbone_sets, changes=changes)  # answers at once
+    _tensorflow(args)
+    from experiments.curve import run_curve
+
+    name = args.name or "curve-" + "-".join(args.head) + "-" + "-".join(
+        b.replace(",", "+") for b in backbone_sets
+    )
+    with _results_only_on_stdout(args):
+        result = run_curve(
+            config,
+            heads=args.head,
+            backbone_sets=backbone_sets,
+            sizes=sizes,
+            seeds=args.seeds,
+            name=name,
+            changes=changes,
+        )
+    if args.json:
+        _print_json({k: v for k, v in result.items() if k != "summary_text"})
+    else:
+        print(result["summary_text"])
+
+
 def _warn(text: str) -> None:
     """One warning line on stderr, so that --json output on stdout stays one JSON document."""
     if text:
@@ -373,7 +403,9 @@ def cmd_bench(args, config: Config) -> None:
             config.backbone(name)
         _check_extract_inputs(args, config)
     _tensorflow(args)
-    if args.what == "extract":
+    if args.what == "curve":
+        result, text = _bench_curve(args, config)
+    elif args.what == "extract":
         from bench.extract import format_bench_extract, run_bench_extract
 
         result = run_bench_extract(
@@ -405,6 +437,46 @@ def cmd_bench(args, config: Config) -> None:
         _print_json(result)
     else:
         print(text(result))
+
+
+def _bench_curve(args, config: Config):
+    import tempfile
+
+    from bench.curve import bench_curve, format_bench_curve
+    from experiments.curve import curve_sizes
+
+    sizes = curve_sizes(fractions=args.fractions)
+    with tempfile.TemporaryDirectory(prefix="cxr14-bench-") as tmp:
+        with _results_only_on_stdout(args):
+            result = bench_curve(
+                config=config,
+                heads=args.head,
+                sizes=sizes,
+                seeds=args.seeds,
+                rows=args.rows,
+                dim=args.dim,
+                workdir=args.workdir or Path(tmp),
+            )
+    return result, format_bench_curve
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fractions such as 0.01,0.1,1, got {text!r}") from None
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    return tuple(_positive(x) for x in text.split(",") if x.strip())
+
+
+def _head_kinds(text: str) -> tuple[str, ...]:
+    kinds = _names(text)
+    unknown = [k for k in kinds if k not in HEAD_KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown head {unknown[0]!r}; valid: {', '.join(HEAD_KINDS)}")
+    return kinds
 
 
 def cmd_import_features(args, config: Config) -> None:
@@ -769,6 +841,42 @@ def _tensorboard_flag(p) -> None:
     )
 
 
+def _add_curve_command(sub) -> None:
+    p = _command(
+        sub,
+        "curve",
+        cmd_curve,
+        "A learning curve: heads trained on nested patient-wise subsets of the training split, scored on test.",
+    )
+    p.add_argument("--head", type=_head_kinds, required=True, help="KIND or KIND,KIND,...: one line each")
+    p.add_argument(
+        "--backbone",
+        action="append",
+        required=True,
+        help="NAME (NAME,NAME for the ensemble); repeat for several backbone sets, one line each",
+    )
+    _add_curve_sizes(p)
+    p.add_argument("--images", type=_counts, metavar="N,N,...", help="sizes as image counts instead")
+    p.add_argument("--name", help="curve folder name under runs/ (default: curve-HEADS-BACKBONES)")
+    _add_training_flags(p)
+    _json_flag(p, "print the result as one JSON object (progress goes to stderr)")
+
+
+def _add_curve_sizes(p) -> None:
+    p.add_argument(
+        "--fractions",
+        type=_fractions,
+        metavar="F,F,...",
+        help="sizes as fractions of the training images (default: 0.01,0.03,0.1,0.3,1)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_positive,
+        default=3,
+        help="seeds per point, from train.seed up: each draws its patient order and its training",
+    )
+
+
 def _add_heatmap_method(p) -> None:
     p.add_argument(
         "--heatmap-method",
@@ -856,7 +964,7 @@ def _add_import_command(sub) -> None:
 def _add_bench_command(sub) -> None:
     help_text = "Measure extraction or head-training speed, or an import's memory."
     bench = sub.add_parser("bench", help=help_text, description=help_text)
-    what = bench.add_subparsers(dest="what", required=True, metavar="{extract,heads,import}")
+    what = bench.add_subparsers(dest="what", required=True, metavar="{extract,heads,curve,import}")
     p = _command(
         what,
         "extract",
@@ -893,6 +1001,7 @@ def _add_bench_command(sub) -> None:
         "--seed", type=_seed, default=0, help="with --quality: the seed that draws the planted problems"
     )
     _json_flag(p)
+    _add_bench_curve(what)
     p = _command(
         what,
         "import",
@@ -906,6 +1015,24 @@ def _add_bench_command(sub) -> None:
     _json_flag(p)
 
 
+def _add_bench_curve(what) -> None:
+    p = _command(
+        what,
+        "curve",
+        cmd_bench,
+        "Time a learning curve (heads x fractions x seeds) on a planted cache of the full data set's size.",
+        folders=(),
+    )
+    p.add_argument("--head", type=_head_kinds, default=("linear",), help="KIND or KIND,KIND,...")
+    _add_curve_sizes(p)
+    p.add_argument("--rows", type=_positive, default=112_120, help="rows of the planted feature cache")
+    p.add_argument("--dim", type=_positive, default=2048, help="feature dimension")
+    p.add_argument(
+        "--workdir", type=Path, help="where to write the cache and the curve (default: a temp dir)"
+    )
+    _json_flag(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cxr14 {__version__}")
@@ -914,6 +1041,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_data_commands,
         _add_extract_commands,
         _add_head_commands,
+        _add_curve_command,
         _add_model_commands,
         _add_import_command,
         _add_bench_command,

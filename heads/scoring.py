@@ -249,10 +249,20 @@ def score_run(
 
 
 def write_decision_outputs(
-    run_dir: Path, *, decisions: dict, data, scores: np.ndarray, metrics: dict, label_names: Sequence[str]
+    run_dir: Path,
+    *,
+    decisions: dict,
+    data,
+    scores: np.ndarray,
+    metrics: dict,
+    label_names: Sequence[str],
+    plot: bool = True,
 ) -> None:
-    """calibration.json, thresholds.json and calibration.png (on the split the run was scored on)."""
+    """calibration.json, thresholds.json and calibration.png (on the split the run was scored on; not
+    without `plot`)."""
     write_decisions(run_dir, decisions)
+    if not plot:
+        return
     rows = data.rows(metrics["split"])
     raw = scores[rows]
     calibration = decisions["calibration"]
