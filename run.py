@@ -155,7 +155,8 @@ def cmd_merge(args, config: Config) -> None:
 
 def cmd_train_head(args, config: Config) -> None:
     # Settings and names are checked before TensorFlow loads, so a mistake answers at once.
-    config = with_training(config, kind=args.head, **_flags(args, TRAIN_FIELDS + HEAD_FIELDS))
+    options = {"options": dict(args.head_option)} if args.head_option else {}
+    config = with_training(config, kind=args.head, **_flags(args, TRAIN_FIELDS + HEAD_FIELDS), **options)
     config = dataclasses.replace(config, decision=override(config.decision, **_flags(args, DECISION_FIELDS)))
     from experiments.experiment import plan_run, run_train_head
 
@@ -172,6 +173,7 @@ def cmd_evaluate(args, config: Config) -> None:
     from heads.run_folder import find_run
 
     run_dir = find_run(args.run, runs_dir=config.runs_dir)
+    _check_head_trust(args, run_dir)
     _tensorflow(args)
     if args.localization:
         from experiments.experiment import run_localization
@@ -187,6 +189,15 @@ def cmd_evaluate(args, config: Config) -> None:
     with _results_only_on_stdout(args):
         metrics = run_evaluate(config, run_dir=run_dir, split=args.split, expert=args.expert)
     _print_result(args, metrics)
+
+
+def _check_head_trust(args, run_dir: Path) -> None:
+    """A run whose head is code from a file loads only when the user trusts it (before TensorFlow)."""
+    from heads.custom import check_head_trust
+    from heads.run_folder import read_config
+
+    record = read_config(run_dir).get("head_code")
+    check_head_trust(run_dir, record, trusted=args.trust_head_code, named=args.head_code)
 
 
 def _print_result(args, result: dict) -> None:
@@ -233,6 +244,7 @@ def cmd_predict(args, config: Config) -> int:
     from heads.run_folder import find_run
 
     run_dir = find_run(args.run, runs_dir=config.runs_dir)
+    _check_head_trust(args, run_dir)
     _tensorflow(args)
     from inference.predict import format_predictions, predict_images
 
@@ -255,6 +267,7 @@ def cmd_export(args, config: Config) -> None:
     from heads.run_folder import find_run
 
     run_dir = find_run(args.run, runs_dir=config.runs_dir)
+    _check_head_trust(args, run_dir)
     _tensorflow(args)
     from inference.export import export_run
     from inference.trained import run_warning
@@ -355,6 +368,19 @@ def _flags(args, names) -> dict:
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
+def _head_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE, the value read as a TOML literal (64, 0.1, true, [1, 2], "text"); a bare word is a string."""
+    import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a Python name, got {text!r}")
+    try:
+        return key.strip(), tomllib.loads(f"value = {value.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value.strip()
+
+
 def _shard(text: str) -> tuple[int, int]:
     try:
         k, n = (int(x) for x in text.split("/"))
@@ -438,8 +464,23 @@ def _json_flag(p, what: str = "print one JSON object instead of text") -> None:
     p.add_argument("--json", action="store_true", help=what)
 
 
+def _trust_flags(p) -> None:
+    p.add_argument(
+        "--trust-head-code",
+        action="store_true",
+        help="a run whose head came from your own file runs that code (its copy in the run folder): allow it",
+    )
+    p.add_argument(
+        "--head-code",
+        type=Path,
+        metavar="FILE",
+        help="allow a run's head code when its copy is the same file as FILE (same sha256)",
+    )
+
+
 def _run_flag(p) -> None:
     p.add_argument("--run", required=True, help="a run: its name under the runs folder, or its folder")
+    _trust_flags(p)
 
 
 def _add_data_commands(sub) -> None:
@@ -564,7 +605,19 @@ def _add_head_flags(p) -> None:
 
 def _add_head_commands(sub) -> None:
     p = _command(sub, "train-head", cmd_train_head, "Train a head on cached features and evaluate it.")
-    p.add_argument("--head", required=True, choices=HEAD_KINDS, help="the head kind")
+    p.add_argument(
+        "--head",
+        required=True,
+        metavar="HEAD",
+        help=f"{', '.join(HEAD_KINDS)}, a [heads.NAME] table with a builder, or FILE.py:FUNCTION of your own",
+    )
+    p.add_argument(
+        "--head-option",
+        type=_head_option,
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option for a head from your own file (repeatable; VALUE is a TOML literal)",
+    )
     p.add_argument("--backbone", required=True, help="NAME, or NAME,NAME,... for the ensemble")
     p.add_argument("--name", help="run folder name under runs/ (default: HEAD-BACKBONES)")
     _add_training_flags(p)

@@ -13,7 +13,7 @@ from cxr14.errors import Fix, InputError
 from experiments.config import Config
 from extract.settings import SOURCES
 from heads.run_folder import read_config, refuse_existing
-from heads.settings import HEAD_KINDS, HeadConfig, TrainConfig, head_kind
+from heads.settings import HEAD_KINDS, HeadConfig, TrainConfig, kind_of
 from results.format import format_auc, format_difference
 
 
@@ -32,7 +32,12 @@ class RunPlan:
 def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> RunPlan:
     """The head preset of `kind` and [train] from `config` (flags already applied), over `backbones`
     (each a [backbones] table, or a feature file of one's own in the cache folder)."""
-    spec = head_kind(kind)
+    head = config.head(kind)
+    spec = kind_of(head)
+    if head.builder:
+        from heads.custom import check_builder_file  # light: no TensorFlow
+
+        check_builder_file(head.builder)
     if isinstance(backbones, str):
         backbones = [b.strip() for b in backbones.split(",") if b.strip()]
     backbones = tuple(backbones)
@@ -51,7 +56,7 @@ def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> Ru
                 f"the {kind} head trains on cached {spec.takes}, but backbone {name!r} holds {holds}; "
                 f"heads for {holds}: {', '.join(k.name for k in HEAD_KINDS.values() if k.takes == holds)}"
             )
-    return RunPlan(head=config.head(kind), train=config.train, backbones=backbones)
+    return RunPlan(head=head, train=config.train, backbones=backbones)
 
 
 def _cache_kind(config: Config, name: str) -> str:

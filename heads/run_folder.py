@@ -25,6 +25,8 @@ OUTPUTS = (
     "calibration.png",
     "metrics.json",
 )
+# Written by some runs only: a head from the user's file keeps the file as trained (heads/custom.py).
+SOME_OUTPUTS = ("head_code.py",)
 CALIBRATION = "calibration.json"  # per-label calibration fitted on validation (results/calibration.py)
 THRESHOLDS = "thresholds.json"  # per-label operating points chosen on validation (results/operating.py)
 
@@ -65,7 +67,7 @@ def start_run(run_dir: Path, *, force: bool) -> Path:
 def finish_run(tmp: Path, run_dir: Path) -> Path:
     """Move a complete run into place; only files a run writes are replaced, never a user's own."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUTS:
+    for name in OUTPUTS + SOME_OUTPUTS:
         target = run_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -130,8 +132,18 @@ def load_model(run_dir: Path):
         raise InputError(
             f"{run_dir}: no model.keras (an unfinished run?); train it again with run.py train-head"
         )
+    record = read_config(run_dir).get("head_code")
+    objects = {}
+    if record is not None:
+        from heads.custom import head_objects
+        from heads.models import LabelScale
+
+        objects = {**head_objects(run_dir, record), "cxr14>LabelScale": LabelScale}
     try:
-        return keras.saving.load_model(path, compile=False)
+        # A head from a file may hold Lambda layers; its code runs anyway, so safe mode guards nothing.
+        return keras.saving.load_model(path, compile=False, custom_objects=objects, safe_mode=record is None)
+    except InputError:
+        raise
     except Exception as err:  # noqa: BLE001 - Keras raises many types for a bad file; all mean the same
         raise InputError(
             f"{path}: cannot be loaded ({type(err).__name__}: {_first_cause(err)}); train the run again"

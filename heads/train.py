@@ -14,6 +14,7 @@ import tensorflow as tf
 from keras import ops
 
 from cxr14.errors import InputError
+from heads.custom import keep_head_code
 from heads.data import HeadData, head_inputs
 from heads.losses import make_loss
 from heads.models import METADATA_INPUT, build_head
@@ -27,7 +28,7 @@ from heads.scoring import (
     split_metrics,
     write_decision_outputs,
 )
-from heads.settings import HeadConfig, TrainConfig, head_kind
+from heads.settings import HeadConfig, TrainConfig, kind_of
 from heads.start import HeadStart, fit_start, probe_blocks
 from results.format import format_difference
 from results.metrics import bootstrap_difference, mean_defined, roc_auc_per_label
@@ -201,6 +202,8 @@ def train_head(
         print(data.describe(), flush=True)
     tmp = start_run(run_dir, force=force)
     try:
+        if head.builder:  # the file as trained is kept; evaluate, predict and export load this copy
+            config_snapshot = config_snapshot | {"head_code": keep_head_code(head.builder, tmp)}
         fitted = fit(data, rows=rows, head=head, train=train, n_labels=len(label_names), progress=progress)
         clock["fitted"] = time.perf_counter()
         scored = score(
@@ -230,7 +233,7 @@ def fit(
     data: HeadData, *, rows: dict, head: HeadConfig, train: TrainConfig, n_labels: int, progress: bool
 ) -> FittedHead:
     """The probe start (feature heads), then the head trained from it with the best validation epoch kept."""
-    spec = head_kind(head.kind)
+    spec = kind_of(head)
     begin = None
     if spec.takes == "features":
         begin = fit_start(
@@ -322,7 +325,7 @@ def fit_head(
         "seed": train.seed,
     }
     trained = build_head(**spec, byte_dropout=True)
-    if start is not None and not head_kind(head.kind).hidden:
+    if start is not None and not kind_of(head).hidden:
         history = _closed_form(trained, data=data, rows=rows)
     else:
         history = _fit(
