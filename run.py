@@ -289,6 +289,13 @@ def cmd_bench(args, config: Config) -> None:
         config = _with_extract_flags(args, config)
         for name in (*args.backbone, *([args.from_pixels] if args.from_pixels else [])):
             config.backbone(name)
+    elif args.head:
+        from heads.custom import check_builder_file
+
+        if not args.quality:
+            raise InputError("bench heads --head needs --quality: a head of your own is measured for quality")
+        for head in args.head:
+            check_builder_file(head)
     _tensorflow(args)
     if args.what == "extract":
         from bench.extract import format_bench_extract, run_bench_extract
@@ -300,13 +307,18 @@ def cmd_bench(args, config: Config) -> None:
     else:
         import tempfile
 
-        from bench.heads import bench_heads, bench_quality, format_bench_heads, format_quality
+        from bench.heads import bench_heads, bench_quality, format_bench_heads, format_quality, with_heads
 
         with tempfile.TemporaryDirectory(prefix="cxr14-bench-") as tmp:
             workdir = args.workdir or Path(tmp)
             if args.quality:
                 result = bench_quality(
-                    config=config, rows=args.rows, dim=args.dim, workdir=workdir, seed=args.seed
+                    config=config,
+                    rows=args.rows,
+                    dim=args.dim,
+                    workdir=workdir,
+                    seed=args.seed,
+                    runs=with_heads(args.head or ()),
                 )
                 text = format_quality
             else:
@@ -783,6 +795,12 @@ def _add_bench_command(sub) -> None:
     )
     p.add_argument(
         "--seed", type=_seed, default=0, help="with --quality: the seed that draws the planted problems"
+    )
+    p.add_argument(
+        "--head",
+        action="append",
+        metavar="FILE.py:FUNCTION",
+        help="with --quality: also a head of your own on every planted problem (repeatable)",
     )
     _json_flag(p)
     p = _command(
