@@ -31,6 +31,8 @@ class LabelGate(keras.layers.Layer):
         )
 
     def call(self, tokens):
+        if tokens.shape[1] == 1:  # one input: nothing to choose between
+            return ops.repeat(tokens, self.n_labels, axis=1)
         scores = ops.einsum("bkw,lw->blk", tokens, self.queries) / float(tokens.shape[-1]) ** 0.5
         return ops.einsum("blk,bkw->blw", ops.softmax(scores, axis=-1), tokens)
 

@@ -86,6 +86,7 @@ def test_a_file_head_trains_sweeps_and_its_run_outlives_the_file(tmp_path, tiny_
     assert run.main(["sweep", *common, "--grid", str(grid), "--name", "s"]) == 0
     trials = json.loads((tmp_path / "runs" / "s" / "sweep.json").read_text())["trials"]
     assert set(trials) == {"fc-offline_cnn", "mix-offline_cnn"}
+    capsys.readouterr()
 
     # The file is broken, then deleted: the run loads its own copy.
     head_file.write_text("raise RuntimeError('edited')\n")
