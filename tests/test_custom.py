@@ -182,7 +182,7 @@ def test_a_config_table_names_a_builder_and_its_options(tmp_path, tiny_project, 
 def test_the_readme_notebook_example_runs_as_written_after_the_demo(tmp_path, monkeypatch):
     from experiments.config import load_config
     from experiments.demo import run_demo
-    from tests.conftest import write_tiny_config
+    from tests.fixtures import write_tiny_config
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("<!-- python-api-example -->", 1)[1]
