@@ -126,9 +126,11 @@ def _heads(tables: dict, *, path: Path) -> dict[str, HeadConfig]:
         if isinstance(table, dict) and "builder" in table:
             heads[kind] = _file_head_table(kind, dict(table), path=path)
             continue
-        check_choice(
-            kind, HEAD_KINDS, what=f'{path}: [heads.{kind}] (or give it a builder = "FILE.py:FUNCTION")'
-        )
+        if kind not in HEAD_KINDS:
+            raise InputError(
+                f"{path}: [heads.{kind}] = {kind!r} is not one of: {', '.join(HEAD_KINDS)} "
+                '(or give it a builder = "FILE.py:FUNCTION" for a head of your own)'
+            )
         heads[kind] = build_settings(
             HeadConfig, table, section=f"heads.{kind}", path=path, fixed={"kind": kind}
         )

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from cxr14.errors import InputError
 from heads.data import METADATA_INPUT
-from heads.settings import HeadConfig, HeadKind, kind_of
+from heads.settings import HeadConfig, HeadKind, head_kind, kind_of
 from heads.start import HeadStart
 
 
@@ -37,7 +37,7 @@ def build_head(
     (same weights, cheaper masks) for training only; save the stock head, with the trained weights copied
     in, so model.keras needs no custom layer.
     """
-    spec = kind_of(head)
+    spec = kind_of(head) if head.builder else head_kind(kind)
     check_inputs(spec, inputs=inputs)
     seeds = itertools.count(seed)
     model_inputs = {name: keras.Input(shape=tuple(shape), name=name) for name, shape in inputs.items()}
