@@ -204,13 +204,14 @@ def cmd_merge(args, config: Config) -> None:
 
 def cmd_train_head(args, config: Config) -> None:
     # Settings and names are checked before TensorFlow loads, so a mistake answers at once.
-    config = with_training(config, kind=args.head, **_flags(args, TRAIN_FIELDS + HEAD_FIELDS))
+    options = {"options": dict(args.head_option)} if args.head_option else {}
+    config = with_training(config, kind=args.head, **_flags(args, TRAIN_FIELDS + HEAD_FIELDS), **options)
     config = dataclasses.replace(config, decision=override(config.decision, **_flags(args, DECISION_FIELDS)))
     _check_tensorboard(args)
-    if args.name is not None:  # a name that would leave the runs folder is refused first
-        from heads.run_folder import run_path
+    from heads.run_folder import run_path
 
-        run_path(config.runs_dir, args.name)
+    # A runs folder that is a file, or a name that would leave it, is refused before anything else.
+    run_path(config.runs_dir, args.name or "run")
     # A missing cache answers before h5py loads.
     check_backbones(config, [name for name in args.backbone.split(",") if name.strip()])
     from experiments.experiment import plan_run, run_train_head
@@ -228,6 +229,7 @@ def cmd_evaluate(args, config: Config) -> None:
     from heads.run_folder import find_run
 
     run_dir = find_run(args.run, runs_dir=config.runs_dir)
+    _check_head_trust(args, run_dir)
     check_run_inputs(config, run_dir)
     _tensorflow(args)
     if args.localization:
@@ -244,6 +246,15 @@ def cmd_evaluate(args, config: Config) -> None:
     with _results_only_on_stdout(args):
         metrics = run_evaluate(config, run_dir=run_dir, split=args.split, expert=args.expert)
     _print_result(args, metrics)
+
+
+def _check_head_trust(args, run_dir: Path) -> None:
+    """A run whose head is code from a file loads only when the user trusts it (before TensorFlow)."""
+    from heads.custom import check_head_trust
+    from heads.run_folder import read_config
+
+    record = read_config(run_dir).get("head_code")
+    check_head_trust(run_dir, record, trusted=args.trust_head_code, named=args.head_code)
 
 
 def _print_result(args, result: dict) -> None:
@@ -358,6 +369,7 @@ def cmd_predict(args, config: Config) -> int:
     if args.csv is not None:
         check_output_file(args.csv, what="--csv")  # before any prediction is made
     run_dir = find_run(args.run, runs_dir=config.runs_dir)
+    _check_head_trust(args, run_dir)
     _tensorflow(args)
     from inference.predict import format_predictions, predict_images
 
@@ -380,6 +392,7 @@ def cmd_export(args, config: Config) -> None:
     from heads.run_folder import find_run
 
     run_dir = find_run(args.run, runs_dir=config.runs_dir)
+    _check_head_trust(args, run_dir)
     _tensorflow(args)
     from inference.export import export_run
     from inference.trained import run_warning
@@ -402,6 +415,13 @@ def cmd_bench(args, config: Config) -> None:
         for name in (*args.backbone, *([args.from_pixels] if args.from_pixels else [])):
             config.backbone(name)
         _check_extract_inputs(args, config)
+    elif args.what == "heads" and getattr(args, "head", None):
+        from heads.custom import check_builder_file
+
+        if not args.quality:
+            raise InputError("bench heads --head needs --quality: a head of your own is measured for quality")
+        for head in args.head:
+            check_builder_file(head)
     _tensorflow(args)
     if args.what == "curve":
         result, text = _bench_curve(args, config)
@@ -415,13 +435,18 @@ def cmd_bench(args, config: Config) -> None:
     else:
         import tempfile
 
-        from bench.heads import bench_heads, bench_quality, format_bench_heads, format_quality
+        from bench.heads import bench_heads, bench_quality, format_bench_heads, format_quality, with_heads
 
         with tempfile.TemporaryDirectory(prefix="cxr14-bench-") as tmp:
             workdir = args.workdir or Path(tmp)
             if args.quality:
                 result = bench_quality(
-                    config=config, rows=args.rows, dim=args.dim, workdir=workdir, seed=args.seed
+                    config=config,
+                    rows=args.rows,
+                    dim=args.dim,
+                    workdir=workdir,
+                    seed=args.seed,
+                    runs=with_heads(args.head or ()),
                 )
                 text = format_quality
             else:
@@ -530,6 +555,19 @@ def _flags(args, names) -> dict:
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
+def _head_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE, the value read as a TOML literal (64, 0.1, true, [1, 2], "text"); a bare word is a string."""
+    import tomllib
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a Python name, got {text!r}")
+    try:
+        return key.strip(), tomllib.loads(f"value = {value.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value.strip()
+
+
 def _shard(text: str) -> tuple[int, int]:
     try:
         k, n = (int(x) for x in text.split("/"))
@@ -629,8 +667,23 @@ def _json_flag(p, what: str = "print one JSON object instead of text") -> None:
     p.add_argument("--json", action="store_true", help=what)
 
 
+def _trust_flags(p) -> None:
+    p.add_argument(
+        "--trust-head-code",
+        action="store_true",
+        help="a run whose head came from your own file runs that code (its copy in the run folder): allow it",
+    )
+    p.add_argument(
+        "--head-code",
+        type=Path,
+        metavar="FILE",
+        help="allow a run's head code when its copy is the same file as FILE (same sha256)",
+    )
+
+
 def _run_flag(p) -> None:
     p.add_argument("--run", required=True, help="a run: its name under the runs folder, or its folder")
+    _trust_flags(p)
 
 
 def _add_data_commands(sub) -> None:
@@ -755,7 +808,19 @@ def _add_head_flags(p) -> None:
 
 def _add_head_commands(sub) -> None:
     p = _command(sub, "train-head", cmd_train_head, "Train a head on cached features and evaluate it.")
-    p.add_argument("--head", required=True, choices=HEAD_KINDS, help="the head kind")
+    p.add_argument(
+        "--head",
+        required=True,
+        metavar="HEAD",
+        help=f"{', '.join(HEAD_KINDS)}, a [heads.NAME] table with a builder, or FILE.py:FUNCTION of your own",
+    )
+    p.add_argument(
+        "--head-option",
+        type=_head_option,
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option for a head from your own file (repeatable; VALUE is a TOML literal)",
+    )
     p.add_argument("--backbone", required=True, help="NAME, or NAME,NAME,... for the ensemble")
     p.add_argument("--name", help="run folder name under runs/ (default: HEAD-BACKBONES)")
     _add_training_flags(p)
@@ -999,6 +1064,12 @@ def _add_bench_command(sub) -> None:
     )
     p.add_argument(
         "--seed", type=_seed, default=0, help="with --quality: the seed that draws the planted problems"
+    )
+    p.add_argument(
+        "--head",
+        action="append",
+        metavar="FILE.py:FUNCTION",
+        help="with --quality: also a head of your own on every planted problem (repeatable)",
     )
     _json_flag(p)
     _add_bench_curve(what)

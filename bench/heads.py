@@ -333,6 +333,13 @@ QUALITY_RUNS = (
 )
 
 
+def with_heads(heads, *, runs=QUALITY_RUNS) -> tuple:
+    """The quality runs, then each of `heads` (one's own, FILE.py:FUNCTION) on every problem's caches
+    the built-in heads meet: beside fc on one cache, beside the ensemble on two."""
+    cases = list(dict.fromkeys((problem, caches, metadata) for problem, _, caches, metadata in runs))
+    return tuple(runs) + tuple((p, head, caches, m) for head in heads for p, caches, m in cases)
+
+
 def bench_quality(
     *, config: Config, rows: int = 112120, dim: int = 2048, workdir: Path, seed: int = 0, runs=QUALITY_RUNS
 ) -> dict:
@@ -363,14 +370,15 @@ def _planted_problem(problem: str, *, rows: int, dim: int, seed: int, cache_dir:
 
 def _quality_run(problem, kind, caches, *, config: Config, index, splits, workdir: Path) -> dict:
     metadata = config.train.metadata
+    head = config.head(kind)
     start = time.perf_counter()
     data = load_head_data(
         cache_dir=workdir / problem, backbones=list(caches), index=index, splits=splits, metadata=metadata
     )
     metrics = train_head(
-        run_dir=workdir / "runs" / f"{problem}-{kind}-{'+'.join(caches)}",
+        run_dir=workdir / "runs" / f"{problem}-{head.kind}-{'+'.join(caches)}",
         data=data,
-        head=config.head(kind),
+        head=head,
         train=config.train,
         label_names=LABELS,
         config_snapshot={"bench": "quality", "labels": list(LABELS)},
@@ -380,7 +388,7 @@ def _quality_run(problem, kind, caches, *, config: Config, index, splits, workdi
     reference = metrics["reference"]
     return {
         "problem": problem,
-        "head": kind,
+        "head": head.kind,
         "caches": "+".join(caches) + ("+metadata" if metadata else ""),
         "test_mean_auc": round(metrics["mean_auc"], 4),
         "reference_mean_auc": round(reference["mean_auc"], 4),

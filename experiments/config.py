@@ -11,7 +11,15 @@ from cxr14.settings import build_settings, jsonable, override, read_toml
 from cxr14.text import did_you_mean
 from dataset.settings import LABELS, SplitConfig, check_fractions
 from extract.settings import BackboneConfig, ExtractConfig, check_backbone
-from heads.settings import HEAD_FIELDS, HEAD_KINDS, TRAIN_FIELDS, HeadConfig, TrainConfig
+from heads.settings import (
+    FILE_HEAD,
+    HEAD_FIELDS,
+    HEAD_KINDS,
+    TRAIN_FIELDS,
+    HeadConfig,
+    TrainConfig,
+    is_file_head,
+)
 from results.settings import DecisionConfig
 
 
@@ -40,9 +48,15 @@ class Config:
         return self.backbones[name]
 
     def head(self, kind: str) -> HeadConfig:
-        """The [heads.KIND] preset, or the defaults for a kind without a table."""
-        check_choice(kind, HEAD_KINDS, what="head kind")
-        return self.heads.get(kind) or HeadConfig(kind=kind)
+        """The [heads.KIND] preset, a head from a file ("my_heads.py:gated_mix", named after its
+        function), or the defaults for a kind without a table."""
+        if kind in self.heads:
+            return self.heads[kind]
+        if is_file_head(kind):
+            return HeadConfig(kind=FILE_HEAD.fullmatch(kind)["function"], builder=kind)
+        own = [name for name, head in self.heads.items() if head.builder]
+        check_choice(kind, [*HEAD_KINDS, *own], what="head kind (or PATH.py:FUNCTION for your own)")
+        return HeadConfig(kind=kind)
 
     def as_dict(self) -> dict:
         """JSON-able snapshot, saved beside every run."""
@@ -111,12 +125,33 @@ def _backbones(tables: dict, *, path: Path) -> dict[str, BackboneConfig]:
 
 
 def _heads(tables: dict, *, path: Path) -> dict[str, HeadConfig]:
-    return {
-        check_choice(kind, HEAD_KINDS, what=f"{path}: [heads.{kind}]"): build_settings(
+    heads = {}
+    for kind, table in tables.items():
+        if isinstance(table, dict) and "builder" in table:
+            heads[kind] = _file_head_table(kind, dict(table), path=path)
+            continue
+        if kind not in HEAD_KINDS:
+            raise InputError(
+                f"{path}: [heads.{kind}] = {kind!r} is not one of: {', '.join(HEAD_KINDS)} "
+                '(or give it a builder = "FILE.py:FUNCTION" for a head of your own)'
+            )
+        heads[kind] = build_settings(
             HeadConfig, table, section=f"heads.{kind}", path=path, fixed={"kind": kind}
         )
-        for kind, table in tables.items()
-    }
+    return heads
+
+
+def _file_head_table(name: str, table: dict, *, path: Path) -> HeadConfig:
+    """[heads.NAME] with builder = "FILE.py:FUNCTION" (FILE from the config's folder); every other key is
+    an option the function is called with."""
+    builder = table.pop("builder")
+    if name in HEAD_KINDS:
+        raise InputError(f"{path}: [heads.{name}] is a built-in head; give your own head another name")
+    if not isinstance(builder, str) or not is_file_head(builder):
+        raise InputError(f'{path}: heads.{name}.builder must be "FILE.py:FUNCTION", got {builder!r}')
+    match = FILE_HEAD.fullmatch(builder)
+    builder = f"{path.resolve().parent / match['file']}:{match['function']}"
+    return HeadConfig(kind=name, builder=builder, options=table)
 
 
 def _plain_table(raw: dict, section: str, keys: dict[str, type], *, path: Path) -> dict:
@@ -145,9 +180,17 @@ def _labels(labels, *, path: Path) -> tuple[str, ...]:
 def with_training(config: Config, *, kind: str, **changes: Any) -> Config:
     """`config` with the head preset of `kind` and [train] changed (None keeps a value); each key goes to
     the table that holds it, and the result is checked like the TOML."""
+    options = changes.pop("options", None)
     unknown = sorted(set(changes) - set(HEAD_FIELDS) - set(TRAIN_FIELDS))
     if unknown:
         raise InputError(f"unknown head or training setting {unknown[0]!r}")
     head = override(config.head(kind), **{k: v for k, v in changes.items() if k in HEAD_FIELDS})
+    if options:
+        if not head.builder:
+            raise InputError(
+                f"head options ({', '.join(options)}) are for a head from your own file; the {kind} head "
+                "takes its settings as flags (--units, --dropout, ...)"
+            )
+        head = dataclasses.replace(head, options={**head.options, **options})
     train = override(config.train, **{k: v for k, v in changes.items() if k in TRAIN_FIELDS})
     return dataclasses.replace(config, heads={**config.heads, kind: head}, train=train)

@@ -14,7 +14,7 @@ from cxr14.made_by import made_by
 from experiments.config import Config
 from extract.settings import SOURCES
 from heads.run_folder import read_config, refuse_existing, run_path
-from heads.settings import HEAD_KINDS, HeadConfig, TrainConfig, head_kind
+from heads.settings import HEAD_KINDS, HeadConfig, TrainConfig, kind_of
 from results.format import format_auc, format_difference
 
 
@@ -37,7 +37,12 @@ SOURCE_DIR = Path(__file__).resolve().parents[1]
 def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> RunPlan:
     """The head preset of `kind` and [train] from `config` (flags already applied), over `backbones`
     (each a [backbones] table, or a feature file of one's own in the cache folder)."""
-    spec = head_kind(kind)
+    head = config.head(kind)
+    spec = kind_of(head)
+    if head.builder:
+        from heads.custom import check_builder_file  # light: no TensorFlow
+
+        check_builder_file(head.builder)
     if isinstance(backbones, str):
         backbones = [b.strip() for b in backbones.split(",") if b.strip()]
     backbones = tuple(backbones)
@@ -56,7 +61,7 @@ def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> Ru
                 f"the {kind} head trains on cached {spec.takes}, but backbone {name!r} holds {holds}; "
                 f"heads for {holds}: {', '.join(k.name for k in HEAD_KINDS.values() if k.takes == holds)}"
             )
-    return RunPlan(head=config.head(kind), train=config.train, backbones=backbones)
+    return RunPlan(head=head, train=config.train, backbones=backbones)
 
 
 def backbone_kind(config: Config, name: str) -> str:

@@ -20,7 +20,7 @@ from cxr14.tf_logging import models_built_in_a_loop
 from experiments.config import Config, with_training
 from experiments.experiment import RunPlan, plan_run, sized_for_data, snapshot
 from heads.run_folder import run_path
-from heads.settings import describe_settings, head_kind
+from heads.settings import FILE_HEAD, describe_settings, head_kind, is_file_head
 from results.format import MISSING, format_auc, format_difference
 from results.record import read_results
 
@@ -40,6 +40,7 @@ GRID_KEYS = {
     "batch_size": int,
     "seed": int,
     "patience": int,
+    "options": dict,  # keyword options of a head from your own file, e.g. [{width = 64}, {width = 128}]
 }
 REQUIRED = ("head", "backbone")
 # More combinations than this are refused unless --max-trials says so: a grid of six axes of ten values is
@@ -58,6 +59,9 @@ def _value(value, kind: type, *, key: str, path: Path):
         return tuple(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InputError(f"{path}: {key} value {value!r} must be {kind.__name__}")
+    if key.endswith("head") and is_file_head(value):  # a head file is found from the grid's folder
+        match = FILE_HEAD.fullmatch(value)
+        return f"{path.resolve().parent / match['file']}:{match['function']}"
     return value
 
 
@@ -142,11 +146,14 @@ def trial_name(combo: dict, *, axes: Sequence[str]) -> str:
     """A readable folder name from the values the grid varies, e.g. fc-units512-256-dropout0.5-lr0.001.
 
     The same combination keeps its folder across resumes."""
-    parts = [str(combo["head"])]
+    head = str(combo["head"])
+    parts = [FILE_HEAD.fullmatch(head)["function"] if is_file_head(head) else head]
     for key in axes:
         value = combo[key]
         if key == "head":
             continue
+        if isinstance(value, dict):
+            parts.append("-".join(f"{k}{v}" for k, v in value.items()))
         if key == "backbone":
             parts.append("+".join(b.strip() for b in str(value).split(",") if b.strip()))
         elif isinstance(value, bool):

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from cxr14.errors import InputError
 from heads.data import METADATA_INPUT
-from heads.settings import HeadConfig, HeadKind, head_kind
+from heads.settings import HeadConfig, HeadKind, head_kind, kind_of
 from heads.start import HeadStart
 
 
@@ -37,12 +37,14 @@ def build_head(
     (same weights, cheaper masks) for training only; save the stock head, with the trained weights copied
     in, so model.keras needs no custom layer.
     """
-    spec = head_kind(kind)
+    spec = kind_of(head) if head.builder else head_kind(kind)
     check_inputs(spec, inputs=inputs)
     seeds = itertools.count(seed)
     model_inputs = {name: keras.Input(shape=tuple(shape), name=name) for name, shape in inputs.items()}
     if metadata_dim:
         model_inputs[METADATA_INPUT] = keras.Input(shape=(metadata_dim,), name=METADATA_INPUT)
+    if head.builder:
+        return _file_head(model_inputs, n_labels=n_labels, head=head, start=start)
     if start is None:
         return _plain_head(
             spec, model_inputs, n_labels=n_labels, head=head, seeds=seeds, byte_dropout=byte_dropout
@@ -76,6 +78,40 @@ def _plain_head(
         x = _fully_connected(x, head=head, seeds=seeds, byte_dropout=byte_dropout)
     outputs = _dense(n_labels, "sigmoid", head=head, seeds=seeds, name="labels")(x)
     return keras.Model(model_inputs, outputs, name=f"{spec.name}_head")
+
+
+def _file_head(model_inputs: dict, *, n_labels: int, head: HeadConfig, start: HeadStart | None):
+    """A head from the user's file (heads/custom.py) on the standardized inputs; with a start, its logits
+    are scaled per label by weights starting at zero and added to the probe's, so it too starts at the
+    reference (its own last layer cannot be zeroed: it may be anything)."""
+    from heads.custom import file_head_logits
+
+    given = model_inputs
+    if start is not None:
+        given = {name: _standardized(t, start=start, name=name) for name, t in model_inputs.items()}
+    logit = file_head_logits(head.builder, given, n_labels=n_labels, options=head.options)
+    if start is not None:
+        joined = _join([given[name] for name in start.inputs])
+        logit = keras.layers.Add()([_shortcut(joined, start=start), LabelScale(name="head_scale")(logit)])
+    try:
+        return keras.Model(
+            model_inputs, keras.layers.Activation("sigmoid", name="labels")(logit), name=f"{head.kind}_head"
+        )
+    except ValueError as err:
+        raise InputError(
+            f"{head.builder}: its logits do not come from the inputs it was given ({err})"
+        ) from None
+
+
+@keras.saving.register_keras_serializable(package="cxr14")
+class LabelScale(keras.layers.Layer):
+    """One weight per label multiplying that label's logit, starting at zero."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="scale")
+
+    def call(self, x):
+        return x * self.scale
 
 
 def _standardized(tensor, *, start: HeadStart, name: str):

@@ -31,6 +31,8 @@ OUTPUTS = (
 )
 # Written into every run folder the project makes: --force replaces only folders that hold it.
 MARKER = ".cxr14-run"
+# Written by some runs only: a head from the user's file keeps the file as trained (heads/custom.py).
+SOME_OUTPUTS = ("head_code.py",)
 CALIBRATION = "calibration.json"  # per-label calibration fitted on validation (results/calibration.py)
 THRESHOLDS = "thresholds.json"  # per-label operating points chosen on validation (results/operating.py)
 # What every reader of config.json takes from it, and the JSON type each must have.
@@ -128,7 +130,7 @@ def finish_run(tmp: Path, run_dir: Path) -> Path:
     """Move a complete run into place; only files a run writes are replaced, never a user's own."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / MARKER).write_text("a run folder made by cxr14; --force may replace it\n", encoding="utf-8")
-    for name in OUTPUTS:
+    for name in OUTPUTS + SOME_OUTPUTS:
         target = run_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -251,8 +253,18 @@ def load_model(run_dir: Path):
         raise InputError(
             f"{run_dir}: no model.keras (an unfinished run?); train it again with run.py train-head"
         )
+    record = read_config(run_dir).get("head_code")
+    objects = {}
+    if record is not None:
+        from heads.custom import head_objects
+        from heads.models import LabelScale
+
+        objects = {**head_objects(run_dir, record), "cxr14>LabelScale": LabelScale}
     try:
-        model = keras.saving.load_model(path, compile=False)
+        # A head from a file may hold Lambda layers; its code runs anyway, so safe mode guards nothing.
+        model = keras.saving.load_model(path, compile=False, custom_objects=objects, safe_mode=record is None)
+    except InputError:
+        raise
     except Exception as err:  # noqa: BLE001 - Keras raises many types for a bad file; all mean the same
         raise InputError(
             f"{path}: cannot be loaded ({type(err).__name__}: {_first_cause(err)}); train the run again"

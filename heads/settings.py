@@ -6,8 +6,10 @@ builds each kind from its trunk and heads/losses.py makes each loss.
 """
 
 import dataclasses
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cxr14.errors import check_choice
 from cxr14.settings import MAX_LAYER_SIZE, SEED_MAX, allowed, check_ranges
@@ -66,6 +68,33 @@ def head_kind(name: str, *, what: str = "head") -> HeadKind:
     return HEAD_KINDS[check_choice(name, HEAD_KINDS, what=what)]
 
 
+# A head from the user's own file: "PATH.py:FUNCTION" (heads/custom.py loads it).
+FILE_HEAD = re.compile(r"(?P<file>.+\.py):(?P<function>[A-Za-z_][A-Za-z0-9_]*)")
+
+
+def is_file_head(name: str) -> bool:
+    """Whether `name` names a head function in a file ("my_heads.py:gated_mix") rather than a kind."""
+    return FILE_HEAD.fullmatch(name) is not None
+
+
+def file_head_kind(builder: str) -> HeadKind:
+    """The kind of a head from a file: any number of feature caches in, its own layers trained from the
+    probe's start (no fully-connected block of ours, no second-order directions)."""
+    return HeadKind(
+        builder,
+        "a head function from your own file",
+        trunk="file",
+        takes="features",
+        max_backbones=None,
+        options=(),
+    )
+
+
+def kind_of(head: "HeadConfig") -> HeadKind:
+    """What `head` is: its builder's kind when it comes from a file, else the registered kind."""
+    return file_head_kind(head.builder) if head.builder else head_kind(head.kind)
+
+
 def describe_settings(head: dict, train: dict) -> list[str]:
     """`key=value` for what sets a run apart: its kind's head options, then the training choices."""
     parts = [f"loss={train.get('loss', 'bce')}"]
@@ -73,7 +102,10 @@ def describe_settings(head: dict, train: dict) -> list[str]:
         parts.append(f"gamma={train.get('focal_gamma')}")
     parts += [flag for flag in ("metadata", "augment") if train.get(flag)]
     kind = HEAD_KINDS.get(head.get("kind", ""))
-    for option in kind.options if kind else ():
+    if head.get("builder"):
+        parts.append(f"builder={head['builder']}")
+        parts += [f"{key}={value}" for key, value in (head.get("options") or {}).items()]
+    for option in kind.options if kind and not head.get("builder") else ():
         value = head.get(option)
         parts.append(f"{option}={'-'.join(map(str, value)) if isinstance(value, list | tuple) else value}")
     if head.get("l2"):
@@ -103,6 +135,9 @@ class HeadConfig:
     filters: tuple[int, ...] = (32, 64, 128)
     l2: float = allowed(0.0, low=0.0)
     directions: int = allowed(16, low=0, high=256)
+    # A head from the user's own file: "PATH.py:FUNCTION" and the keyword options it is called with.
+    builder: str = ""
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         check_ranges(self, section=f"heads.{self.kind}")
@@ -150,5 +185,8 @@ def auto_batch_size(train_rows: int) -> int:
     return batch
 
 
-HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(HeadConfig) if f.name != "kind")
+# What a [heads.KIND] table and the head flags set; a file head's builder and options are set apart.
+HEAD_FIELDS = tuple(
+    f.name for f in dataclasses.fields(HeadConfig) if f.name not in ("kind", "builder", "options")
+)
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))

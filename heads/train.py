@@ -13,6 +13,7 @@ import tensorflow as tf
 from keras import ops
 
 from cxr14.errors import InputError
+from heads.custom import keep_head_code
 from heads.data import HeadData, head_inputs
 from heads.losses import make_loss
 from heads.models import METADATA_INPUT, build_head
@@ -26,7 +27,7 @@ from heads.scoring import (
     split_metrics,
     write_decision_outputs,
 )
-from heads.settings import HeadConfig, TrainConfig, head_kind
+from heads.settings import HeadConfig, TrainConfig, kind_of
 from heads.start import HeadStart, fit_start, probe_blocks
 from results.format import format_difference
 from results.metrics import bootstrap_difference, mean_defined, roc_auc_per_label
@@ -230,6 +231,8 @@ def train_head(
     if progress:
         print(data.describe(), flush=True)
     with claim_run(run_dir, force=force) as tmp:
+        if head.builder:  # the file as trained is kept; evaluate, predict and export load this copy
+            config_snapshot = config_snapshot | {"head_code": keep_head_code(head.builder, tmp)}
         fitted = fit(
             data, rows=rows, head=head, train=train, n_labels=len(label_names), progress=progress, start=start
         )
@@ -268,7 +271,7 @@ def fit(
 ) -> FittedHead:
     """The probe start (feature heads; `start` when given), then the head trained from it with the best
     validation epoch kept."""
-    spec = head_kind(head.kind)
+    spec = kind_of(head)
     begin = start if spec.takes == "features" else None
     if spec.takes == "features" and begin is None:
         begin = fit_start(
@@ -362,7 +365,7 @@ def fit_head(
         "seed": train.seed,
     }
     trained = build_head(**spec, byte_dropout=True)
-    if start is not None and not head_kind(head.kind).hidden:
+    if start is not None and not kind_of(head).hidden:
         history = _closed_form(trained, data=data, rows=rows)
     else:
         history = _fit(
