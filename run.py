@@ -267,8 +267,7 @@ def _print_result(args, result: dict) -> None:
 
 def cmd_report(args, config: Config) -> None:
     from cxr14.outputs import check_output_file
-    from experiments.data import open_config_dataset
-    from experiments.leaderboard import find_reported, leaderboard
+    from heads.run_folder import find_reported
 
     if args.out:
         check_output_file(args.out, what="--out")
@@ -276,6 +275,13 @@ def cmd_report(args, config: Config) -> None:
     runs = [_run_or_sweep(run, runs_dir=config.runs_dir) for run in args.runs] or find_reported(
         config.runs_dir
     )
+    if not runs:  # answered before numpy and the index load
+        raise InputError(
+            f"no runs to report under {config.runs_dir}: train one with run.py train-head, or name run folders"
+        )
+    from experiments.data import open_config_dataset
+    from experiments.leaderboard import leaderboard
+
     text = leaderboard(runs, split=args.split, index=open_config_dataset(config).index)
     if args.out:
         args.out.write_text(text, encoding="utf-8")

@@ -54,6 +54,7 @@ ATTR_TYPES = {
         ("views", "image_size", "shard_size", "shard_start", "shard_stop", "shard_total_rows"), int
     ),
     **dict.fromkeys(JSON_ATTRS, dict),
+    "pretrained_on": list,  # a JSON list of data set names
 }
 DATASETS = ("names", "features", "status", "errors")
 SHARD_ATTRS = ("shard_start", "shard_stop", "shard_total_rows")
@@ -546,9 +547,9 @@ def _check_attrs(path: Path, attrs: dict) -> None:
 
 
 def _check_types(path: Path, attrs: dict) -> None:
-    """Every attribute the format names has its type (a string, an integer, a JSON object)."""
-    spelled = {str: "a string", int: "an integer", dict: "a JSON object"}
-    accepted = {str: str, int: (int, np.integer), dict: dict}
+    """Every attribute the format names has its type (a string, an integer, a JSON object or list)."""
+    spelled = {str: "a string", int: "an integer", dict: "a JSON object", list: "a JSON list"}
+    accepted = {str: str, int: (int, np.integer), dict: dict, list: list}
     for key, wanted in ATTR_TYPES.items():
         value = attrs.get(key)
         if value is not None and (not isinstance(value, accepted[wanted]) or isinstance(value, bool)):

@@ -10,6 +10,7 @@ import numpy as np
 
 from cxr14.caveats import SEEN_NOTICE, SYNTHETIC_NOTICE
 from cxr14.errors import InputError
+from heads.run_folder import find_reported  # noqa: F401  (report's runs, found without numpy)
 from heads.settings import describe_settings
 from results.format import MISSING, format_auc, format_difference
 from results.record import RunResults, read_results
@@ -40,12 +41,6 @@ def _read_split(run_dir: Path, split: str) -> RunResults:
     if not evaluated.is_file():
         raise NotOnSplit(f"scored on {results.split} only (run.py evaluate --split {split} scores it)")
     return read_results(evaluated)
-
-
-def find_reported(runs_dir: Path) -> list[Path]:
-    """Every run and sweep folder directly under `runs_dir`."""
-    marks = ("metrics.json", "grid.toml", "sweep.json")
-    return sorted({p.parent for mark in marks for p in Path(runs_dir).glob(f"*/{mark}")})
 
 
 def _entry(folder: Path) -> tuple[Path, str]:

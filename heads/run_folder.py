@@ -285,3 +285,9 @@ def _first_cause(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
     cause = next((line for line in lines if line.startswith("Exception encountered:")), lines[0])
     return cause.removeprefix("Exception encountered:").strip()[:300]
+
+
+def find_reported(runs_dir: Path) -> list[Path]:
+    """Every run and sweep folder directly under `runs_dir`."""
+    marks = ("metrics.json", "grid.toml", "sweep.json")
+    return sorted({p.parent for mark in marks for p in Path(runs_dir).glob(f"*/{mark}")})

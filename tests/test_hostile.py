@@ -24,6 +24,7 @@ from experiments.sweep import _finished, check_grid_size
 from heads.run_folder import MARKER, claim_run, finish_run, read_config, read_decisions, refuse_existing
 from heads.settings import HeadConfig, TrainConfig
 from inference.predict import predict_images
+from results.record import write_results
 from results.settings import DecisionConfig
 from tests.fixtures import (
     TINY,
@@ -288,8 +289,10 @@ def test_a_resumed_sweep_reuses_a_trial_only_when_its_settings_match(tmp_path):
     trial.mkdir()
     settings = {"head": {"kind": "fc", "units": (16,)}, "train": {"lr": 0.01}, "labels": ["A", "B"]}
     (trial / "config.json").write_text(json.dumps(settings))
-    (trial / "metrics.json").write_text(json.dumps({"mean_auc": 0.7}))
-    assert _finished(trial, snapshot_now=settings) == ({"mean_auc": 0.7}, "")
+    metrics = {"split": "val", "images": 4, "mean_auc": 0.7, "mean_ci": [None, None], "labels": {}}
+    write_results(trial / "metrics.json", metrics)  # a finished trial's results, as train_head writes them
+    done, why = _finished(trial, snapshot_now=settings)
+    assert done["mean_auc"] == 0.7 and why == ""
     changed = settings | {"train": {"lr": 0.1}}  # say, [fixed] lr edited between the two runs
     assert _finished(trial, snapshot_now=changed) == (None, "its train settings differ from the grid's now")
     (trial / "metrics.json").write_text('{"mean_auc": 0.7')  # cut short by a kill
