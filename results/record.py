@@ -108,9 +108,10 @@ def _label(value, *, name: str, source: str) -> LabelResult:
 def _auc(value, *, key: str, source: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+    # scikit-learn's average precision can land a rounding step above 1 (1.0000000000000002): kept, as 1.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not -1e-9 <= value <= 1.0 + 1e-9:
         raise InputError(f"{source}: {key} = {value!r} is not an AUC (a number in [0, 1] or null)")
-    return float(value)
+    return min(max(float(value), 0.0), 1.0)
 
 
 def _interval(value, *, key: str, source: str) -> tuple[float | None, float | None]:

@@ -69,3 +69,10 @@ def test_a_missing_key_or_a_file_that_is_not_json_is_one_line(tmp_path):
         read_results(tmp_path / "metrics.json")
     with pytest.raises(InputError, match="no results"):
         read_results(tmp_path / "absent.json")
+
+
+def test_a_rounding_step_above_one_reads_as_one(tmp_path):
+    metrics = _metrics()
+    metrics["labels"]["Atelectasis"]["pr_auc"] = 1.0000000000000002
+    results = read_results(write_results(tmp_path / "metrics.json", metrics))
+    assert results.labels["Atelectasis"].pr_auc == 1.0
