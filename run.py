@@ -859,6 +859,9 @@ def _add_head_commands(sub) -> None:
     _add_heatmap_method(p)
     _json_flag(p, "print the metrics as one JSON object")
 
+
+def _add_result_commands(sub) -> None:
+    """report, compare and sweep: what gathers and ranks runs."""
     p = _command(sub, "report", cmd_report, "Gather runs into one markdown leaderboard.")
     p.add_argument("runs", nargs="*", help="run names or folders (default: every run under the runs folder)")
     p.add_argument("--out", type=Path, help="also write the leaderboard to this file")
@@ -1118,6 +1121,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_data_commands,
         _add_extract_commands,
         _add_head_commands,
+        _add_result_commands,
         _add_curve_command,
         _add_model_commands,
         _add_import_command,

@@ -216,14 +216,8 @@ def _finished(trial_dir: Path, *, snapshot_now: dict) -> tuple[dict | None, str]
     return metrics, ""
 
 
-def run_sweep(config: Config, *, grid_path: Path, name: str, max_trials: int = MAX_TRIALS) -> dict:
-    """Train every trial not already finished, rank by validation mean AUC, test only the winner."""
-    from experiments.data import open_run_data
-    from experiments.provenance import check_caches
-    from heads.scoring import score_run
-    from results.report import write_auc_table
-
-    sweep_dir = run_path(config.runs_dir, name)
+def _planned_grid(config: Config, *, grid_path: Path, max_trials: int) -> tuple[list, dict, list]:
+    """(combinations, plans by trial, skipped): the grid checked, expanded and planned before any work."""
     axes, fixed = read_grid(grid_path)
     check_grid_size(axes, most=max_trials, path=grid_path)
     check_backbones(config, axes, fixed, path=grid_path)
@@ -232,6 +226,18 @@ def run_sweep(config: Config, *, grid_path: Path, name: str, max_trials: int = M
     if not plans:
         reasons = sorted({s["reason"] for s in skipped})
         raise InputError(f"{grid_path}: no valid combination to train; every one was skipped: {reasons}")
+    return combos, plans, skipped
+
+
+def run_sweep(config: Config, *, grid_path: Path, name: str, max_trials: int = MAX_TRIALS) -> dict:
+    """Train every trial not already finished, rank by validation mean AUC, test only the winner."""
+    from experiments.data import open_run_data
+    from experiments.provenance import check_caches
+    from heads.scoring import score_run
+    from results.report import write_auc_table
+
+    sweep_dir = run_path(config.runs_dir, name)
+    combos, plans, skipped = _planned_grid(config, grid_path=grid_path, max_trials=max_trials)
     backbones = sorted({b for plan in plans.values() for b in plan.backbones})
     check_caches(config, backbones)
     # One load for every trial: all trials then also see exactly the same rows.
