@@ -21,7 +21,7 @@ from cxr14.errors import Fix, InputError
 from cxr14.settings import SEED_MAX, override
 from cxr14.text import did_you_mean
 from experiments.config import Config, load_config, with_training
-from experiments.preflight import check_backbones, check_data, check_run_inputs
+from experiments.preflight import check_data, check_feature_files, check_run_inputs
 from heads.settings import FUSIONS, HEAD_FIELDS, HEAD_KINDS, LOSSES, TRAIN_FIELDS
 from inference.settings import HEATMAP_METHODS
 from results.settings import CALIBRATIONS, DECISION_FIELDS, OPERATING_POINTS
@@ -213,7 +213,7 @@ def cmd_train_head(args, config: Config) -> None:
     # A runs folder that is a file, or a name that would leave it, is refused before anything else.
     run_path(config.runs_dir, args.name or "run")
     # A missing cache answers before h5py loads.
-    check_backbones(config, [name for name in args.backbone.split(",") if name.strip()])
+    check_feature_files(config, [name for name in args.backbone.split(",") if name.strip()])
     from experiments.experiment import plan_run, run_train_head
 
     plan = plan_run(config, kind=args.head, backbones=args.backbone)

@@ -62,12 +62,10 @@ def open_project(
 
 def load_features(project: Config, *, backbones: Sequence[str]) -> Features:
     """Each backbone's cache read once and joined by image name with labels, splits, patients, metadata."""
-    from experiments.data import open_run_data
-    from experiments.provenance import check_caches
+    from experiments.data import open_training_data
     from heads.data import METADATA_COLUMNS
 
-    check_caches(project, list(backbones))
-    _, data = open_run_data(project, backbones=list(backbones), metadata=True)
+    _, data = open_training_data(project, backbones=list(backbones), metadata=True)
     return Features(
         names=data.names,
         features=dict(data.features),

@@ -129,13 +129,11 @@ def run_curve(
     changes: dict | None = None,
 ) -> dict:
     """Plan the lines, load every backbone they read once, and draw the curve into runs/NAME/."""
-    from experiments.data import open_run_data
-    from experiments.provenance import check_caches
+    from experiments.data import open_training_data
 
     plans = plan_lines(config, heads=heads, backbone_sets=backbone_sets, changes=changes or {})
     backbones = sorted({b for plan in plans.values() for b in plan.backbones})
-    check_caches(config, backbones)
-    _, data = open_run_data(config, backbones=backbones, metadata=True)
+    _, data = open_training_data(config, backbones=backbones, metadata=True)
     return draw_curve(config, data=data, plans=plans, sizes=sizes, seeds=seeds, name=name)
 
 

@@ -24,11 +24,17 @@ def open_run_data(config: Config, *, backbones: Sequence[str], metadata: bool):
         splits=dataset.splits,
         metadata=metadata,
         synthetic=dataset.synthetic,
-        pretrained_on=pretraining(config),
+        # What each configured backbone's weights were pre-trained on (its table's pretrained_on).
+        pretrained_on={name: b.pretrained_on for name, b in config.backbones.items()},
     )
     return dataset, data
 
 
-def pretraining(config: Config) -> dict[str, tuple[str, ...]]:
-    """What each configured backbone's weights were pre-trained on (its table's pretrained_on)."""
-    return {name: b.pretrained_on for name, b in config.backbones.items()}
+def open_training_data(config: Config, *, backbones: Sequence[str], metadata: bool):
+    """open_run_data for a head about to train: each cache also checked against the config's table for
+    its backbone, on the attributes the load read (a cache's attributes are read once)."""
+    from experiments.provenance import check_made_by
+
+    dataset, data = open_run_data(config, backbones=backbones, metadata=metadata)
+    check_made_by(config, data.caches)
+    return dataset, data

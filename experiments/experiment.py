@@ -12,10 +12,11 @@ from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.errors import Fix, InputError
 from cxr14.made_by import made_by
 from experiments.config import Config
-from extract.settings import SOURCES
+from experiments.preflight import backbone_kind
+from experiments.provenance import extracted_backbone, recorded
 from heads.run_folder import read_config, refuse_existing, run_path
 from heads.settings import HEAD_KINDS, HeadConfig, TrainConfig, kind_of
-from results.format import format_auc, format_difference
+from results.summary import summarize_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,15 +65,6 @@ def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> Ru
     return RunPlan(head=head, train=config.train, backbones=backbones)
 
 
-def backbone_kind(config: Config, name: str) -> str:
-    """experiments.provenance.cache_kind, without loading numpy or h5py for a backbone the config names."""
-    if name in config.backbones:
-        return SOURCES[config.backbones[name].source]
-    from experiments.provenance import cache_kind  # features of one's own: the file says what it holds
-
-    return cache_kind(config, name)
-
-
 def sized_for_data(plan: RunPlan, data) -> RunPlan:
     """The plan with what depends on the data's size settled (an "auto" batch size), so that config.json
     records what was trained."""
@@ -86,8 +78,6 @@ def snapshot(config: Config, plan: RunPlan, *, caches: dict[str, dict], syntheti
     later edit of the config cannot change what predict and export run. `synthetic`: trained on a
     make-sample data set (predict and export then warn).
     """
-    from experiments.provenance import extracted_backbone, recorded
-
     return {
         "head": dataclasses.asdict(plan.head),
         "train": dataclasses.asdict(plan.train),
@@ -114,27 +104,26 @@ def run_train_head(
 ) -> dict:
     """Load the data set and cached features, train the head, write runs/NAME/. `plan`: plan_run's
     answer for the same kind and backbones when the caller has it already."""
-    from experiments.data import open_run_data
-    from experiments.provenance import check_caches
+    from experiments.data import open_training_data
     from heads.train import train_head
 
     plan = plan or plan_run(config, kind=kind, backbones=backbones)
     run_dir = run_path(config.runs_dir, name or plan.default_name())
-    check_caches(config, plan.backbones)
     try:
         refuse_existing(run_dir, force=force)
     except InputError as err:
         raise err.fixed_by(Fix("train-head", {"force": True})) from None
-    dataset, data = open_run_data(config, backbones=plan.backbones, metadata=plan.train.metadata)
+    dataset, data = open_training_data(config, backbones=plan.backbones, metadata=plan.train.metadata)
     plan = sized_for_data(plan, data)
     plan = dataclasses.replace(plan, train=plan.train.logged_as(run_dir.name))
+    config_snapshot = snapshot(config, plan, caches=data.caches, synthetic=dataset.synthetic)
     metrics = train_head(
         run_dir=run_dir,
         data=data,
         head=plan.head,
         train=plan.train,
         label_names=config.labels,
-        config_snapshot=snapshot(config, plan, caches=data.caches, synthetic=dataset.synthetic),
+        config_snapshot=config_snapshot,
         force=force,
         decision=config.decision,
     )
@@ -188,41 +177,3 @@ def run_localization(
     )
     result |= {"split": split, "images": len(chosen), "outside_split": len(boxes) - len(chosen)}
     return result
-
-
-def _baseline_summary(metrics: dict) -> list[str]:
-    """The metadata baseline in one line, and a flag when the run does not beat it."""
-    baselines = metrics.get("baselines") or {}
-    metadata = baselines.get("metadata")
-    if not metadata:
-        return []
-    line = f"{'metadata baseline':<20} {format_auc(metadata['mean_auc'], metadata['mean_ci'])}"
-    lines = [line + f"  (age, sex, view; chance {baselines['chance_auc']:.3f})"]
-    if not baselines["beats_metadata"]:
-        lines.append("warning: this run does not beat the metadata-only baseline (age, sex, view position)")
-    return lines
-
-
-def summarize_metrics(
-    metrics: dict, *, run_dir: Path, split: str = "test", written: Path | None = None
-) -> str:
-    """A short per-disease table for the terminal."""
-    lines = [f"** {metrics['notice']} **"] if metrics.get("notice") else []
-    lines += [f"{'label':<20} AUC [95% CI, patients]"]
-    for label, m in metrics["labels"].items():
-        one_class = f" (one class only in {split})" if m["auc"] is None else ""
-        lines.append(f"{label:<20} {format_auc(m['auc'], m['ci'])}{one_class}")
-    lines.append(f"{'mean':<20} {format_auc(metrics['mean_auc'], metrics['mean_ci'])}")
-    reference = metrics.get("reference")
-    if reference:
-        difference = format_difference(reference["difference"], reference["difference_ci"])
-        lines.append(f"{'ridge probe':<20} {format_auc(reference['mean_auc'])}  head - probe {difference}")
-    if metrics.get("converged") is False:
-        lines.append(
-            f"not converged: validation AUC was still rising at the last allowed epoch ({metrics['epochs']}); "
-            "train with more epochs"
-        )
-    lines += _baseline_summary(metrics)
-    where = f"wrote {written}" if written else f"outputs in {run_dir}"
-    lines.append(f"{split}: {metrics['images']:,} images, {metrics['patients']:,} patients; {where}")
-    return "\n".join(lines)

@@ -5,12 +5,10 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from cache.store import cache_path, read_attrs, refuse_folder
+from cache.paths import cache_file, cache_path
 from cxr14.errors import Fix, InputError
 from experiments.config import Config
-from experiments.preflight import check_named
-from extract.settings import SOURCES, BackboneConfig
-from heads.data import cache_file
+from extract.settings import BackboneConfig
 
 # Cache attributes a run records; evaluate refuses a cache whose recorded ones changed since.
 RECORDED = ("backbone", "kind", "dtype", "views", "fingerprint", "image_list_sha256")
@@ -18,26 +16,22 @@ RECORDED = ("backbone", "kind", "dtype", "views", "fingerprint", "image_list_sha
 BACKBONE_FIELDS = {f.name: f for f in dataclasses.fields(BackboneConfig) if f.name != "pretrained_on"}
 
 
-def cache_kind(config: Config, name: str) -> str:
-    """What backbone `name`'s cache holds ("features" or "pixels"): from its [backbones] table, or for
-    features of one's own without a table, from the feature file itself."""
-    if name in config.backbones:
-        return SOURCES[config.backbones[name].source]
-    path = cache_path(config.cache_dir, name)
-    refuse_folder(path)
-    check_named(config, name)
-    return read_attrs(path)["kind"]
-
-
 def check_caches(config: Config, backbones: Sequence[str]) -> dict[str, dict]:
-    """Each backbone's cache attributes, refused where the cache was made by another backbone or with
-    other settings than the config's table for it."""
-    caches = {}
-    for name in backbones:
-        path = cache_file(config.cache_dir, name)
-        caches[name] = read_attrs(path)
-        check_cache(path, name=name, attrs=caches[name], configured=config.backbones.get(name))
+    """Each backbone's cache attributes, read and checked as check_made_by does, before its features load."""
+    from cache.store import read_attrs
+
+    caches = {name: read_attrs(cache_file(config.cache_dir, name)) for name in backbones}
+    check_made_by(config, caches)
     return caches
+
+
+def check_made_by(config: Config, caches: dict[str, dict]) -> None:
+    """Refuse a cache (per backbone, its attributes as read) made by another backbone or with other
+    settings than the config's table for it."""
+    for name, attrs in caches.items():
+        check_cache(
+            cache_path(config.cache_dir, name), name=name, attrs=attrs, configured=config.backbones.get(name)
+        )
 
 
 def check_cache(path: Path, *, name: str, attrs: dict, configured: BackboneConfig | None) -> None:
