@@ -54,12 +54,17 @@ def runs(tmp_path, tiny_project):
     return tiny_project, index, folders
 
 
+def _compare(config, folders, names, *, out, n_boot, seed=0, split="test"):
+    """run_compare on the fixture's runs `names`, in that order."""
+    return run_compare(
+        config, run_dirs=[folders[n] for n in names], split=split, out=out, n_boot=n_boot, seed=seed
+    )
+
+
 def test_a_run_against_itself_differs_by_zero_with_p_one(runs, tmp_path):
     config, _, folders = runs
     with pytest.raises(InputError, match="named twice"):
-        run_compare(
-            config, run_dirs=[folders["good"]] * 2, split="test", out=tmp_path / "c", n_boot=50, seed=0
-        )
+        _compare(config, folders, ["good", "good"], out=tmp_path / "c", n_boot=50)
     copy = tmp_path / "runs" / "copy"
     copy.mkdir()
     for name in ("config.json", "predictions.csv"):
@@ -96,14 +101,7 @@ def _weighted_bootstrap(y, a, b, patients, *, n_boot, seed):
 
 def test_a_wide_margin_excludes_zero_and_intervals_match_a_plain_bootstrap(runs, tmp_path):
     config, index, folders = runs
-    result = run_compare(
-        config,
-        run_dirs=[folders["bad"], folders["good"]],
-        split="test",
-        out=tmp_path / "c",
-        n_boot=60,
-        seed=3,
-    )
+    result = _compare(config, folders, ["bad", "good"], out=tmp_path / "c", n_boot=60, seed=3)
     versus = result["versus"]["good"]
     assert versus["mean"]["ci"][0] > 0 and versus["mean"]["p"] < 0.05
     tables = {n: pd.read_csv(folders[n] / "predictions.csv") for n in ("bad", "good")}
@@ -124,18 +122,9 @@ def test_other_images_are_refused_naming_the_difference(runs, tmp_path):
     with pytest.raises(
         InputError, match=r"not scored on the same test images: 3 only in good, 0 only in fewer"
     ):
-        run_compare(
-            config,
-            run_dirs=[folders["good"], folders["fewer"]],
-            split="test",
-            out=tmp_path,
-            n_boot=10,
-            seed=0,
-        )
+        _compare(config, folders, ["good", "fewer"], out=tmp_path, n_boot=10)
     with pytest.raises(InputError, match="no val predictions"):
-        run_compare(
-            config, run_dirs=[folders["good"], folders["bad"]], split="val", out=tmp_path, n_boot=10, seed=0
-        )
+        _compare(config, folders, ["good", "bad"], split="val", out=tmp_path, n_boot=10)
 
 
 def test_compare_command_prints_json(runs, tmp_path, capsys):
@@ -202,13 +191,6 @@ def test_a_comparison_carries_the_runs_caveats(runs, tmp_path):
     notice = f"{SEEN_NOTICE} (rad_dino)"
     metrics = {"images": 1, "mean_auc": 0.5, "mean_ci": [None, None], "labels": {}, "notice": notice}
     write_results(folders["bad"] / "metrics.json", metrics)
-    result = run_compare(
-        config,
-        run_dirs=[folders["good"], folders["bad"]],
-        split="test",
-        out=tmp_path / "n",
-        n_boot=20,
-        seed=0,
-    )
+    result = _compare(config, folders, ["good", "bad"], out=tmp_path / "n", n_boot=20)
     assert result["notices"] == [notice]
     assert (tmp_path / "n" / "compare.md").read_text().splitlines()[0] == f"**{notice}**"

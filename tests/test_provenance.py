@@ -1,21 +1,24 @@
 """experiments/provenance.py: a head trains only on the configured backbone's features, the run records the
 backbone as extracted, and features of one's own train without a [backbones] table."""
 
+import collections
 import dataclasses
 import json
 import os
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
 import run
+from cache import store
 from cache.checksums import checksums
 from cache.store import cache_path, read_attrs
 from cxr14.errors import Fix, InputError
 from experiments.data import open_config_dataset
-from experiments.experiment import run_evaluate, run_train_head
+from experiments.experiment import plan_run, run_evaluate, run_train_head
 from experiments.provenance import extracted_backbone
 from experiments.sweep import run_sweep
 from heads.run_folder import claim_run
@@ -106,6 +109,23 @@ def test_a_sweep_refuses_a_stale_cache_before_making_its_folder(tiny_project, tm
     with pytest.raises(InputError, match="seed 0 in the cache, 5 in the config"):
         run_sweep(config, grid_path=grid, name="s")
     assert not config.runs_dir.exists()
+
+
+def test_train_head_reads_each_caches_attributes_once(tiny_project, tmp_path, monkeypatch):
+    """The check against the config and the load share one read of a cache's attributes."""
+    config = _with(tiny_project, tmp_path, copy=["offline_cnn", "offline_cnn_wide"])
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=1))
+    reads = collections.Counter()
+    get_attrs = store._get_attrs  # every read of a file's attributes goes through it
+
+    def counted(path, f):
+        reads[Path(path).name] += 1
+        return get_attrs(path, f)
+
+    monkeypatch.setattr(store, "_get_attrs", counted)
+    plan = plan_run(config, kind="ensemble", backbones="offline_cnn,offline_cnn_wide")
+    run_train_head(config, kind="ensemble", backbones=plan.backbones, name="r", force=False, plan=plan)
+    assert reads == {"offline_cnn.h5": 1, "offline_cnn_wide.h5": 1}
 
 
 def test_the_run_records_the_backbone_as_extracted(trained):

@@ -104,13 +104,20 @@ def test_official_list_sharing_a_patient_is_refused(tmp_path):
         split(index, folder, "official")
 
 
-def test_list_naming_an_unknown_image_gives_file_and_line(tmp_path):
+@pytest.mark.parametrize(
+    "line, refusal",
+    [
+        ("\n99999999_000.png\n", r"test_list\.txt: line 5: image '99999999_000\.png' is not in"),
+        ("00000001_000.png\n", r"test_list\.txt: line 4: .* listed twice"),
+    ],
+)
+def test_an_unknown_or_repeated_image_in_a_list_is_refused_naming_file_and_line(tmp_path, line, refusal):
     folder = write_data(tmp_path)
     index = load(folder)
     write_official(folder, index, test_patients=[1])
     with open(folder / "test_list.txt", "a") as f:
-        f.write("\n99999999_000.png\n")
-    with pytest.raises(InputError, match=r"test_list\.txt: line 5: image '99999999_000\.png' is not in"):
+        f.write(line)
+    with pytest.raises(InputError, match=refusal):
         split(index, folder, "official")
 
 
@@ -124,16 +131,6 @@ def test_image_in_both_lists_or_in_neither_is_refused(tmp_path):
         split(index, folder, "official")
     (folder / "train_val_list.txt").write_text("".join(f"{n}\n" for n in [*train_val, "00000001_000.png"]))
     with pytest.raises(InputError, match=r"'00000001_000\.png' is in more than one"):
-        split(index, folder, "official")
-
-
-def test_duplicate_line_in_a_list_is_refused(tmp_path):
-    folder = write_data(tmp_path)
-    index = load(folder)
-    write_official(folder, index, test_patients=[1])
-    with open(folder / "test_list.txt", "a") as f:
-        f.write("00000001_000.png\n")
-    with pytest.raises(InputError, match=r"test_list\.txt: line 4: .* listed twice"):
         split(index, folder, "official")
 
 
