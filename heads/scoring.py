@@ -15,6 +15,7 @@ from heads.run_folder import load_model, read_decisions, run_labels, write_decis
 from results.baselines import CHANCE_AUC, baseline_metrics, metadata_baseline_scores
 from results.calibration import apply_calibration, fit_calibration
 from results.metrics import expected_calibration_error, label_metrics, mean_defined, rates_at_thresholds
+from results.multilabel import multilabel_metrics
 from results.operating import choose_thresholds, threshold_array
 from results.record import write_results
 from results.report import plot_reliability
@@ -178,14 +179,23 @@ def decision_metrics(
     }
     if thresholds is not None:
         cuts = threshold_array(thresholds, label_names=label_names)
-        result["operating_points"] = {
+        boot = {"groups": groups, "label_names": label_names, "n_boot": n_boot, "seed": seed}
+        point = {
             "method": thresholds["method"],
             "target": thresholds["target"],
             "chosen_on": "val",
             "in_sample": in_sample,
-            "labels": rates_at_thresholds(
-                y_true, calibrated, cuts, groups=groups, label_names=label_names, n_boot=n_boot, seed=seed
-            ),
+        }
+        result["operating_points"] = {
+            **point,
+            "labels": rates_at_thresholds(y_true, calibrated, cuts, **boot),
+        }
+        # The same calls, judged across labels; the ranking metrics rank the calibrated probabilities,
+        # which calibration puts on one scale across labels.
+        result["multilabel"] = {
+            "operating_point": point,
+            "ranking_scores": "calibrated probability",
+            **multilabel_metrics(y_true, calibrated, cuts, **boot),
         }
     return result
 

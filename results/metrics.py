@@ -18,7 +18,8 @@ from cxr14.errors import InputError
 _CHUNK = 250
 
 
-def _check_inputs(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
+def check_scores(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 labels as int8 and finite scores as float64, both (images, labels), or an InputError."""
     y_true = np.asarray(y_true)
     y_score = np.asarray(y_score, dtype=np.float64)
     if y_true.ndim != 2 or y_true.shape != y_score.shape:
@@ -51,7 +52,7 @@ def _defined(y_true: np.ndarray) -> np.ndarray:
 
 def roc_auc_per_label(y_true, y_score) -> np.ndarray:
     """ROC AUC per label (scikit-learn), NaN where a label has only one class."""
-    y_true, y_score = _check_inputs(y_true, y_score)
+    y_true, y_score = check_scores(y_true, y_score)
     defined = _defined(y_true)
     return np.array(
         [roc_auc_score(y_true[:, j], y_score[:, j]) if defined[j] else np.nan for j in range(y_true.shape[1])]
@@ -60,7 +61,7 @@ def roc_auc_per_label(y_true, y_score) -> np.ndarray:
 
 def pr_auc_per_label(y_true, y_score) -> np.ndarray:
     """Average precision per label, NaN where a label has no positives (precision is then undefined)."""
-    y_true, y_score = _check_inputs(y_true, y_score)
+    y_true, y_score = check_scores(y_true, y_score)
     has_positive = y_true.sum(axis=0) > 0
     return np.array(
         [
@@ -137,7 +138,7 @@ def bootstrap_auc(y_true, y_score, *, groups, n_boot: int, seed: int, level: flo
     mean is over the labels defined on the full data, and a resample where any of them is one-class is
     skipped for the mean (so every mean replicate averages the same labels).
     """
-    y_true, y_score = _check_inputs(y_true, y_score)
+    y_true, y_score = check_scores(y_true, y_score)
     _check_level(level)
     replicates = _replicates(y_true, y_score, groups=groups, n_boot=n_boot, seed=seed)
     complete, means = _mean_replicates(y_true, replicates)
@@ -157,8 +158,8 @@ def bootstrap_difference(
     """Mean ROC AUC of `score_a` minus that of `score_b` on the same images, with a paired patient-bootstrap
     interval: both are scored on the very same resamples, so what they share cancels out. Also each one's
     own mean interval from those resamples ("mean_ci_a", "mean_ci_b": bootstrap_auc's "mean" for the seed)."""
-    y_true, score_a = _check_inputs(y_true, score_a)
-    _, score_b = _check_inputs(y_true, score_b)
+    y_true, score_a = check_scores(y_true, score_a)
+    _, score_b = check_scores(y_true, score_b)
     _check_level(level)
     difference = mean_defined(roc_auc_per_label(y_true, score_a)) - mean_defined(
         roc_auc_per_label(y_true, score_b)
@@ -231,7 +232,7 @@ def label_metrics(y_true, y_score, *, groups, label_names: Sequence[str], n_boot
     Undefined values are None (null in JSON); labels without an AUC are listed under "undefined".
     n_boot=0 skips the bootstrap and leaves every interval [None, None].
     """
-    y_true, y_score = _check_inputs(y_true, y_score)
+    y_true, y_score = check_scores(y_true, y_score)
     groups = _check_groups(groups, y_true.shape[0])
     if len(label_names) != y_true.shape[1]:
         raise InputError(
@@ -283,14 +284,28 @@ def _rates(tp, fp, tn, fn) -> dict:
         }
 
 
-def _confusion_per_patient(y_true: np.ndarray, called: np.ndarray, patient: np.ndarray) -> np.ndarray:
-    """(patients, 4 * L): each patient's TP, FP, TN and FN counts, one block of L columns per cell."""
-    positive = y_true.astype(bool)
-    cells = (called & positive, called & ~positive, ~called & ~positive, ~called & positive)
-    stacked = np.concatenate(cells, axis=1).astype(np.float64)
-    per_patient = np.zeros((int(patient.max()) + 1, stacked.shape[1]))
-    np.add.at(per_patient, patient, stacked)
-    return per_patient
+def patient_bootstrap_sums(per_image, *, groups, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column sums of `per_image` (images, k) over every image, (k,), and over each of n_boot patient
+    resamples, (n_boot, k): a resample counts an image as often as its patient is drawn.
+
+    Summing per patient first makes a chunk of resamples cost one matrix product, whatever the metric,
+    so any metric that is a ratio of per-image sums gets its patient-bootstrap interval this way.
+    """
+    per_image = np.asarray(per_image, dtype=np.float64)
+    _, patient = np.unique(_check_groups(groups, per_image.shape[0]), return_inverse=True)
+    per_patient = np.zeros((int(patient.max()) + 1, per_image.shape[1]))
+    np.add.at(per_patient, patient, per_image)
+    drawn = [np.empty((0, per_image.shape[1]))]
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, _CHUNK):
+        counts = _patient_counts(per_patient.shape[0], min(_CHUNK, n_boot - start), rng).astype(np.float64)
+        drawn.append(counts @ per_patient)
+    return per_patient.sum(axis=0), np.concatenate(drawn)
+
+
+def percentile_ci(replicates, level: float = 0.95) -> list[float | None]:
+    """The percentile interval [low, high] of a bootstrap's replicates, NaN ones skipped; JSON-ready."""
+    return [_json_float(v) for v in _interval(np.asarray(replicates, dtype=np.float64), level)]
 
 
 def rates_at_thresholds(
@@ -307,23 +322,21 @@ def rates_at_thresholds(
     """Per label, the counts and sensitivity, specificity, PPV and NPV of calling score >= threshold
     positive, with patient-bootstrap percentile intervals; JSON-ready. A NaN threshold gives nulls.
 
-    Each resample reweights every patient's confusion counts by how often the patient is drawn, so a
-    chunk of resamples costs one matrix product.
+    Each resample reweights every patient's confusion counts by how often the patient is drawn
+    (patient_bootstrap_sums), so a chunk of resamples costs one matrix product.
     """
-    y_true, y_score = _check_inputs(y_true, y_score)
+    y_true, y_score = check_scores(y_true, y_score)
     _check_level(level)
-    _, patient = np.unique(_check_groups(groups, y_true.shape[0]), return_inverse=True)
     thresholds = np.asarray(thresholds, dtype=np.float64)
     has = ~np.isnan(thresholds)
-    per_patient = _confusion_per_patient(y_true, y_score >= np.where(has, thresholds, np.inf), patient)
-    totals = per_patient.sum(axis=0).reshape(4, -1)
+    called, positive = y_score >= np.where(has, thresholds, np.inf), y_true.astype(bool)
+    cells = (called & positive, called & ~positive, ~called & ~positive, ~called & positive)
+    sums, drawn = patient_bootstrap_sums(
+        np.concatenate(cells, axis=1), groups=groups, n_boot=n_boot, seed=seed
+    )
+    totals = sums.reshape(4, -1)
     point = _rates(*totals)
-    drawn = []
-    rng = np.random.default_rng(seed)
-    for start in range(0, n_boot, _CHUNK):
-        counts = _patient_counts(per_patient.shape[0], min(_CHUNK, n_boot - start), rng).astype(np.float64)
-        drawn.append((counts @ per_patient).reshape(counts.shape[0], 4, -1))
-    replicates = _rates(*np.concatenate(drawn, axis=0).transpose(1, 0, 2)) if drawn else None
+    replicates = _rates(*drawn.reshape(n_boot, 4, -1).transpose(1, 0, 2)) if n_boot else None
     result = {}
     for j, name in enumerate(label_names):
         entry = {
@@ -390,8 +403,8 @@ def compare_scores(
     in numerator and denominator; two identical score sets give differences of 0 and p = 1. Both score sets
     are scored on the very same patient resamples (one seed), so what they share cancels out.
     """
-    y_true, score_a = _check_inputs(y_true, score_a)
-    _, score_b = _check_inputs(y_true, score_b)
+    y_true, score_a = check_scores(y_true, score_a)
+    _, score_b = check_scores(y_true, score_b)
     _check_level(level)
     observed = roc_auc_per_label(y_true, score_a) - roc_auc_per_label(y_true, score_b)
     mean = mean_defined(roc_auc_per_label(y_true, score_a)) - mean_defined(roc_auc_per_label(y_true, score_b))
@@ -452,7 +465,7 @@ def mean_differences_against(
     """For each named score set: its mean ROC AUC minus `reference`'s on the same images, with a paired
     patient-bootstrap interval and p-value (as compare_scores' "mean"); the reference's resamples are
     drawn once for all."""
-    y_true, reference = _check_inputs(y_true, reference)
+    y_true, reference = check_scores(y_true, reference)
     base = mean_defined(roc_auc_per_label(y_true, reference))
     ref_means = None
     if n_boot > 0:
@@ -461,7 +474,7 @@ def mean_differences_against(
         )
     result = {}
     for name, score in scores.items():
-        _, score = _check_inputs(y_true, score)
+        _, score = check_scores(y_true, score)
         observed = mean_defined(roc_auc_per_label(y_true, score)) - base
         replicates = np.empty(0)
         if ref_means is not None:

@@ -11,6 +11,17 @@ from cxr14.errors import InputError
 
 RESULTS_VERSION = 1  # metrics.json written before the version was stamped has this layout too
 
+# The "multilabel" block (results/multilabel.py; absent from files written before it, which still read):
+# its metrics in the order tables show them, with the name people read and which way is better.
+MULTILABEL_METRICS = {
+    "hamming_loss": ("Hamming loss", "lower"),
+    "subset_accuracy": ("Subset accuracy", "higher"),
+    "f1_samples": ("Example-based F1", "higher"),
+    "f1_macro": ("Macro F1", "higher"),
+    "lrap": ("Label-ranking average precision", "higher"),
+    "coverage_error": ("Coverage error", "lower"),
+}
+
 
 @dataclass(frozen=True)
 class LabelResult:
@@ -26,6 +37,28 @@ class LabelResult:
 
 
 @dataclass(frozen=True)
+class Estimate:
+    """A value (None where undefined) and its patient-bootstrap 95 % interval."""
+
+    value: float | None
+    ci: tuple[float | None, float | None]
+
+
+@dataclass(frozen=True)
+class MultilabelResult:
+    """Multi-label metrics of the run's calls at its operating points: MULTILABEL_METRICS by key, the
+    labels that were called (those with a threshold), and the block's other facts (image counts...)."""
+
+    metrics: dict[str, Estimate]
+    labels: tuple[str, ...]
+    details: dict
+
+    def as_dict(self) -> dict:
+        metrics = {name: {"value": e.value, "ci": list(e.ci)} for name, e in self.metrics.items()}
+        return {**self.details, "labels": list(self.labels), "metrics": metrics}
+
+
+@dataclass(frozen=True)
 class RunResults:
     split: str
     images: int
@@ -33,6 +66,7 @@ class RunResults:
     mean_ci: tuple[float | None, float | None]
     labels: dict[str, LabelResult]
     details: dict  # the rest of metrics.json: run facts, baselines, decisions, the probe reference, times
+    multilabel: MultilabelResult | None = None  # None: a run without operating points, or an older file
 
     @property
     def sort_key(self) -> float:
@@ -48,6 +82,8 @@ class RunResults:
             "mean_ci": list(self.mean_ci),
             "labels": {name: _label_dict(result) for name, result in self.labels.items()},
         }
+        if self.multilabel is not None:
+            core["multilabel"] = self.multilabel.as_dict()
         return {"results_version": RESULTS_VERSION, **self.details, **core}
 
 
@@ -79,7 +115,7 @@ def results_from(metrics: dict, *, source: str) -> RunResults:
     if not isinstance(labels, dict):
         raise InputError(f"{source}: 'labels' must map each label to its results")
     details = {k: v for k, v in metrics.items() if k not in ("results_version", "labels")}
-    for key in ("split", "images", "mean_auc", "mean_ci"):
+    for key in ("split", "images", "mean_auc", "mean_ci", "multilabel"):
         details.pop(key, None)
     return RunResults(
         split=str(metrics.get("split", "test")),  # results scored before the split was recorded: test
@@ -88,7 +124,49 @@ def results_from(metrics: dict, *, source: str) -> RunResults:
         mean_ci=_interval(metrics["mean_ci"], key="mean_ci", source=source),
         labels={name: _label(value, name=name, source=source) for name, value in labels.items()},
         details=details,
+        multilabel=_multilabel(metrics.get("multilabel"), source=source),
     )
+
+
+def _multilabel(block, *, source: str) -> MultilabelResult | None:
+    if block is None:
+        return None
+    fix = "re-run run.py evaluate on the run"
+    if not isinstance(block, dict) or not isinstance(block.get("metrics"), dict):
+        raise InputError(f"{source}: multilabel must hold its 'metrics'; {fix}")
+    labels = block.get("labels")
+    if not isinstance(labels, list) or not all(isinstance(name, str) for name in labels):
+        raise InputError(f"{source}: multilabel.labels = {labels!r} is not a list of label names; {fix}")
+    metrics = {
+        name: _estimate(
+            block["metrics"].get(name),
+            key=f"multilabel.metrics.{name}",
+            source=source,
+            # Coverage error counts labels (1 to the number called); the others are shares.
+            high=max(len(labels), 1) if name == "coverage_error" else 1.0,
+        )
+        for name in MULTILABEL_METRICS
+    }
+    details = {k: v for k, v in block.items() if k not in ("labels", "metrics")}
+    return MultilabelResult(metrics=metrics, labels=tuple(labels), details=details)
+
+
+def _estimate(value, *, key: str, source: str, high: float) -> Estimate:
+    if not isinstance(value, dict) or "value" not in value:
+        raise InputError(f"{source}: {key} must hold its 'value'; re-run run.py evaluate on the run")
+    ci = value.get("ci", [None, None])
+    if not isinstance(ci, list | tuple) or len(ci) != 2:
+        raise InputError(f"{source}: {key}.ci = {ci!r} is not an interval [low, high]")
+    low, up = (_share(v, key=f"{key}.ci", source=source, high=high) for v in ci)
+    return Estimate(_share(value["value"], key=f"{key}.value", source=source, high=high), (low, up))
+
+
+def _share(value, *, key: str, source: str, high: float) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not -1e-9 <= value <= high + 1e-9:
+        raise InputError(f"{source}: {key} = {value!r} is not a number in [0, {high:g}] or null")
+    return min(max(float(value), 0.0), high)
 
 
 def _label(value, *, name: str, source: str) -> LabelResult:

@@ -20,6 +20,7 @@ from cxr14.text import probability
 from results.format import MISSING, UNDEFINED, as_float, format_auc, format_difference, format_number
 from results.metrics import RATES, mean_defined, reliability_curve
 from results.published import load_published
+from results.record import MULTILABEL_METRICS
 
 
 def test_metrics(metrics: dict, *, source: str = "metrics") -> dict:
@@ -154,6 +155,33 @@ def _operating_lines(metrics: dict, *, label_names: Sequence[str]) -> list[str]:
     return lines
 
 
+def _multilabel_lines(metrics: dict) -> list[str]:
+    """Multi-label metrics of the same calls (results/multilabel.py), each with its interval."""
+    block = metrics.get("multilabel")
+    if not block:
+        return []
+    point, left_out = block["operating_point"], ", ".join(block["without_threshold"])
+    lines = [
+        "",
+        "## Multi-label metrics at the operating points",
+        "",
+        f"The calls above ({point['method']}, chosen on {point['chosen_on']}) on {block['images']} images and "
+        f"{len(block['labels'])} labels"
+        + (f" (no threshold, left out: {left_out})" if left_out else "")
+        + ". "
+        f"F1 counts 0 where it divides by zero: {block['empty_images']} images with no finding and no call. "
+        f"The ranking metrics order each image's labels by {block['ranking_scores']}, on the "
+        f"{block['images_with_findings']} images with a finding.",
+        "",
+        "| Metric | Value [95% CI] |",
+        "| --- | ---: |",
+    ]
+    for name, (title, better) in MULTILABEL_METRICS.items():
+        estimate = block["metrics"][name]
+        lines.append(f"| {title} ({better} is better) | {format_auc(estimate['value'], estimate['ci'])} |")
+    return lines
+
+
 def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name: str) -> Path:
     """auc.md: this run's AUC per disease (with its interval) beside the metadata baseline and, on real
     data, the published columns; then the operating points. A synthetic run says so on its first line."""
@@ -184,6 +212,7 @@ def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name
             f"{', '.join(undefined)}.",
         ]
     lines += _operating_lines(metrics, label_names=label_names)
+    lines += _multilabel_lines(metrics)
     path = Path(path)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
