@@ -18,7 +18,7 @@ from cxr14.tf_logging import models_built_in_a_loop
 from experiments.config import Config, with_training
 from experiments.experiment import RunPlan, plan_run, sized_for_data, snapshot
 from heads.run_folder import run_path
-from heads.settings import FILE_HEAD, describe_settings, head_kind, is_file_head, kind_of
+from heads.settings import FILE_HEAD, describe_settings, head_kind, is_file_head, kind_of, start_directions
 from results.format import MISSING, format_auc, format_difference
 from results.record import read_results
 
@@ -346,10 +346,9 @@ class SharedStarts:
     def for_plan(self, plan: RunPlan):
         from heads.start import fit_start
 
-        spec = kind_of(plan.head)
-        if spec.takes != "features":
+        if kind_of(plan.head).takes != "features":
             return None
-        directions = plan.head.directions if spec.directions else 0
+        directions = start_directions(plan.head, plan.train)
         key = (plan.backbones, plan.train.metadata, directions, plan.train.seed)
         if key not in self.fitted:
             data = _trial_data(self.data, plan)
@@ -385,7 +384,7 @@ def _train_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, start,
 
     return train_head(
         run_dir=trial_dir,
-        start=start,
+        shared_start=start,
         data=_trial_data(data, plan),
         head=plan.head,
         train=plan.train,

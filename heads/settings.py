@@ -61,6 +61,9 @@ HEAD_KINDS = {
 }
 FUSIONS = ("add", "concat")
 LOSSES = ("bce", "weighted", "focal")
+# Where a feature head starts (heads/start.py): as the ridge probe, learning what it gets wrong, or from
+# its own seeded random layers alone (the blog's way; the probe is still the reference beside it).
+STARTS = ("probe", "none")
 
 
 def head_kind(name: str, *, what: str = "head") -> HeadKind:
@@ -150,6 +153,7 @@ class TrainConfig:
     lr: float = allowed(1e-3, low=1e-12, high=10.0)
     seed: int = allowed(0, low=0, high=SEED_MAX)
     loss: str = allowed("bce", choices=LOSSES)
+    start: str = allowed("probe", choices=STARTS)
     focal_gamma: float = allowed(2.0, low=0.0)
     patience: int = allowed(6, low=1)
     min_delta: float = allowed(5e-4, low=0.0, below=1.0)
@@ -190,3 +194,9 @@ HEAD_FIELDS = tuple(
     f.name for f in dataclasses.fields(HeadConfig) if f.name not in ("kind", "builder", "options")
 )
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def start_directions(head: HeadConfig, train: TrainConfig) -> int:
+    """How many second-order directions fit_start looks for: the head's, where its kind starts units on
+    them and it starts at the probe (from none there is no probe inside the head to add to)."""
+    return head.directions if kind_of(head).directions and train.start == "probe" else 0
