@@ -15,7 +15,7 @@ from experiments.config import Config
 from extract.settings import SOURCES
 from heads.run_folder import read_config, refuse_existing, run_path
 from heads.settings import HEAD_KINDS, HeadConfig, TrainConfig, kind_of
-from results.format import format_auc, format_difference
+from results.format import format_auc, format_difference, probe_note
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +217,9 @@ def summarize_metrics(
     if reference:
         difference = format_difference(reference["difference"], reference["difference_ci"])
         lines.append(f"{'ridge probe':<20} {format_auc(reference['mean_auc'])}  head - probe {difference}")
+    if probe_note(metrics):
+        lines.append(f"this head {probe_note(metrics)}")
+    lines += [f"warning: {warning}" for warning in metrics.get("warnings", [])]
     if metrics.get("converged") is False:
         lines.append(
             f"not converged: validation AUC was still rising at the last allowed epoch ({metrics['epochs']}); "

@@ -332,6 +332,7 @@ def _sweep_summary(*, ranked: list[str], results: dict, test: dict, skipped: lis
         "trials": {t: results[t]["mean_auc"] for t in ranked},
         "versus_winner": {t: verdicts[t] for t in ranked},
         "tied_with_winner": [t for t in ranked if verdicts[t]["tied"]],
+        "kept_probe": [t for t in ranked if results[t].get("kept_probe")],
         "skipped": skipped,
     }
 
@@ -415,31 +416,45 @@ def verdict_cell(verdict: dict | None, *, best: bool) -> str:
     return text + (" **tied**" if verdict.get("tied") else "")
 
 
+def _versus_probe(metrics: dict) -> str:
+    """A trial's validation mean AUC minus its ridge probe's, and "kept the probe" where it is the probe."""
+    probe = metrics.get("reference")
+    if not probe:
+        return MISSING
+    text = format_difference(probe.get("difference"), probe.get("difference_ci"), digits=4)
+    return text + (" **kept the probe**" if metrics.get("kept_probe") else "")
+
+
 def format_leaderboard(*, name, ranked, plans, results, test, skipped, verdicts) -> str:
     """Trials ranked by validation mean AUC; the winner's test figure stated once, below the table."""
     from results.report import versus_metadata
 
     lines = [f"**{SYNTHETIC_NOTICE}**", ""] if test.get("synthetic") else []
     lines += [f"**{seen_notice(test['seen_chestxray14'])}**", ""] if test.get("seen_chestxray14") else []
+    lines += [f"# Sweep {name}", ""]
+    if all(results[t].get("kept_probe") for t in ranked):
+        lines += [
+            "**Every trial kept the probe**: no trial's head beat its ridge-probe start beyond noise on "
+            "validation. Each trial is its probe, so trials on the same backbones are one model and their "
+            "order below is a tie, not a ranking.",
+            "",
+        ]
     lines += [
-        f"# Sweep {name}",
-        "",
         "Trials are ranked by **validation** mean ROC AUC. Only the winner was evaluated on the test split:",
         "choosing among trials on test would flatter the result. Trials keep validation predictions only.",
         "\"vs winner\" is a trial's validation mean AUC minus the winner's, with a 95% paired patient-bootstrap",
         "interval; **tied**: the interval reaches 0, so the winner does not beat that trial beyond noise.",
         "",
-        "| rank | trial | val mean AUC | vs winner (val) [95% CI] | vs metadata baseline (val) | epochs "
-        "| configuration |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| rank | trial | val mean AUC | vs winner (val) [95% CI] | vs ridge probe (val) "
+        "| vs metadata baseline (val) | epochs | configuration |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for rank, trial in enumerate(ranked, 1):
         m = results[trial]
         verdict = verdict_cell(verdicts.get(trial), best=rank == 1)
         lines.append(
-            f"| {rank} | {trial} | {format_auc(m['mean_auc'])} | {verdict} | {versus_metadata(m)} "
-            f"| {m.get('epochs', '')} "
-            f"| {_describe(plans[trial])} |"
+            f"| {rank} | {trial} | {format_auc(m['mean_auc'])} | {verdict} | {_versus_probe(m)} "
+            f"| {versus_metadata(m)} | {m.get('epochs', '')} | {_describe(plans[trial])} |"
         )
     lines += [
         "",

@@ -99,12 +99,19 @@ def kind_of(head: "HeadConfig") -> HeadKind:
 
 
 def describe_settings(head: dict, train: dict) -> list[str]:
-    """`key=value` for what sets a run apart: its kind's head options, then the training choices."""
-    parts = [f"loss={train.get('loss', 'bce')}"]
+    """`key=value` for what sets a run apart, only what its kind uses: the start, its head options, then
+    the training choices (a linear head started at the probe is closed-form: no loss, lr or batch)."""
+    kind = HEAD_KINDS.get(head.get("kind", ""))
+    features = head.get("builder") or (kind is not None and kind.takes == "features")
+    start = train.get("start", "probe")
+    closed_form = kind is not None and not kind.hidden and not head.get("builder") and start == "probe"
+    parts = [f"start={start}"] if features else []
+    parts += [flag for flag in ("metadata", "augment") if train.get(flag)]
+    if closed_form:
+        return parts
+    parts.append(f"loss={train.get('loss', 'bce')}")
     if train.get("loss") == "focal":
         parts.append(f"gamma={train.get('focal_gamma')}")
-    parts += [flag for flag in ("metadata", "augment") if train.get(flag)]
-    kind = HEAD_KINDS.get(head.get("kind", ""))
     if head.get("builder"):
         parts.append(f"builder={head['builder']}")
         parts += [f"{key}={value}" for key, value in (head.get("options") or {}).items()]
