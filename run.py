@@ -22,7 +22,7 @@ from cxr14.settings import SEED_MAX, override
 from cxr14.text import did_you_mean
 from experiments.config import Config, load_config, with_training
 from experiments.preflight import check_data, check_feature_files, check_run_inputs
-from heads.settings import FUSIONS, HEAD_FIELDS, HEAD_KINDS, LOSSES, TRAIN_FIELDS
+from heads.settings import FUSIONS, HEAD_FIELDS, HEAD_KINDS, LOSSES, STARTS, TRAIN_FIELDS
 from inference.settings import HEATMAP_METHODS
 from results.settings import CALIBRATIONS, DECISION_FIELDS, OPERATING_POINTS
 
@@ -779,6 +779,11 @@ def _add_training_flags(p) -> None:
     p.add_argument("--lr", type=float, help="learning rate (default: train.lr)")
     p.add_argument("--seed", type=_seed, help="seed for init, shuffling and dropout (default: train.seed)")
     p.add_argument("--loss", choices=LOSSES, help="loss (default: train.loss)")
+    p.add_argument(
+        "--start",
+        choices=STARTS,
+        help="feature heads: start as the ridge probe, or from random layers alone (default: train.start)",
+    )
     p.add_argument(
         "--focal-gamma", type=float, help="focal loss: focusing exponent (default: train.focal_gamma)"
     )

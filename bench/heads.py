@@ -395,6 +395,7 @@ def _quality_run(problem, kind, caches, *, config: Config, index, splits, workdi
         "difference": round(reference["difference"], 4),
         "difference_ci": [None if v is None else round(v, 4) for v in reference["difference_ci"]],
         "best_epoch": metrics["best_epoch"],
+        "kept_probe": metrics["kept_probe"],
         "directions": reference["directions"],
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -404,7 +405,7 @@ def format_quality(result: dict) -> str:
     """bench heads --quality as a table for people."""
     lines = [
         f"planted problems: {result['rows']:,} rows, {result['dim']}-d features (B: {result['dim'] // 2}-d), seed {result['seed']}",
-        f"{'problem':<14} {'head':<9} {'caches':<12} {'test AUC':>8} {'probe':>7} {'head - probe [95% CI]':>26} {'time':>7}",
+        f"{'problem':<14} {'head':<9} {'caches':<12} {'test AUC':>8} {'probe':>7} {'head - probe [95% CI]':>26} {'time':>7}  kept the probe",
     ]
     for r in result["runs"]:
         low, high = r["difference_ci"]
@@ -412,6 +413,7 @@ def format_quality(result: dict) -> str:
         lines.append(
             f"{r['problem']:<14} {r['head']:<9} {r['caches']:<12} {r['test_mean_auc']:>8.3f} "
             f"{r['reference_mean_auc']:>7.3f} {r['difference']:>+10.3f}{interval:>16} {r['seconds']:>6.0f}s"
+            f"  {'yes' if r.get('kept_probe') else 'no'}"
         )
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from cxr14.caveats import SEEN_NOTICE, SYNTHETIC_NOTICE
 from cxr14.errors import InputError
 from heads.run_folder import find_reported  # noqa: F401  (report's runs, found without numpy)
 from heads.settings import describe_settings
-from results.format import MISSING, format_auc, format_difference
+from results.format import MISSING, format_auc, format_difference, probe_note
 from results.record import RunResults, read_results
 from results.report import versus_metadata
 
@@ -69,12 +69,17 @@ def _leaderboard_row(run_dir: Path, label_names, *, name: str, split: str) -> tu
         str(config.get("head", {}).get("kind", "?")),
         "+".join(config.get("backbones", [])),
         ", ".join(describe_settings(config.get("head", {}), config.get("train", {}))),
-        _difference_cell(results.details.get("reference")),
+        _difference_cell(results.details.get("reference")) + _kept_mark(results.details),
         versus_metadata(results.details),
         f"{results.split} ({results.images}{', synthetic' if synthetic else ''}{seen})",
     ]
     row += [_auc_cell(results, label) for label in label_names or results.labels]
     return results, row
+
+
+def _kept_mark(details: dict) -> str:
+    """Beside the difference to the probe: that the head is its probe start, in words."""
+    return f" ({probe_note(details).split(':')[0]})" if probe_note(details) else ""
 
 
 def _difference_cell(probe: dict | None) -> str:

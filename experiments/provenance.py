@@ -2,10 +2,9 @@
 the run as extracted (what predict and export rebuild), and checked again before a run is evaluated."""
 
 import dataclasses
-from collections.abc import Sequence
 from pathlib import Path
 
-from cache.paths import cache_file, cache_path
+from cache.paths import cache_path
 from cxr14.errors import Fix, InputError
 from experiments.config import Config
 from extract.settings import BackboneConfig
@@ -14,15 +13,6 @@ from extract.settings import BackboneConfig
 RECORDED = ("backbone", "kind", "dtype", "views", "fingerprint", "image_list_sha256")
 # The settings extraction records (BackboneConfig.as_dict): what the weights saw is not among them.
 BACKBONE_FIELDS = {f.name: f for f in dataclasses.fields(BackboneConfig) if f.name != "pretrained_on"}
-
-
-def check_caches(config: Config, backbones: Sequence[str]) -> dict[str, dict]:
-    """Each backbone's cache attributes, read and checked as check_made_by does, before its features load."""
-    from cache.store import read_attrs
-
-    caches = {name: read_attrs(cache_file(config.cache_dir, name)) for name in backbones}
-    check_made_by(config, caches)
-    return caches
 
 
 def check_made_by(config: Config, caches: dict[str, dict]) -> None:

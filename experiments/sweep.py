@@ -18,7 +18,7 @@ from cxr14.tf_logging import models_built_in_a_loop
 from experiments.config import Config, with_training
 from experiments.experiment import RunPlan, plan_run, sized_for_data, snapshot
 from heads.run_folder import run_path
-from heads.settings import FILE_HEAD, describe_settings, head_kind, is_file_head, kind_of
+from heads.settings import FILE_HEAD, describe_settings, head_kind, is_file_head, kind_of, start_directions
 from results.format import MISSING, format_auc, format_difference
 from results.record import read_results
 
@@ -231,17 +231,15 @@ def _planned_grid(config: Config, *, grid_path: Path, max_trials: int) -> tuple[
 
 def run_sweep(config: Config, *, grid_path: Path, name: str, max_trials: int = MAX_TRIALS) -> dict:
     """Train every trial not already finished, rank by validation mean AUC, test only the winner."""
-    from experiments.data import open_run_data
-    from experiments.provenance import check_caches
+    from experiments.data import open_training_data
     from heads.scoring import score_run
     from results.report import write_auc_table
 
     sweep_dir = run_path(config.runs_dir, name)
     combos, plans, skipped = _planned_grid(config, grid_path=grid_path, max_trials=max_trials)
     backbones = sorted({b for plan in plans.values() for b in plan.backbones})
-    check_caches(config, backbones)
     # One load for every trial: all trials then also see exactly the same rows.
-    dataset, data = open_run_data(config, backbones=backbones, metadata=True)
+    dataset, data = open_training_data(config, backbones=backbones, metadata=True)
     plans = {trial: sized_for_data(plan, data) for trial, plan in plans.items()}
     sweep_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(grid_path, sweep_dir / "grid.toml")
@@ -332,6 +330,7 @@ def _sweep_summary(*, ranked: list[str], results: dict, test: dict, skipped: lis
         "trials": {t: results[t]["mean_auc"] for t in ranked},
         "versus_winner": {t: verdicts[t] for t in ranked},
         "tied_with_winner": [t for t in ranked if verdicts[t]["tied"]],
+        "kept_probe": [t for t in ranked if results[t].get("kept_probe")],
         "skipped": skipped,
     }
 
@@ -346,10 +345,9 @@ class SharedStarts:
     def for_plan(self, plan: RunPlan):
         from heads.start import fit_start
 
-        spec = kind_of(plan.head)
-        if spec.takes != "features":
+        if kind_of(plan.head).takes != "features":
             return None
-        directions = plan.head.directions if spec.directions else 0
+        directions = start_directions(plan.head, plan.train)
         key = (plan.backbones, plan.train.metadata, directions, plan.train.seed)
         if key not in self.fitted:
             data = _trial_data(self.data, plan)
@@ -385,7 +383,7 @@ def _train_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, start,
 
     return train_head(
         run_dir=trial_dir,
-        start=start,
+        shared_start=start,
         data=_trial_data(data, plan),
         head=plan.head,
         train=plan.train,
@@ -416,31 +414,45 @@ def verdict_cell(verdict: dict | None, *, best: bool) -> str:
     return text + (" **tied**" if verdict.get("tied") else "")
 
 
+def _versus_probe(metrics: dict) -> str:
+    """A trial's validation mean AUC minus its ridge probe's, and "kept the probe" where it is the probe."""
+    probe = metrics.get("reference")
+    if not probe:
+        return MISSING
+    text = format_difference(probe.get("difference"), probe.get("difference_ci"), digits=4)
+    return text + (" **kept the probe**" if metrics.get("kept_probe") else "")
+
+
 def format_leaderboard(*, name, ranked, plans, results, test, skipped, verdicts) -> str:
     """Trials ranked by validation mean AUC; the winner's test figure stated once, below the table."""
     from results.report import versus_metadata
 
     lines = [f"**{SYNTHETIC_NOTICE}**", ""] if test.get("synthetic") else []
     lines += [f"**{seen_notice(test['seen_chestxray14'])}**", ""] if test.get("seen_chestxray14") else []
+    lines += [f"# Sweep {name}", ""]
+    if all(results[t].get("kept_probe") for t in ranked):
+        lines += [
+            "**Every trial kept the probe**: no trial's head beat its ridge-probe start beyond noise on "
+            "validation. Each trial is its probe, so trials on the same backbones are one model and their "
+            "order below is a tie, not a ranking.",
+            "",
+        ]
     lines += [
-        f"# Sweep {name}",
-        "",
         "Trials are ranked by **validation** mean ROC AUC. Only the winner was evaluated on the test split:",
         "choosing among trials on test would flatter the result. Trials keep validation predictions only.",
         "\"vs winner\" is a trial's validation mean AUC minus the winner's, with a 95% paired patient-bootstrap",
         "interval; **tied**: the interval reaches 0, so the winner does not beat that trial beyond noise.",
         "",
-        "| rank | trial | val mean AUC | vs winner (val) [95% CI] | vs metadata baseline (val) | epochs "
-        "| configuration |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| rank | trial | val mean AUC | vs winner (val) [95% CI] | vs ridge probe (val) "
+        "| vs metadata baseline (val) | epochs | configuration |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for rank, trial in enumerate(ranked, 1):
         m = results[trial]
         verdict = verdict_cell(verdicts.get(trial), best=rank == 1)
         lines.append(
-            f"| {rank} | {trial} | {format_auc(m['mean_auc'])} | {verdict} | {versus_metadata(m)} "
-            f"| {m.get('epochs', '')} "
-            f"| {_describe(plans[trial])} |"
+            f"| {rank} | {trial} | {format_auc(m['mean_auc'])} | {verdict} | {_versus_probe(m)} "
+            f"| {versus_metadata(m)} | {m.get('epochs', '')} | {_describe(plans[trial])} |"
         )
     lines += [
         "",

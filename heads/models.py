@@ -28,12 +28,14 @@ def build_head(
     seed: int,
     byte_dropout: bool = False,
     start: HeadStart | None = None,
+    from_probe: bool = True,
 ) -> keras.Model:
     """A head of `kind` over inputs {backbone name: per-example shape}; outputs (batch, n_labels) in [0, 1].
 
     With `start` (feature heads in training), every input is standardized by its training moments inside
-    the model, the logits are the probe's frozen ones plus the head's own, and the head's own output layer
-    starts at zero, so the untrained head is the probe. byte_dropout swaps keras Dropout for ByteDropout
+    the model. `from_probe`: the logits are the probe's frozen ones plus the head's own, and the head's own
+    output layer starts at zero, so the untrained head is the probe; otherwise the head's seeded random
+    layers alone make the logits (train.start = "none"). byte_dropout swaps keras Dropout for ByteDropout
     (same weights, cheaper masks) for training only; save the stock head, with the trained weights copied
     in, so model.keras needs no custom layer.
     """
@@ -44,12 +46,22 @@ def build_head(
     if metadata_dim:
         model_inputs[METADATA_INPUT] = keras.Input(shape=(metadata_dim,), name=METADATA_INPUT)
     if head.builder:
-        return _file_head(model_inputs, n_labels=n_labels, head=head, start=start)
+        return _file_head(model_inputs, n_labels=n_labels, head=head, start=start, from_probe=from_probe)
     if start is None:
         return _plain_head(
             spec, model_inputs, n_labels=n_labels, head=head, seeds=seeds, byte_dropout=byte_dropout
         )
     standard = {name: _standardized(t, start=start, name=name) for name, t in model_inputs.items()}
+    if not from_probe:
+        return _plain_head(
+            spec,
+            model_inputs,
+            n_labels=n_labels,
+            head=head,
+            seeds=seeds,
+            byte_dropout=byte_dropout,
+            given=standard,
+        )
     joined = _join([standard[name] for name in start.inputs])
     logits = [_shortcut(joined, start=start)]
     if spec.hidden:
@@ -67,30 +79,41 @@ def build_head(
 
 
 def _plain_head(
-    spec: HeadKind, model_inputs: dict, *, n_labels: int, head: HeadConfig, seeds, byte_dropout: bool
+    spec: HeadKind,
+    model_inputs: dict,
+    *,
+    n_labels: int,
+    head: HeadConfig,
+    seeds,
+    byte_dropout: bool,
+    given: dict | None = None,
 ):
-    """A head on the inputs as they come, randomly initialised: the cnn's, and any built without a start."""
-    tensors = {name: t for name, t in model_inputs.items() if name != METADATA_INPUT}
+    """A head randomly initialised from its seeds, on `given` (the standardized inputs of a feature head
+    started from none) or the inputs as they come (the cnn's)."""
+    given = model_inputs if given is None else given
+    tensors = {name: t for name, t in given.items() if name != METADATA_INPUT}
     x = TRUNKS[spec.trunk](tensors, head=head, seeds=seeds)
-    if METADATA_INPUT in model_inputs:
-        x = _join([x, model_inputs[METADATA_INPUT]])
+    if METADATA_INPUT in given:
+        x = _join([x, given[METADATA_INPUT]])
     if spec.hidden:
         x = _fully_connected(x, head=head, seeds=seeds, byte_dropout=byte_dropout)
     outputs = _dense(n_labels, "sigmoid", head=head, seeds=seeds, name="labels")(x)
     return keras.Model(model_inputs, outputs, name=f"{spec.name}_head")
 
 
-def _file_head(model_inputs: dict, *, n_labels: int, head: HeadConfig, start: HeadStart | None):
-    """A head from the user's file (heads/custom.py) on the standardized inputs; with a start, its logits
-    are scaled per label by weights starting at zero and added to the probe's, so it too starts at the
-    reference (its own last layer cannot be zeroed: it may be anything)."""
+def _file_head(
+    model_inputs: dict, *, n_labels: int, head: HeadConfig, start: HeadStart | None, from_probe: bool
+):
+    """A head from the user's file (heads/custom.py) on the standardized inputs; started from the probe,
+    its logits are scaled per label by weights starting at zero and added to the probe's, so it too starts
+    at the reference (its own last layer cannot be zeroed: it may be anything)."""
     from heads.custom import file_head_logits
 
     given = model_inputs
     if start is not None:
         given = {name: _standardized(t, start=start, name=name) for name, t in model_inputs.items()}
     logit = file_head_logits(head.builder, given, n_labels=n_labels, options=head.options)
-    if start is not None:
+    if start is not None and from_probe:
         joined = _join([given[name] for name in start.inputs])
         logit = keras.layers.Add()([_shortcut(joined, start=start), LabelScale(name="head_scale")(logit)])
     try:

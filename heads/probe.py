@@ -33,11 +33,7 @@ class RidgeProbe:
 
     def scores(self, blocks: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
         """(len(rows), L) float32 ridge scores of `rows` of the blocks (concatenated in order)."""
-        weights = self.weights.astype(np.float32)
-        parts = [c @ weights for c in standardized_chunks(blocks, rows, mean=self.mean, scale=self.scale)]
-        if not parts:
-            return np.zeros((0, weights.shape[1]), np.float32)
-        return np.concatenate(parts) + self.bias.astype(np.float32)
+        return _scores(blocks, rows, mean=self.mean, scale=self.scale, weights=self.weights, bias=self.bias)
 
     def logit_weights(self, *, slope: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(kernel, bias) on standardized inputs giving logits slope * score + intercept per label."""
@@ -73,6 +69,43 @@ def standardized_chunks(
         yield (chunk - mean32) * inverse
 
 
+@dataclass(frozen=True, eq=False)
+class NormalEquations:
+    """The training rows' sums a ridge fit needs: moments, the Gram matrix of the standardized rows and
+    their product with the centered labels (float64). The probe and its cross-fitted folds share them."""
+
+    mean: np.ndarray  # (D,)
+    scale: np.ndarray  # (D,)
+    gram: np.ndarray  # (D, D)
+    cross: np.ndarray  # (D, L)
+    target_mean: np.ndarray  # (L,)
+    n: int
+
+
+def normal_equations(
+    blocks: Sequence[np.ndarray], labels: np.ndarray, *, rows: np.ndarray
+) -> NormalEquations:
+    """One pass over `rows` of the blocks: the sums of NormalEquations."""
+    mean, scale = moments(blocks, rows)
+    targets = labels[rows].astype(np.float64)
+    target_mean = targets.mean(axis=0)
+    gram, cross, _ = _sums(blocks, targets - target_mean, rows=rows, mean=mean, scale=scale)
+    return NormalEquations(mean, scale, gram, cross, target_mean, len(rows))
+
+
+def _sums(blocks, targets: np.ndarray, *, rows, mean, scale) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X^T X, X^T targets, column sums of X) of the standardized rows X, float32 chunks summed in float64."""
+    gram = np.zeros((mean.size, mean.size))
+    cross = np.zeros((mean.size, targets.shape[1]))
+    total = np.zeros(mean.size)
+    targets = targets.astype(np.float32)
+    for i, chunk in enumerate(standardized_chunks(blocks, rows, mean=mean, scale=scale)):
+        gram += chunk.T @ chunk
+        cross += chunk.T @ targets[i * CHUNK : (i + 1) * CHUNK]
+        total += chunk.sum(axis=0, dtype=np.float64)
+    return gram, cross, total
+
+
 def fit_ridge_probe(
     blocks: Sequence[np.ndarray],
     labels: np.ndarray,
@@ -80,33 +113,25 @@ def fit_ridge_probe(
     train_rows: np.ndarray,
     val_rows: np.ndarray,
     penalties: Sequence[float] = PENALTIES,
+    equations: NormalEquations | None = None,
 ) -> RidgeProbe:
     """Ridge regression of the 0/1 labels on the standardized blocks; the penalty with the best validation
-    mean ROC AUC wins (ties: the stronger penalty)."""
-    mean, scale = moments(blocks, train_rows)
-    targets = labels[train_rows].astype(np.float64)
-    bias = targets.mean(axis=0)
-    centered = (targets - bias).astype(np.float32)
-    gram = np.zeros((mean.size, mean.size))
-    cross = np.zeros((mean.size, labels.shape[1]))
-    for i, chunk in enumerate(standardized_chunks(blocks, train_rows, mean=mean, scale=scale)):
-        gram += chunk.T @ chunk
-        cross += chunk.T @ centered[i * CHUNK : (i + 1) * CHUNK]
-    eigenvalues, vectors = np.linalg.eigh(gram)
+    mean ROC AUC wins (ties: the stronger penalty). `equations`: the training rows' sums, when known."""
+    eq = equations or normal_equations(blocks, labels, rows=train_rows)
+    eigenvalues, vectors = np.linalg.eigh(eq.gram)
     eigenvalues = np.maximum(eigenvalues, 0.0)
-    projected = vectors.T @ cross
+    projected = vectors.T @ eq.cross
     val_basis = np.concatenate(
         [
             c @ vectors.astype(np.float32)
-            for c in standardized_chunks(blocks, val_rows, mean=mean, scale=scale)
+            for c in standardized_chunks(blocks, val_rows, mean=eq.mean, scale=eq.scale)
         ]
     )
-    n = len(train_rows)
     val_labels = labels[val_rows]
     curve = [
         mean_defined(
             roc_auc_per_label(
-                val_labels, val_basis @ (projected / (eigenvalues + a * n)[:, None]).astype(np.float32)
+                val_labels, val_basis @ (projected / (eigenvalues + a * eq.n)[:, None]).astype(np.float32)
             )
         )
         for a in penalties
@@ -114,10 +139,74 @@ def fit_ridge_probe(
     best = int(np.nanargmax(np.asarray(curve)[::-1]))
     best = len(curve) - 1 - best  # the strongest penalty among equals
     penalty = float(penalties[best])
-    weights = vectors @ (projected / (eigenvalues + penalty * n)[:, None])
+    weights = vectors @ (projected / (eigenvalues + penalty * eq.n)[:, None])
     return RidgeProbe(
-        mean=mean, scale=scale, weights=weights, bias=bias, penalty=penalty, val_mean_auc=float(curve[best])
+        mean=eq.mean,
+        scale=eq.scale,
+        weights=weights,
+        bias=eq.target_mean,
+        penalty=penalty,
+        val_mean_auc=float(curve[best]),
     )
+
+
+# Folds of the training patients for the probe's out-of-fold scores (heads/start.py).
+CROSS_FOLDS = 5
+
+
+def cross_fitted_scores(
+    blocks: Sequence[np.ndarray],
+    labels: np.ndarray,
+    *,
+    rows: np.ndarray,
+    groups: np.ndarray,
+    equations: NormalEquations,
+    penalty: float,
+    folds: int = CROSS_FOLDS,
+) -> np.ndarray:
+    """(len(rows), L) ridge scores of each training row from a probe fitted without its patient's rows.
+
+    Patients are split into `folds` groups (GroupKFold); each fold's probe is the full one's normal
+    equations minus the fold's own sums, recentred on the rows left, with the same penalty per row. On
+    the rows it was fitted on, a probe's scores are better than on any new image; these are not.
+    With fewer than two patients there is nothing to hold out and the in-sample scores come back.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    eq, patients = equations, groups[rows]
+    scores = np.empty((len(rows), labels.shape[1]), np.float32)
+    n_folds = min(folds, len(np.unique(patients)))
+    if n_folds < 2:
+        weights = _solve(eq.gram, eq.cross, penalty * eq.n)
+        return _scores(blocks, rows, mean=eq.mean, scale=eq.scale, weights=weights, bias=eq.target_mean)
+    for _, held in GroupKFold(n_splits=n_folds).split(rows, groups=patients):
+        fold = rows[held]
+        targets = labels[fold].astype(np.float64) - eq.target_mean
+        gram, cross, total = _sums(blocks, targets, rows=fold, mean=eq.mean, scale=eq.scale)
+        n_left = eq.n - len(fold)
+        mean_left = -total / n_left  # the standardized training rows sum to zero
+        label_shift = -targets.sum(axis=0) / n_left  # the rows left's label mean minus the full one
+        gram_left = eq.gram - gram - n_left * np.outer(mean_left, mean_left)
+        cross_left = eq.cross - cross - n_left * np.outer(mean_left, label_shift)
+        weights = _solve(gram_left, cross_left, penalty * n_left)
+        bias = eq.target_mean + label_shift - mean_left @ weights
+        scores[held] = _scores(blocks, fold, mean=eq.mean, scale=eq.scale, weights=weights, bias=bias)
+    return scores
+
+
+def _solve(gram: np.ndarray, cross: np.ndarray, penalty: float) -> np.ndarray:
+    """The ridge weights (gram + penalty I)^-1 cross, by Cholesky."""
+    from scipy.linalg import solve
+
+    return solve(gram + penalty * np.eye(len(gram)), cross, assume_a="pos")
+
+
+def _scores(blocks, rows, *, mean, scale, weights, bias) -> np.ndarray:
+    w = weights.astype(np.float32)
+    parts = [c @ w for c in standardized_chunks(blocks, rows, mean=mean, scale=scale)]
+    if not parts:
+        return np.zeros((0, w.shape[1]), np.float32)
+    return np.concatenate(parts) + bias.astype(np.float32)
 
 
 def platt_scaling(

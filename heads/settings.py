@@ -61,6 +61,9 @@ HEAD_KINDS = {
 }
 FUSIONS = ("add", "concat")
 LOSSES = ("bce", "weighted", "focal")
+# Where a feature head starts (heads/start.py): as the ridge probe, learning what it gets wrong, or from
+# its own seeded random layers alone (the blog's way; the probe is still the reference beside it).
+STARTS = ("probe", "none")
 
 
 def head_kind(name: str, *, what: str = "head") -> HeadKind:
@@ -96,12 +99,19 @@ def kind_of(head: "HeadConfig") -> HeadKind:
 
 
 def describe_settings(head: dict, train: dict) -> list[str]:
-    """`key=value` for what sets a run apart: its kind's head options, then the training choices."""
-    parts = [f"loss={train.get('loss', 'bce')}"]
+    """`key=value` for what sets a run apart, only what its kind uses: the start, its head options, then
+    the training choices (a linear head started at the probe is closed-form: no loss, lr or batch)."""
+    kind = HEAD_KINDS.get(head.get("kind", ""))
+    features = head.get("builder") or (kind is not None and kind.takes == "features")
+    start = train.get("start", "probe")
+    closed_form = kind is not None and not kind.hidden and not head.get("builder") and start == "probe"
+    parts = [f"start={start}"] if features else []
+    parts += [flag for flag in ("metadata", "augment") if train.get(flag)]
+    if closed_form:
+        return parts
+    parts.append(f"loss={train.get('loss', 'bce')}")
     if train.get("loss") == "focal":
         parts.append(f"gamma={train.get('focal_gamma')}")
-    parts += [flag for flag in ("metadata", "augment") if train.get(flag)]
-    kind = HEAD_KINDS.get(head.get("kind", ""))
     if head.get("builder"):
         parts.append(f"builder={head['builder']}")
         parts += [f"{key}={value}" for key, value in (head.get("options") or {}).items()]
@@ -150,6 +160,7 @@ class TrainConfig:
     lr: float = allowed(1e-3, low=1e-12, high=10.0)
     seed: int = allowed(0, low=0, high=SEED_MAX)
     loss: str = allowed("bce", choices=LOSSES)
+    start: str = allowed("probe", choices=STARTS)
     focal_gamma: float = allowed(2.0, low=0.0)
     patience: int = allowed(6, low=1)
     min_delta: float = allowed(5e-4, low=0.0, below=1.0)
@@ -190,3 +201,9 @@ HEAD_FIELDS = tuple(
     f.name for f in dataclasses.fields(HeadConfig) if f.name not in ("kind", "builder", "options")
 )
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def start_directions(head: HeadConfig, train: TrainConfig) -> int:
+    """How many second-order directions fit_start looks for: the head's, where its kind starts units on
+    them and it starts at the probe (from none there is no probe inside the head to add to)."""
+    return head.directions if kind_of(head).directions and train.start == "probe" else 0

@@ -27,9 +27,9 @@ from heads.scoring import (
     split_metrics,
     write_decision_outputs,
 )
-from heads.settings import HeadConfig, TrainConfig, kind_of
+from heads.settings import HeadConfig, TrainConfig, kind_of, start_directions
 from heads.start import HeadStart, fit_start, probe_blocks
-from results.format import format_difference
+from results.format import KEPT_PROBE, format_difference
 from results.metrics import bootstrap_difference, mean_defined, roc_auc_per_label
 from results.record import write_results
 from results.report import plot_auc_comparison, plot_roc, write_auc_table
@@ -124,12 +124,14 @@ class BestEpoch(keras.callbacks.Callback):
             self.head.set_weights(self.start_weights)
 
     def closing_note(self) -> str:
-        """For the progress summary: why the start was kept over a better-scoring epoch."""
+        """For the progress summary: that a head started at the probe kept it, and why."""
+        if not self.keep_start or self.best > 0:
+            return ""
         s = self.selection
         if not s.get("kept_start"):
-            return ""
+            return KEPT_PROBE
         gain = format_difference(s["gain_over_start"], s["gain_ci90"], digits=4)
-        return f"kept the start (epoch 0): epoch {s['best_val_epoch']}'s validation gain {gain} is within the noise"
+        return f"{KEPT_PROBE} (epoch {s['best_val_epoch']}'s gain {gain})"
 
 
 # Patient resamples of the validation split for the start-or-best choice: a one-sided bound needs no more.
@@ -210,13 +212,13 @@ def train_head(
     progress: bool = True,
     eval_split: str = "test",
     decision: DecisionConfig | None = None,
-    start: HeadStart | None = None,
+    shared_start: HeadStart | None = None,
     plots: bool = True,
 ) -> dict:
     """Fit, score on `eval_split` and write every output of a run; returns its metrics.
 
-    `start`: the probe and directions fit_start gives for this data, when the caller has them already (a
-    sweep fits them once per backbone set and reuses them for every trial); None fits them here.
+    `shared_start`: the probe and directions fit_start gives for this data, when the caller has them
+    already (a sweep fits them once per backbone set and reuses them for every trial); None fits them here.
 
     A sweep passes eval_split="val" so that trials are compared without ever looking at the test split.
     `decision`: how the calibration and operating points are fitted on validation after training
@@ -234,7 +236,13 @@ def train_head(
         if head.builder:  # the file as trained is kept; evaluate, predict and export load this copy
             config_snapshot = config_snapshot | {"head_code": keep_head_code(head.builder, tmp)}
         fitted = fit(
-            data, rows=rows, head=head, train=train, n_labels=len(label_names), progress=progress, start=start
+            data,
+            rows=rows,
+            head=head,
+            train=train,
+            n_labels=len(label_names),
+            progress=progress,
+            shared_start=shared_start,
         )
         clock["fitted"] = time.perf_counter()
         scored = score(
@@ -246,9 +254,7 @@ def train_head(
             train=train,
             decision=decision or DecisionConfig(),
         )
-        facts = _run_facts(
-            run_dir, data=data, head=head, rows=rows, history=fitted.history, epochs=train.epochs
-        )
+        facts = _run_facts(run_dir, data=data, head=head, rows=rows, history=fitted.history, train=train)
         scored.metrics.update(facts)
         clock["scored"] = time.perf_counter()
         outputs = {"data": data, "label_names": label_names, "snapshot": config_snapshot, "plots": plots}
@@ -267,16 +273,14 @@ def fit(
     train: TrainConfig,
     n_labels: int,
     progress: bool,
-    start: HeadStart | None = None,
+    shared_start: HeadStart | None = None,
 ) -> FittedHead:
-    """The probe start (feature heads; `start` when given), then the head trained from it with the best
-    validation epoch kept."""
+    """The probe start (feature heads; `shared_start` when given), then the head trained from it (or, with
+    train.start = "none", from random layers beside it) with the best validation epoch kept."""
     spec = kind_of(head)
-    begin = start if spec.takes == "features" else None
+    begin = shared_start if spec.takes == "features" else None
     if spec.takes == "features" and begin is None:
-        begin = fit_start(
-            data, rows=rows, max_directions=head.directions if spec.directions else 0, seed=train.seed
-        )
+        begin = fit_start(data, rows=rows, max_directions=start_directions(head, train), seed=train.seed)
     model, history = fit_head(
         data, rows=rows, head=head, train=train, n_labels=n_labels, progress=progress, start=begin
     )
@@ -357,6 +361,7 @@ def fit_head(
     keras.utils.set_random_seed(train.seed)
     spec = {
         "start": start,
+        "from_probe": train.start == "probe",
         "kind": head.kind,
         "inputs": {name: data.item_shape(name) for name in data.features},
         "n_labels": n_labels,
@@ -364,12 +369,20 @@ def fit_head(
         "metadata_dim": 0 if data.metadata is None else data.metadata.shape[1],
         "seed": train.seed,
     }
+    from_probe = start is not None and train.start == "probe"
     trained = build_head(**spec, byte_dropout=True)
-    if start is not None and not kind_of(head).hidden:
+    if from_probe and not kind_of(head).hidden:
         history = _closed_form(trained, data=data, rows=rows)
     else:
+        correction = start.train_correction if from_probe else None
         history = _fit(
-            trained, data=data, rows=rows, train=train, progress=progress, keep_start=start is not None
+            trained,
+            data=data,
+            rows=rows,
+            train=train,
+            progress=progress,
+            keep_start=from_probe,
+            correction=correction,
         )
     model = build_head(**spec)
     model.set_weights(trained.get_weights())
@@ -377,9 +390,11 @@ def fit_head(
 
 
 def _run_facts(
-    run_dir: Path, *, data: HeadData, head: HeadConfig, rows: dict, history: pd.DataFrame, epochs: int
+    run_dir: Path, *, data: HeadData, head: HeadConfig, rows: dict, history: pd.DataFrame, train: TrainConfig
 ) -> dict:
     """What metrics.json says about the run beside its scores."""
+    epochs = train.epochs
+    from_probe = kind_of(head).takes == "features" and train.start == "probe"
     # Never NaN: _check_data makes sure some label has both classes in val, and NaN scores raise.
     best = int(np.flatnonzero(history["chosen"].to_numpy())[0])
     highest = int(history[MONITOR].to_numpy().argmax())
@@ -396,6 +411,10 @@ def _run_facts(
         "converged": not (trained == epochs and highest == trained and trained > 0),
         # The start kept over a later epoch whose validation gain was within the noise (BestEpoch).
         **({"selection": selection} if selection else {}),
+        **({"start": train.start} if kind_of(head).takes == "features" else {}),
+        # The head is its probe start: no epoch kept beyond it (results.format.probe_note says it in words).
+        "kept_probe": bool(from_probe and int(history["epoch"].iloc[best]) == 0),
+        "warnings": history.attrs.get("warnings", []),
         "rows": {split: int(r.size) for split, r in rows.items()},
         "excluded": data.excluded,
     }
@@ -512,9 +531,11 @@ def _fit(
     train: TrainConfig,
     progress: bool,
     keep_start: bool = False,
+    correction: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Train with the best validation epoch kept (epoch 0 included; see BestEpoch for `keep_start`); the
-    history has a row per epoch, `chosen` marking the one kept, and the choice in its attrs."""
+    history has a row per epoch, `chosen` marking the one kept, and the choice in its attrs.
+    `correction`: added to the training rows' logits (HeadStart.train_correction)."""
     best = BestEpoch(
         head=model,
         data=data,
@@ -524,7 +545,9 @@ def _fit(
         keep_start=keep_start,
         seed=train.seed,
     )
-    fit_model, batches = training_setup(model, data=data, rows=rows["train"], train=train)
+    fit_model, batches = training_setup(
+        model, data=data, rows=rows["train"], train=train, correction=correction
+    )
     compile_for_training(fit_model, train=train, labels_train=data.labels[rows["train"]])
     log = EpochLog(best=best, loss=fit_model.loss)
     callbacks = [best, log]
@@ -555,7 +578,28 @@ def _fit(
         }
     )
     table.attrs["selection"] = best.selection
+    table.attrs["warnings"] = _loss_warnings(losses)
+    for warning in table.attrs["warnings"] if progress else ():
+        print(f"warning: {warning}", flush=True)
     return table
+
+
+# A mean training loss (BCE per label) below this after the first epoch: the head has almost nothing left
+# to fit. Reached by heads adding to an in-sample probe on a few hundred images (2.4e-06); an honest
+# residual on the demo's sample is ~0.1.
+LOSS_FLOOR = 1e-3
+
+
+def _loss_warnings(losses: list[float]) -> list[str]:
+    """What the training losses say is wrong with the run, in words."""
+    if len(losses) < 2 or not losses[1] < LOSS_FLOOR:
+        return []
+    return [
+        f"the training loss was {losses[1]:.2g} after the first epoch: the head has almost nothing left "
+        "to fit on its training rows. Likely causes: features that identify each training image (a "
+        "backbone far wider than the training set), labels that follow from the features, or duplicate "
+        "images across patients"
+    ]
 
 
 def _closed_form(model: keras.Model, *, data: HeadData, rows: dict) -> pd.DataFrame:
@@ -591,10 +635,16 @@ class GatherRows(keras.layers.Layer):
 
 
 def training_setup(
-    model: keras.Model, *, data: HeadData, rows: np.ndarray, train: TrainConfig
+    model: keras.Model,
+    *,
+    data: HeadData,
+    rows: np.ndarray,
+    train: TrainConfig,
+    correction: np.ndarray | None = None,
 ) -> tuple[keras.Model, tf.data.Dataset]:
     """(model to fit, its batches): row ids in, features gathered in-step, one random cached view per
-    example when augmenting; it shares `model`'s weights. Batches follow a new seeded permutation each epoch."""
+    example when augmenting; it shares `model`'s weights. Batches follow a new seeded permutation each epoch.
+    `correction` (len(rows), L): added to each row's logit before the sigmoid (the out-of-fold probe)."""
     # One input at a time: each training copy becomes a tensor and is dropped before the next is made
     # (all at once, the copies and the tensors of an ensemble coexisted: ~0.5 GB more at full size).
     arrays = {}
@@ -611,8 +661,16 @@ def training_setup(
             raise InputError(f"--augment needs the same number of cached views in every cache, got {views}")
         picked = RandomView(views.pop(), seed=train.seed)([gathered[name] for name in names])
         gathered.update(zip(names, picked, strict=True))
-    fit_model = keras.Model(row_ids, model(gathered), name="training")
+    outputs = model(gathered) if correction is None else _corrected(model, gathered, row_ids, correction)
+    fit_model = keras.Model(row_ids, outputs, name="training")
     return fit_model, _row_batches(data.labels[rows], batch_size=train.batch_size, seed=train.seed)
+
+
+def _corrected(model: keras.Model, gathered: dict, row_ids, correction: np.ndarray):
+    """sigmoid(the head's logit + each row's correction): the head's own layers, as it trains them."""
+    logits = keras.Model(model.input, model.get_layer("labels").input, name="logits")
+    (offset,) = GatherRows({"correction": correction}, name="gather_correction")(row_ids)
+    return keras.layers.Activation("sigmoid")(keras.layers.Add()([logits(gathered), offset]))
 
 
 def _row_batches(labels: np.ndarray, *, batch_size: int, seed: int) -> tf.data.Dataset:

@@ -36,3 +36,15 @@ def format_difference(
     if ci and ci[0] is not None and ci[1] is not None:
         text += f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
     return text
+
+
+# What a run that started at the ridge probe and never left it is called, in every output.
+KEPT_PROBE = "kept the probe: no epoch beat it beyond noise on validation"
+IS_PROBE = "is the probe: a linear head started at the probe is the closed-form probe itself"
+
+
+def probe_note(details: dict) -> str:
+    """KEPT_PROBE (or IS_PROBE) for a run whose head is its probe start, "" otherwise; from metrics.json."""
+    if not details.get("kept_probe"):
+        return ""
+    return IS_PROBE if details.get("head") == "linear" else KEPT_PROBE

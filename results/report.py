@@ -17,7 +17,15 @@ from sklearn.metrics import auc, roc_curve
 from cxr14.caveats import SYNTHETIC_NOTICE, seen_notice
 from cxr14.errors import InputError
 from cxr14.text import probability
-from results.format import MISSING, UNDEFINED, as_float, format_auc, format_difference, format_number
+from results.format import (
+    MISSING,
+    UNDEFINED,
+    as_float,
+    format_auc,
+    format_difference,
+    format_number,
+    probe_note,
+)
 from results.metrics import RATES, mean_defined, reliability_curve
 from results.published import load_published
 from results.record import MULTILABEL_METRICS
@@ -200,6 +208,8 @@ def write_auc_table(metrics: dict, path, *, label_names: Sequence[str], run_name
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     if metrics.get("reference"):
         lines += ["", probe_line(metrics["reference"])]
+    if probe_note(metrics):
+        lines += ["", f"**This head {probe_note(metrics)}.** Its outputs are the probe's."]
     lines += _baseline_lines(metrics)
     title = "Splits (AUCs from different splits are not strictly comparable):" if published else "Split:"
     lines += ["", title, ""]

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from results.format import format_auc, format_difference
+from results.format import format_auc, format_difference, probe_note
 
 
 def _baseline_summary(metrics: dict) -> list[str]:
@@ -32,6 +32,9 @@ def summarize_metrics(
     if reference:
         difference = format_difference(reference["difference"], reference["difference_ci"])
         lines.append(f"{'ridge probe':<20} {format_auc(reference['mean_auc'])}  head - probe {difference}")
+    if probe_note(metrics):
+        lines.append(f"this head {probe_note(metrics)}")
+    lines += [f"warning: {warning}" for warning in metrics.get("warnings", [])]
     if metrics.get("converged") is False:
         lines.append(
             f"not converged: validation AUC was still rising at the last allowed epoch ({metrics['epochs']}); "

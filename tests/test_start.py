@@ -37,3 +37,57 @@ def test_direction_units_that_only_fit_training_noise_are_left_out(tmp_path):
         arrays, data.labels, rows, probe=probe, directions=random, offsets=offsets
     )
     assert kept.shape == (24, 0) and weights.shape == (0, val.shape[1])  # none of 1, 2, 4, 8 helped
+
+
+def test_cross_fitted_scores_come_from_probes_fitted_without_those_patients():
+    from sklearn.model_selection import GroupKFold
+
+    from heads.probe import cross_fitted_scores, normal_equations
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(600, 20)).astype(np.float32) * rng.uniform(0.5, 3, 20) + rng.normal(size=20)
+    labels = (features[:, :3] + rng.normal(size=(600, 3)) > 0.5).astype(np.float32)
+    patients = rng.integers(0, 150, 600)
+    rows, penalty = np.arange(500), 0.05
+    equations = normal_equations([features], labels, rows=rows)
+    honest = cross_fitted_scores(
+        [features], labels, rows=rows, groups=patients, equations=equations, penalty=penalty
+    )
+    standardized = (features - equations.mean) / equations.scale
+    for _, held in GroupKFold(5).split(rows, groups=patients[rows]):
+        assert not set(patients[held]) & set(patients[np.setdiff1d(rows, held)])  # whole patients held out
+        left = standardized[np.setdiff1d(rows, held)]
+        targets = labels[np.setdiff1d(rows, held)]
+        centered = left - left.mean(axis=0)
+        weights = np.linalg.solve(
+            centered.T @ centered + penalty * len(left) * np.eye(20), centered.T @ (targets - targets.mean(0))
+        )
+        direct = (standardized[held] - left.mean(axis=0)) @ weights + targets.mean(axis=0)
+        np.testing.assert_allclose(honest[held], direct, atol=1e-4)
+
+
+def test_the_training_rows_correction_is_the_out_of_fold_minus_the_in_sample_logit(tmp_path):
+    from heads.probe import cross_fitted_scores, normal_equations
+
+    index = make_index(300)
+    write_cache(tmp_path, "a", names=index.names, features=signal_features(index, dim=24, noise=1.0))
+    data = load_head_data(
+        cache_dir=tmp_path, backbones=["a"], index=index, splits=make_splits(index), metadata=False
+    )
+    rows = {split: data.rows(split) for split in ("train", "val")}
+    start = fit_start(data, rows=rows, max_directions=0, seed=0)
+    arrays = list(probe_blocks(data).values())
+    equations = normal_equations(arrays, data.labels, rows=rows["train"])
+    honest = cross_fitted_scores(
+        arrays,
+        data.labels,
+        rows=rows["train"],
+        groups=data.patients,
+        equations=equations,
+        penalty=start.probe.penalty,
+    )
+    slope, _ = platt_scaling(honest, data.labels[rows["train"]])  # calibrated on the honest scores
+    in_sample = start.probe.scores(arrays, rows["train"])
+    np.testing.assert_allclose(start.train_correction, slope * (honest - in_sample), atol=1e-4)
+    # The probe fits its own rows better than rows it has not seen: the correction is not zero.
+    assert np.abs(start.train_correction).mean() > 0.01

@@ -182,3 +182,25 @@ def test_unknown_backbone_is_refused_before_anything_trains(tmp_path, tiny_proje
     with pytest.raises(InputError, match="backbone value 'nope'.*no backbone named 'nope'"):
         run_sweep(config, grid_path=grid, name="bad")
     assert calls == [] and not (config.runs_dir / "bad").exists()
+
+
+def test_a_sweep_whose_trials_all_kept_the_probe_says_so_at_the_top(tmp_path, tiny_project, monkeypatch):
+    config = dataclasses.replace(tiny_project, runs_dir=tmp_path / "runs")
+    # A linear head started at the probe is the probe: both trials keep it, whatever their seed.
+    grid = _grid(tmp_path, 'head = ["linear"]\nbackbone = ["offline_cnn"]\nseed = [0, 1]\n')
+    result = run_sweep(config, grid_path=grid, name="ties")
+    board = (config.runs_dir / "ties" / "leaderboard.md").read_text()
+    head = board.split("| rank |")[0]
+    assert "**Every trial kept the probe**" in head and "tie, not a ranking" in head
+    assert board.count("**kept the probe**") == 2
+    assert sorted(result["kept_probe"]) == sorted(result["trials"])
+    assert "start=probe" in board and "lr=" not in board  # a closed-form probe lists no training settings
+
+    grid = _grid(
+        tmp_path,
+        'head = ["fc"]\nbackbone = ["offline_cnn"]\nstart = ["probe", "none"]\n[fixed]\nepochs = 2\n',
+    )
+    result = run_sweep(config, grid_path=grid, name="starts")
+    board = (config.runs_dir / "starts" / "leaderboard.md").read_text()
+    assert "Every trial kept the probe" not in board
+    assert "start=none" in board and "start=probe" in board
