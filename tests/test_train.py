@@ -407,7 +407,7 @@ def test_start_none_trains_the_head_alone_and_seeds_differ(tmp_path, cache_dir, 
         for seed in (0, 1)
     }
     first, second = (pd.read_csv(tmp_path / f"s{seed}" / "predictions.csv") for seed in (0, 1))
-    assert not np.allclose(first[LABELS].to_numpy(), second[LABELS].to_numpy(), atol=1e-4)
+    assert not np.allclose(first[list(LABELS)].to_numpy(), second[list(LABELS)].to_numpy(), atol=1e-4)
     for metrics in runs.values():
         assert metrics["start"] == "none" and metrics["kept_probe"] is False
         assert abs(metrics["reference"]["difference"]) > 1e-4  # not the probe, which is still the reference
