@@ -32,6 +32,7 @@ GRID_KEYS = {
     "fusion": str,
     "lr": float,
     "loss": str,
+    "start": str,  # where feature heads start: "probe" or "none"
     "metadata": bool,
     "augment": bool,
     "epochs": int,
