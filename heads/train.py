@@ -29,7 +29,7 @@ from heads.scoring import (
 )
 from heads.settings import HeadConfig, TrainConfig, kind_of, start_directions
 from heads.start import HeadStart, fit_start, probe_blocks
-from results.format import KEPT_PROBE, format_difference
+from results.format import KEPT_PROBE, KEPT_START, format_difference
 from results.metrics import bootstrap_difference, mean_defined, roc_auc_per_label
 from results.record import write_results
 from results.report import plot_auc_comparison, plot_roc, write_auc_table
@@ -63,9 +63,11 @@ class BestEpoch(keras.callbacks.Callback):
         min_delta: float,
         keep_start: bool = False,
         seed: int = 0,
+        kept_note: str = KEPT_PROBE,
     ):
         super().__init__()
         self.head, self.patience, self.min_delta = head, patience, min_delta
+        self.kept_note = kept_note  # what the summary calls a start kept: the probe, or more
         self.inputs = head_inputs(head, data, rows)  # gathered once, not every epoch
         self.labels, self.patients = data.labels[rows], data.patients[rows]
         self.keep_start, self.seed = keep_start, seed
@@ -129,9 +131,9 @@ class BestEpoch(keras.callbacks.Callback):
             return ""
         s = self.selection
         if not s.get("kept_start"):
-            return KEPT_PROBE
+            return self.kept_note
         gain = format_difference(s["gain_over_start"], s["gain_ci90"], digits=4)
-        return f"{KEPT_PROBE} (epoch {s['best_val_epoch']}'s gain {gain})"
+        return f"{self.kept_note} (epoch {s['best_val_epoch']}'s gain {gain})"
 
 
 # Patient resamples of the validation split for the start-or-best choice: a one-sided bound needs no more.
@@ -254,7 +256,9 @@ def train_head(
             train=train,
             decision=decision or DecisionConfig(),
         )
-        facts = _run_facts(run_dir, data=data, head=head, rows=rows, history=fitted.history, train=train)
+        facts = _run_facts(
+            run_dir, data=data, head=head, rows=rows, history=fitted.history, train=train, begin=fitted.begin
+        )
         scored.metrics.update(facts)
         clock["scored"] = time.perf_counter()
         outputs = {"data": data, "label_names": label_names, "snapshot": config_snapshot, "plots": plots}
@@ -383,6 +387,7 @@ def fit_head(
             progress=progress,
             keep_start=from_probe,
             correction=correction,
+            kept_note=KEPT_START if from_probe and start.directions.shape[1] else KEPT_PROBE,
         )
     model = build_head(**spec)
     model.set_weights(trained.get_weights())
@@ -390,11 +395,19 @@ def fit_head(
 
 
 def _run_facts(
-    run_dir: Path, *, data: HeadData, head: HeadConfig, rows: dict, history: pd.DataFrame, train: TrainConfig
+    run_dir: Path,
+    *,
+    data: HeadData,
+    head: HeadConfig,
+    rows: dict,
+    history: pd.DataFrame,
+    train: TrainConfig,
+    begin: HeadStart | None = None,
 ) -> dict:
     """What metrics.json says about the run beside its scores."""
     epochs = train.epochs
     from_probe = kind_of(head).takes == "features" and train.start == "probe"
+    directions = begin is not None and begin.directions.shape[1] > 0  # units beside the probe at the start
     # Never NaN: _check_data makes sure some label has both classes in val, and NaN scores raise.
     best = int(np.flatnonzero(history["chosen"].to_numpy())[0])
     highest = int(history[MONITOR].to_numpy().argmax())
@@ -413,7 +426,7 @@ def _run_facts(
         **({"selection": selection} if selection else {}),
         **({"start": train.start} if kind_of(head).takes == "features" else {}),
         # The head is its probe start: no epoch kept beyond it (results.format.probe_note says it in words).
-        "kept_probe": bool(from_probe and int(history["epoch"].iloc[best]) == 0),
+        "kept_probe": bool(from_probe and int(history["epoch"].iloc[best]) == 0 and not directions),
         "warnings": history.attrs.get("warnings", []),
         "rows": {split: int(r.size) for split, r in rows.items()},
         "excluded": data.excluded,
@@ -532,6 +545,7 @@ def _fit(
     progress: bool,
     keep_start: bool = False,
     correction: np.ndarray | None = None,
+    kept_note: str = KEPT_PROBE,
 ) -> pd.DataFrame:
     """Train with the best validation epoch kept (epoch 0 included; see BestEpoch for `keep_start`); the
     history has a row per epoch, `chosen` marking the one kept, and the choice in its attrs.
@@ -544,6 +558,7 @@ def _fit(
         min_delta=train.min_delta,
         keep_start=keep_start,
         seed=train.seed,
+        kept_note=kept_note,
     )
     fit_model, batches = training_setup(
         model, data=data, rows=rows["train"], train=train, correction=correction

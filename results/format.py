@@ -40,6 +40,7 @@ def format_difference(
 
 # What a run that started at the ridge probe and never left it is called, in every output.
 KEPT_PROBE = "kept the probe: no epoch beat it beyond noise on validation"
+KEPT_START = "kept its start, the probe with second-order units: no epoch beat it beyond noise on validation"
 IS_PROBE = "is the probe: a linear head started at the probe is the closed-form probe itself"
 
 

@@ -91,3 +91,20 @@ def test_the_training_rows_correction_is_the_out_of_fold_minus_the_in_sample_log
     np.testing.assert_allclose(start.train_correction, slope * (honest - in_sample), atol=1e-4)
     # The probe fits its own rows better than rows it has not seen: the correction is not zero.
     assert np.abs(start.train_correction).mean() > 0.01
+
+
+def test_a_label_the_probe_barely_ranks_keeps_the_probes_order():
+    from heads.start import order_keeping
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(500, 2))
+    labels = np.stack([scores[:, 0] > 0.3, rng.random(500) < 0.1], axis=1).astype(float)
+    labels[:, 1] = (scores[:, 1] < -1.2) | (labels[:, 1] > 0)  # anti-correlated: Platt's slope is negative
+    slope, intercept = platt_scaling(scores, labels)
+    assert slope[0] > 0 and slope[1] < 0
+    kept, shifted = order_keeping(slope, intercept, scores=scores)
+    assert kept[0] == slope[0] and shifted[0] == intercept[0]  # a well-ranked label is left as fitted
+    assert kept[1] > 0  # the order of the probe's scores is kept, so is its AUC
+    logits = scores * kept + shifted
+    assert np.array_equal(np.argsort(logits[:, 1]), np.argsort(scores[:, 1]))
+    assert np.isclose(logits[:, 1].mean(), (scores[:, 1] * slope[1] + intercept[1]).mean())

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -75,7 +76,8 @@ def test_fc_run_writes_every_output_and_learns(tmp_path, cache_dir, index):
 def test_a_later_epoch_replaces_the_probe_only_beyond_validation_noise(tmp_path, cache_dir, index):
     # A weak linear signal: the probe is all there is to learn, and a later epoch scores a hair higher on
     # validation by chance (epoch 2 here, +0.0005 with an interval across zero).
-    weak = train_quickly(tmp_path / "weak", _data(cache_dir, index, ["weak"]))
+    # No second-order units: the start is the probe alone.
+    weak = train_quickly(tmp_path / "weak", _data(cache_dir, index, ["weak"]), head=PROBE_ONLY_FC)
     selection = weak.get("selection")
     if selection:  # a later epoch scored higher by chance, and was refused as within the noise
         assert selection["best_val_epoch"] > 0 and selection["gain_over_start"] > 0
@@ -85,6 +87,9 @@ def test_a_later_epoch_replaces_the_probe_only_beyond_validation_noise(tmp_path,
     history = pd.read_csv(tmp_path / "weak" / "history.csv")
     assert history["chosen"].tolist() == [True] + [False] * (len(history) - 1)
     assert weak["val_mean_auc"] == pytest.approx(history["val_mean_auc"].iloc[0])
+
+
+PROBE_ONLY_FC = dataclasses.replace(FC, directions=0)
 
 
 def _check_baselines_and_decisions(run, metrics: dict, data) -> None:
@@ -298,6 +303,15 @@ def test_a_run_whose_best_epoch_is_the_last_allowed_says_it_did_not_converge(tmp
             train=dataclasses.replace(FAST, epochs=epochs),
         )
 
+    kept = facts([0.64, 0.62, 0.61], epochs=2)
+    assert kept["best_epoch"] == 0 and kept["kept_probe"] is True
+    with_units = SimpleNamespace(directions=np.zeros((24, 2)))  # a start of the probe and two units
+    history = pd.DataFrame({"epoch": [0, 1], "loss": 0.1, MONITOR: [0.64, 0.6], "chosen": [True, False]})
+    facts_with_units = _run_facts(
+        tmp_path / "r", data=data, head=FC, rows=rows, history=history, train=FAST, begin=with_units
+    )
+    assert facts_with_units["kept_probe"] is False  # epoch 0 is the probe and its units, not the probe
+
     still_rising = facts([0.6, 0.62, 0.64], epochs=2)
     assert still_rising["converged"] is False and still_rising["best_epoch"] == 2
     assert facts([0.6, 0.62, 0.61], epochs=2)["converged"] is True
@@ -432,7 +446,7 @@ def test_a_head_that_kept_the_probe_says_so_everywhere(tmp_path, cache_dir, inde
     from results.format import KEPT_PROBE
     from results.summary import summarize_metrics
 
-    metrics = train_quickly(tmp_path / "weak", _data(cache_dir, index, ["weak"]))
+    metrics = train_quickly(tmp_path / "weak", _data(cache_dir, index, ["weak"]), head=PROBE_ONLY_FC)
     assert metrics["kept_probe"] is True
     saved = json.loads((tmp_path / "weak" / "metrics.json").read_text())
     assert saved["kept_probe"] is True
