@@ -5,8 +5,9 @@ PA film); brighter means denser. The chest has a body, lungs under domed diaphra
 heart, spine, ribs, clavicles, vessel markings and noise.
 """
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -34,6 +35,10 @@ class Canvas:
     pixel: float  # one pixel in normalised units
     cell: np.ndarray  # (S,) int: the coarse-grid cell left of / above each pixel
     weight: np.ndarray  # (S,) float32: bilinear weight of the next grid point
+    # The film's pixels this canvas covers (all of them, or a crop's): x, y and every array drawn on it
+    # are these rows and columns of the whole film's.
+    rows: slice = field(default_factory=lambda: slice(None))
+    cols: slice = field(default_factory=lambda: slice(None))
 
     @classmethod
     def make(cls, size: int) -> "Canvas":
@@ -49,13 +54,25 @@ class Canvas:
             weight=(position - cell).astype(np.float32),
         )
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.y.shape[0], self.x.shape[1]
+
+    def crop(self, rows: slice, cols: slice) -> "Canvas":
+        """The film's pixels in rows x cols (slices of this whole-film canvas), at the same coordinates:
+        what is drawn on the crop is what the whole canvas would draw there."""
+        x_rows = rows if self.x.shape[0] > 1 else slice(None)  # a full grid (tests) is cropped both ways
+        y_cols = cols if self.y.shape[1] > 1 else slice(None)
+        return dataclasses.replace(self, x=self.x[x_rows, cols], y=self.y[rows, y_cols], rows=rows, cols=cols)
+
     def smooth_noise(self, rng: np.random.Generator) -> np.ndarray:
         """Low-frequency noise, unit scale, for mottled textures and uneven exposure."""
         # Bilinear upsampling by indexing: BLAS matmuls were slower here on a busy machine.
         grid = rng.standard_normal((COARSE, COARSE)).astype(np.float32)
-        w = self.weight
-        rows = grid[self.cell] * (1 - w[:, None]) + grid[self.cell + 1] * w[:, None]
-        return rows[:, self.cell] * (1 - w) + rows[:, self.cell + 1] * w
+        row_cell, row_w = self.cell[self.rows], self.weight[self.rows]
+        col_cell, col_w = self.cell[self.cols], self.weight[self.cols]
+        rows = grid[row_cell] * (1 - row_w[:, None]) + grid[row_cell + 1] * row_w[:, None]
+        return rows[:, col_cell] * (1 - col_w) + rows[:, col_cell + 1] * col_w
 
 
 @dataclass(frozen=True)
@@ -118,7 +135,7 @@ def _ellipse(c: Canvas, cx: float, cy: float, ax: float, ay: float, *, edge: flo
     edge = max(edge, 1.5 * c.pixel)
     # Only the bounding window is computed: most ellipses cover a small part of the film.
     rows, cols = _ellipse_window(c, cx, cy, ax, ay, edge=edge)
-    out = np.zeros((c.size, c.size), np.float32)
+    out = np.zeros(c.shape, np.float32)
     x, y = c.x[:1, cols], c.y[rows, :1]
     r = np.sqrt(((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2)
     out[rows, cols] = _soft((1 - r) * min(ax, ay), edge)
@@ -192,12 +209,9 @@ def draw_film(
     image = _draw_anatomy(canvas, anatomy_rng, chest, lungs, heart=heart, findings=findings)
     # Lung findings show where the lung is not hidden behind the heart.
     lungs = {side: mask * (1 - heart) for side, mask in lungs.items()}
-    boxes = {}
-    for name in findings:
-        before = image.copy()
-        FINDINGS[name](canvas, finding_rng, image, chest, lungs)
-        # Cardiomegaly is drawn as the heart's size in the anatomy, so its place is the heart itself.
-        boxes[name] = change_boxes(heart if name == "Cardiomegaly" else image - before)
+    boxes = {
+        name: _draw_finding(name, canvas, finding_rng, image, chest, lungs, heart=heart) for name in findings
+    }
     noise = canvas.smooth_noise(noise_rng) * 0.015
     image += noise + noise_rng.standard_normal(image.shape, dtype=np.float32) * 0.012
     gain, offset, gamma = (
@@ -208,12 +222,17 @@ def draw_film(
     return Film(image=np.clip(np.clip(image * gain + offset, 0, 1) ** gamma, 0, 1), boxes=boxes)
 
 
-def change_boxes(change: np.ndarray) -> list[Box]:
-    """Boxes (x, y, w, h) around the connected parts of a visible change to the film, largest first."""
-    top, left, window = _changed_window(change)
+def change_boxes(change: np.ndarray, *, film_size: int | None = None) -> list[Box]:
+    """Boxes (x, y, w, h) around the connected parts of a visible change to a film, largest first.
+
+    `change` is the whole film, or a crop of a film of `film_size` pixels that holds all of the change and
+    the blur's reach around it (or ends at the film's edge); the boxes are in the crop's pixels.
+    """
+    top, left, window = _changed_window(change, film_size=film_size or change.shape[0])
     if window is None:
         return []
-    size = ndimage.gaussian_filter(np.abs(window), BOX_BLUR * change.shape[0], truncate=BOX_TRUNCATE)
+    sigma = BOX_BLUR * (film_size or change.shape[0])
+    size = ndimage.gaussian_filter(np.abs(window), sigma, truncate=BOX_TRUNCATE)
     parts, count = ndimage.label(size >= BOX_LEVEL)
     if count == 0:
         return []
@@ -235,7 +254,7 @@ def change_boxes(change: np.ndarray) -> list[Box]:
     return boxes
 
 
-def _changed_window(change: np.ndarray) -> tuple[int, int, np.ndarray | None]:
+def _changed_window(change: np.ndarray, *, film_size: int) -> tuple[int, int, np.ndarray | None]:
     """The part of `change` the blur can reach from its nonzero pixels: (top, left, window), window None
     where nothing changed. Most signs touch a small part of the film, and outside the window both the
     change and its blur are exactly zero, so blurring the window alone gives the same boxes, sooner."""
@@ -244,9 +263,39 @@ def _changed_window(change: np.ndarray) -> tuple[int, int, np.ndarray | None]:
         return 0, 0, None
     # The blur reaches int(truncate * sigma + 0.5) pixels; a margin that wide holds only zeros, so the
     # window's mirrored edges add nothing the whole film's zeros would not.
-    reach = int(BOX_TRUNCATE * BOX_BLUR * change.shape[0] + 0.5)
+    reach = _blur_reach(film_size)
     top, left = max(int(rows[0]) - reach, 0), max(int(cols[0]) - reach, 0)
     return top, left, change[top : int(rows[-1]) + reach + 1, left : int(cols[-1]) + reach + 1]
+
+
+def _blur_reach(film_size: int) -> int:
+    """Pixels the boxes' blur reaches on a film of `film_size`."""
+    return int(BOX_TRUNCATE * BOX_BLUR * film_size + 0.5)
+
+
+def _draw_finding(name: str, c: Canvas, rng, image: np.ndarray, chest: _Chest, lungs: dict, *, heart) -> list:
+    """Add one finding's sign to `image` in place; its boxes."""
+    if name == "Cardiomegaly":  # drawn as the heart's size in the anatomy: its place is the heart itself
+        return change_boxes(heart)
+    if name not in OUTSIDE_LUNGS:  # the rest is drawn on the lungs' crop (~60% of the film), same pixels
+        rows, cols = _lung_crop(c, chest)
+        c, image, lungs = c.crop(rows, cols), image[rows, cols], {s: m[rows, cols] for s, m in lungs.items()}
+    before = image.copy()
+    FINDINGS[name](c, rng, image, chest, lungs)
+    top, left = c.rows.start or 0, c.cols.start or 0
+    return [(x + left, y + top, w, h) for x, y, w, h in change_boxes(image - before, film_size=c.size)]
+
+
+def _lung_crop(c: Canvas, chest: _Chest) -> tuple[slice, slice]:
+    """Both lungs' windows and the boxes' blur reach around them: outside, every lung finding is exactly 0
+    (each is masked by a lung), and the margin keeps their boxes' blur as far from the crop's edges as on
+    the whole film."""
+    (rows, left), (_, right) = _lung_windows(c, chest).values()  # the two lungs share their rows
+    reach = _blur_reach(c.size)
+    return (
+        slice(max(rows.start - reach, 0), min(rows.stop + reach, c.size)),
+        slice(max(left.start - reach, 0), min(right.stop + reach, c.size)),
+    )
 
 
 def _reshape_for_findings(chest: _Chest, findings: Sequence[str]) -> _Chest:
@@ -481,6 +530,7 @@ def _cardiomegaly(c, rng, image, chest, lungs):
     """Drawn as the heart's size in the anatomy."""
 
 
+OUTSIDE_LUNGS = ("Hernia",)  # drawn on the whole film; every other finding only within the lungs
 FINDINGS = {
     "Atelectasis": _atelectasis,
     "Cardiomegaly": _cardiomegaly,
