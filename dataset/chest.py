@@ -337,8 +337,13 @@ def _draw_anatomy(
         image[rows, cols] += (
             0.1 * _soft(0.028 - np.abs(line), 0.02) * _soft(lateral - 0.1, 0.04) * _soft(0.72 - lateral, 0.05)
         )
-    mediastinum = _soft(0.11 - np.abs(c.x - 0.01), 0.04) * (c.y > -0.8)
-    image = np.maximum(image, chest.tissue * np.maximum(heart, mediastinum))
+    # Heart and mediastinum hide what lies behind them; each is taken only over its window (where |x - 0.01|
+    # < 0.13 for the mediastinum): max(image, t h, t m) is max(image, t max(h, m)) to the last bit.
+    rows, cols = _heart_window(c, chest)
+    np.maximum(image[rows, cols], chest.tissue * heart[rows, cols], out=image[rows, cols])
+    cols = _window(c.x[0], 0.01, 0.13 + c.pixel)
+    mediastinum = _soft(0.11 - np.abs(c.x[:1, cols] - 0.01), 0.04) * (c.y[:, :1] > -0.8)
+    np.maximum(image[:, cols], chest.tissue * mediastinum, out=image[:, cols])
     vertebrae = 1 + 0.3 * np.cos(2 * np.pi * c.y / 0.12)
     image += 0.08 * _soft(0.05 - np.abs(c.x), 0.02) * vertebrae * body
     bubble = _ellipse(c, chest.lung_cx, chest.dome[1] + 0.05, 0.08, 0.045)  # gastric air under the left dome
@@ -353,8 +358,16 @@ def _clavicle_window(c: Canvas, chest: _Chest, side: int) -> tuple[slice, slice]
 
 
 def _heart(c: Canvas, chest: _Chest) -> np.ndarray:
-    height = 0.21 * (0.7 + 0.3 * chest.heart_scale)
-    return _ellipse(c, chest.heart_cx, chest.heart_cy, 0.29 * chest.heart_scale, height, edge=0.03)
+    return _ellipse(c, *_heart_ellipse(chest), edge=0.03)
+
+
+def _heart_window(c: Canvas, chest: _Chest) -> tuple[slice, slice]:
+    return _ellipse_window(c, *_heart_ellipse(chest), edge=0.03)
+
+
+def _heart_ellipse(chest: _Chest) -> tuple[float, float, float, float]:
+    """The heart's centre and half-axes."""
+    return chest.heart_cx, chest.heart_cy, 0.29 * chest.heart_scale, 0.21 * (0.7 + 0.3 * chest.heart_scale)
 
 
 def _lung_point(rng, chest: _Chest, side: int, *, t=(0.1, 0.9), u=(-0.7, 0.7)) -> tuple[float, float]:
