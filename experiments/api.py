@@ -92,13 +92,11 @@ def train_head(
     `head`: a built-in kind, a [heads.NAME] table, "FILE.py:FUNCTION", or the builder function itself
     (defined in a .py file: the run keeps that file). `settings`: [train] and head keys, e.g. epochs=5.
     """
-    from cxr14.tf_logging import import_tensorflow
     from experiments.experiment import run_train_head
 
     kind = head if isinstance(head, str) else builder_of(head)
     changes = {**settings, **({"options": dict(options)} if options else {})}
     project = with_training(project, kind=kind, **changes)
-    import_tensorflow(verbose=False)
     return run_train_head(project, kind=kind, backbones=list(backbones), name=name, force=force)
 
 

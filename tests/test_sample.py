@@ -7,7 +7,17 @@ import pytest
 from PIL import Image
 
 from cxr14.errors import InputError
-from dataset.chest import BOX_BLUR, BOX_LEVEL, Canvas, change_boxes, draw_chest, draw_film
+from dataset import chest
+from dataset.chest import (
+    BOX_BLUR,
+    BOX_LEVEL,
+    FINDINGS,
+    OUTSIDE_LUNGS,
+    Canvas,
+    change_boxes,
+    draw_chest,
+    draw_film,
+)
 from dataset.index import find_images, read_index
 from dataset.sample import PREVALENCE_FLOOR, _png_bytes, make_sample
 from dataset.settings import LABELS
@@ -277,6 +287,21 @@ def test_a_canvas_of_one_row_and_one_column_draws_what_full_grids_draw():
     ]
     np.testing.assert_array_equal(films[0].image, films[1].image)
     assert films[0].boxes == films[1].boxes
+
+
+@pytest.mark.parametrize("label", [name for name in LABELS if name not in ("Cardiomegaly", *OUTSIDE_LUNGS)])
+@pytest.mark.parametrize("view", ["PA", "AP"])
+def test_a_lung_finding_drawn_on_the_lungs_crop_is_the_one_drawn_on_the_whole_film(label, view):
+    canvas = Canvas.make(96)
+    body = chest._reshape_for_findings(chest._patient_chest(np.random.default_rng(3), view), (label,))
+    heart = chest._heart(canvas, body)
+    lungs = {side: mask * (1 - heart) for side, mask in chest._lung_masks(canvas, body).items()}
+    plain = np.full((96, 96), 0.5, np.float32)
+    whole, cropped = plain.copy(), plain.copy()
+    FINDINGS[label](canvas, np.random.default_rng(4), whole, body, lungs)
+    boxes = chest._draw_finding(label, canvas, np.random.default_rng(4), cropped, body, lungs, heart=heart)
+    np.testing.assert_array_equal(cropped, whole)
+    assert boxes == change_boxes(whole - plain) and boxes
 
 
 @pytest.mark.parametrize(

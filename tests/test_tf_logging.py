@@ -3,6 +3,7 @@
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,45 @@ def test_a_default_start_on_this_machine_prints_nothing():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "2\n" and result.stderr == ""
+
+
+# What a bare `import tensorflow` and its first op print on this CPU machine (TensorFlow 2.21): absl's
+# notice, then per library "oneDNN custom operations are on", "Could not find cuda drivers", the
+# cpu_feature_guard lines ("rebuild TensorFlow with the appropriate compiler flags") and
+# "E0000 ... failed call to cuInit: ... UNKNOWN ERROR (303)".
+START_UP_NOISE = (
+    r"^[IWE]\d{4} \d\d:\d\d:\d\d",
+    r"All log messages before absl::InitializeLog",
+    r"oneDNN custom operations",
+    r"cuda drivers|cuInit|cuda_platform|cudart",
+    r"rebuild TensorFlow|cpu_feature_guard",
+)
+
+
+def test_importing_the_python_api_and_building_a_head_prints_no_start_up_lines():
+    # As from a notebook: the API, then a head from a module that imports Keras at its top, then inference.
+    code = (
+        "import numpy as np\n"
+        "from experiments.api import open_project\n"
+        "from heads.models import build_head\n"
+        "from heads.settings import HeadConfig\n"
+        "from inference import heatmap\n"
+        "head = HeadConfig(kind='fc', units=(4,))\n"
+        "model = build_head(kind='fc', inputs={'a': (8,)}, n_labels=2, head=head, seed=0)\n"
+        "print(model.predict({'a': np.zeros((3, 8), 'float32')}, verbose=0).shape)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "(3, 2)\n"
+    noise = [line for line in result.stderr.splitlines() if any(re.search(p, line) for p in START_UP_NOISE)]
+    assert noise == []
+
+
+def test_verbose_disarms_the_quiet_start(monkeypatch):
+    monkeypatch.setattr(sys, "meta_path", [tf_logging._QuietStart(), *sys.meta_path])
+    tf_logging.import_tensorflow(verbose=True)
+    assert not any(isinstance(finder, tf_logging._QuietStart) for finder in sys.meta_path)
 
 
 def test_a_sweep_hides_only_the_retracing_warnings():
