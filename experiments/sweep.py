@@ -332,6 +332,7 @@ def _sweep_summary(*, ranked: list[str], results: dict, test: dict, skipped: lis
         "versus_winner": {t: verdicts[t] for t in ranked},
         "tied_with_winner": [t for t in ranked if verdicts[t]["tied"]],
         "kept_probe": [t for t in ranked if results[t].get("kept_probe")],
+        "kept_start": [t for t in ranked if results[t].get("kept_start")],
         "skipped": skipped,
     }
 
@@ -421,7 +422,9 @@ def _versus_probe(metrics: dict) -> str:
     if not probe:
         return MISSING
     text = format_difference(probe.get("difference"), probe.get("difference_ci"), digits=4)
-    return text + (" **kept the probe**" if metrics.get("kept_probe") else "")
+    if metrics.get("kept_probe"):
+        return text + " **kept the probe**"
+    return text + (" **kept its start**" if metrics.get("kept_start") else "")
 
 
 def format_leaderboard(*, name, ranked, plans, results, test, skipped, verdicts) -> str:
@@ -431,11 +434,12 @@ def format_leaderboard(*, name, ranked, plans, results, test, skipped, verdicts)
     lines = [f"**{SYNTHETIC_NOTICE}**", ""] if test.get("synthetic") else []
     lines += [f"**{seen_notice(test['seen_chestxray14'])}**", ""] if test.get("seen_chestxray14") else []
     lines += [f"# Sweep {name}", ""]
-    if all(results[t].get("kept_probe") for t in ranked):
+    if all(results[t].get("kept_start") for t in ranked):
+        which = "the probe" if all(results[t].get("kept_probe") for t in ranked) else "its start"
         lines += [
-            "**Every trial kept the probe**: no trial's head beat its ridge-probe start beyond noise on "
-            "validation. Each trial is its probe, so trials on the same backbones are one model and their "
-            "order below is a tie, not a ranking.",
+            f"**Every trial kept {which}**: no trial's head beat its start (the ridge probe, with its "
+            "second-order units where they were chosen) beyond noise on validation. Trials with the same "
+            "backbones, metadata and seed share that start: they are one model, and their order below is a tie, not a ranking.",
             "",
         ]
     lines += [

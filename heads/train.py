@@ -426,6 +426,7 @@ def _run_facts(
         **({"selection": selection} if selection else {}),
         **({"start": train.start} if kind_of(head).takes == "features" else {}),
         # The head is its probe start: no epoch kept beyond it (results.format.probe_note says it in words).
+        "kept_start": bool(from_probe and int(history["epoch"].iloc[best]) == 0),
         "kept_probe": bool(from_probe and int(history["epoch"].iloc[best]) == 0 and not directions),
         "warnings": history.attrs.get("warnings", []),
         "rows": {split: int(r.size) for split, r in rows.items()},

@@ -45,7 +45,8 @@ IS_PROBE = "is the probe: a linear head started at the probe is the closed-form 
 
 
 def probe_note(details: dict) -> str:
-    """KEPT_PROBE (or IS_PROBE) for a run whose head is its probe start, "" otherwise; from metrics.json."""
-    if not details.get("kept_probe"):
-        return ""
-    return IS_PROBE if details.get("head") == "linear" else KEPT_PROBE
+    """KEPT_PROBE, IS_PROBE or KEPT_START for a run whose head is its probe start (with its second-order
+    units for KEPT_START), "" otherwise; from metrics.json."""
+    if details.get("kept_probe"):
+        return IS_PROBE if details.get("head") == "linear" else KEPT_PROBE
+    return KEPT_START if details.get("kept_start") else ""

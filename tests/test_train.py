@@ -311,6 +311,10 @@ def test_a_run_whose_best_epoch_is_the_last_allowed_says_it_did_not_converge(tmp
         tmp_path / "r", data=data, head=FC, rows=rows, history=history, train=FAST, begin=with_units
     )
     assert facts_with_units["kept_probe"] is False  # epoch 0 is the probe and its units, not the probe
+    assert facts_with_units["kept_start"] is True
+    from results.format import KEPT_START, probe_note
+
+    assert probe_note(facts_with_units | {"head": "fc"}) == KEPT_START
 
     still_rising = facts([0.6, 0.62, 0.64], epochs=2)
     assert still_rising["converged"] is False and still_rising["best_epoch"] == 2
