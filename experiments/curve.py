@@ -3,8 +3,10 @@ once, each point chosen on the full validation split and scored on the full test
 
 Every seed draws one order of the training patients; a size takes the shortest prefix of whole patients
 that reaches it, so the 1 % subset lies inside the 3 % one and a patient's images stay together. Each
-point is a run folder of its own (runs/NAME/LINE/SIZE-seedS/) with a point.json written last and
-atomically: a rerun reuses a point only when every setting that made it matches.
+point keeps only what the curve shows (test mean AUC with its interval, validation mean AUC, what it was
+trained on): its point.json in runs/NAME/LINE/SIZE-seedS/, written atomically once the point is done, so
+that a rerun reuses a point only when every setting that made it matches. The features are loaded once
+and a subset is a set of row positions into them, never a copy.
 """
 
 import dataclasses
@@ -87,22 +89,14 @@ def nested_subsets(patients: np.ndarray, *, sizes: Sequence[CurveSize], seed: in
     return subsets
 
 
-def point_data(data, *, plan: RunPlan, train_rows: np.ndarray):
-    """The loaded data narrowed to a line's backbones and metadata choice, with only `train_rows` (row
-    positions) of the training split and every validation and test row; no copy when that is all of it."""
-    narrowed = dataclasses.replace(
+def point_data(data, *, plan: RunPlan):
+    """The loaded data narrowed to a line's backbones and metadata choice: the same arrays, no copy (a
+    point's training subset is a set of row positions into them)."""
+    return dataclasses.replace(
         data,
         features={name: data.features[name] for name in plan.backbones},
         metadata=data.metadata if plan.train.metadata else None,
         seen_chestxray14=tuple(b for b in data.seen_chestxray14 if b in plan.backbones),
-    )
-    if len(train_rows) == data.rows("train").size:
-        return narrowed
-    keep = np.sort(np.concatenate([train_rows, data.rows("val"), data.rows("test")]))
-    aligned = {"names", "labels", "patients", "split", "metadata", "covariates"}
-    changes = {k: getattr(narrowed, k)[keep] for k in aligned if getattr(narrowed, k) is not None}
-    return dataclasses.replace(
-        narrowed, **changes, features={k: v[keep] for k, v in narrowed.features.items()}
     )
 
 
@@ -152,8 +146,9 @@ def draw_curve(config: Config, *, data, plans: dict[str, RunPlan], sizes, seeds:
         seed: nested_subsets(data.patients[train], sizes=sizes, seed=seed)
         for seed in range(first, first + seeds)
     }
+    _check_splits(data, label_names=config.labels)
     jobs = [(line, size, seed) for line in plans for size in range(len(sizes)) for seed in subsets]
-    points = []
+    points, shared = [], SharedFit()
     with models_built_in_a_loop():
         for i, (line, k, seed) in enumerate(jobs, 1):
             rows = train[subsets[seed][k]]
@@ -161,36 +156,39 @@ def draw_curve(config: Config, *, data, plans: dict[str, RunPlan], sizes, seeds:
             points.append(
                 _run_point(
                     config, data, curve_dir / line / f"{sizes[k].slug}-seed{seed}", plans[line],
-                    size=sizes[k], seed=seed, rows=rows, step=step,
+                    size=sizes[k], seed=seed, rows=rows, step=step, shared=shared,
                 )
             )  # fmt: skip
     return write_curve(curve_dir, name=name, data=data, points=points, seconds=time.perf_counter() - start)
 
 
-def _run_point(config, data, point_dir: Path, plan: RunPlan, *, size, seed: int, rows, step: str) -> dict:
-    """One point's record: trained now, or read back when a finished point has the same settings."""
-    from heads.train import train_head
+def _check_splits(data, *, label_names) -> None:
+    """What train-head checks of the data, once for every point: the labels, and a validation split that
+    can choose (some label with both classes)."""
+    from heads.scoring import check_labels
 
+    check_labels(data, label_names)
+    val = data.labels[data.rows("val")]
+    if not ((val.sum(axis=0) > 0) & (val.sum(axis=0) < len(val))).any():
+        raise InputError(
+            f"no label has both classes in the val split ({len(val)} images), so no point can be chosen "
+            "on it; use more images or a larger val_fraction"
+        )
+
+
+def _run_point(
+    config, data, point_dir: Path, plan: RunPlan, *, size, seed: int, rows, step: str, shared
+) -> dict:
+    """One point's record: trained now, or read back when a finished point has the same settings."""
     plan = dataclasses.replace(plan, train=dataclasses.replace(plan.train, seed=seed).sized_for(rows.size))
-    subset = point_data(data, plan=plan, train_rows=rows)
-    run_snapshot = snapshot(config, plan, caches=subset.caches, synthetic=subset.synthetic)
+    narrowed = point_data(data, plan=plan)
+    run_snapshot = snapshot(config, plan, caches=narrowed.caches, synthetic=narrowed.synthetic)
     settings = point_settings(run_snapshot, size=size, seed=seed, names=data.names[rows])
     done = _finished_point(point_dir, settings)
     if done is not None:
         print(f"{step}: finished earlier, test mean AUC {format_auc(done['test_mean_auc'])}", flush=True)
         return done
-    metrics = train_head(
-        run_dir=point_dir,
-        data=subset,
-        head=plan.head,
-        train=plan.train,
-        label_names=config.labels,
-        config_snapshot=run_snapshot,
-        force=True,
-        progress=False,
-        decision=config.decision,
-        plots=False,
-    )
+    split_rows = {"train": rows, "val": data.rows("val"), "test": data.rows("test")}
     point = _point_record(
         plan,
         size=size,
@@ -199,12 +197,8 @@ def _run_point(config, data, point_dir: Path, plan: RunPlan, *, size, seed: int,
         patients=data.patients[rows],
         names=config.labels,
     )
-    point |= {
-        "test_mean_auc": metrics["mean_auc"],
-        "test_mean_ci": metrics["mean_ci"],
-        "val_mean_auc": metrics["val_mean_auc"],
-        "seconds": metrics["seconds"]["total"],
-    }
+    point |= train_point(narrowed, plan=plan, rows=split_rows, n_labels=len(config.labels), shared=shared)
+    point_dir.mkdir(parents=True, exist_ok=True)
     write_point(point_dir / POINT_FILE, {"settings": settings, "point": point})
     print(
         f"{step}: {point['images']:,} images, {point['patients']:,} patients; test mean AUC "
@@ -212,6 +206,65 @@ def _run_point(config, data, point_dir: Path, plan: RunPlan, *, size, seed: int,
         flush=True,
     )
     return point
+
+
+class SharedFit:
+    """The last fit of a head whose fit does not depend on the seed (the closed-form linear probe, with
+    no second-order directions): at 100 % every seed trains on the same rows, so the seeds after the
+    first reuse it and differ only in their bootstrap draws."""
+
+    def __init__(self):
+        self.key, self.fitted = None, None
+
+    @staticmethod
+    def seedless(plan: RunPlan) -> bool:
+        from heads.settings import kind_of, start_directions
+
+        spec = kind_of(plan.head)
+        closed_form = spec.takes == "features" and not spec.hidden and plan.train.start == "probe"
+        return closed_form and not plan.head.builder and start_directions(plan.head, plan.train) == 0
+
+    def fit(self, data, *, plan: RunPlan, rows: dict, n_labels: int):
+        from heads.train import fit
+
+        key = (plan.default_name(), hashlib.sha256(rows["train"].tobytes()).hexdigest())
+        if self.seedless(plan) and key == self.key:
+            return self.fitted
+        fitted = fit(data, rows=rows, head=plan.head, train=plan.train, n_labels=n_labels, progress=False)
+        self.key, self.fitted = (key, fitted) if self.seedless(plan) else (None, None)
+        return fitted
+
+
+def train_point(data, *, plan: RunPlan, rows: dict, n_labels: int, shared: SharedFit) -> dict:
+    """A point's head fitted on rows["train"] (positions into `data`, chosen on rows["val"]) and its
+    figures: the test mean AUC with its patient-bootstrap interval and the validation mean AUC, computed
+    as train-head computes them for metrics.json; none of a run's other outputs (operating points,
+    calibration, baselines, files), which a curve does not show."""
+    from heads.scoring import predict_probabilities
+    from heads.train import MONITOR
+    from results.metrics import bootstrap_auc, mean_defined, roc_auc_per_label
+
+    start = time.perf_counter()
+    fitted = shared.fit(data, plan=plan, rows=rows, n_labels=n_labels)
+    # Every row, in train-head's chunks: a row's float32 probabilities then match its run's to the bit.
+    scores = predict_probabilities(fitted.model, data, np.arange(len(data.names)))[rows["test"]]
+    labels, patients = data.labels[rows["test"]], data.patients[rows["test"]]
+    interval = [math.nan, math.nan]
+    if plan.train.bootstrap > 0:
+        boot = {"n_boot": plan.train.bootstrap, "seed": plan.train.seed}
+        interval = bootstrap_auc(labels, scores, groups=patients, **boot)["mean"]
+    history = fitted.history
+    return {
+        "test_mean_auc": _finite(mean_defined(roc_auc_per_label(labels, scores))),
+        "test_mean_ci": [_finite(v) for v in interval],
+        "val_mean_auc": float(history[MONITOR].to_numpy()[history["chosen"].to_numpy()][0]),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _finite(value) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value
 
 
 def _point_record(plan: RunPlan, *, size: CurveSize, seed: int, labels, patients, names) -> dict:
@@ -239,7 +292,7 @@ def point_settings(run_snapshot: dict, *, size: CurveSize, seed: int, names) -> 
 
 def _finished_point(point_dir: Path, settings: dict) -> dict | None:
     path = point_dir / POINT_FILE
-    if not path.is_file() or not (point_dir / "metrics.json").is_file():
+    if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))

@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 
+import experiments.curve
 import heads.train
 from cxr14.errors import InputError
 from experiments.curve import (
     CurveSize,
+    SharedFit,
     curve_sizes,
     draw_curve,
     nested_subsets,
@@ -23,6 +25,7 @@ from results.curve import fit_power_law, plateau_images, power_law
 from tests.fixtures import make_config, make_index, make_splits, signal_features, write_cache
 
 REAL_TRAIN_HEAD = heads.train.train_head
+REAL_TRAIN_POINT = experiments.curve.train_point
 FRACTIONS = (0.05, 0.2, 1.0)
 
 
@@ -96,14 +99,21 @@ def _draw(config, data, *, heads=("linear",), fractions=FRACTIONS, seeds=2, name
     )
 
 
-def _counting(monkeypatch):
+def _point_name(data, kwargs) -> str:
+    """The folder name of the point train_point is called for (its size read from its training rows)."""
+    train_rows = kwargs["rows"]["train"]
+    full = len(train_rows) == data.rows("train").size
+    return f"frac{1 if full else 0.2}-seed{kwargs['plan'].train.seed}"
+
+
+def _counting(monkeypatch, data):
     calls = []
 
-    def wrapper(**kwargs):
-        calls.append(kwargs["run_dir"])
-        return REAL_TRAIN_HEAD(**kwargs)
+    def wrapper(narrowed, **kwargs):
+        calls.append(_point_name(data, kwargs))
+        return REAL_TRAIN_POINT(narrowed, **kwargs)
 
-    monkeypatch.setattr(heads.train, "train_head", wrapper)
+    monkeypatch.setattr(experiments.curve, "train_point", wrapper)
     return calls
 
 
@@ -118,17 +128,21 @@ def test_curve_rises_narrows_and_ends_at_a_plain_run(tmp_path):
     assert rows[-1]["images"] == data.rows("train").size and rows[0]["patients"] < rows[1]["patients"]
     # The full-training-split point is a plain train-head run on the same cache and seed (loaded as
     # train-head loads it: without the metadata columns, which the linear head does not take).
-    plain = REAL_TRAIN_HEAD(
-        run_dir=tmp_path / "plain",
-        data=dataclasses.replace(data, metadata=None),
-        head=config.head("linear"),
-        train=config.train.sized_for(data.rows("train").size),
-        label_names=config.labels,
-        config_snapshot={},
-        progress=False,
-    )
-    full = next(p for p in curve["points"] if p["size"] == "100%" and p["seed"] == config.train.seed)
-    assert full["test_mean_auc"] == plain["mean_auc"] and full["test_mean_ci"] == plain["mean_ci"]
+    # Every seed's: the seeds after the first reuse the first's closed-form fit (SharedFit).
+    for seed in (config.train.seed, config.train.seed + 1):
+        train = dataclasses.replace(config.train, seed=seed).sized_for(data.rows("train").size)
+        plain = REAL_TRAIN_HEAD(
+            run_dir=tmp_path / f"plain{seed}",
+            data=dataclasses.replace(data, metadata=None),
+            head=config.head("linear"),
+            train=train,
+            label_names=config.labels,
+            config_snapshot={},
+            progress=False,
+        )
+        full = next(p for p in curve["points"] if p["size"] == "100%" and p["seed"] == seed)
+        assert full["test_mean_auc"] == plain["mean_auc"] and full["test_mean_ci"] == plain["mean_ci"]
+        assert full["val_mean_auc"] == plain["val_mean_auc"]
     folder = config.runs_dir / "c"
     assert {"curve.md", "curve.json", "curve.png"} <= {p.name for p in folder.iterdir()}
     written = json.loads((folder / "curve.json").read_text())
@@ -140,9 +154,9 @@ def test_curve_rises_narrows_and_ends_at_a_plain_run(tmp_path):
 def test_curve_resumes_and_retrains_only_what_changed(tmp_path, monkeypatch):
     config, data = _planted(tmp_path, n=600)
     first = _draw(config, data, fractions=(0.2, 1.0), seeds=1)
-    calls = _counting(monkeypatch)
+    calls = _counting(monkeypatch, data)
     again = _draw(config, data, fractions=(0.2, 1.0), seeds=2)
-    assert [c.name for c in calls] == ["frac0.2-seed1", "frac1-seed1"]  # only the new seed's points
+    assert calls == ["frac0.2-seed1", "frac1-seed1"]  # only the new seed's points
     assert again["points"][0] == first["points"][0]
     calls.clear()
     changed = dataclasses.replace(config, train=dataclasses.replace(config.train, bootstrap=50))
@@ -153,17 +167,18 @@ def test_curve_resumes_and_retrains_only_what_changed(tmp_path, monkeypatch):
 def test_interrupted_point_is_trained_again(tmp_path, monkeypatch):
     config, data = _planted(tmp_path, n=600)
 
-    def dies(**kwargs):
-        if kwargs["run_dir"].name == "frac1-seed0":
+    def dies(narrowed, **kwargs):
+        if _point_name(data, kwargs) == "frac1-seed0":
             raise KeyboardInterrupt
-        return REAL_TRAIN_HEAD(**kwargs)
+        return REAL_TRAIN_POINT(narrowed, **kwargs)
 
-    monkeypatch.setattr(heads.train, "train_head", dies)
+    monkeypatch.setattr(experiments.curve, "train_point", dies)
     with pytest.raises(KeyboardInterrupt):
         _draw(config, data, fractions=(0.2, 1.0), seeds=1)
-    calls = _counting(monkeypatch)
+    assert (config.runs_dir / "c" / "linear-a" / "frac0.2-seed0" / "point.json").is_file()
+    calls = _counting(monkeypatch, data)
     _draw(config, data, fractions=(0.2, 1.0), seeds=1)
-    assert [c.name for c in calls] == ["frac1-seed0"]
+    assert calls == ["frac1-seed0"]
 
 
 def test_label_without_positives_in_a_subset_is_reported(tmp_path):
@@ -183,15 +198,32 @@ def test_label_without_positives_in_a_subset_is_reported(tmp_path):
     assert expected > 0 and small["without_positives"][label] == expected
 
 
-def test_point_data_keeps_val_and_test_whole(tmp_path):
+def test_point_data_narrows_without_copying(tmp_path):
     config, data = _planted(tmp_path, n=300)
     (plan,) = plan_lines(config, heads=["linear"], backbone_sets=["a"], changes={}).values()
-    train = data.rows("train")
-    subset = point_data(data, plan=plan, train_rows=train[:9])
-    assert subset.rows("train").size == 9
-    for split in ("val", "test"):
-        assert list(subset.names[subset.rows(split)]) == list(data.names[data.rows(split)])
-    assert point_data(data, plan=plan, train_rows=train).features["a"] is data.features["a"]
+    narrowed = point_data(data, plan=plan)
+    assert narrowed.features["a"] is data.features["a"] and narrowed.labels is data.labels
+    assert narrowed.metadata is None  # the linear head does not take the metadata columns
+
+
+def test_only_a_seedless_fit_is_shared(tmp_path, monkeypatch):
+    config, data = _planted(tmp_path, n=600)
+    plans = plan_lines(config, heads=["linear", "fc"], backbone_sets=["a"], changes={})
+    assert [SharedFit.seedless(p) for p in plans.values()] == [True, False]
+    fits = []
+    real_fit = heads.train.fit
+
+    def counting_fit(*args, **kwargs):
+        fits.append(kwargs["train"].seed)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(heads.train, "fit", counting_fit)
+    curve = _draw(config, data, heads=("linear", "fc"), fractions=(0.2, 1.0), seeds=2)
+    # linear: 2 seeds at 20 %, one fit for both seeds at 100 %; fc: every point its own fit
+    assert fits == [0, 1, 0] + [0, 1, 0, 1]
+    full = [p for p in curve["points"] if p["size"] == "100%" and p["line"] == "linear-a"]
+    assert full[0]["test_mean_auc"] == full[1]["test_mean_auc"]
+    assert full[0]["test_mean_ci"] != full[1]["test_mean_ci"]  # each seed's own bootstrap draws
 
 
 def test_cli_curve_two_lines(tiny_project, tmp_path):
