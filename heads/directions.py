@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.special import expit
 
-from heads.probe import CHUNK, standardized_chunks
+from heads.probe import CHUNK, one_thread, standardized_chunks
 
 # A direction is kept when its eigenvalue exceeds this multiple of the estimate's own noise level.
 SIGNIFICANCE = 1.15
@@ -77,7 +77,8 @@ def _moments_by_label(blocks, positives: np.ndarray, *, rows, mean, scale):
 
 def _whitening(covariance: np.ndarray) -> np.ndarray:
     """W with W.T @ covariance @ W = I on the covariance's well-conditioned subspace."""
-    values, vectors = np.linalg.eigh(covariance.astype(np.float64))
+    with one_thread():
+        values, vectors = np.linalg.eigh(covariance.astype(np.float64))
     keep = values > 1e-3 * values.max()
     return (vectors[:, keep] / np.sqrt(values[keep])).astype(np.float32)
 
