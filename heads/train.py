@@ -49,7 +49,8 @@ class BestEpoch(keras.callbacks.Callback):
 
     With `keep_start` (a head that starts at the probe), the best epoch replaces the start only where its
     validation gain over it is more than noise: the lower end of a paired patient-bootstrap interval
-    (one-sided 95 %) above zero. On a small validation split the best of many epochs wins by chance
+    (one-sided 95 %, Bonferroni over the epochs trained) above zero. On a small validation split the best
+    of many epochs wins by chance
     otherwise (on a 90-image split, fc kept an epoch 0.014 worse than the probe on test).
     """
 
@@ -104,6 +105,7 @@ class BestEpoch(keras.callbacks.Callback):
             self._keep_start_unless_better()
 
     def _keep_start_unless_better(self) -> None:
+        level = selection_level(epochs=len(self.scores) - 1)
         gain = bootstrap_difference(
             self.labels,
             self.validation_scores(),
@@ -111,14 +113,15 @@ class BestEpoch(keras.callbacks.Callback):
             groups=self.patients,
             n_boot=SELECTION_BOOT,
             seed=self.seed,
-            level=0.90,  # its lower end is a one-sided 95 % bound
+            level=level,
         )
         low = gain["ci"][0]
         kept = low is None or low <= 0.0
         self.selection = {
             "best_val_epoch": self.best,
             "gain_over_start": gain["difference"],
-            "gain_ci90": gain["ci"],
+            "gain_ci": gain["ci"],
+            "gain_ci_level": level,  # two-sided: its lower end is the one-sided bound for the epochs
             "kept_start": kept,
         }
         if kept:
@@ -132,12 +135,20 @@ class BestEpoch(keras.callbacks.Callback):
         s = self.selection
         if not s.get("kept_start"):
             return self.kept_note
-        gain = format_difference(s["gain_over_start"], s["gain_ci90"], digits=4)
+        gain = format_difference(s["gain_over_start"], s["gain_ci"], digits=4)
         return f"{self.kept_note} (epoch {s['best_val_epoch']}'s gain {gain})"
 
 
-# Patient resamples of the validation split for the start-or-best choice: a one-sided bound needs no more.
-SELECTION_BOOT = 200
+# Patient resamples of the validation split for the start-or-best choice: its bound sits far in the tail.
+SELECTION_BOOT = 1000
+
+
+def selection_level(*, epochs: int) -> float:
+    """The two-sided level whose lower end is a one-sided 95 % bound shared by the `epochs` epochs the best
+    was picked from (Bonferroni): the best of nine epochs beats the start by chance more often than one.
+    Measured: with a one-sided 95 % bound alone, fc on a planted 6,000-row problem kept epoch 3 of 9, its
+    validation gain +0.012 [+0.002, ...], and was 0.025 below the probe on test."""
+    return 1.0 - 2 * 0.05 / max(epochs, 1)
 
 
 class EpochLog(keras.callbacks.Callback):

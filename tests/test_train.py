@@ -81,7 +81,8 @@ def test_a_later_epoch_replaces_the_probe_only_beyond_validation_noise(tmp_path,
     selection = weak.get("selection")
     if selection:  # a later epoch scored higher by chance, and was refused as within the noise
         assert selection["best_val_epoch"] > 0 and selection["gain_over_start"] > 0
-        assert selection["kept_start"] is True and selection["gain_ci90"][0] <= 0
+        assert selection["kept_start"] is True and selection["gain_ci"][0] <= 0
+        assert selection["gain_ci_level"] == pytest.approx(1 - 0.1 / weak["epochs"])
     assert weak["best_epoch"] == 0 and weak["kept_probe"] is True and weak["start"] == "probe"
     assert weak["reference"]["difference"] == pytest.approx(0.0, abs=1e-6)  # the probe itself
     history = pd.read_csv(tmp_path / "weak" / "history.csv")
@@ -90,6 +91,13 @@ def test_a_later_epoch_replaces_the_probe_only_beyond_validation_noise(tmp_path,
 
 
 PROBE_ONLY_FC = dataclasses.replace(FC, directions=0)
+
+
+def test_the_start_is_replaced_only_beyond_a_bound_shared_by_the_epochs():
+    from heads.train import selection_level
+
+    assert selection_level(epochs=1) == pytest.approx(0.90)  # one epoch: a one-sided 95 % bound
+    assert selection_level(epochs=10) == pytest.approx(0.99)  # the best of ten: 0.5 % each
 
 
 def _check_baselines_and_decisions(run, metrics: dict, data) -> None:
