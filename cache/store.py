@@ -250,6 +250,14 @@ def read_attrs(path: Path) -> dict:
     return attrs
 
 
+def declared_features(path: Path) -> tuple[tuple[int, ...], str]:
+    """The shape and dtype `features` declares, read from the header alone (nothing is loaded)."""
+    with _open(Path(path), "r") as f:
+        if not isinstance(f.get("features"), h5py.Dataset):
+            raise InputError(f"{path}: dataset 'features' is missing; see cache/README.md for the format")
+        return tuple(f["features"].shape), str(f["features"].dtype)
+
+
 def read_features(path: Path, *, names: Sequence[str] | None = None) -> FeatureSet:
     """Read a feature file; with `names`, rows come back in that order and absent names as MISSING."""
     path = Path(path)

@@ -53,14 +53,28 @@ class HeadStart:
 
 
 def probe_blocks(data: HeadData) -> dict[str, np.ndarray]:
-    """The plain view of every feature cache, then the metadata columns: what the probe and heads read."""
-    blocks = {
-        name: (data.features[name][:, 0] if data.views(name) > 1 else data.features[name])
-        for name in data.features
-    }
+    """The plain view of every feature cache, then the metadata columns: what the probe and heads read.
+    A token cache's block is the mean of its tokens: the pooled vector, which the probe is fitted on."""
+    blocks = {}
+    for name in data.features:
+        plain = data.features[name][:, 0] if data.views(name) > 1 else data.features[name]
+        blocks[name] = mean_tokens(plain) if data.is_tokens(name) else plain
     if data.metadata is not None:
         blocks[METADATA_INPUT] = data.metadata
     return blocks
+
+
+TOKEN_CHUNK = 4096  # rows of a token map averaged at a time: no float32 copy of the whole cache
+
+
+def mean_tokens(tokens: np.ndarray) -> np.ndarray:
+    """(N, T, C) -> (N, C) float32, the mean over tokens, a chunk of rows at a time."""
+    pooled = np.empty((len(tokens), tokens.shape[-1]), np.float32)
+    for begin in range(0, len(tokens), TOKEN_CHUNK):
+        pooled[begin : begin + TOKEN_CHUNK] = tokens[begin : begin + TOKEN_CHUNK].mean(
+            axis=1, dtype=np.float32
+        )
+    return pooled
 
 
 def fit_start(data: HeadData, *, rows: dict, max_directions: int, seed: int) -> HeadStart:
