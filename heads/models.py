@@ -62,11 +62,12 @@ def build_head(
             byte_dropout=byte_dropout,
             given=standard,
         )
-    joined = _join([_pooled(standard[name], name=name) for name in start.inputs])
+    joined = _join([_pooled(standard[name], start=start, name=name) for name in start.inputs])
     logits = [_shortcut(joined, start=start)]
     if spec.hidden:
         metadata = standard.pop(METADATA_INPUT, None)
-        x = TRUNKS[spec.trunk](standard, head=head, seeds=seeds)
+        guide = {"start": start} if spec.trunk in TOKEN_TRUNKS else {}
+        x = TRUNKS[spec.trunk](standard, head=head, seeds=seeds, **guide)
         x = _join([x, metadata]) if metadata is not None else x
         x = _fully_connected(x, head=head, seeds=seeds, byte_dropout=byte_dropout)
         logits.append(keras.layers.Dense(n_labels, kernel_initializer="zeros", name="head_logits")(x))
@@ -114,7 +115,7 @@ def _file_head(
         given = {name: _standardized(t, start=start, name=name) for name, t in model_inputs.items()}
     logit = file_head_logits(head.builder, given, n_labels=n_labels, options=head.options)
     if start is not None and from_probe:
-        joined = _join([_pooled(given[name], name=name) for name in start.inputs])
+        joined = _join([_pooled(given[name], start=start, name=name) for name in start.inputs])
         logit = keras.layers.Add()([_shortcut(joined, start=start), LabelScale(name="head_scale")(logit)])
     try:
         return keras.Model(
@@ -137,17 +138,24 @@ class LabelScale(keras.layers.Layer):
         return x * self.scale
 
 
-def _pooled(tensor, *, name: str):
-    """A token map's mean over its tokens (what the probe was fitted on, heads/start.py); a vector as is.
-
-    The mean of the standardized tokens is the standardized mean, since standardizing is affine."""
+def _pooled(tensor, *, start: HeadStart, name: str):
+    """A token map's mean over its tokens, standardized as the probe's input was (heads/start.py); a
+    vector as is. Tokens are standardized by the pooled mean and their own sd, so their mean is the
+    standardized pooled vector once rescaled by (token sd / pooled sd), per channel."""
     if len(tensor.shape) != 3:
         return tensor
-    return keras.layers.GlobalAveragePooling1D(name=f"pooled_{name}")(tensor)
+    pooled = keras.layers.GlobalAveragePooling1D(name=f"pooled_{name}")(tensor)
+    _, variance = start.moments(name)
+    ratio = (np.sqrt(variance) / start.token_scales[name]) ** 2  # Normalization divides by its sqrt
+    return keras.layers.Normalization(mean=np.zeros_like(ratio), variance=ratio, name=f"rescale_{name}")(
+        pooled
+    )
 
 
 def _standardized(tensor, *, start: HeadStart, name: str):
     mean, variance = start.moments(name)
+    if name in start.token_scales:
+        variance = start.token_scales[name] ** 2
     return keras.layers.Normalization(mean=mean, variance=variance, name=f"standardize_{name}")(tensor)
 
 
@@ -197,6 +205,8 @@ def check_inputs(spec: HeadKind, *, inputs: dict[str, tuple]) -> None:
         wanted = spec.min_backbones if most == spec.min_backbones else f"{spec.min_backbones} or more"
         raise InputError(f"the {spec.name} head takes {wanted} backbone(s), got {list(inputs)}")
     ranks = (2, 3) if spec.takes == "pixels" else (2,) if spec.trunk in TOKEN_TRUNKS else (1,)
+    if spec.trunk == "file":
+        ranks = (1, 2)  # a head of one's own may take token maps too
     if any(len(shape) not in ranks for shape in inputs.values()):
         what = {
             (2, 3): "one cached pixel array (S, S)",
@@ -332,6 +342,25 @@ class GatedAttentionPool(keras.layers.Layer):
             layer.build(input_shape)
         self.score.build((*input_shape[:-1], self.hidden))
 
+    def guide(self, kernel: np.ndarray) -> None:
+        """Start the attention at the tokens the probe scores highest: the first L gate units compute
+        tanh of each token's probe logits (kernel (C, L)), their sigmoid gates sit at 1/2 and each adds
+        its unit to the token's score, so a token that looks like a finding draws the attention at once.
+
+        From uniform weights (mean pooling, the probe's own view), a head starting at the probe barely
+        moved: its output layer starts at zero, so the gates get no gradient until it grows. Measured on
+        the planted local problem at full size: 6 epochs without a better validation AUC, then stopped."""
+        n = min(kernel.shape[1], self.hidden)
+        tanh_kernel, tanh_bias = self.tanh_gate.get_weights()
+        sigmoid_kernel, sigmoid_bias = self.sigmoid_gate.get_weights()
+        score_kernel, score_bias = self.score.get_weights()
+        tanh_kernel[:, :n], tanh_bias[:n] = kernel[:, :n], 0.0
+        sigmoid_kernel[:, :n], sigmoid_bias[:n] = 0.0, 0.0
+        score_kernel[:n], score_kernel[n:] = 1.0, 0.0
+        self.tanh_gate.set_weights([tanh_kernel, tanh_bias])
+        self.sigmoid_gate.set_weights([sigmoid_kernel, sigmoid_bias])
+        self.score.set_weights([score_kernel, score_bias])
+
     def token_weights(self, tokens):
         gated = self.tanh_gate(tokens) * self.sigmoid_gate(tokens)
         return keras.ops.softmax(keras.ops.squeeze(self.score(gated), -1), axis=-1)
@@ -389,13 +418,32 @@ class AttentiveProbe(keras.layers.Layer):
         return {**super().get_config(), "width": self.width, "seed": self.seed}
 
 
-def _attention(tensors: dict, *, head: HeadConfig, seeds: Iterator[int]):
-    """Each token map pooled by its own gated attention (named attention_<input>), then joined."""
-    return _join([GatedAttentionPool(head.transition, seed=next(seeds), name=f"attention_{name}")(t)
-                  for name, t in tensors.items()])  # fmt: skip
+def _attention(tensors: dict, *, head: HeadConfig, seeds: Iterator[int], start: HeadStart | None = None):
+    """Each token map pooled by its own gated attention (named attention_<input>), then joined; started
+    at the probe, each attention starts where the probe scores the tokens highest (guide)."""
+    pooled = []
+    for name, tokens in tensors.items():
+        layer = GatedAttentionPool(head.transition, seed=next(seeds), name=f"attention_{name}")
+        pooled.append(layer(tokens))
+        if start is not None:
+            layer.guide(token_logit_kernel(start, name))
+    return _join(pooled)
 
 
-def _attentive(tensors: dict, *, head: HeadConfig, seeds: Iterator[int]):
+def token_logit_kernel(start: HeadStart, name: str) -> np.ndarray:
+    """(C, L): the probe's logits of one token standardized as the head's tokens are, as if the whole
+    image looked like it (its kernel block for `name`, rescaled from the pooled sd to the tokens' sd)."""
+    offset = 0
+    for other, width in start.inputs.items():
+        if other == name:
+            break
+        offset += width
+    _, variance = start.moments(name)
+    block = start.kernel[offset : offset + start.inputs[name]]
+    return (block * (start.token_scales[name] / np.sqrt(variance))[:, None]).astype(np.float32)
+
+
+def _attentive(tensors: dict, *, head: HeadConfig, seeds: Iterator[int], start: HeadStart | None = None):
     """Each token map read by its own attentive probe (named attention_<input>), then joined."""
     return _join([AttentiveProbe(head.transition, seed=next(seeds), name=f"attention_{name}")(t)
                   for name, t in tensors.items()])  # fmt: skip

@@ -12,7 +12,7 @@ With train.start = "none" the head starts from its seeded random layers on the s
 the blog trained its heads; the probe is still fitted, as the reference beside it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,6 +40,10 @@ class HeadStart:
     # (n_train, L) out-of-fold minus in-sample probe logit of each training row, in rows["train"] order:
     # what training adds to the shortcut's logits so that the head sees honest residuals.
     train_correction: np.ndarray
+    # Per token input: each channel's sd over the training rows' tokens. Tokens are standardized by it,
+    # not by the pooled vector's sd, which is up to sqrt(T) times smaller and would blow the tokens up
+    # into the attention gates' saturation (heads/models.py rescales the shortcut's input to match).
+    token_scales: dict[str, np.ndarray] = field(default_factory=dict)
 
     def moments(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(mean, variance) of input `name` on the training rows, for its Normalization layer."""
@@ -75,6 +79,20 @@ def mean_tokens(tokens: np.ndarray) -> np.ndarray:
             axis=1, dtype=np.float32
         )
     return pooled
+
+
+def token_scale(tokens: np.ndarray, rows: np.ndarray, *, views: bool) -> np.ndarray:
+    """(C,) float32: each channel's sd over every token of `rows` (view 0 of a multi-view cache)."""
+    total = np.zeros(tokens.shape[-1], np.float64)
+    squares = np.zeros_like(total)
+    for begin in range(0, len(rows), TOKEN_CHUNK):
+        part = tokens[rows[begin : begin + TOKEN_CHUNK]]
+        part = (part[:, 0] if views else part).astype(np.float32).reshape(-1, tokens.shape[-1])
+        total += part.sum(axis=0)
+        squares += np.square(part, dtype=np.float64).sum(axis=0)
+    count = max(1, len(rows) * tokens.shape[-2])
+    variance = np.maximum(squares / count - np.square(total / count), 0.0)
+    return np.sqrt(np.where(variance > 0, variance, 1.0)).astype(np.float32)
 
 
 def fit_start(data: HeadData, *, rows: dict, max_directions: int, seed: int) -> HeadStart:
@@ -117,6 +135,11 @@ def fit_start(data: HeadData, *, rows: dict, max_directions: int, seed: int) -> 
         directions=directions,
         direction_weights=weights,
         train_correction=correction,
+        token_scales={
+            name: token_scale(data.features[name], rows["train"], views=data.views(name) > 1)
+            for name in data.features
+            if data.is_tokens(name)
+        },
     )
 
 

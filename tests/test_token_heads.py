@@ -93,3 +93,19 @@ def test_token_inputs_and_vectors_are_not_mixed_up(tmp_path):
 def test_a_token_cache_beyond_the_budget_is_refused_by_its_setting(tmp_path):
     with pytest.raises(InputError, match=r"map.h5: its token maps \(360, 16, 6\) float16 .* token_memory_gb"):
         token_data(tmp_path, budget=1e-5)
+
+
+def test_the_planted_local_problem_hides_its_findings_in_one_token_that_pooling_dilutes():
+    from bench.planted import LOCAL_TOKENS, local_caches, local_channels, planted_index
+
+    index, _ = planted_index(3000, seed=0)
+    planted = local_caches(index.labels, channels=local_channels(256), seed=0, rng=np.random.default_rng(7))
+    # The same draws without findings: what differs is the findings alone.
+    blank = local_caches(0 * index.labels, channels=32, seed=0, rng=np.random.default_rng(7))
+    tokens = planted["M"]
+    assert tokens.shape == (3000, LOCAL_TOKENS, local_channels(256)) == (3000, 16, 32)
+    np.testing.assert_allclose(planted["A"], tokens.mean(axis=1, dtype=np.float32), rtol=1e-3, atol=1e-3)
+    moved = np.abs(tokens.astype(np.float32) - blank["M"]).max(axis=2) > 1e-2  # (N, T)
+    sick = index.labels.any(axis=1)
+    assert (moved.sum(axis=1)[sick] == 1).all() and not moved[~sick].any()
+    assert len(np.unique(moved[sick].argmax(axis=1))) == LOCAL_TOKENS  # the place varies by image
