@@ -330,6 +330,10 @@ QUALITY_RUNS = (
     ("complementary", "fc", ("B",), False),
     ("complementary", "ensemble", ("A", "B"), False),
     ("metadata", "fc", ("A",), True),
+    ("local", "linear", ("A",), False),
+    ("local", "fc", ("A",), False),
+    ("local", "attention", ("M",), False),
+    ("local", "attentive", ("M",), False),
 )
 
 

@@ -4,7 +4,9 @@ images per patient, a 70/10/20 patient split) and feature caches whose label sig
 Problems: "linear" (each label shifts the mean along its own direction), "nonlinear" (half the labels only
 widen the spread along a direction, which no linear probe can see), "complementary" (two caches, A and B
 of half its width, each label strong in one and weak in the other), "metadata" (labels depend on age and
-view position, and the features carry that confound). Noise is isotropic plus a few strong latent factors,
+view position, and the features carry that confound), "local" (a token map M, LOCAL_TOKENS tokens per
+image, whose findings all sit in one token at a place of the image's own, as a nodule can be anywhere; A is
+M pooled, the mean of its tokens, where that token's signal is diluted LOCAL_TOKENS-fold). Noise is isotropic plus a few strong latent factors,
 with per-dimension scales and offsets, so standardization matters as it does for real embeddings.
 """
 
@@ -18,7 +20,9 @@ from dataset.sample import REAL_PREVALENCE
 from dataset.settings import LABELS
 from dataset.splits import Splits
 
-PROBLEMS = ("linear", "nonlinear", "complementary", "metadata")
+PROBLEMS = ("linear", "nonlinear", "complementary", "metadata", "local")
+LOCAL_TOKENS = 16  # the local problem's 4 x 4 map
+LOCAL_STRENGTH = (1.5, 3.0)  # the range of each label's shift in its token (noise: about 1 a coordinate)
 IMAGES_PER_PATIENT = 3.64  # 112,120 images of 30,805 patients
 CHUNK = 8192
 
@@ -120,6 +124,8 @@ def planted_caches(problem: str, *, index: Index, dim: int, seed: int) -> dict[s
                 seed=seed + 1,
             ),
         }
+    if problem == "local":
+        return local_caches(index.labels, channels=local_channels(dim), seed=seed, rng=rng)
     if problem == "metadata":
         confound = rng.standard_normal((2, dim)).astype(np.float32)
         confound /= np.linalg.norm(confound, axis=1, keepdims=True)
@@ -136,12 +142,38 @@ def planted_caches(problem: str, *, index: Index, dim: int, seed: int) -> dict[s
     raise ValueError(f"unknown planted problem {problem!r}; valid: {', '.join(PROBLEMS)}")
 
 
+def local_channels(dim: int) -> int:
+    """Channels per token of the local problem: an eighth of `dim` (at least 32), so that its map, 16
+    tokens, takes twice a `dim`-wide pooled cache (0.9 GB at full size for dim 2,048)."""
+    return max(32, dim // 8)
+
+
+def local_caches(labels: np.ndarray, *, channels: int, seed: int, rng) -> dict[str, np.ndarray]:
+    """{"M": (N, LOCAL_TOKENS, channels) float16 tokens, "A": their mean (N, channels)}: every token is
+    planted_features' noise; one token per image, drawn at random, also holds its labels' shifts."""
+    n = len(labels)
+    strength = rng.uniform(*LOCAL_STRENGTH, labels.shape[1])
+    site = rng.integers(0, LOCAL_TOKENS, n)
+    token_labels = np.zeros((n, LOCAL_TOKENS, labels.shape[1]), np.uint8)
+    token_labels[np.arange(n), site] = labels
+    flat = token_labels.reshape(n * LOCAL_TOKENS, -1)
+    none = np.zeros(labels.shape[1])
+    tokens = planted_features(flat, dim=channels, strength=strength, spread=none, seed=seed)
+    tokens = tokens.reshape(n, LOCAL_TOKENS, channels)
+    pooled = np.empty((n, channels), np.float16)
+    for start in range(0, n, CHUNK):
+        pooled[start : start + CHUNK] = tokens[start : start + CHUNK].mean(axis=1, dtype=np.float32)
+    return {"A": pooled, "M": tokens}
+
+
 def write_planted_cache(
     cache_dir: Path, name: str, *, index: Index, features: np.ndarray, kind: str = "features"
 ) -> Path:
-    """A synthetic array (features, or uint8 pixels) written through the feature store, every row of
-    `index` present, as an external cache would be."""
+    """A synthetic array (features, token maps (N, T, C), or uint8 pixels) written through the feature
+    store, every row of `index` present, as an external cache would be."""
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "features" and features.ndim == 3:
+        kind = "tokens"
     n = len(index)
     return write_features(
         cache_path(cache_dir, name),

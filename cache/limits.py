@@ -8,10 +8,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from cache.settings import ITEM_DIMS
 from cxr14.errors import InputError
 
 MAX_ROWS = 10_000_000  # ~90x ChestX-ray14; the largest chest X-ray sets hold a few hundred thousand
-MAX_WIDTH = {"features": 65_536, "pixels": 4_096}  # D of a feature vector, S of a stored S x S image
+# D of a feature vector, T or C of a token map (a 1024-px ViT-S/8 has 16,384 patches), S of an S x S image
+MAX_WIDTH = {"features": 65_536, "tokens": 65_536, "pixels": 4_096}
 STRING_ROW_BYTES = 120  # memory per row of a names or errors column read as Python strings
 DATASETS = ("names", "features", "status", "errors")
 
@@ -61,7 +63,7 @@ def _check_features(path: Path, dataset: h5py.Dataset, *, attrs: dict) -> None:
     kind, views = attrs["kind"], attrs["views"]
     if str(dataset.dtype) != attrs["dtype"]:
         raise InputError(f"{path}: features are {dataset.dtype} but attribute dtype is {attrs['dtype']!r}")
-    item_dims = 1 if kind == "features" else 2  # a vector, or a square pixel image
+    item_dims = ITEM_DIMS[kind]
     expected = 1 + item_dims + (views > 1)
     shape = dataset.shape
     if len(shape) != expected or (views > 1 and shape[1] != views):

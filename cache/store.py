@@ -16,7 +16,7 @@ import numpy as np
 from cache import checksums as crc
 from cache.limits import check_declared
 from cache.paths import cache_path, refuse_folder, shard_dir  # noqa: F401  (the store's paths, read from here too)
-from cache.settings import DTYPES
+from cache.settings import DTYPES, ITEM_DIMS
 from cache.status import Status
 from cxr14.errors import InputError
 from cxr14.names import positions
@@ -73,7 +73,7 @@ class FeatureSet:
 
     path: Path
     names: np.ndarray  # (N,) object str
-    features: np.ndarray  # (N, D) | (N, K, D) float | (N, S, S) | (N, K, S, S) uint8 for pixels
+    features: np.ndarray  # (N, D) | (N, K, D) | (N, T, C) float | (N, S, S) | (N, K, S, S) uint8 for pixels
     status: np.ndarray  # (N,) int8 Status
     errors: np.ndarray  # (N,) object str, "" when OK
     attrs: dict
@@ -248,6 +248,14 @@ def read_attrs(path: Path) -> dict:
         attrs = _get_attrs(path, f)
     _check_attrs(path, attrs)
     return attrs
+
+
+def declared_features(path: Path) -> tuple[tuple[int, ...], str]:
+    """The shape and dtype `features` declares, read from the header alone (nothing is loaded)."""
+    with _open(Path(path), "r") as f:
+        if not isinstance(f.get("features"), h5py.Dataset):
+            raise InputError(f"{path}: dataset 'features' is missing; see cache/README.md for the format")
+        return tuple(f["features"].shape), str(f["features"].dtype)
 
 
 def read_features(path: Path, *, names: Sequence[str] | None = None) -> FeatureSet:
@@ -571,7 +579,7 @@ def _check(path: Path, *, names, features, status, errors, attrs: dict) -> None:
         raise InputError(f"{path}: 'names' holds duplicate image names; each image must appear once")
     if str(features.dtype) != attrs["dtype"]:
         raise InputError(f"{path}: features are {features.dtype} but attribute dtype is {attrs['dtype']!r}")
-    item_dims = 1 if attrs["kind"] == "features" else 2  # a vector, or a square pixel image
+    item_dims = ITEM_DIMS[attrs["kind"]]
     views = attrs["views"]
     expected = 1 + item_dims + (views > 1)
     if features.ndim != expected or (views > 1 and features.shape[1] != views):

@@ -26,6 +26,7 @@ def open_run_data(config: Config, *, backbones: Sequence[str], metadata: bool):
         synthetic=dataset.synthetic,
         # What each configured backbone's weights were pre-trained on (its table's pretrained_on).
         pretrained_on={name: b.pretrained_on for name, b in config.backbones.items()},
+        token_memory_gb=config.train.token_memory_gb,
     )
     return dataset, data
 

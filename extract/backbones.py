@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from cxr14.errors import InputError
 from dataset.image_loader import ImageSpec, normalize
-from extract.settings import RANDOM_STAGES, SOURCES, BackboneConfig
+from extract.settings import RANDOM_STAGES, BackboneConfig
 
 
 class BackboneError(InputError):
@@ -22,15 +22,16 @@ class BackboneError(InputError):
 
 @dataclass(frozen=True)
 class Backbone:
-    """A loaded backbone. `fn`: uint8 pixels (b, s, s, 1) -> (b, dim) float32, or (b, s, s) 0..255 for pixels.
+    """A loaded backbone. `fn`: uint8 pixels (b, s, s, 1) -> (b, dim) float32, (b, tokens, dim) for a
+    token map (output = "map"), or (b, s, s) 0..255 for pixels.
 
     `fn` casts and normalises the pixels itself (dataset.image_loader.normalize), on the device it runs on.
     """
 
     name: str
-    kind: str  # "features" | "pixels"
+    kind: str  # "features" | "tokens" | "pixels"
     spec: ImageSpec
-    dim: int  # feature width, or the image side for pixels
+    dim: int  # feature width (channels of a token map), or the image side for pixels
     fn: Callable
     config: dict  # cfg.as_dict() plus what was resolved at load time, for fingerprints
     # The network on normalised float images (b, s, s, c), fn(pixels) == net(normalize(pixels)); unlike
@@ -40,6 +41,7 @@ class Backbone:
     # pooling that makes the features: net(x) == pool(feature_map(x)). For Grad-CAM heatmaps.
     feature_map: Callable | None = None
     pool: Callable | None = None
+    tokens: int = 0  # tokens per image of a token map (kind "tokens"), else 0
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,12 @@ def load_backbone(cfg: BackboneConfig, *, mixed_precision: bool = False, xla: bo
     signature = [tf.TensorSpec([None, spec.size, spec.size, 1], tf.uint8)]
     fn = tf.function(on_pixels, input_signature=signature, jit_compile=xla or None)
     probe = fn(tf.zeros([1, spec.size, spec.size, 1], tf.uint8))
-    kind = SOURCES[cfg.source]
+    kind = cfg.kind
     dim = spec.size if kind == "pixels" else int(probe.shape[-1])
+    tokens = int(probe.shape[1]) if kind == "tokens" else 0
     resolved |= {"kind": kind, "dim": dim, "xla": bool(xla), "spec": spec.as_dict()}
+    if tokens:
+        resolved["tokens"] = tokens
     return Backbone(
         name=cfg.name,
         kind=kind,
@@ -80,6 +85,7 @@ def load_backbone(cfg: BackboneConfig, *, mixed_precision: bool = False, xla: bo
         net=call,
         feature_map=loaded.feature_map,
         pool=loaded.pool,
+        tokens=tokens,
     )
 
 
@@ -177,7 +183,8 @@ def _saved_model_entry(model, cfg: BackboneConfig) -> Callable:
 
 
 def _as_features(output, cfg: BackboneConfig) -> tf.Tensor:
-    """Pick the output tensor and make it (b, D) float32; spatial maps are average-pooled."""
+    """Pick the output tensor and make it (b, D) float32, spatial maps average-pooled; with output = "map",
+    (b, T, C): a (b, h, w, C) map row by row, (b, T, C) patch tokens as they are."""
     if isinstance(output, dict):
         keys = sorted(output)
         key = cfg.output_key or (keys[0] if len(keys) == 1 else "")
@@ -188,11 +195,31 @@ def _as_features(output, cfg: BackboneConfig) -> tf.Tensor:
             )
         output = output[key]
     output = tf.cast(output, tf.float32)
+    if cfg.output == "map":
+        return _hub_tokens(output, cfg)
     if output.shape.rank == 4:
         return tf.reduce_mean(output, axis=[1, 2])
     if output.shape.rank != 2:
         raise BackboneError(f"backbone {cfg.name!r} returns shape {output.shape}; expected (batch, features)")
     return output
+
+
+def _hub_tokens(output: tf.Tensor, cfg: BackboneConfig) -> tf.Tensor:
+    if output.shape.rank == 4:
+        return tf.reshape(output, [-1, output.shape[1] * output.shape[2], output.shape[3]])
+    if output.shape.rank != 3:
+        raise BackboneError(
+            f'backbone {cfg.name!r} returns shape {output.shape}, no map of tokens; output = "map" needs a '
+            f"(batch, h, w, C) feature map or (batch, tokens, C) patch tokens: pick that output with "
+            f'backbones.{cfg.name}.output_key, or set output = "pooled"'
+        )
+    return output
+
+
+def as_tokens(feature_maps) -> tf.Tensor:
+    """A (b, h, w, C) feature map as (b, h * w, C) float32 tokens, row by row (cache/README.md)."""
+    shape = feature_maps.shape
+    return tf.cast(tf.reshape(feature_maps, [-1, shape[1] * shape[2], shape[3]]), tf.float32)
 
 
 # --- keras.applications ------------------------------------------------------------------------------
@@ -231,6 +258,13 @@ def _load_keras(cfg: BackboneConfig, *, mixed_precision: bool):
         return tf.cast(tf.reduce_mean(feature_maps, axis=[1, 2]), tf.float32)
 
     resolved = {"loader": "keras.applications", "keras_family": family, "mixed_precision": mixed_precision}
+    if cfg.output == "map":  # the map itself, as tokens; Grad-CAM still differentiates through it
+        resolved["token_grid"] = [int(d) for d in maps.output.shape[1:3]]
+        pool = as_tokens
+
+        def call(images):
+            return as_tokens(feature_map(images))
+
     return _Loaded(call, _spec(cfg, keras_family=family), resolved, feature_map, pool)
 
 
@@ -319,6 +353,17 @@ def _load_random(cfg: BackboneConfig, *, mixed_precision: bool):
         return pool(feature_map(images))
 
     resolved = {"loader": "random", "stages": RANDOM_STAGES, "mixed_precision": mixed_precision}
+    if cfg.output == "map":
+        # The grid's cells are its tokens: the grid x grid x width map that the pooled vector flattens.
+        grid_pool = pool
+        resolved["token_grid"] = [cfg.grid, cfg.grid]
+
+        def pool(x):
+            return tf.reshape(grid_pool(x), [-1, cfg.grid * cfg.grid, cfg.width])
+
+        def call(images):
+            return pool(feature_map(images))
+
     # One gray channel: replicating it three times would only triple the first layer's work.
     return _Loaded(call, _spec(cfg, channels=1), resolved, feature_map, pool)
 

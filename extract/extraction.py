@@ -319,7 +319,12 @@ def _dataset(images, *, todo, checks, sizes, batch_size, views, seed):
 
 def _empty_features(backbone, *, rows: int, dtype: str, views: int) -> np.ndarray:
     """Preallocated features for one shard; rows that never get filled stay zero, as failed rows must."""
-    item = (backbone.dim,) if backbone.kind == "features" else (backbone.dim, backbone.dim)
+    items = {
+        "features": (backbone.dim,),
+        "tokens": (backbone.tokens, backbone.dim),
+        "pixels": (backbone.dim, backbone.dim),
+    }
+    item = items[backbone.kind]
     return np.zeros((rows, *((views,) if views > 1 else ()), *item), dtype=dtype)
 
 

@@ -16,6 +16,11 @@ from dataset.settings import NORMALIZATIONS
 
 # Backbone source -> what its cache holds ("features" or "pixels").
 SOURCES = {"hub": "features", "keras": "features", "random": "features", "pixels": "pixels"}
+# What a backbone's cache keeps of each image ([backbones.NAME] output): "pooled", one vector (what every
+# head takes); "map", its last feature map as tokens x channels (kind "tokens", the attention heads' input;
+# ResNet-50 at 224 px: 7 x 7 = 49 tokens of 2,048). A map cache still gives the pooled view: heads fit
+# their probe on the mean of the tokens, which is the globally pooled vector of a keras.applications net.
+OUTPUTS = ("pooled", "map")
 # The "random" backbone's stride-2 convolutions: its feature map is image_size / 2**RANDOM_STAGES a side.
 RANDOM_STAGES = 3
 # import-features: the layouts extract/imported.py reads ("npz": one .npz keyed by image id; "v1-npz" /
@@ -39,12 +44,18 @@ class BackboneConfig:
     seed: int = allowed(0, low=0, high=SEED_MAX)
     width: int = allowed(32, low=1, high=1024)
     grid: int = allowed(4, low=1, high=16)
+    output: str = allowed("pooled", choices=OUTPUTS)
     # What the weights were pre-trained on, e.g. ["ImageNet"]; ChestX-ray14 there marks every result.
     pretrained_on: tuple[str, ...] = ()
 
     def __post_init__(self):
         check_ranges(self, section=f"backbones.{self.name}")
         check_pretrained_on(self.pretrained_on, key=f"backbones.{self.name}.pretrained_on")
+        if self.output == "map" and SOURCES[self.source] != "features":
+            raise InputError(
+                f'backbones.{self.name}.output = "map" needs a network (source "hub", "keras" or "random"); '
+                f'source = "{self.source}" stores the pixels themselves: drop the output key'
+            )
         side = -(-self.image_size // 2**RANDOM_STAGES)  # the feature map the grid pools
         if self.source == "random" and self.grid > side:
             raise InputError(
@@ -52,10 +63,19 @@ class BackboneConfig:
                 f"a {self.image_size}-pixel image; use a grid of at most {side}"
             )
 
+    @property
+    def kind(self) -> str:
+        """What its cache holds: "features", "tokens" (output = "map") or "pixels"."""
+        return "tokens" if self.output == "map" else SOURCES[self.source]
+
     def as_dict(self) -> dict:
         """The settings that make the features (what extraction records and fingerprints): pretrained_on
-        says what the weights saw, which changes no feature, so naming it never invalidates a cache."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "pretrained_on"}
+        says what the weights saw, which changes no feature, so naming it never invalidates a cache; nor
+        does the output key where it is the default "pooled" (caches made before it existed stay valid)."""
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k != "pretrained_on"}
+        if self.output == "pooled":
+            del settings["output"]
+        return settings
 
 
 def check_pretrained_on(names, *, key: str) -> tuple[str, ...]:

@@ -11,11 +11,19 @@ import numpy as np
 from cache.origin import check_origin
 from cache.paths import cache_file
 from cache.status import Status
-from cache.store import MadeDifferently, check_recipe, finite_rows, read_features
+from cache.store import (
+    MadeDifferently,
+    check_recipe,
+    declared_features,
+    finite_rows,
+    read_attrs,
+    read_features,
+)
 from cxr14.caveats import saw_chestxray14
 from cxr14.errors import Fix, InputError
 from cxr14.names import positions
 from dataset.splits import SPLITS
+from heads.settings import TOKEN_MEMORY_GB
 
 METADATA_INPUT = "metadata"  # the head's input name for the metadata columns
 # Metadata columns concatenated to the features (--metadata): age scaled to ~[0, 1], a flag for a
@@ -32,7 +40,7 @@ class HeadData:
     labels: np.ndarray  # (N, L) float32 multi-hot
     patients: np.ndarray  # (N,) int64
     split: np.ndarray  # (N,) object, one of SPLITS
-    features: dict[str, np.ndarray]  # per backbone: (N, D) | (N, K, D) | (N, S, S) | (N, K, S, S)
+    features: dict[str, np.ndarray]  # per backbone: (N, D) | (N, K, D) | (N, T, C) | (N, S, S) | (N, K, S, S)
     metadata: np.ndarray | None  # (N, len(METADATA_COLUMNS)) float32, or None
     excluded: dict[str, int]  # index rows left out, by reason
     split_source: str = ""  # "official" | "patient-random" | "frozen" | "synthetic sample (...)"
@@ -50,8 +58,13 @@ class HeadData:
             return int(self.caches[name]["views"])
         return 1
 
+    def is_tokens(self, name: str) -> bool:
+        """Whether backbone `name`'s cache holds token maps (output = "map"), (T, C) per image."""
+        return self.caches.get(name, {}).get("kind") == "tokens"
+
     def item_shape(self, name: str) -> tuple:
-        """The per-image shape of one view of backbone `name`: (D,) features or (S, S) pixels."""
+        """The per-image shape of one view of backbone `name`: (D,) features, (T, C) tokens or (S, S)
+        pixels."""
         array = self.features[name]
         return tuple(array.shape[2:] if self.views(name) > 1 else array.shape[1:])
 
@@ -78,11 +91,13 @@ def load_head_data(
     metadata: bool,
     synthetic: bool = False,
     pretrained_on: Mapping[str, Sequence[str]] | None = None,
+    token_memory_gb: float = TOKEN_MEMORY_GB,
 ) -> HeadData:
     """Read each backbone's cache once, align its rows to the index by name, keep rows OK in every cache.
     `metadata`: the head takes the metadata columns; `synthetic`: the data set is a make-sample one;
     `pretrained_on`: per backbone, what its weights saw (the config's tables; a cache without one says
-    it itself, as imported features do)."""
+    it itself, as imported features do); `token_memory_gb`: a token cache larger than this is refused
+    ([train] token_memory_gb)."""
     if not backbones:
         raise InputError("no backbone given; pass --backbone NAME (one of the [backbones.*] in the config)")
     in_split = np.isin(splits.assignment, SPLITS)
@@ -92,7 +107,7 @@ def load_head_data(
     unknown = 0
     cached, attrs = {}, {}
     for name in backbones:
-        cache = _read_cache(Path(cache_dir), name, index)
+        cache = _read_cache(Path(cache_dir), name, index, token_memory_gb=token_memory_gb)
         absent |= cache.position < 0
         failed |= (cache.position >= 0) & (cache.status != Status.OK)
         not_finite |= cache.not_finite
@@ -157,10 +172,11 @@ class _Cache(NamedTuple):
     attrs: dict
 
 
-def _read_cache(cache_dir: Path, backbone: str, index) -> _Cache:
+def _read_cache(cache_dir: Path, backbone: str, index, *, token_memory_gb: float) -> _Cache:
     """A cache's features as stored, aligned to the index by name; refused if changed since it was made
-    (rows, names or attributes) or made from another data set."""
+    (rows, names or attributes) or made from another data set, or a token cache beyond the budget."""
     path = cache_file(cache_dir, backbone)
+    check_token_budget(path, budget_gb=token_memory_gb)
     try:
         cached = read_features(path)
         check_recipe(path, attrs=cached.attrs, names=cached.names)
@@ -183,6 +199,21 @@ def _read_cache(cache_dir: Path, backbone: str, index) -> _Cache:
     not_finite[found] = (status[found] == Status.OK) & ~finite_rows(cached.features)[position[found]]
     not_in_index = len(cached.names) - int(found.sum())
     return _Cache(cached.features, position, status, not_finite, not_in_index, cached.attrs)
+
+
+def check_token_budget(path: Path, *, budget_gb: float) -> None:
+    """Refuse, before reading it, a token cache whose features exceed the memory budget: token caches are
+    loaded whole (streaming them from disk is not built yet)."""
+    shape, dtype = declared_features(path)
+    if read_attrs(path).get("kind") != "tokens":
+        return
+    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if size > budget_gb * 1e9:
+        raise InputError(
+            f"{path}: its token maps {tuple(shape)} {dtype} take {size / 1e9:.1f} GB, more than the "
+            f"{budget_gb:g} GB of [train] token_memory_gb; token caches are loaded whole: raise "
+            "token_memory_gb in the config if this machine has the memory, or extract fewer channels"
+        )
 
 
 def _take(stored: np.ndarray, position: np.ndarray, rows: np.ndarray) -> np.ndarray:

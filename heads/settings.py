@@ -21,7 +21,9 @@ class HeadKind:
 
     name: str
     summary: str
-    trunk: str  # heads.models.TRUNKS key: "join" (concatenate), "fuse" (transition + add), "conv"
+    # heads.models.TRUNKS key: "join" (concatenate), "fuse" (transition + add), "conv", and over token maps
+    # (caches of a backbone with output = "map") "attention" and "attentive"
+    trunk: str
     takes: str  # what its caches hold: "features" or "pixels"
     min_backbones: int = 1
     max_backbones: int | None = 1
@@ -49,6 +51,20 @@ HEAD_KINDS = {
             min_backbones=2,
             max_backbones=None,
             options=("transition", "fusion", "units", "dropout"),
+        ),
+        HeadKind(
+            "attention",
+            "gated-attention pooling over a token map (Ilse et al. 2018), then fully-connected layers",
+            trunk="attention",
+            takes="features",
+            options=("transition", "units", "dropout"),
+        ),
+        HeadKind(
+            "attentive",
+            "an attentive probe: one cross-attention block, a learned query over a token map",
+            trunk="attentive",
+            takes="features",
+            options=("transition", "units", "dropout"),
         ),
         HeadKind(
             "cnn",
@@ -153,6 +169,9 @@ class HeadConfig:
         check_ranges(self, section=f"heads.{self.kind}")
 
 
+TOKEN_MEMORY_GB = 16.0  # [train] token_memory_gb: the largest token cache loaded whole
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = allowed(30, low=1)
@@ -168,6 +187,8 @@ class TrainConfig:
     metadata: bool = False
     augment: bool = False
     bootstrap: int = allowed(1000, low=0, high=MAX_BOOTSTRAP)
+    # Token caches (output = "map") are loaded whole: one larger than this many GB is refused, not swapped.
+    token_memory_gb: float = allowed(TOKEN_MEMORY_GB, low=0.001)
     steps_per_execution: int = allowed(32, low=1)
     tensorboard: str = ""  # a folder: each run's per-epoch scalars go to FOLDER/RUN (keras TensorBoard)
 

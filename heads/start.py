@@ -12,7 +12,7 @@ With train.start = "none" the head starts from its seeded random layers on the s
 the blog trained its heads; the probe is still fitted, as the reference beside it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,6 +40,10 @@ class HeadStart:
     # (n_train, L) out-of-fold minus in-sample probe logit of each training row, in rows["train"] order:
     # what training adds to the shortcut's logits so that the head sees honest residuals.
     train_correction: np.ndarray
+    # Per token input: each channel's sd over the training rows' tokens. Tokens are standardized by it,
+    # not by the pooled vector's sd, which is up to sqrt(T) times smaller and would blow the tokens up
+    # into the attention gates' saturation (heads/models.py rescales the shortcut's input to match).
+    token_scales: dict[str, np.ndarray] = field(default_factory=dict)
 
     def moments(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(mean, variance) of input `name` on the training rows, for its Normalization layer."""
@@ -53,14 +57,42 @@ class HeadStart:
 
 
 def probe_blocks(data: HeadData) -> dict[str, np.ndarray]:
-    """The plain view of every feature cache, then the metadata columns: what the probe and heads read."""
-    blocks = {
-        name: (data.features[name][:, 0] if data.views(name) > 1 else data.features[name])
-        for name in data.features
-    }
+    """The plain view of every feature cache, then the metadata columns: what the probe and heads read.
+    A token cache's block is the mean of its tokens: the pooled vector, which the probe is fitted on."""
+    blocks = {}
+    for name in data.features:
+        plain = data.features[name][:, 0] if data.views(name) > 1 else data.features[name]
+        blocks[name] = mean_tokens(plain) if data.is_tokens(name) else plain
     if data.metadata is not None:
         blocks[METADATA_INPUT] = data.metadata
     return blocks
+
+
+TOKEN_CHUNK = 4096  # rows of a token map averaged at a time: no float32 copy of the whole cache
+
+
+def mean_tokens(tokens: np.ndarray) -> np.ndarray:
+    """(N, T, C) -> (N, C) float32, the mean over tokens, a chunk of rows at a time."""
+    pooled = np.empty((len(tokens), tokens.shape[-1]), np.float32)
+    for begin in range(0, len(tokens), TOKEN_CHUNK):
+        pooled[begin : begin + TOKEN_CHUNK] = tokens[begin : begin + TOKEN_CHUNK].mean(
+            axis=1, dtype=np.float32
+        )
+    return pooled
+
+
+def token_scale(tokens: np.ndarray, rows: np.ndarray, *, views: bool) -> np.ndarray:
+    """(C,) float32: each channel's sd over every token of `rows` (view 0 of a multi-view cache)."""
+    total = np.zeros(tokens.shape[-1], np.float64)
+    squares = np.zeros_like(total)
+    for begin in range(0, len(rows), TOKEN_CHUNK):
+        part = tokens[rows[begin : begin + TOKEN_CHUNK]]
+        part = (part[:, 0] if views else part).astype(np.float32).reshape(-1, tokens.shape[-1])
+        total += part.sum(axis=0)
+        squares += np.square(part, dtype=np.float64).sum(axis=0)
+    count = max(1, len(rows) * tokens.shape[-2])
+    variance = np.maximum(squares / count - np.square(total / count), 0.0)
+    return np.sqrt(np.where(variance > 0, variance, 1.0)).astype(np.float32)
 
 
 def fit_start(data: HeadData, *, rows: dict, max_directions: int, seed: int) -> HeadStart:
@@ -103,6 +135,11 @@ def fit_start(data: HeadData, *, rows: dict, max_directions: int, seed: int) -> 
         directions=directions,
         direction_weights=weights,
         train_correction=correction,
+        token_scales={
+            name: token_scale(data.features[name], rows["train"], views=data.views(name) > 1)
+            for name in data.features
+            if data.is_tokens(name)
+        },
     )
 
 

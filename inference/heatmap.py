@@ -2,11 +2,13 @@
 
 Grad-CAM where every backbone of the run exposes its last convolutional feature map (keras.applications,
 the offline random backbones); otherwise SmoothGrad, input gradients through the fused backbone(s) and
-head (TF Hub feature vectors, the pixels backbone). The image goes through prediction's own pipeline, and
-the maps come back in the original image's geometry.
+head (TF Hub feature vectors, the pixels backbone); for a token head (attention, attentive) on request its
+own attention weights over the token map. The image goes through prediction's own pipeline, and the maps
+come back in the original image's geometry.
 """
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from cxr14.caveats import caveat_lines, random_weight_backbones
 from cxr14.errors import InputError, check_choice
 from cxr14.text import probability
 from dataset.image_loader import ImageError, normalize, read_gray01, to_pixels
+from heads.models import token_attention
 from heads.run_folder import read_config
 from inference.settings import HEATMAP_METHODS
 from inference.trained import TrainedRun, as_cached, head_probabilities
@@ -56,6 +59,8 @@ def heatmap_method(run: TrainedRun, method: str = "auto") -> str:
     """The method `method` resolves to for this run; Grad-CAM needs every backbone's feature map."""
     check_choice(method, HEATMAP_METHODS, what="heatmap method")
     exposed = all(b.feature_map is not None for b in run.backbones.values())
+    if method == "attention":
+        _check_attention(run)
     if method == "gradcam" and not exposed:
         hidden = [name for name, b in run.backbones.items() if b.feature_map is None]
         raise InputError(
@@ -74,7 +79,9 @@ def explain(
     indices = [run.labels.index(label) for label in labels]
     method = heatmap_method(run, method)
     scores = logit_run(run)
-    if method == "gradcam":
+    if method == "attention":
+        per_backbone = [np.repeat(m[None], len(indices), axis=0) for m in _attention(run, gray01)]
+    elif method == "gradcam":
         per_backbone = _gradcam(scores, gray01, indices=indices)
     else:
         per_backbone = _smoothgrad(scores, gray01, indices=indices, seed=seed)
@@ -121,6 +128,50 @@ def _gradcam(run: TrainedRun, gray01: np.ndarray, *, indices: list[int]) -> list
             tf.nn.relu(tf.reduce_sum(tape.gradient(t, maps[name]) * maps[name], axis=-1))[0] for t in targets
         ]
         out.append(np.stack([c.numpy() for c in cams]))
+    return out
+
+
+def _check_attention(run: TrainedRun) -> None:
+    """The attention method needs a token head over square (or recorded) token grids."""
+    for name, backbone in run.backbones.items():
+        if token_attention(run.head, name) is None:
+            raise InputError(
+                f"--heatmap-method attention needs a head that weighs tokens (attention or attentive, on a "
+                f'backbone with output = "map"); this run\'s head has no attention over {name!r}: use '
+                "gradcam, smoothgrad or auto"
+            )
+        token_grid(backbone)
+
+
+def token_grid(backbone) -> tuple[int, int]:
+    """(h, w) of a token backbone's map: as extraction recorded it, else the square root of its tokens."""
+    recorded = backbone.config.get("resolved", {}).get("token_grid")
+    if recorded:
+        return tuple(recorded)
+    side = math.isqrt(backbone.tokens)
+    if side * side != backbone.tokens:
+        raise InputError(
+            f"backbone {backbone.name!r} has {backbone.tokens} tokens, no square grid and none recorded "
+            "(backbone_config.resolved.token_grid), so its attention has no place on the film; use gradcam "
+            "or smoothgrad"
+        )
+    return side, side
+
+
+def _attention(run: TrainedRun, gray01: np.ndarray) -> list[np.ndarray]:
+    """Per backbone (h, w): the head's weight on each token, on the map's grid. One weighting serves every
+    finding (the attention pools the tokens once, before the labels), so each label gets the same map."""
+    features = {
+        name: as_cached(b.net(normalize(_pixels(gray01, b.spec.size), b.spec)), run.dtypes[name])
+        for name, b in run.backbones.items()
+    }
+    out = []
+    for name, backbone in run.backbones.items():
+        layer = token_attention(run.head, name)
+        # The tokens as the layer sees them: the head's own path from its input `name` (standardized).
+        given = keras.Model(run.head.get_layer(name).output, layer.input)(features[name])
+        weights = keras.ops.convert_to_numpy(layer.token_weights(given))[0]
+        out.append(weights.reshape(token_grid(backbone)).astype(np.float32))
     return out
 
 

@@ -118,7 +118,8 @@ def _check_shapes(run_dir: Path, *, head: keras.Model, backbones: dict) -> None:
     different runs): Keras would fail deep inside the first call."""
     for tensor in head.inputs:
         backbone = backbones[tensor.name]
-        gives = (backbone.dim,) if backbone.kind == "features" else (backbone.dim, backbone.dim)
+        shapes = {"features": (backbone.dim,), "tokens": (backbone.tokens, backbone.dim)}
+        gives = shapes.get(backbone.kind, (backbone.dim, backbone.dim))
         takes = tuple(tensor.shape[1:])
         if takes != gives:
             raise InputError(

@@ -147,6 +147,7 @@ class FakeBackbone:
     delay: float = 0.0
     calls: list = field(default_factory=list)
     config: dict = field(default_factory=lambda: {"name": "fake", "source": "test"})
+    tokens: int = 0  # kind "tokens": the 2x2 cells as 4 tokens of the channels
 
     def fn(self, pixels):
         self.calls.append(tuple(pixels.shape))
@@ -156,6 +157,8 @@ class FakeBackbone:
             return images[..., 0]  # "bytes" normalisation: already 0..255
         side = self.spec.size // 2
         pooled = tf.nn.avg_pool2d(images, ksize=side, strides=side, padding="VALID")
+        if self.kind == "tokens":
+            return tf.reshape(pooled, (tf.shape(images)[0], self.tokens, self.dim))
         return tf.reshape(pooled, (tf.shape(images)[0], -1))
 
 
@@ -171,6 +174,14 @@ def extract(names, paths, cache_dir, *, backbone=None, backbones=None, images=No
         **settings,
     )
     return summaries if backbones else summaries[0]
+
+
+def token_backbone(**changes) -> FakeBackbone:
+    """A fake backbone whose cache keeps its map: 4 tokens (the 2x2 cells) of 3 channels."""
+    config = {"name": "fake_map", "source": "test", "output": "map"}
+    return FakeBackbone(
+        **({"name": "fake_map", "kind": "tokens", "dim": 3, "tokens": 4, "config": config} | changes)
+    )
 
 
 def second_backbone(**changes) -> FakeBackbone:

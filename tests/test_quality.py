@@ -45,3 +45,12 @@ def test_ensemble_of_complementary_caches_pays_off(results):
 
 def test_metadata_head_matches_the_probe_with_metadata(results):
     assert results[("metadata", "fc", "A+metadata")]["difference"] >= -0.005
+
+
+def test_token_heads_on_the_local_problem_are_no_worse_than_the_probe(results):
+    # The probe is fitted on the mean of the tokens, which is cache A: the same reference as fc's on A.
+    probe = results[("local", "linear", "A")]["reference_mean_auc"]
+    for kind in ("attention", "attentive"):
+        run = results[("local", kind, "M")]
+        assert run["reference_mean_auc"] == pytest.approx(probe, abs=2e-3)
+        assert run["difference"] >= -0.005, run
