@@ -444,6 +444,7 @@ def _train_group(config: Config, data, sweep_dir: Path, group: list[Pending], *,
     import time
 
     from heads.group import Member, fit_together
+    from heads.scoring import metadata_baseline
     from heads.train import prepare_training, save_fitted
 
     print(f"  {len(group)} trials trained together, in one pass over the batches", flush=True)
@@ -459,6 +460,7 @@ def _train_group(config: Config, data, sweep_dir: Path, group: list[Pending], *,
         progress=True,
     )
     seconds = (began, time.perf_counter())
+    baseline = metadata_baseline(trial_data, "val")  # fitted once: it does not depend on the head
     results = {}
     for p, head in zip(group, fitted, strict=True):
         results[p.trial] = save_fitted(
@@ -473,6 +475,7 @@ def _train_group(config: Config, data, sweep_dir: Path, group: list[Pending], *,
             force=True,
             eval_split="val",
             decision=config.decision,
+            baseline=baseline,
         )
     return results
 
