@@ -431,6 +431,8 @@ def cmd_bench(args, config: Config) -> None:
     _tensorflow(args)
     if args.what == "curve":
         result, text = _bench_curve(args, config)
+    elif args.what == "sweep":
+        result, text = _bench_sweep(args, config)
     elif args.what == "extract":
         from bench.extract import format_bench_extract, run_bench_extract
 
@@ -489,6 +491,23 @@ def _bench_curve(args, config: Config):
                 workdir=args.workdir or Path(tmp),
             )
     return result, format_bench_curve
+
+
+def _bench_sweep(args, config: Config):
+    import tempfile
+
+    from bench.sweep import bench_sweep, format_bench_sweep
+
+    with tempfile.TemporaryDirectory(prefix="cxr14-bench-") as tmp:
+        with _results_only_on_stdout(args):
+            result = bench_sweep(
+                config=config,
+                rows=args.rows,
+                dim=args.dim,
+                workdir=args.workdir or Path(tmp),
+                alone=args.alone,
+            )
+    return result, format_bench_sweep
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -1043,7 +1062,7 @@ def _add_import_command(sub) -> None:
 def _add_bench_command(sub) -> None:
     help_text = "Measure extraction or head-training speed, or an import's memory."
     bench = sub.add_parser("bench", help=help_text, description=help_text)
-    what = bench.add_subparsers(dest="what", required=True, metavar="{extract,heads,curve,import}")
+    what = bench.add_subparsers(dest="what", required=True, metavar="{extract,heads,curve,sweep,import}")
     p = _command(
         what,
         "extract",
@@ -1087,6 +1106,7 @@ def _add_bench_command(sub) -> None:
     )
     _json_flag(p)
     _add_bench_curve(what)
+    _add_bench_sweep(what)
     p = _command(
         what,
         "import",
@@ -1115,6 +1135,22 @@ def _add_bench_curve(what) -> None:
     p.add_argument(
         "--workdir", type=Path, help="where to write the cache and the curve (default: a temp dir)"
     )
+    _json_flag(p)
+
+
+def _add_bench_sweep(what) -> None:
+    p = _command(
+        what,
+        "sweep",
+        cmd_bench,
+        "Time a sweep of 8 fc trials (4 lr x 2 dropout) against one train-head fc on a planted cache of the "
+        "full data set's size, each in a fresh process; and some trials trained alone beside them.",
+        folders=(),
+    )
+    p.add_argument("--rows", type=_positive, default=112_120, help="rows of the planted feature cache")
+    p.add_argument("--dim", type=_positive, default=2048, help="feature dimension")
+    p.add_argument("--alone", type=int, default=2, help="trials trained again alone, to compare their AUCs")
+    p.add_argument("--workdir", type=Path, help="where to write the cache and the runs (default: a temp dir)")
     _json_flag(p)
 
 

@@ -230,8 +230,10 @@ def _planned_grid(config: Config, *, grid_path: Path, max_trials: int) -> tuple[
     return combos, plans, skipped
 
 
-def run_sweep(config: Config, *, grid_path: Path, name: str, max_trials: int = MAX_TRIALS) -> dict:
-    """Train every trial not already finished, rank by validation mean AUC, test only the winner."""
+def run_sweep(config: Config, *, grid_path: Path, name: str, max_trials: int = MAX_TRIALS, data=None) -> dict:
+    """Train every trial not already finished, rank by validation mean AUC, test only the winner.
+    `data`: the training data already loaded for every backbone of the grid, with metadata (bench sweep);
+    None loads it here."""
     from experiments.data import open_training_data
     from heads.scoring import score_run
     from results.report import write_auc_table
@@ -239,22 +241,16 @@ def run_sweep(config: Config, *, grid_path: Path, name: str, max_trials: int = M
     sweep_dir = run_path(config.runs_dir, name)
     combos, plans, skipped = _planned_grid(config, grid_path=grid_path, max_trials=max_trials)
     backbones = sorted({b for plan in plans.values() for b in plan.backbones})
-    # One load for every trial: all trials then also see exactly the same rows.
-    dataset, data = open_training_data(config, backbones=backbones, metadata=True)
+    if data is None:  # one load for every trial: all trials then also see exactly the same rows
+        _, data = open_training_data(config, backbones=backbones, metadata=True)
     plans = {trial: sized_for_data(plan, data) for trial, plan in plans.items()}
     sweep_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(grid_path, sweep_dir / "grid.toml")
     print(
         f"sweep {name}: {len(plans)} trials ({len(combos)} combinations, {len(skipped)} skipped)", flush=True
     )
-    starts = SharedStarts(data)
     with models_built_in_a_loop():
-        results = {
-            trial: _run_trial(
-                config, data, sweep_dir / trial, plan, step=f"[{i}/{len(plans)}] {trial}", starts=starts
-            )
-            for i, (trial, plan) in enumerate(plans.items(), 1)
-        }
+        results = _run_trials(config, data, sweep_dir, plans)
 
     ranked = sorted(results, key=lambda t: _sort_key(results[t]["mean_auc"]), reverse=True)
     winner, winner_plan = ranked[0], plans[ranked[0]]
@@ -358,43 +354,131 @@ class SharedStarts:
         return self.fitted[key]
 
 
-def _run_trial(
-    config: Config, data, trial_dir: Path, plan: RunPlan, *, step: str, starts: SharedStarts
-) -> dict:
-    """A trial's validation metrics: trained now, or read back when an earlier run finished it; its
-    model and graph are released when it ends, so memory stays flat in the number of trials."""
+def _run_trials(config: Config, data, sweep_dir: Path, plans: dict[str, RunPlan]) -> dict:
+    """Every trial's validation metrics, in plan order: read back where an earlier run finished it, else
+    trained, those that see the same batches together (heads/group.py), the others alone."""
+    starts = SharedStarts(data)
+    results, todo = {}, {}
+    for i, (trial, plan) in enumerate(plans.items(), 1):
+        pending = Pending(trial, plan, snapshot(config, plan, caches=data.caches, synthetic=data.synthetic))
+        pending.step = f"[{i}/{len(plans)}] {trial}"
+        done, pending.why = _finished(sweep_dir / trial, snapshot_now=pending.settings)
+        if done is not None:
+            print(
+                f"{pending.step}: finished earlier, val mean AUC {format_auc(done['mean_auc'])}", flush=True
+            )
+            results[trial] = done
+        else:
+            todo[trial] = pending
+    for group in group_trials(list(todo.values())):
+        trained = _train_group if len(group) > 1 else _train_alone
+        results |= _released(trained, config, data, sweep_dir, group, starts=starts)
+    return {trial: results[trial] for trial in plans}
+
+
+@dataclasses.dataclass
+class Pending:
+    """A trial to train: its plan, its config.json, its line in the log and why it trains again."""
+
+    trial: str
+    plan: RunPlan
+    settings: dict
+    step: str = ""
+    why: str = ""
+
+
+# The most heads one pass trains: each costs its weights, Adam moments and best-epoch copies (~40 MB for
+# the default fc at 2,048-d), so a larger grid is cut into passes and memory stays flat in its size.
+MOST_TOGETHER = 8
+
+
+def group_trials(pending: list[Pending], *, most: int = MOST_TOGETHER) -> list[list[Pending]]:
+    """Trials cut into groups that see the same batches (the same backbones and heads.group.batch_key),
+    at most `most` each, in order of their first trial; a trial that must train alone is a group of one."""
+    from heads.group import batch_key
+
+    groups: dict = {}
+    for i, p in enumerate(pending):
+        key = batch_key(p.plan.head, p.plan.train)
+        groups.setdefault((p.plan.backbones, key) if key is not None else i, []).append(p)
+    return [group[i : i + most] for group in groups.values() for i in range(0, len(group), most)]
+
+
+def _released(trained, config: Config, data, sweep_dir: Path, group: list[Pending], *, starts) -> dict:
+    """trained(...)'s results; its models and graph are released when it ends, so memory stays flat in
+    the number of trials."""
     import keras
 
-    settings = snapshot(config, plan, caches=data.caches, synthetic=data.synthetic)
-    done, why = _finished(trial_dir, snapshot_now=settings)
-    if done is not None:
-        print(f"{step}: finished earlier, val mean AUC {format_auc(done['mean_auc'])}", flush=True)
-        return done
-    again = f" (trained earlier, but {why}: training it again)" if why else ""
-    print(f"\n{step}: {_describe(plan)}{again}", flush=True)
-    plan = dataclasses.replace(plan, train=plan.train.logged_as(f"{trial_dir.parent.name}/{trial_dir.name}"))
+    for p in group:
+        again = f" (trained earlier, but {p.why}: training it again)" if p.why else ""
+        print(f"\n{p.step}: {_describe(p.plan)}{again}", flush=True)
     try:
-        return _train_trial(config, data, trial_dir, plan, start=starts.for_plan(plan), settings=settings)
+        return trained(config, data, sweep_dir, group, start=starts.for_plan(group[0].plan))
     finally:
         keras.backend.clear_session()
         gc.collect()
 
 
-def _train_trial(config: Config, data, trial_dir: Path, plan: RunPlan, *, start, settings: dict) -> dict:
+def _train_alone(config: Config, data, sweep_dir: Path, group: list[Pending], *, start) -> dict:
     from heads.train import train_head
 
-    return train_head(
+    (p,) = group
+    trial_dir = sweep_dir / p.trial
+    plan = dataclasses.replace(p.plan, train=p.plan.train.logged_as(f"{sweep_dir.name}/{p.trial}"))
+    metrics = train_head(
         run_dir=trial_dir,
         shared_start=start,
         data=_trial_data(data, plan),
         head=plan.head,
         train=plan.train,
         label_names=config.labels,
-        config_snapshot=settings,
+        config_snapshot=p.settings,
         force=True,
         eval_split="val",
         decision=config.decision,
     )
+    return {p.trial: metrics}
+
+
+def _train_group(config: Config, data, sweep_dir: Path, group: list[Pending], *, start) -> dict:
+    """Trials trained together in one pass over the batches, then each scored and written alone."""
+    import time
+
+    from heads.group import Member, fit_together
+    from heads.scoring import metadata_baseline
+    from heads.train import prepare_training, save_fitted
+
+    print(f"  {len(group)} trials trained together, in one pass over the batches", flush=True)
+    trial_data = _trial_data(data, group[0].plan)
+    rows, _ = prepare_training(trial_data, train=group[0].plan.train, label_names=config.labels)
+    began = time.perf_counter()
+    fitted = fit_together(
+        trial_data,
+        rows=rows,
+        members=[Member(p.plan.head, p.plan.train) for p in group],
+        n_labels=len(config.labels),
+        start=start,
+        progress=True,
+    )
+    seconds = (began, time.perf_counter())
+    baseline = metadata_baseline(trial_data, "val")  # fitted once: it does not depend on the head
+    results = {}
+    for p, head in zip(group, fitted, strict=True):
+        results[p.trial] = save_fitted(
+            run_dir=sweep_dir / p.trial,
+            fitted=head,
+            data=trial_data,
+            head=p.plan.head,
+            train=p.plan.train,
+            label_names=config.labels,
+            config_snapshot=p.settings,
+            seconds=seconds,
+            force=True,
+            eval_split="val",
+            decision=config.decision,
+            baseline=baseline,
+        )
+    return results
 
 
 def _sort_key(value) -> float:

@@ -70,9 +70,11 @@ def split_metrics(
     n_boot: int,
     seed: int,
     decisions: dict | None = None,
+    baseline: np.ndarray | None = None,
 ) -> dict:
     """Metrics (results.metrics.label_metrics) of probabilities `scores` for the rows of `split`, in row
-    order, beside the metadata baseline and chance, and at the run's `decisions` (fit_decisions) if any."""
+    order, beside the metadata baseline and chance, and at the run's `decisions` (fit_decisions) if any.
+    `baseline`: metadata_baseline(data, split) when the caller has it (a sweep's runs share it)."""
     rows = data.rows(split)
     if rows.size == 0:
         raise InputError(f"the {split} split has no images with features; check the split lists and caches")
@@ -88,8 +90,10 @@ def split_metrics(
     metrics["seen_chestxray14"] = list(data.seen_chestxray14)
     if notice := data_notice(data):
         metrics["notice"] = notice
+    if baseline is None:
+        baseline = metadata_baseline(data, split)
     metrics["baselines"] = _baselines(
-        data, scores, rows=rows, label_names=label_names, n_boot=n_boot, seed=seed
+        data, scores, baseline, rows=rows, label_names=label_names, n_boot=n_boot, seed=seed
     )
     if decisions is not None:
         metrics |= decision_metrics(
@@ -105,18 +109,27 @@ def split_metrics(
     return metrics
 
 
-def _baselines(data: HeadData, scores: np.ndarray, *, rows, label_names, n_boot: int, seed: int) -> dict:
-    """The metadata baseline fitted on train and scored on `rows`, and chance (results/baselines.py)."""
+def metadata_baseline(data: HeadData, split: str) -> np.ndarray | None:
+    """The metadata baseline fitted on train, its probabilities on the rows of `split`; None without
+    metadata or training rows."""
     if data.covariates is None or data.rows("train").size == 0:
+        return None
+    return metadata_baseline_scores(
+        data.covariates, data.labels, train_rows=data.rows("train"), rows=data.rows(split)
+    )
+
+
+def _baselines(
+    data: HeadData, scores: np.ndarray, baseline, *, rows, label_names, n_boot: int, seed: int
+) -> dict:
+    """The metadata baseline's metrics beside the run's on `rows`, and chance (results/baselines.py)."""
+    if baseline is None:
         return {
             "metadata": None,
             "chance_auc": CHANCE_AUC,
             "run_minus_metadata": None,
             "beats_metadata": None,
         }
-    baseline = metadata_baseline_scores(
-        data.covariates, data.labels, train_rows=data.rows("train"), rows=rows
-    )
     return baseline_metrics(
         data.labels[rows],
         scores,

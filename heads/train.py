@@ -65,11 +65,13 @@ class BestEpoch(keras.callbacks.Callback):
         keep_start: bool = False,
         seed: int = 0,
         kept_note: str = KEPT_PROBE,
+        inputs: dict | None = None,
     ):
         super().__init__()
         self.head, self.patience, self.min_delta = head, patience, min_delta
         self.kept_note = kept_note  # what the summary calls a start kept: the probe, or more
-        self.inputs = head_inputs(head, data, rows)  # gathered once, not every epoch
+        # Gathered once, not every epoch; heads trained together share one gathered copy (`inputs`).
+        self.inputs = head_inputs(head, data, rows) if inputs is None else inputs
         self.labels, self.patients = data.labels[rows], data.patients[rows]
         self.keep_start, self.seed = keep_start, seed
         self.scores: list[float] = []
@@ -240,9 +242,7 @@ def train_head(
     """
     clock = {"start": time.perf_counter()}
     run_dir, label_names = Path(run_dir), list(label_names)
-    rows = {split: data.rows(split) for split in ("train", "val", "test")}
-    train = train.sized_for(rows["train"].size)  # an "auto" batch size becomes a number
-    _check_data(data, rows=rows, label_names=label_names, augment=train.augment)
+    rows, train = prepare_training(data, train=train, label_names=label_names)
     if progress:
         print(data.describe(), flush=True)
     with claim_run(run_dir, force=force) as tmp:
@@ -258,25 +258,120 @@ def train_head(
             shared_start=shared_start,
         )
         clock["fitted"] = time.perf_counter()
-        scored = score(
-            fitted,
-            data,
-            rows=rows,
-            eval_split=eval_split,
-            label_names=label_names,
-            train=train,
-            decision=decision or DecisionConfig(),
-        )
-        facts = _run_facts(
-            run_dir, data=data, head=head, rows=rows, history=fitted.history, train=train, begin=fitted.begin
-        )
-        scored.metrics.update(facts)
-        clock["scored"] = time.perf_counter()
         outputs = {"data": data, "label_names": label_names, "snapshot": config_snapshot, "plots": plots}
-        write(tmp, fitted=fitted, scored=scored, **outputs)
-        scored.metrics["seconds"] = _seconds(clock)
-        write_results(tmp / "metrics.json", scored.metrics)
+        metrics = _score_and_write(
+            tmp,
+            fitted=fitted,
+            rows=rows,
+            head=head,
+            train=train,
+            eval_split=eval_split,
+            decision=decision,
+            clock=clock,
+            run_name=run_dir.name,
+            **outputs,
+        )
         finish_run(tmp, run_dir)
+    return metrics
+
+
+def prepare_training(
+    data: HeadData, *, train: TrainConfig, label_names: list[str]
+) -> tuple[dict, TrainConfig]:
+    """(rows of each split, train with an "auto" batch size made a number); refuses data that cannot train."""
+    rows = {split: data.rows(split) for split in ("train", "val", "test")}
+    train = train.sized_for(rows["train"].size)
+    _check_data(data, rows=rows, label_names=label_names, augment=train.augment)
+    return rows, train
+
+
+def save_fitted(
+    *,
+    run_dir: Path,
+    fitted: FittedHead,
+    data: HeadData,
+    head: HeadConfig,
+    train: TrainConfig,
+    label_names: Sequence[str],
+    config_snapshot: dict,
+    seconds: tuple[float, float],
+    force: bool = False,
+    eval_split: str = "test",
+    decision: DecisionConfig | None = None,
+    plots: bool = True,
+    baseline: np.ndarray | None = None,
+) -> dict:
+    """Score and write a head fitted elsewhere (heads/group.py trains a sweep's trials together) exactly as
+    train_head writes its own run; returns its metrics. `seconds`: (start, end) of its training, the
+    perf_counter times of the pass it was trained in; `baseline`: the metadata baseline on `eval_split`
+    (heads.scoring.metadata_baseline), which every head of the pass shares."""
+    run_dir, label_names = Path(run_dir), list(label_names)
+    rows, train = prepare_training(data, train=train, label_names=label_names)
+    now = time.perf_counter()  # its scoring starts now; its training is the pass's
+    clock = {"start": now - (seconds[1] - seconds[0]), "fitted": now}
+    with claim_run(run_dir, force=force) as tmp:
+        outputs = {"data": data, "label_names": label_names, "snapshot": config_snapshot, "plots": plots}
+        metrics = _score_and_write(
+            tmp,
+            fitted=fitted,
+            rows=rows,
+            head=head,
+            train=train,
+            eval_split=eval_split,
+            decision=decision,
+            clock=clock,
+            run_name=run_dir.name,
+            baseline=baseline,
+            **outputs,
+        )
+        finish_run(tmp, run_dir)
+    return metrics
+
+
+def _score_and_write(
+    tmp: Path,
+    *,
+    fitted: FittedHead,
+    rows: dict,
+    head: HeadConfig,
+    train: TrainConfig,
+    eval_split: str,
+    decision: DecisionConfig | None,
+    clock: dict,
+    run_name: str,
+    data: HeadData,
+    label_names: list[str],
+    snapshot: dict,
+    plots: bool,
+    baseline: np.ndarray | None = None,
+) -> dict:
+    """score, then write every output into the temporary folder `tmp`, metrics.json last."""
+    scored = score(
+        fitted,
+        data,
+        rows=rows,
+        eval_split=eval_split,
+        label_names=label_names,
+        train=train,
+        decision=decision or DecisionConfig(),
+        baseline=baseline,
+    )
+    facts = _run_facts(
+        Path(run_name),
+        data=data,
+        head=head,
+        rows=rows,
+        history=fitted.history,
+        train=train,
+        begin=fitted.begin,
+    )
+    scored.metrics.update(facts)
+    clock["scored"] = time.perf_counter()
+    write(
+        tmp, fitted=fitted, scored=scored, data=data, label_names=label_names, snapshot=snapshot, plots=plots
+    )
+    scored.metrics["seconds"] = _seconds(clock)
+    write_results(tmp / "metrics.json", scored.metrics)
     return scored.metrics
 
 
@@ -311,15 +406,29 @@ def score(
     label_names: list[str],
     train: TrainConfig,
     decision: DecisionConfig,
+    baseline: np.ndarray | None = None,
 ) -> ScoredHead:
     """Probabilities of every row; calibration and operating points fitted on validation; the metrics of
-    `eval_split` beside the baselines and, for a feature head, the ridge probe."""
-    scores = predict_probabilities(fitted.model, data, np.arange(len(data.names)))
+    `eval_split` beside the baselines and, for a feature head, the ridge probe.
+
+    A run scored on val (a sweep trial) uses and keeps its val rows only, so only those are predicted (the
+    others are NaN): the other 90 % of the rows took ~3 s of each trial's scoring at full size.
+    `baseline`: the metadata baseline on `eval_split` (scoring.metadata_baseline), when the caller has it."""
+    everything = np.arange(len(data.names))
+    needed = rows["val"] if eval_split == "val" else everything
+    scores = np.full((len(data.names), len(label_names)), np.nan, dtype=np.float32)
+    scores[needed] = predict_probabilities(fitted.model, data, needed)
     evaluated = rows[eval_split]
     decisions = fit_decisions(data, scores, settings=decision, label_names=label_names)
     boot = {"n_boot": train.bootstrap, "seed": train.seed}
     metrics = split_metrics(
-        data, scores[evaluated], split=eval_split, label_names=label_names, decisions=decisions, **boot
+        data,
+        scores[evaluated],
+        split=eval_split,
+        label_names=label_names,
+        decisions=decisions,
+        baseline=baseline,
+        **boot,
     )
     if fitted.begin is not None:
         metrics["reference"] = reference_metrics(
@@ -374,16 +483,7 @@ def fit_head(
 ) -> tuple[keras.Model, pd.DataFrame]:
     """The trained head (stock layers only, so model.keras loads anywhere) and its history."""
     keras.utils.set_random_seed(train.seed)
-    spec = {
-        "start": start,
-        "from_probe": train.start == "probe",
-        "kind": head.kind,
-        "inputs": {name: data.item_shape(name) for name in data.features},
-        "n_labels": n_labels,
-        "head": head,
-        "metadata_dim": 0 if data.metadata is None else data.metadata.shape[1],
-        "seed": train.seed,
-    }
+    spec = head_spec(data, head=head, train=train, n_labels=n_labels, start=start)
     from_probe = start is not None and train.start == "probe"
     trained = build_head(**spec, byte_dropout=True)
     if from_probe and not kind_of(head).hidden:
@@ -403,6 +503,20 @@ def fit_head(
     model = build_head(**spec)
     model.set_weights(trained.get_weights())
     return model, history
+
+
+def head_spec(data: HeadData, *, head: HeadConfig, train: TrainConfig, n_labels: int, start) -> dict:
+    """build_head's arguments for `head` on `data`."""
+    return {
+        "start": start,
+        "from_probe": train.start == "probe",
+        "kind": head.kind,
+        "inputs": {name: data.item_shape(name) for name in data.features},
+        "n_labels": n_labels,
+        "head": head,
+        "metadata_dim": 0 if data.metadata is None else data.metadata.shape[1],
+        "seed": train.seed,
+    }
 
 
 def _run_facts(
@@ -540,12 +654,18 @@ def compile_for_training(model: keras.Model, *, train: TrainConfig, labels_train
     """AdamW on a cosine schedule over the most epochs, and the configured loss; several steps per call,
     as small heads are overhead-bound on CPU."""
     steps = math.ceil(len(labels_train) / train.batch_size)
-    schedule = keras.optimizers.schedules.CosineDecay(train.lr, decay_steps=steps * train.epochs)
     model.compile(
-        optimizer=FusedAdamW(schedule, weight_decay=train.weight_decay),
+        optimizer=training_optimizer(train, train_rows=len(labels_train)),
         loss=make_loss(train.loss, labels_train=labels_train, gamma=train.focal_gamma),
         steps_per_execution=max(1, min(train.steps_per_execution, steps)),
     )
+
+
+def training_optimizer(train: TrainConfig, *, train_rows: int) -> FusedAdamW:
+    """AdamW with train's learning rate on a cosine schedule over its most epochs."""
+    steps = math.ceil(train_rows / train.batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(train.lr, decay_steps=steps * train.epochs)
+    return FusedAdamW(schedule, weight_decay=train.weight_decay)
 
 
 def _fit(
@@ -592,7 +712,13 @@ def _fit(
         )
     # shuffle=False: the batches are shuffled already (Keras cannot shuffle a dataset).
     history = fit_model.fit(batches, epochs=train.epochs, shuffle=False, callbacks=callbacks, verbose=0)
-    losses = [math.nan, *history.history.get("loss", [])]
+    return history_table(best, log, losses=history.history.get("loss", []), progress=progress)
+
+
+def history_table(best: BestEpoch, log: EpochLog, *, losses: list[float], progress: bool) -> pd.DataFrame:
+    """A row per epoch (epoch 0 the start), `chosen` marking the one kept, the choice in its attrs;
+    `losses`: each trained epoch's mean training loss."""
+    losses = [math.nan, *losses]
     epochs = np.arange(len(best.scores))
     table = pd.DataFrame(
         {
@@ -672,25 +798,36 @@ def training_setup(
     """(model to fit, its batches): row ids in, features gathered in-step, one random cached view per
     example when augmenting; it shares `model`'s weights. Batches follow a new seeded permutation each epoch.
     `correction` (len(rows), L): added to each row's logit before the sigmoid (the out-of-fold probe)."""
-    # One input at a time: each training copy becomes a tensor and is dropped before the next is made
-    # (all at once, the copies and the tensors of an ensemble coexisted: ~0.5 GB more at full size).
-    arrays = {}
-    for tensor in model.inputs:
-        (array,) = head_inputs(model, data, rows, all_views=train.augment, only=tensor.name).values()
-        arrays[tensor.name] = tf.convert_to_tensor(array)
-        del array
+    arrays = training_arrays(model, data=data, rows=rows, augment=train.augment)
     row_ids = keras.Input(shape=(), dtype="int64", name="row_ids")
     gathered = dict(zip(arrays, GatherRows(arrays, name="gather_rows")(row_ids), strict=True))
     if train.augment:
         names = [name for name in arrays if name != METADATA_INPUT]
-        views = {arrays[name].shape[1] for name in names}
-        if len(views) != 1:
-            raise InputError(f"--augment needs the same number of cached views in every cache, got {views}")
-        picked = RandomView(views.pop(), seed=train.seed)([gathered[name] for name in names])
+        picked = random_view(arrays, seed=train.seed)([gathered[name] for name in names])
         gathered.update(zip(names, picked, strict=True))
     outputs = model(gathered) if correction is None else _corrected(model, gathered, row_ids, correction)
     fit_model = keras.Model(row_ids, outputs, name="training")
-    return fit_model, _row_batches(data.labels[rows], batch_size=train.batch_size, seed=train.seed)
+    return fit_model, row_batches(data.labels[rows], batch_size=train.batch_size, seed=train.seed)
+
+
+def training_arrays(model: keras.Model, *, data: HeadData, rows: np.ndarray, augment: bool) -> dict:
+    """{input name: tensor} of `model`'s inputs on the training rows (every cached view when augmenting)."""
+    # One input at a time: each training copy becomes a tensor and is dropped before the next is made
+    # (all at once, the copies and the tensors of an ensemble coexisted: ~0.5 GB more at full size).
+    arrays = {}
+    for tensor in model.inputs:
+        (array,) = head_inputs(model, data, rows, all_views=augment, only=tensor.name).values()
+        arrays[tensor.name] = tf.convert_to_tensor(array)
+        del array
+    return arrays
+
+
+def random_view(arrays: dict, *, seed: int) -> RandomView:
+    """The RandomView layer for the training arrays' feature inputs (the metadata has no views)."""
+    views = {arrays[name].shape[1] for name in arrays if name != METADATA_INPUT}
+    if len(views) != 1:
+        raise InputError(f"--augment needs the same number of cached views in every cache, got {views}")
+    return RandomView(views.pop(), seed=seed)
 
 
 def _corrected(model: keras.Model, gathered: dict, row_ids, correction: np.ndarray):
@@ -700,7 +837,7 @@ def _corrected(model: keras.Model, gathered: dict, row_ids, correction: np.ndarr
     return keras.layers.Activation("sigmoid")(keras.layers.Add()([logits(gathered), offset]))
 
 
-def _row_batches(labels: np.ndarray, *, batch_size: int, seed: int) -> tf.data.Dataset:
+def row_batches(labels: np.ndarray, *, batch_size: int, seed: int) -> tf.data.Dataset:
     """(row ids, labels) batches; the last one may be short."""
     n = len(labels)
     targets = tf.convert_to_tensor(labels, dtype=tf.float32)

@@ -7,12 +7,14 @@ import json
 import pandas as pd
 import pytest
 
+import heads.group
 import heads.start
 import heads.train
 from cxr14.errors import InputError
 from experiments.sweep import expand_grid, read_grid, run_sweep
 
 REAL_TRAIN_HEAD = heads.train.train_head
+REAL_SAVE_FITTED = heads.train.save_fitted
 
 GRID = """
 head = ["fc"]
@@ -59,17 +61,22 @@ def test_bad_grid_names_the_key(tmp_path, text, needle):
 
 
 def _counting(monkeypatch, *, fail_on=None):
-    """Count train_head calls (and check none of them evaluates on test); optionally die on call N."""
+    """Count the trials written, trained alone (train_head) or together (save_fitted after one pass), and
+    check none of them evaluates on test; optionally die on trial N."""
     calls = []
 
-    def wrapper(**kwargs):
-        calls.append(kwargs["run_dir"].name)
-        assert kwargs["eval_split"] == "val"
-        if fail_on is not None and len(calls) == fail_on:
-            raise KeyboardInterrupt
-        return REAL_TRAIN_HEAD(**kwargs, progress=False)
+    def counted(real, **extra):
+        def wrapper(**kwargs):
+            calls.append(kwargs["run_dir"].name)
+            assert kwargs["eval_split"] == "val"
+            if fail_on is not None and len(calls) == fail_on:
+                raise KeyboardInterrupt
+            return real(**kwargs, **extra)
 
-    monkeypatch.setattr(heads.train, "train_head", wrapper)
+        return wrapper
+
+    monkeypatch.setattr(heads.train, "train_head", counted(REAL_TRAIN_HEAD, progress=False))
+    monkeypatch.setattr(heads.train, "save_fitted", counted(REAL_SAVE_FITTED))
     return calls
 
 
@@ -89,7 +96,8 @@ def test_sweep_resumes_and_picks_on_validation_only(tmp_path, tiny_project, monk
         heads.start, "fit_start", lambda data, **kw: fits.append(1) or real_fit_start(data, **kw)
     )
     result = run_sweep(config, grid_path=grid, name="s")
-    # Three trials finished before the interruption; the fourth and the rest train now.
+    # Three trials finished before the interruption (in the middle of writing one pass's four); the fourth
+    # and the rest train now.
     assert len(calls) == 5
     # The probe and directions are fitted once per backbone set, not once per trial.
     assert len(fits) == 2
@@ -204,3 +212,42 @@ def test_a_sweep_whose_trials_all_kept_the_probe_says_so_at_the_top(tmp_path, ti
     board = (config.runs_dir / "starts" / "leaderboard.md").read_text()
     assert "Every trial kept the probe" not in board
     assert "start=none" in board and "start=probe" in board
+
+
+def test_trials_trained_together_score_as_they_do_alone(tmp_path, tiny_project, monkeypatch):
+    """A grid of lr x dropout trains in one pass; each trial's validation mean AUC is the one it gets when
+    trained alone with the same seed (the issue allows 0.003), and its model.keras is a stock head."""
+    import keras
+
+    config = dataclasses.replace(tiny_project, runs_dir=tmp_path / "runs")
+    grid = _grid(
+        tmp_path,
+        'head = ["fc"]\nbackbone = ["offline_cnn"]\nlr = [0.01, 0.003]\ndropout = [0.0, 0.3]\n'
+        "[fixed]\nepochs = 3\n",
+    )
+    passes = []
+    real_fit_together = heads.group.fit_together
+    monkeypatch.setattr(
+        heads.group,
+        "fit_together",
+        lambda data, **kw: passes.append(len(kw["members"])) or real_fit_together(data, **kw),
+    )
+    calls = _counting(monkeypatch)
+    result = run_sweep(config, grid_path=grid, name="together")
+    assert passes == [4] and len(calls) == 4
+    for trial, (lr, dropout) in {
+        "fc-offline_cnn-lr0.01-dropout0": (0.01, 0.0),
+        "fc-offline_cnn-lr0.003-dropout0.3": (0.003, 0.3),
+    }.items():
+        one = _grid(
+            tmp_path,
+            f'head = ["fc"]\nbackbone = ["offline_cnn"]\n[fixed]\nlr = {lr}\ndropout = {dropout}\nepochs = 3\n',
+        )
+        alone = run_sweep(config, grid_path=one, name=f"alone-{trial}")
+        assert calls[-1] == "fc-offline_cnn" and passes == [4]  # trained by train_head, not in a pass
+        (auc,) = alone["trials"].values()
+        assert abs(result["trials"][trial] - auc) <= 0.003, trial
+    model = keras.saving.load_model(
+        config.runs_dir / "together" / "fc-offline_cnn-lr0.01-dropout0" / "model.keras"
+    )
+    assert {type(layer).__module__.split(".")[0] for layer in model.layers} == {"keras"}
