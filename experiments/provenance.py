@@ -60,7 +60,10 @@ def extracted_backbone(attrs: dict) -> dict | None:
     if not isinstance(stored, dict):
         return None
     defaults = {key: f.default for key, f in BACKBONE_FIELDS.items() if f.default is not dataclasses.MISSING}
-    return {**defaults, **{key: value for key, value in stored.items() if key in BACKBONE_FIELDS}}
+    settings = {**defaults, **{key: value for key, value in stored.items() if key in BACKBONE_FIELDS}}
+    if settings.get("output") == "pooled":  # as BackboneConfig.as_dict leaves it out, for old fingerprints
+        del settings["output"]
+    return settings
 
 
 def recorded(caches: dict[str, dict]) -> dict[str, dict]:

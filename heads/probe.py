@@ -222,25 +222,46 @@ def _scores(blocks, rows, *, mean, scale, weights, bias) -> np.ndarray:
 
 
 def platt_scaling(
-    scores: np.ndarray, labels: np.ndarray, *, iterations: int = 25
+    scores: np.ndarray, labels: np.ndarray, *, iterations: int = 50
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per label (slope, intercept) with sigmoid(slope * score + intercept) fitted to the labels by Newton's
-    method: ridge scores become probabilities, keeping their order (and so every AUC)."""
+    """Per label (slope, intercept) with sigmoid(slope * score + intercept) fitted to the labels by damped
+    Newton steps on the standardized score (a step that does not lower the loss is halved), with a small
+    ridge on the slope: ridge scores become probabilities, keeping their order (and so every AUC). The
+    ridge keeps a label whose scores (nearly) separate it finite: out-of-fold scores of 143 training
+    images once drove undamped steps to slopes of 6e5."""
     n_labels = scores.shape[1]
     slope, intercept = np.ones(n_labels), np.zeros(n_labels)
     for j in range(n_labels):
         x, t = scores[:, j].astype(np.float64), labels[:, j].astype(np.float64)
-        spread = max(float(x.std()), 1e-9)
-        prior = float(np.clip(t.mean(), 1e-4, 1 - 1e-4))
-        theta = np.array([1.0 / spread, np.log(prior / (1 - prior)) - x.mean() / spread])
-        design = np.stack([x, np.ones_like(x)], axis=1)
-        for _ in range(iterations):
-            p = expit(design @ theta)
-            gradient = design.T @ (p - t) + 1e-6 * theta
-            hessian = (design * (p * (1 - p))[:, None]).T @ design + 1e-6 * np.eye(2)
-            step = np.linalg.solve(hessian, gradient)
-            theta -= step
-            if np.abs(step).max() < 1e-8:
-                break
-        slope[j], intercept[j] = theta
+        centre, spread = float(x.mean()), max(float(x.std()), 1e-9)
+        a, b = _logistic_1d((x - centre) / spread, t, iterations=iterations)
+        slope[j], intercept[j] = a / spread, b - a * centre / spread
     return slope, intercept
+
+
+def _logistic_1d(z: np.ndarray, t: np.ndarray, *, iterations: int) -> tuple[float, float]:
+    """(a, b) minimizing the mean log loss of sigmoid(a z + b) plus 1e-3 a^2 / 2, by damped Newton."""
+    prior = float(np.clip(t.mean(), 1e-4, 1 - 1e-4))
+    theta = np.array([1.0, np.log(prior / (1 - prior))])
+    design = np.stack([z, np.ones_like(z)], axis=1)
+    ridge = np.diag([1e-3, 1e-9])
+
+    def loss(th):
+        logits = design @ th
+        return float(np.mean(np.logaddexp(0.0, logits) - t * logits) + 0.5 * th @ ridge @ th)
+
+    current = loss(theta)
+    for _ in range(iterations):
+        p = expit(design @ theta)
+        gradient = design.T @ (p - t) / len(t) + ridge @ theta
+        hessian = (design * (p * (1 - p))[:, None]).T @ design / len(t) + ridge
+        step = np.linalg.solve(hessian, gradient)
+        for _ in range(30):
+            trial = theta - step
+            if loss(trial) <= current:
+                break
+            step = step / 2
+        theta, previous, current = trial, current, loss(trial)
+        if previous - current < 1e-12:
+            break
+    return float(theta[0]), float(theta[1])

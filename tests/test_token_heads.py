@@ -91,7 +91,7 @@ def test_token_inputs_and_vectors_are_not_mixed_up(tmp_path):
 
 
 def test_a_token_cache_beyond_the_budget_is_refused_by_its_setting(tmp_path):
-    with pytest.raises(InputError, match=r"map.h5: its token maps \(360, 16, 6\) float16 .* token_memory_gb"):
+    with pytest.raises(InputError, match=r"map.h5: its features \(360, 16, 6\) float16 .* token_memory_gb"):
         token_data(tmp_path, budget=1e-5)
 
 
