@@ -86,7 +86,10 @@ def test_the_training_rows_correction_is_the_out_of_fold_minus_the_in_sample_log
         equations=equations,
         penalty=start.probe.penalty,
     )
-    slope, _ = platt_scaling(honest, data.labels[rows["train"]])  # calibrated on the honest scores
+    from heads.start import order_keeping
+
+    # Calibrated on the honest scores, every slope kept positive.
+    slope, _ = order_keeping(*platt_scaling(honest, data.labels[rows["train"]]), scores=honest)
     in_sample = start.probe.scores(arrays, rows["train"])
     np.testing.assert_allclose(start.train_correction, slope * (honest - in_sample), atol=1e-4)
     # The probe fits its own rows better than rows it has not seen: the correction is not zero.
@@ -108,3 +111,15 @@ def test_a_label_the_probe_barely_ranks_keeps_the_probes_order():
     logits = scores * kept + shifted
     assert np.array_equal(np.argsort(logits[:, 1]), np.argsort(scores[:, 1]))
     assert np.isclose(logits[:, 1].mean(), (scores[:, 1] * slope[1] + intercept[1]).mean())
+
+
+def test_platt_scaling_stays_finite_where_the_scores_separate_the_labels():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(143, 2)) * 0.01
+    labels = np.stack([scores[:, 0] > 0.012, rng.random(143) < 0.08], axis=1).astype(float)  # separable
+    slope, intercept = platt_scaling(scores, labels)
+    spread = scores.std(axis=0)
+    assert np.all(np.isfinite(slope)) and np.all(np.abs(slope * spread) < 100)  # logits stay in reach
+    assert slope[0] > 0 and np.all(np.isfinite(intercept))
+    p = 1 / (1 + np.exp(-(scores * slope + intercept)))
+    assert abs(p[:, 1].mean() - labels[:, 1].mean()) < 0.02  # the prior is kept on a label it cannot rank
