@@ -114,8 +114,10 @@ def run_train_head(
     except InputError as err:
         raise err.fixed_by(Fix("train-head", {"force": True})) from None
     dataset, data = open_training_data(config, backbones=plan.backbones, metadata=plan.train.metadata)
-    plan = sized_for_data(plan, data)
-    plan = dataclasses.replace(plan, train=plan.train.logged_as(run_dir.name))
+    # The batch size settled for the data (an "auto" one), the TensorBoard folder the run's own.
+    plan = dataclasses.replace(
+        plan, train=plan.train.sized_for(data.rows("train").size).logged_as(run_dir.name)
+    )
     config_snapshot = snapshot(config, plan, caches=data.caches, synthetic=dataset.synthetic)
     metrics = train_head(
         run_dir=run_dir,

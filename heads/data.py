@@ -1,5 +1,6 @@
 """The rows a head trains on: cached features joined by image name with labels, patients, splits and
-metadata, each cache's description (kind, views, dtype, recipe) beside them; and a head's inputs from them."""
+metadata, each cache's description (kind, views, dtype, recipe) beside them; whether they can train a head;
+and a head's inputs from them."""
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,45 @@ class HeadData:
         left_out = ", ".join(f"{k} {v}" for k, v in self.excluded.items() if v) or "none"
         caches = " and ".join(self.features)
         return f"{len(self.names)} images present in {caches} ({counts}); left out: {left_out}"
+
+
+def check_labels(data: HeadData, label_names) -> None:
+    """Refuse label names that are not the data's label columns, in order.
+
+    The config may list a subset of the labels in any order; a run evaluated under another list would
+    otherwise score each disease's probabilities against another disease's column.
+    """
+    label_names = list(label_names)
+    columns = list(data.label_names) or [f"{data.labels.shape[1]} columns"]
+    if data.labels.shape[1] != len(label_names) or (data.label_names and columns != label_names):
+        raise InputError(
+            f"the run's labels {label_names} are not the index's label columns {columns}; "
+            "set [data] labels to the run's own (its config.json) and load the index again"
+        )
+
+
+def training_rows(data: HeadData, *, label_names: list[str], augment: bool) -> dict[str, np.ndarray]:
+    """The rows of each split, once the data is seen to be trainable: the run's labels, training and
+    validation rows, a label with both classes in val for early stopping, cached views to augment from."""
+    rows = {split: data.rows(split) for split in ("train", "val", "test")}
+    check_labels(data, label_names)
+    for split in ("train", "val"):
+        if rows[split].size == 0:
+            raise InputError(
+                f"the {split} split has no images with features; check the split policy and the caches"
+            )
+    val = data.labels[rows["val"]]
+    if not ((val.sum(axis=0) > 0) & (val.sum(axis=0) < len(val))).any():
+        raise InputError(
+            f"no label has both classes in the val split ({len(val)} images), so early stopping has no "
+            "AUC to watch; use more images or a larger val_fraction"
+        )
+    if augment and not any(data.views(name) > 1 for name in data.features):
+        raise InputError(
+            "augmenting trains on cached augmented views, but the caches hold one view per image; "
+            "extract with [extract] views > 1 (e.g. views = 4), or train without augmentation"
+        )
+    return rows
 
 
 def load_head_data(
@@ -266,6 +306,20 @@ def head_inputs(model, data: HeadData, rows: np.ndarray, *, all_views: bool = Fa
             )
         else:
             arrays[name] = _rows_of(data, name, rows, item_shape=tuple(tensor.shape[1:]), all_views=all_views)
+    return arrays
+
+
+def training_arrays(model, *, data: HeadData, rows: np.ndarray, augment: bool) -> dict:
+    """{input name: tensor} of `model`'s inputs on the training rows (every cached view when augmenting)."""
+    import tensorflow as tf  # only a head about to train needs tensors; the data loads without TensorFlow
+
+    # One input at a time: each training copy becomes a tensor and is dropped before the next is made
+    # (all at once, the copies and the tensors of an ensemble coexisted: ~0.5 GB more at full size).
+    arrays = {}
+    for tensor in model.inputs:
+        (array,) = head_inputs(model, data, rows, all_views=augment, only=tensor.name).values()
+        arrays[tensor.name] = tf.convert_to_tensor(array)
+        del array
     return arrays
 
 

@@ -1,7 +1,8 @@
-"""A trained head on cached rows: its probabilities, and its metrics on a split beside the baselines,
-with the calibration and operating points fitted on validation."""
+"""A trained head on cached rows: its probabilities, and its metrics on a split beside the baselines and
+its probe start, with the calibration and operating points fitted on validation; beside them, what its
+fit's history says about the run (run_facts)."""
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -10,18 +11,28 @@ import pandas as pd
 
 from cxr14.caveats import run_notice
 from cxr14.errors import InputError
-from heads.data import HeadData, head_inputs
-from heads.run_folder import load_model, read_decisions, run_labels, write_decisions, write_json
+from heads.data import HeadData, check_labels, head_inputs
+from heads.run_folder import load_model, read_decisions, run_labels, write_json
+from heads.settings import HeadConfig, TrainConfig, kind_of
+from heads.start import HeadStart, probe_blocks
 from results.baselines import CHANCE_AUC, baseline_metrics, metadata_baseline_scores
 from results.calibration import apply_calibration, fit_calibration
-from results.metrics import expected_calibration_error, label_metrics, mean_defined, rates_at_thresholds
+from results.metrics import (
+    bootstrap_difference,
+    expected_calibration_error,
+    label_metrics,
+    mean_defined,
+    rates_at_thresholds,
+    roc_auc_per_label,
+)
 from results.multilabel import multilabel_metrics
 from results.operating import choose_thresholds, threshold_array
 from results.record import write_results
-from results.report import plot_reliability
 from results.settings import DecisionConfig
 
 PREDICT_BATCH = 4096
+# The validation mean ROC AUC each epoch is judged by: its key in the training logs and a history column.
+MONITOR = "val_mean_auc"
 
 
 def predict_probabilities(model: keras.Model, data: HeadData, rows: np.ndarray) -> np.ndarray:
@@ -41,19 +52,126 @@ def predict_arrays(model: keras.Model, inputs: dict, *, n: int) -> np.ndarray:
     return np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks])
 
 
-def check_labels(data: HeadData, label_names) -> None:
-    """Refuse label names that are not the data's label columns, in order.
+@dataclass(frozen=True)
+class ScoredHead:
+    """Every row's probabilities, the calibration and thresholds fitted on validation, and the metrics."""
 
-    The config may list a subset of the labels in any order; a run evaluated under another list would
-    otherwise score each disease's probabilities against another disease's column.
-    """
-    label_names = list(label_names)
-    columns = list(data.label_names) or [f"{data.labels.shape[1]} columns"]
-    if data.labels.shape[1] != len(label_names) or (data.label_names and columns != label_names):
-        raise InputError(
-            f"the run's labels {label_names} are not the index's label columns {columns}; "
-            "set [data] labels to the run's own (its config.json) and load the index again"
+    scores: np.ndarray
+    decisions: dict
+    metrics: dict
+
+
+def score(
+    data: HeadData,
+    *,
+    model: keras.Model,
+    begin: HeadStart | None,
+    rows: dict,
+    eval_split: str,
+    label_names: list[str],
+    train: TrainConfig,
+    decision: DecisionConfig,
+    baseline: np.ndarray | None = None,
+) -> ScoredHead:
+    """Probabilities of every row; calibration and operating points fitted on validation; the metrics of
+    `eval_split` beside the baselines and, for a feature head (`begin`: its probe start), the ridge probe.
+
+    A run scored on val (a sweep trial) uses and keeps its val rows only, so only those are predicted (the
+    others are NaN): the other 90 % of the rows took ~3 s of each trial's scoring at full size.
+    `baseline`: the metadata baseline on `eval_split` (metadata_baseline), when the caller has it."""
+    everything = np.arange(len(data.names))
+    needed = rows["val"] if eval_split == "val" else everything
+    scores = np.full((len(data.names), len(label_names)), np.nan, dtype=np.float32)
+    scores[needed] = predict_probabilities(model, data, needed)
+    evaluated = rows[eval_split]
+    decisions = fit_decisions(data, scores, settings=decision, label_names=label_names)
+    boot = {"n_boot": train.bootstrap, "seed": train.seed}
+    metrics = split_metrics(
+        data,
+        scores[evaluated],
+        split=eval_split,
+        label_names=label_names,
+        decisions=decisions,
+        baseline=baseline,
+        **boot,
+    )
+    if begin is not None:
+        metrics["reference"] = reference_metrics(
+            data, begin, rows=evaluated, head_scores=scores[evaluated], label_names=label_names, **boot
         )
+    return ScoredHead(scores=scores, decisions=decisions, metrics=metrics)
+
+
+def reference_metrics(
+    data: HeadData,
+    begin: HeadStart,
+    *,
+    rows: np.ndarray,
+    head_scores: np.ndarray,
+    label_names,
+    n_boot: int,
+    seed: int,
+) -> dict:
+    """The ridge probe's AUCs on the evaluated rows, and the head's mean AUC minus the probe's with a
+    paired patient-bootstrap interval: whether the head adds anything beyond a linear probe."""
+    probe_scores = begin.probe.scores(list(probe_blocks(data).values()), rows)
+    labels, patients = data.labels[rows], data.patients[rows]
+    aucs = roc_auc_per_label(labels, probe_scores)
+    difference = bootstrap_difference(
+        labels, head_scores, probe_scores, groups=patients, n_boot=n_boot, seed=seed
+    )
+    return {
+        "name": "ridge probe",
+        "penalty": begin.probe.penalty,
+        "val_mean_auc": begin.probe.val_mean_auc,
+        "mean_auc": mean_defined(aucs),
+        "labels": {
+            name: (None if np.isnan(a) else float(a)) for name, a in zip(label_names, aucs, strict=True)
+        },
+        "difference": difference["difference"],
+        "difference_ci": difference["ci"],
+        "directions": int(begin.directions.shape[1]),
+    }
+
+
+def run_facts(
+    run_dir: Path,
+    *,
+    data: HeadData,
+    head: HeadConfig,
+    rows: dict,
+    history: pd.DataFrame,
+    train: TrainConfig,
+    begin: HeadStart | None = None,
+) -> dict:
+    """What metrics.json says about the run beside its scores: its training, from the fit's history."""
+    epochs = train.epochs
+    from_probe = kind_of(head).takes == "features" and train.start == "probe"
+    directions = begin is not None and begin.directions.shape[1] > 0  # units beside the probe at the start
+    # Never NaN: training_rows makes sure some label has both classes in val, and NaN scores raise.
+    best = int(np.flatnonzero(history["chosen"].to_numpy())[0])
+    highest = int(history[MONITOR].to_numpy().argmax())
+    trained = len(history) - 1
+    selection = history.attrs.get("selection") or {}
+    return {
+        "run": run_dir.name,
+        "head": head.kind,
+        "backbones": list(data.features),
+        "val_mean_auc": float(history[MONITOR].iloc[best]),
+        "epochs": trained,
+        "best_epoch": int(history["epoch"].iloc[best]),
+        # The best epoch is the last of the most allowed: validation was still improving when it stopped.
+        "converged": not (trained == epochs and highest == trained and trained > 0),
+        # The start kept over a later epoch whose validation gain was within the noise (BestEpoch).
+        **({"selection": selection} if selection else {}),
+        **({"start": train.start} if kind_of(head).takes == "features" else {}),
+        # The head is its probe start: no epoch kept beyond it (results.format.probe_note says it in words).
+        "kept_start": bool(from_probe and int(history["epoch"].iloc[best]) == 0),
+        "kept_probe": bool(from_probe and int(history["epoch"].iloc[best]) == 0 and not directions),
+        "warnings": history.attrs.get("warnings", []),
+        "rows": {split: int(r.size) for split, r in rows.items()},
+        "excluded": data.excluded,
+    }
 
 
 def data_notice(data: HeadData) -> str:
@@ -269,35 +387,6 @@ def score_run(
     metrics = {**metrics, "run": run_dir.name, "excluded": data.excluded}
     write_results(evaluation_path(run_dir, split), metrics)
     return metrics
-
-
-def write_decision_outputs(
-    run_dir: Path,
-    *,
-    decisions: dict,
-    data,
-    scores: np.ndarray,
-    metrics: dict,
-    label_names: Sequence[str],
-    plot: bool = True,
-) -> None:
-    """calibration.json, thresholds.json and calibration.png (on the split the run was scored on; not
-    without `plot`)."""
-    write_decisions(run_dir, decisions)
-    if not plot:
-        return
-    rows = data.rows(metrics["split"])
-    raw = scores[rows]
-    calibration = decisions["calibration"]
-    plot_reliability(
-        data.labels[rows],
-        raw,
-        apply_calibration(calibration, raw, label_names=label_names),
-        Path(run_dir) / "calibration.png",
-        bins=calibration["bins"],
-        method=calibration["method"],
-        notice=metrics.get("notice", ""),
-    )
 
 
 def evaluation_path(run_dir: Path, split: str) -> Path:

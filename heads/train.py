@@ -14,28 +14,18 @@ from keras import ops
 
 from cxr14.errors import InputError
 from heads.custom import keep_head_code
-from heads.data import HeadData, head_inputs
+from heads.data import HeadData, head_inputs, training_arrays, training_rows
 from heads.losses import make_loss
 from heads.models import METADATA_INPUT, build_head
+from heads.outputs import write_run
 from heads.progress import EpochProgress
-from heads.run_folder import claim_run, finish_run, write_json
-from heads.scoring import (
-    check_labels,
-    fit_decisions,
-    predict_arrays,
-    predict_probabilities,
-    split_metrics,
-    write_decision_outputs,
-)
+from heads.run_folder import claim_run, finish_run
+from heads.scoring import MONITOR, predict_arrays, run_facts, score
 from heads.settings import HeadConfig, TrainConfig, kind_of, start_directions
-from heads.start import HeadStart, fit_start, probe_blocks
+from heads.start import HeadStart, fit_start
 from results.format import KEPT_PROBE, KEPT_START, format_difference
 from results.metrics import bootstrap_difference, mean_defined, roc_auc_per_label
-from results.record import write_results
-from results.report import plot_auc_comparison, plot_roc, write_auc_table
 from results.settings import DecisionConfig
-
-MONITOR = "val_mean_auc"
 
 
 class BestEpoch(keras.callbacks.Callback):
@@ -64,14 +54,14 @@ class BestEpoch(keras.callbacks.Callback):
         min_delta: float,
         keep_start: bool = False,
         seed: int = 0,
+        inputs: dict,
         kept_note: str = KEPT_PROBE,
-        inputs: dict | None = None,
     ):
         super().__init__()
         self.head, self.patience, self.min_delta = head, patience, min_delta
         self.kept_note = kept_note  # what the summary calls a start kept: the probe, or more
-        # Gathered once, not every epoch; heads trained together share one gathered copy (`inputs`).
-        self.inputs = head_inputs(head, data, rows) if inputs is None else inputs
+        # head_inputs of the val rows, gathered once, not every epoch; heads trained together share them.
+        self.inputs = inputs
         self.labels, self.patients = data.labels[rows], data.patients[rows]
         self.keep_start, self.seed = keep_start, seed
         self.scores: list[float] = []
@@ -157,9 +147,9 @@ class EpochLog(keras.callbacks.Callback):
     """Validation loss (the run's own loss, on BestEpoch's validation scores) and the learning rate at each
     epoch's end, into the logs (for TensorBoard) and kept for history.csv; after BestEpoch."""
 
-    def __init__(self, *, best: BestEpoch, loss):
+    def __init__(self, *, best: BestEpoch, loss=None):
         super().__init__()
-        self.best, self.loss = best, loss
+        self.best, self.loss = best, loss  # None: the loss the model is compiled with, once it trains
         self.val_loss: list[float] = []
         self.learning_rate: list[float] = []
 
@@ -167,6 +157,7 @@ class EpochLog(keras.callbacks.Callback):
         return float(ops.convert_to_numpy(self.loss(self.best.labels.astype("float32"), scores)))
 
     def on_train_begin(self, logs=None):
+        self.loss = self.model.loss if self.loss is None else self.loss
         self.val_loss = [self._val_loss(self.best.start_scores)]
         self.learning_rate = [math.nan]
 
@@ -206,15 +197,6 @@ class FittedHead:
     begin: HeadStart | None
 
 
-@dataclass(frozen=True)
-class ScoredHead:
-    """Every row's probabilities, the calibration and thresholds fitted on validation, and the metrics."""
-
-    scores: np.ndarray
-    decisions: dict
-    metrics: dict
-
-
 def train_head(
     *,
     run_dir: Path,
@@ -242,7 +224,7 @@ def train_head(
     """
     clock = {"start": time.perf_counter()}
     run_dir, label_names = Path(run_dir), list(label_names)
-    rows, train = prepare_training(data, train=train, label_names=label_names)
+    rows = training_rows(data, label_names=label_names, augment=train.augment)
     if progress:
         print(data.describe(), flush=True)
     with claim_run(run_dir, force=force) as tmp:
@@ -279,10 +261,8 @@ def prepare_training(
     data: HeadData, *, train: TrainConfig, label_names: list[str]
 ) -> tuple[dict, TrainConfig]:
     """(rows of each split, train with an "auto" batch size made a number); refuses data that cannot train."""
-    rows = {split: data.rows(split) for split in ("train", "val", "test")}
-    train = train.sized_for(rows["train"].size)
-    _check_data(data, rows=rows, label_names=label_names, augment=train.augment)
-    return rows, train
+    rows = training_rows(data, label_names=label_names, augment=train.augment)
+    return rows, train.sized_for(rows["train"].size)
 
 
 def save_fitted(
@@ -345,10 +325,12 @@ def _score_and_write(
     plots: bool,
     baseline: np.ndarray | None = None,
 ) -> dict:
-    """score, then write every output into the temporary folder `tmp`, metrics.json last."""
+    """score (heads/scoring.py) with what the fit says about the run, then write every output into the
+    temporary folder `tmp` (heads/outputs.py), metrics.json last."""
     scored = score(
-        fitted,
         data,
+        model=fitted.model,
+        begin=fitted.begin,
         rows=rows,
         eval_split=eval_split,
         label_names=label_names,
@@ -356,7 +338,7 @@ def _score_and_write(
         decision=decision or DecisionConfig(),
         baseline=baseline,
     )
-    facts = _run_facts(
+    facts = run_facts(
         Path(run_name),
         data=data,
         head=head,
@@ -367,11 +349,17 @@ def _score_and_write(
     )
     scored.metrics.update(facts)
     clock["scored"] = time.perf_counter()
-    write(
-        tmp, fitted=fitted, scored=scored, data=data, label_names=label_names, snapshot=snapshot, plots=plots
+    write_run(
+        tmp,
+        model=fitted.model,
+        history=fitted.history,
+        scored=scored,
+        data=data,
+        label_names=label_names,
+        snapshot=snapshot,
+        clock=clock,
+        plots=plots,
     )
-    scored.metrics["seconds"] = _seconds(clock)
-    write_results(tmp / "metrics.json", scored.metrics)
     return scored.metrics
 
 
@@ -386,89 +374,18 @@ def fit(
     shared_start: HeadStart | None = None,
 ) -> FittedHead:
     """The probe start (feature heads; `shared_start` when given), then the head trained from it (or, with
-    train.start = "none", from random layers beside it) with the best validation epoch kept."""
+    train.start = "none", from random layers beside it) with the best validation epoch kept. An "auto"
+    batch size is made a number for the training rows."""
+    train = train.sized_for(rows["train"].size)
+    directions = start_directions(head, train)
     spec = kind_of(head)
     begin = shared_start if spec.takes == "features" else None
     if spec.takes == "features" and begin is None:
-        begin = fit_start(data, rows=rows, max_directions=start_directions(head, train), seed=train.seed)
+        begin = fit_start(data, rows=rows, max_directions=directions, seed=train.seed)
     model, history = fit_head(
         data, rows=rows, head=head, train=train, n_labels=n_labels, progress=progress, start=begin
     )
     return FittedHead(model=model, history=history, begin=begin)
-
-
-def score(
-    fitted: FittedHead,
-    data: HeadData,
-    *,
-    rows: dict,
-    eval_split: str,
-    label_names: list[str],
-    train: TrainConfig,
-    decision: DecisionConfig,
-    baseline: np.ndarray | None = None,
-) -> ScoredHead:
-    """Probabilities of every row; calibration and operating points fitted on validation; the metrics of
-    `eval_split` beside the baselines and, for a feature head, the ridge probe.
-
-    A run scored on val (a sweep trial) uses and keeps its val rows only, so only those are predicted (the
-    others are NaN): the other 90 % of the rows took ~3 s of each trial's scoring at full size.
-    `baseline`: the metadata baseline on `eval_split` (scoring.metadata_baseline), when the caller has it."""
-    everything = np.arange(len(data.names))
-    needed = rows["val"] if eval_split == "val" else everything
-    scores = np.full((len(data.names), len(label_names)), np.nan, dtype=np.float32)
-    scores[needed] = predict_probabilities(fitted.model, data, needed)
-    evaluated = rows[eval_split]
-    decisions = fit_decisions(data, scores, settings=decision, label_names=label_names)
-    boot = {"n_boot": train.bootstrap, "seed": train.seed}
-    metrics = split_metrics(
-        data,
-        scores[evaluated],
-        split=eval_split,
-        label_names=label_names,
-        decisions=decisions,
-        baseline=baseline,
-        **boot,
-    )
-    if fitted.begin is not None:
-        metrics["reference"] = reference_metrics(
-            data, fitted.begin, rows=evaluated, head_scores=scores[evaluated], label_names=label_names, **boot
-        )
-    return ScoredHead(scores=scores, decisions=decisions, metrics=metrics)
-
-
-def write(
-    run_dir: Path,
-    *,
-    fitted: FittedHead,
-    scored: ScoredHead,
-    data: HeadData,
-    label_names: list[str],
-    snapshot: dict,
-    plots: bool = True,
-) -> None:
-    """Every file of the run but metrics.json (written last: a folder holding it is a finished run)."""
-    write_json(run_dir / "config.json", snapshot)
-    _write_outputs(run_dir, fitted=fitted, scored=scored, data=data, label_names=label_names, plots=plots)
-    write_decision_outputs(
-        run_dir,
-        decisions=scored.decisions,
-        data=data,
-        scores=scored.scores,
-        metrics=scored.metrics,
-        label_names=label_names,
-        plot=plots,
-    )
-
-
-def _seconds(clock: dict) -> dict:
-    now = time.perf_counter()
-    return {
-        "train": round(clock["fitted"] - clock["start"], 2),
-        "evaluate": round(clock["scored"] - clock["fitted"], 2),
-        "write": round(now - clock["scored"], 2),
-        "total": round(now - clock["start"], 2),
-    }
 
 
 def fit_head(
@@ -486,14 +403,24 @@ def fit_head(
     spec = head_spec(data, head=head, train=train, n_labels=n_labels, start=start)
     from_probe = start is not None and train.start == "probe"
     trained = build_head(**spec, byte_dropout=True)
-    if from_probe and not kind_of(head).hidden:
-        history = _closed_form(trained, data=data, rows=rows)
+    # Its inputs, gathered once: the val rows for BestEpoch, the training rows for a head that trains.
+    val_inputs = head_inputs(trained, data, rows["val"])
+    closed_form = from_probe and not kind_of(head).hidden
+    arrays = (
+        None
+        if closed_form
+        else training_arrays(trained, data=data, rows=rows["train"], augment=train.augment)
+    )
+    if closed_form:
+        history = _closed_form(trained, data=data, rows=rows, inputs=val_inputs)
     else:
         correction = start.train_correction if from_probe else None
         history = _fit(
             trained,
             data=data,
             rows=rows,
+            val_inputs=val_inputs,
+            arrays=arrays,
             train=train,
             progress=progress,
             keep_start=from_probe,
@@ -517,98 +444,6 @@ def head_spec(data: HeadData, *, head: HeadConfig, train: TrainConfig, n_labels:
         "metadata_dim": 0 if data.metadata is None else data.metadata.shape[1],
         "seed": train.seed,
     }
-
-
-def _run_facts(
-    run_dir: Path,
-    *,
-    data: HeadData,
-    head: HeadConfig,
-    rows: dict,
-    history: pd.DataFrame,
-    train: TrainConfig,
-    begin: HeadStart | None = None,
-) -> dict:
-    """What metrics.json says about the run beside its scores."""
-    epochs = train.epochs
-    from_probe = kind_of(head).takes == "features" and train.start == "probe"
-    directions = begin is not None and begin.directions.shape[1] > 0  # units beside the probe at the start
-    # Never NaN: _check_data makes sure some label has both classes in val, and NaN scores raise.
-    best = int(np.flatnonzero(history["chosen"].to_numpy())[0])
-    highest = int(history[MONITOR].to_numpy().argmax())
-    trained = len(history) - 1
-    selection = history.attrs.get("selection") or {}
-    return {
-        "run": run_dir.name,
-        "head": head.kind,
-        "backbones": list(data.features),
-        "val_mean_auc": float(history[MONITOR].iloc[best]),
-        "epochs": trained,
-        "best_epoch": int(history["epoch"].iloc[best]),
-        # The best epoch is the last of the most allowed: validation was still improving when it stopped.
-        "converged": not (trained == epochs and highest == trained and trained > 0),
-        # The start kept over a later epoch whose validation gain was within the noise (BestEpoch).
-        **({"selection": selection} if selection else {}),
-        **({"start": train.start} if kind_of(head).takes == "features" else {}),
-        # The head is its probe start: no epoch kept beyond it (results.format.probe_note says it in words).
-        "kept_start": bool(from_probe and int(history["epoch"].iloc[best]) == 0),
-        "kept_probe": bool(from_probe and int(history["epoch"].iloc[best]) == 0 and not directions),
-        "warnings": history.attrs.get("warnings", []),
-        "rows": {split: int(r.size) for split, r in rows.items()},
-        "excluded": data.excluded,
-    }
-
-
-def reference_metrics(
-    data: HeadData,
-    begin: HeadStart,
-    *,
-    rows: np.ndarray,
-    head_scores: np.ndarray,
-    label_names,
-    n_boot: int,
-    seed: int,
-) -> dict:
-    """The ridge probe's AUCs on the evaluated rows, and the head's mean AUC minus the probe's with a
-    paired patient-bootstrap interval: whether the head adds anything beyond a linear probe."""
-    probe_scores = begin.probe.scores(list(probe_blocks(data).values()), rows)
-    labels, patients = data.labels[rows], data.patients[rows]
-    aucs = roc_auc_per_label(labels, probe_scores)
-    difference = bootstrap_difference(
-        labels, head_scores, probe_scores, groups=patients, n_boot=n_boot, seed=seed
-    )
-    return {
-        "name": "ridge probe",
-        "penalty": begin.probe.penalty,
-        "val_mean_auc": begin.probe.val_mean_auc,
-        "mean_auc": mean_defined(aucs),
-        "labels": {
-            name: (None if np.isnan(a) else float(a)) for name, a in zip(label_names, aucs, strict=True)
-        },
-        "difference": difference["difference"],
-        "difference_ci": difference["ci"],
-        "directions": int(begin.directions.shape[1]),
-    }
-
-
-def _check_data(data: HeadData, *, rows: dict, label_names: list[str], augment: bool) -> None:
-    check_labels(data, label_names)
-    for split in ("train", "val"):
-        if rows[split].size == 0:
-            raise InputError(
-                f"the {split} split has no images with features; check the split policy and the caches"
-            )
-    val = data.labels[rows["val"]]
-    if not ((val.sum(axis=0) > 0) & (val.sum(axis=0) < len(val))).any():
-        raise InputError(
-            f"no label has both classes in the val split ({len(val)} images), so early stopping has no "
-            "AUC to watch; use more images or a larger val_fraction"
-        )
-    if augment and not any(data.views(name) > 1 for name in data.features):
-        raise InputError(
-            "augmenting trains on cached augmented views, but the caches hold one view per image; "
-            "extract with [extract] views > 1 (e.g. views = 4), or train without augmentation"
-        )
 
 
 class FusedAdamW(keras.optimizers.AdamW):
@@ -673,6 +508,8 @@ def _fit(
     *,
     data: HeadData,
     rows: dict,
+    val_inputs: dict,
+    arrays: dict,
     train: TrainConfig,
     progress: bool,
     keep_start: bool = False,
@@ -681,22 +518,25 @@ def _fit(
 ) -> pd.DataFrame:
     """Train with the best validation epoch kept (epoch 0 included; see BestEpoch for `keep_start`); the
     history has a row per epoch, `chosen` marking the one kept, and the choice in its attrs.
+    `val_inputs`: the head's inputs on the val rows; `arrays`: on the training rows (training_arrays);
     `correction`: added to the training rows' logits (HeadStart.train_correction)."""
+    labels_train = data.labels[rows["train"]]
     best = BestEpoch(
         head=model,
         data=data,
         rows=rows["val"],
+        inputs=val_inputs,
         patience=train.patience,
         min_delta=train.min_delta,
         keep_start=keep_start,
         seed=train.seed,
         kept_note=kept_note,
     )
-    fit_model, batches = training_setup(
-        model, data=data, rows=rows["train"], train=train, correction=correction
+    log = EpochLog(best=best)  # its loss: the one compile_for_training gives the model
+    fit_model, batches = training_model(
+        model, arrays, labels=labels_train, train=train, correction=correction
     )
-    compile_for_training(fit_model, train=train, labels_train=data.labels[rows["train"]])
-    log = EpochLog(best=best, loss=fit_model.loss)
+    compile_for_training(fit_model, train=train, labels_train=labels_train)
     callbacks = [best, log]
     if train.tensorboard:  # after EpochLog: TensorBoard writes the logs it completes
         callbacks.append(keras.callbacks.TensorBoard(log_dir=train.tensorboard, write_graph=False))
@@ -755,9 +595,9 @@ def _loss_warnings(losses: list[float]) -> list[str]:
     ]
 
 
-def _closed_form(model: keras.Model, *, data: HeadData, rows: dict) -> pd.DataFrame:
-    """A head with nothing to train (the linear probe): its one "epoch" is the start."""
-    best = BestEpoch(head=model, data=data, rows=rows["val"], patience=1, min_delta=0.0)
+def _closed_form(model: keras.Model, *, data: HeadData, rows: dict, inputs: dict) -> pd.DataFrame:
+    """A head with nothing to train (the linear probe): its one "epoch" is the start (`inputs`: on val)."""
+    best = BestEpoch(head=model, data=data, rows=rows["val"], inputs=inputs, patience=1, min_delta=0.0)
     return pd.DataFrame(
         {
             "epoch": [0],
@@ -799,6 +639,18 @@ def training_setup(
     example when augmenting; it shares `model`'s weights. Batches follow a new seeded permutation each epoch.
     `correction` (len(rows), L): added to each row's logit before the sigmoid (the out-of-fold probe)."""
     arrays = training_arrays(model, data=data, rows=rows, augment=train.augment)
+    return training_model(model, arrays, labels=data.labels[rows], train=train, correction=correction)
+
+
+def training_model(
+    model: keras.Model,
+    arrays: dict,
+    *,
+    labels: np.ndarray,
+    train: TrainConfig,
+    correction: np.ndarray | None = None,
+) -> tuple[keras.Model, tf.data.Dataset]:
+    """training_setup on the training arrays already gathered (training_arrays), with their `labels`."""
     row_ids = keras.Input(shape=(), dtype="int64", name="row_ids")
     gathered = dict(zip(arrays, GatherRows(arrays, name="gather_rows")(row_ids), strict=True))
     if train.augment:
@@ -807,19 +659,7 @@ def training_setup(
         gathered.update(zip(names, picked, strict=True))
     outputs = model(gathered) if correction is None else _corrected(model, gathered, row_ids, correction)
     fit_model = keras.Model(row_ids, outputs, name="training")
-    return fit_model, row_batches(data.labels[rows], batch_size=train.batch_size, seed=train.seed)
-
-
-def training_arrays(model: keras.Model, *, data: HeadData, rows: np.ndarray, augment: bool) -> dict:
-    """{input name: tensor} of `model`'s inputs on the training rows (every cached view when augmenting)."""
-    # One input at a time: each training copy becomes a tensor and is dropped before the next is made
-    # (all at once, the copies and the tensors of an ensemble coexisted: ~0.5 GB more at full size).
-    arrays = {}
-    for tensor in model.inputs:
-        (array,) = head_inputs(model, data, rows, all_views=augment, only=tensor.name).values()
-        arrays[tensor.name] = tf.convert_to_tensor(array)
-        del array
-    return arrays
+    return fit_model, row_batches(labels, batch_size=train.batch_size, seed=train.seed)
 
 
 def random_view(arrays: dict, *, seed: int) -> RandomView:
@@ -864,39 +704,3 @@ def row_batches(labels: np.ndarray, *, batch_size: int, seed: int) -> tf.data.Da
     options = tf.data.Options()
     options.autotune.enabled = False
     return dataset.prefetch(2).with_options(options)
-
-
-def _write_outputs(
-    run_dir: Path,
-    *,
-    fitted: FittedHead,
-    scored: ScoredHead,
-    data: HeadData,
-    label_names: list[str],
-    plots: bool = True,
-) -> None:
-    """Everything but config.json, metrics.json and the decisions. A run scored on val (a sweep trial)
-    keeps only val rows' predictions: the test split stays sealed."""
-    metrics, scores = scored.metrics, scored.scores
-    fitted.model.save(run_dir / "model.keras")
-    fitted.history.to_csv(run_dir / "history.csv", index=False)
-    shown = data.rows("val") if metrics["split"] == "val" else np.arange(len(data.names))
-    predictions = pd.DataFrame(scores[shown], columns=label_names)
-    predictions.insert(0, "split", data.split[shown])
-    predictions.insert(0, "name", data.names[shown])
-    predictions.to_csv(run_dir / "predictions.csv", index=False, float_format="%.6f")
-    # run_dir is the temporary folder: the run's own name is in the metrics.
-    write_auc_table(metrics, run_dir / "auc.md", label_names=label_names, run_name=metrics["run"])
-    if not plots:
-        return
-    evaluated = data.rows(metrics["split"])
-    plot_roc(
-        data.labels[evaluated],
-        scores[evaluated],
-        run_dir / "roc.png",
-        label_names=label_names,
-        notice=metrics.get("notice", ""),
-        run_name=metrics["run"],
-        split=metrics["split"],
-    )
-    plot_auc_comparison(metrics, run_dir / "auc.png", label_names=label_names)

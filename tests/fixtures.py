@@ -4,18 +4,24 @@ and DICOM films. Pytest fixtures built on them live in conftest.py."""
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from cache.status import Status
 from cache.store import cache_path, write_features
+from cxr14.errors import InputError
 from dataset import image_loader
 from dataset.index import Index
 from dataset.settings import LABELS, SplitConfig
@@ -25,9 +31,13 @@ from extract import extraction
 from extract.backbones import load_backbone
 from extract.inputs import PngInput
 from extract.settings import BackboneConfig, ExtractConfig
+from heads.data import load_head_data
 from heads.models import build_head
 from heads.settings import HeadConfig, TrainConfig
 from heads.train import train_head
+from results.record import read_results
+
+ROOT = Path(__file__).resolve().parents[1]  # the project: where a child process runs
 
 # A tiny project: the config the CLI-level tests run on.
 
@@ -114,6 +124,51 @@ def signal_features(index: Index, *, dim: int = 16, seed: int = 0, noise: float 
     rng = np.random.default_rng(seed)
     weights = rng.standard_normal((index.labels.shape[1], dim))
     return (index.labels @ weights + noise * rng.standard_normal((len(index), dim))).astype(np.float16)
+
+
+def small_pngs(folder: Path, n: int) -> tuple[list[str], list[str]]:
+    """(names, paths) of `n` random 12 x 12 grayscale PNGs made in `folder`, in sorted rows."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"{i:08d}_000.png" for i in range(n)]
+    for name in names:
+        (folder / name).write_bytes(
+            tf.io.encode_png(rng.integers(0, 256, (12, 12, 1), dtype=np.uint8)).numpy()
+        )
+    return names, [str(folder / name) for name in names]
+
+
+def kill_mid_pass(child: str, job: dict, *, shards: Path, job_path: Path) -> None:
+    """Run the extraction `child` (code for python -c, given the path of `job` as JSON) and kill it with
+    SIGKILL, no chance to clean up, once two shards stand in `shards` (or it ends, or two minutes pass)."""
+    job_path.write_text(json.dumps(job))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    process = subprocess.Popen(
+        [sys.executable, "-c", child, str(job_path)], cwd=ROOT, env=env, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while len(list(shards.glob("*.h5"))) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def signal_data(cache_dir, index: Index, *, name="plain", dim=24, noise=0.5, metadata=False):
+    """One cache of signal_features written under `cache_dir`, loaded back as a head's data over
+    make_splits(index)."""
+    write_cache(cache_dir, name, names=index.names, features=signal_features(index, dim=dim, noise=noise))
+    return load_head_data(
+        cache_dir=cache_dir, backbones=[name], index=index, splits=make_splits(index), metadata=metadata
+    )
+
+
+def refused_results(path: Path, record: dict, *, match: str) -> None:
+    """Write `record` as the metrics.json `path`, and check that reading it is refused in one line that
+    names the file."""
+    path.write_text(json.dumps(record))
+    with pytest.raises(InputError, match=match) as error:
+        read_results(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
 def write_cache(cache_dir, backbone, *, names, features, status=None, kind="features", views=1, attrs=None):

@@ -61,11 +61,17 @@ def test_relative_paths_are_from_the_config_folder(tmp_path):
     ],
 )
 def test_bad_config_names_the_key_and_the_file(tmp_path, text, needle):
+    path, message = _refused(tmp_path, text)
+    assert needle in message
+    assert str(path) in message
+
+
+def _refused(tmp_path, text: str) -> tuple[Path, str]:
+    """The config file written from `text`, and the message loading it is refused with."""
     path = write(tmp_path, text)
     with pytest.raises(InputError) as err:
         load_config(path)
-    assert needle in str(err.value)
-    assert str(path) in str(err.value)
+    return path, str(err.value)
 
 
 def test_ints_are_accepted_for_floats(tmp_path):
@@ -100,10 +106,8 @@ def test_ints_are_accepted_for_floats(tmp_path):
     ],
 )
 def test_values_out_of_range_name_the_key(tmp_path, toml, needle):
-    path = write(tmp_path, toml)
-    with pytest.raises(InputError) as err:
-        load_config(path)
-    assert needle in str(err.value) and str(path) in str(err.value)
+    path, message = _refused(tmp_path, toml)
+    assert needle in message and str(path) in message
 
 
 def test_overrides_are_checked_like_the_toml():

@@ -1,13 +1,10 @@
 """The extraction loop: failures recorded, kill + resume, shard workers, fingerprints, views, pixels,
 several backbones in one pass, and a pixel cache as the input."""
 
-import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +20,7 @@ from cxr14.errors import Fix, InputError
 from dataset import image_loader
 from extract import extraction
 from extract.inputs import PixelInput
-from tests.fixtures import SIZE, FakeBackbone, extract, second_backbone
+from tests.fixtures import SIZE, FakeBackbone, extract, kill_mid_pass, second_backbone, small_pngs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,13 +35,7 @@ def write_png(path: Path, image: np.ndarray) -> bytes:
 def images(tmp_path):
     """12 small PNGs (rows sorted by name) with one of each failure kind among them."""
     folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    names = [f"{i:08d}_000.png" for i in range(12)]
-    paths = []
-    for name in names:
-        paths.append(str(folder / name))
-        write_png(folder / name, rng.integers(0, 256, size=(12, 12, 1), dtype=np.uint8))
+    names, paths = small_pngs(folder, 12)
     paths[3] = ""  # MISSING: the index names an image with no file
     (folder / names[5]).write_bytes(b"")  # EMPTY
     png = (folder / names[7]).read_bytes()
@@ -162,18 +153,11 @@ def test_kill_mid_pass_then_resume_gives_identical_files(images, tmp_path):
         extract(names, paths, tmp_path / "reference", backbone=b, shard_size=2)
         for b in (FakeBackbone(), second_backbone())
     ]
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"names": names, "paths": paths, "cache": str(tmp_path / "killed")}))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(job)], cwd=ROOT, env=env, stderr=subprocess.DEVNULL
+    job = {"names": names, "paths": paths, "cache": str(tmp_path / "killed")}
+    # No chance to clean up: the worst case.
+    kill_mid_pass(
+        CHILD, job, shards=store.shard_dir(tmp_path / "killed", "fake"), job_path=tmp_path / "job.json"
     )
-    shards = store.shard_dir(tmp_path / "killed", "fake")
-    deadline = time.monotonic() + 120
-    while len(list(shards.glob("*.h5"))) < 2 and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(child.pid, signal.SIGKILL)  # no chance to clean up: the worst case
-    child.wait()
     finished = {
         b: len(list(store.shard_dir(tmp_path / "killed", b).glob("*.h5"))) for b in ("fake", "second")
     }

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 from dataset.settings import LABELS
-from heads.data import load_head_data
 from heads.group import Member, batch_key, fit_together
 from heads.settings import HeadConfig, TrainConfig
 from heads.start import fit_start
 from heads.train import fit_head, prepare_training
-from tests.fixtures import FAST, FC, make_index, make_splits, signal_features, write_cache
+from tests.fixtures import FAST, FC, make_index, signal_data
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +21,7 @@ def index():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, index):
-    root = tmp_path_factory.mktemp("cache")
-    write_cache(root, "plain", names=index.names, features=signal_features(index, dim=24, noise=0.5))
-    return load_head_data(
-        cache_dir=root, backbones=["plain"], index=index, splits=make_splits(index), metadata=True
-    )
+    return signal_data(tmp_path_factory.mktemp("cache"), index, metadata=True)
 
 
 # Three trials that differ in every setting a head of a group has its own of.

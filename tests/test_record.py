@@ -6,6 +6,7 @@ import pytest
 
 from cxr14.errors import InputError
 from results.record import RESULTS_VERSION, read_results, results_from, write_results
+from tests.fixtures import refused_results
 
 
 def _metrics(**changes) -> dict:
@@ -52,11 +53,7 @@ def test_a_file_written_before_versions_is_read_as_version_one(tmp_path):
     ],
 )
 def test_a_bad_field_is_one_line_naming_the_file_and_key(tmp_path, changes, message):
-    path = tmp_path / "metrics.json"
-    path.write_text(json.dumps(_metrics(**changes)))
-    with pytest.raises(InputError, match=message) as error:
-        read_results(path)
-    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    refused_results(tmp_path / "metrics.json", _metrics(**changes), match=message)
 
 
 def test_a_missing_key_or_a_file_that_is_not_json_is_one_line(tmp_path):

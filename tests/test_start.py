@@ -2,12 +2,11 @@
 
 import numpy as np
 
-from heads.data import load_head_data
 from heads.directions import logistic_with_offset
 from heads.probe import platt_scaling
 from heads.start import _units, _validated_directions, fit_start, probe_blocks
 from results.metrics import mean_defined, roc_auc_per_label
-from tests.fixtures import make_index, make_splits, signal_features, write_cache
+from tests.fixtures import make_index, signal_data
 
 
 def _val_auc(start_logits, units, weights, labels):
@@ -15,11 +14,7 @@ def _val_auc(start_logits, units, weights, labels):
 
 
 def test_direction_units_that_only_fit_training_noise_are_left_out(tmp_path):
-    index = make_index(400)
-    write_cache(tmp_path, "a", names=index.names, features=signal_features(index, dim=24, noise=2.0))
-    data = load_head_data(
-        cache_dir=tmp_path, backbones=["a"], index=index, splits=make_splits(index), metadata=False
-    )
+    data = signal_data(tmp_path, make_index(400), name="a", noise=2.0)
     rows = {split: data.rows(split) for split in ("train", "val")}
     arrays = list(probe_blocks(data).values())
     probe = fit_start(data, rows=rows, max_directions=0, seed=0).probe
@@ -69,11 +64,7 @@ def test_cross_fitted_scores_come_from_probes_fitted_without_those_patients():
 def test_the_training_rows_correction_is_the_out_of_fold_minus_the_in_sample_logit(tmp_path):
     from heads.probe import cross_fitted_scores, normal_equations
 
-    index = make_index(300)
-    write_cache(tmp_path, "a", names=index.names, features=signal_features(index, dim=24, noise=1.0))
-    data = load_head_data(
-        cache_dir=tmp_path, backbones=["a"], index=index, splits=make_splits(index), metadata=False
-    )
+    data = signal_data(tmp_path, make_index(300), name="a", noise=1.0)
     rows = {split: data.rows(split) for split in ("train", "val")}
     start = fit_start(data, rows=rows, max_directions=0, seed=0)
     arrays = list(probe_blocks(data).values())

@@ -1,14 +1,6 @@
 """Token maps in stage one: the `output` setting, backbones that emit their map, the store's "tokens"
 kind, and token extraction that survives a SIGKILL as pooled extraction does."""
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import h5py
 import numpy as np
 import pytest
@@ -19,9 +11,7 @@ from cxr14.errors import InputError
 from dataset import image_loader
 from extract.backbones import load_backbone
 from extract.settings import BackboneConfig
-from tests.fixtures import extract, token_backbone
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.fixtures import extract, kill_mid_pass, small_pngs, token_backbone
 
 
 def _cfg(**changes) -> BackboneConfig:
@@ -32,14 +22,7 @@ def _cfg(**changes) -> BackboneConfig:
 @pytest.fixture
 def images(tmp_path):
     """10 small PNGs, one of them missing, in sorted rows."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    names = [f"{i:08d}_000.png" for i in range(10)]
-    for name in names:
-        data = tf.io.encode_png(rng.integers(0, 256, size=(12, 12, 1), dtype=np.uint8)).numpy()
-        (folder / name).write_bytes(data)
-    paths = [str(folder / name) for name in names]
+    names, paths = small_pngs(tmp_path / "images", 10)
     paths[4] = ""
     return names, paths
 
@@ -120,18 +103,9 @@ extract(job["names"], job["paths"], job["cache"], backbone=token_backbone(delay=
 def test_a_killed_token_extraction_resumes_to_identical_files(images, tmp_path):
     names, paths = images
     reference = extract(names, paths, tmp_path / "reference", backbone=token_backbone(), shard_size=2)
-    job = tmp_path / "job.json"
-    job.write_text(json.dumps({"names": names, "paths": paths, "cache": str(tmp_path / "killed")}))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(job)], cwd=ROOT, env=env, stderr=subprocess.DEVNULL
-    )
     shards = store.shard_dir(tmp_path / "killed", "fake_map")
-    deadline = time.monotonic() + 120
-    while len(list(shards.glob("*.h5"))) < 2 and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(child.pid, signal.SIGKILL)  # no chance to clean up
-    child.wait()
+    job = {"names": names, "paths": paths, "cache": str(tmp_path / "killed")}
+    kill_mid_pass(CHILD, job, shards=shards, job_path=tmp_path / "job.json")
     finished = len(list(shards.glob("*.h5")))
     assert 2 <= finished < 5, "the child should die mid-pass"
     resumed = extract(names, paths, tmp_path / "killed", backbone=token_backbone(), shard_size=2)

@@ -223,12 +223,12 @@ def test_existing_run_is_not_overwritten_without_force(tmp_path, cache_dir, inde
 
 
 def test_a_run_that_fails_leaves_no_folder_behind(tmp_path, cache_dir, index, monkeypatch):
-    import heads.train
+    import heads.outputs
 
     def fail(*args, **kwargs):
         raise InputError("disk full")
 
-    monkeypatch.setattr(heads.train, "_write_outputs", fail)
+    monkeypatch.setattr(heads.outputs, "_write_outputs", fail)
     with pytest.raises(InputError, match="disk full"):
         train_quickly(
             tmp_path / "run", _data(cache_dir, index, ["plain"]), train=dataclasses.replace(FAST, epochs=1)
@@ -287,7 +287,7 @@ def test_empty_val_split_is_refused(tmp_path, cache_dir, index):
 
 
 def test_a_run_whose_best_epoch_is_the_last_allowed_says_it_did_not_converge(tmp_path, cache_dir, index):
-    from heads.train import MONITOR, _run_facts
+    from heads.scoring import MONITOR, run_facts
 
     data = _data(cache_dir, index, ["plain"])
     rows = {s: data.rows(s) for s in ("train", "val", "test")}
@@ -302,7 +302,7 @@ def test_a_run_whose_best_epoch_is_the_last_allowed_says_it_did_not_converge(tmp
                 "chosen": np.arange(len(scores)) == best,
             }
         )
-        return _run_facts(
+        return run_facts(
             tmp_path / "r",
             data=data,
             head=FC,
@@ -315,7 +315,7 @@ def test_a_run_whose_best_epoch_is_the_last_allowed_says_it_did_not_converge(tmp
     assert kept["best_epoch"] == 0 and kept["kept_probe"] is True
     with_units = SimpleNamespace(directions=np.zeros((24, 2)))  # a start of the probe and two units
     history = pd.DataFrame({"epoch": [0, 1], "loss": 0.1, MONITOR: [0.64, 0.6], "chosen": [True, False]})
-    facts_with_units = _run_facts(
+    facts_with_units = run_facts(
         tmp_path / "r", data=data, head=FC, rows=rows, history=history, train=FAST, begin=with_units
     )
     assert facts_with_units["kept_probe"] is False  # epoch 0 is the probe and its units, not the probe
