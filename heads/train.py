@@ -29,6 +29,7 @@ from heads.scoring import (
 )
 from heads.settings import HeadConfig, TrainConfig, kind_of, start_directions
 from heads.start import HeadStart, fit_start, probe_blocks
+from heads.stream import ROW_IDS, check_streamable, stream_batches, stream_model_inputs, streamed_inputs
 from results.format import KEPT_PROBE, KEPT_START, format_difference
 from results.metrics import bootstrap_difference, mean_defined, roc_auc_per_label
 from results.record import write_results
@@ -798,24 +799,36 @@ def training_setup(
     """(model to fit, its batches): row ids in, features gathered in-step, one random cached view per
     example when augmenting; it shares `model`'s weights. Batches follow a new seeded permutation each epoch.
     `correction` (len(rows), L): added to each row's logit before the sigmoid (the out-of-fold probe)."""
-    arrays = training_arrays(model, data=data, rows=rows, augment=train.augment)
+    streamed = streamed_inputs(model, data)  # token caches left on disk come in batches (heads/stream.py)
+    check_streamable(streamed, augment=train.augment)
+    arrays = training_arrays(model, data=data, rows=rows, augment=train.augment, leave_out=streamed)
     row_ids = keras.Input(shape=(), dtype="int64", name="row_ids")
-    gathered = dict(zip(arrays, GatherRows(arrays, name="gather_rows")(row_ids), strict=True))
+    gathered = (
+        dict(zip(arrays, GatherRows(arrays, name="gather_rows")(row_ids), strict=True)) if arrays else {}
+    )
+    gathered |= (read := stream_model_inputs(streamed))
     if train.augment:
         names = [name for name in arrays if name != METADATA_INPUT]
         picked = random_view(arrays, seed=train.seed)([gathered[name] for name in names])
         gathered.update(zip(names, picked, strict=True))
     outputs = model(gathered) if correction is None else _corrected(model, gathered, row_ids, correction)
-    fit_model = keras.Model(row_ids, outputs, name="training")
+    fit_model = keras.Model({ROW_IDS: row_ids, **read} if streamed else row_ids, outputs, name="training")
+    if streamed:
+        return fit_model, stream_batches(streamed, rows=rows, labels=data.labels, train=train)
     return fit_model, row_batches(data.labels[rows], batch_size=train.batch_size, seed=train.seed)
 
 
-def training_arrays(model: keras.Model, *, data: HeadData, rows: np.ndarray, augment: bool) -> dict:
-    """{input name: tensor} of `model`'s inputs on the training rows (every cached view when augmenting)."""
+def training_arrays(
+    model: keras.Model, *, data: HeadData, rows: np.ndarray, augment: bool, leave_out=()
+) -> dict:
+    """{input name: tensor} of `model`'s inputs on the training rows (every cached view when augmenting),
+    but those named in `leave_out`."""
     # One input at a time: each training copy becomes a tensor and is dropped before the next is made
     # (all at once, the copies and the tensors of an ensemble coexisted: ~0.5 GB more at full size).
     arrays = {}
     for tensor in model.inputs:
+        if tensor.name in leave_out:
+            continue
         (array,) = head_inputs(model, data, rows, all_views=augment, only=tensor.name).values()
         arrays[tensor.name] = tf.convert_to_tensor(array)
         del array
