@@ -27,9 +27,11 @@ from cxr14.errors import InputError
 # less than the bytes it moves (~30 us a call here, 16 MB ~5 ms from the page cache), small enough that a
 # shuffle buffer of a fifth of a 1 GB budget mixes a dozen blocks.
 BLOCK_BYTES = 16 << 20
-# Wanted rows closer than this many bytes apart are read in one slice with the rows between them: one h5py
-# call (~30 us here) costs about as much as reading 64 KB from the page cache.
-GAP_BYTES = 256 << 10
+# Wanted rows closer than this many bytes apart are read in one slice with the rows between them. Copying
+# the rows out of a slice costs more than the h5py calls it saves: the training rows of a 20,000 x 49 x 256
+# cache, from the page cache, read in 0.36 s as 1,135 runs of consecutive rows, in 0.66 s as 120 slices
+# bridging holes of up to 10 rows.
+GAP_BYTES = 64 << 10
 
 
 class StreamedFeatures:
@@ -108,7 +110,9 @@ def read_rows(dataset, positions: np.ndarray, *, block_rows: int) -> np.ndarray:
     gap = max(1, GAP_BYTES // row_bytes)
     for begin, end in _runs(wanted, gap=gap, most=block_rows):
         lo, hi = int(wanted[begin]), int(wanted[end - 1]) + 1
-        out[order[begin:end]] = dataset[lo:hi][wanted[begin:end] - lo]
+        block = dataset[lo:hi]
+        every = hi - lo == end - begin and (np.diff(wanted[begin:end]) > 0).all()  # each row once: no copy
+        out[order[begin:end]] = block if every else block[wanted[begin:end] - lo]
     return out
 
 
@@ -187,3 +191,14 @@ def finite_rows_of(features) -> np.ndarray:
     if isinstance(features, StreamedFeatures):
         return features.finite
     return finite_rows(features)
+
+
+def read_through(path: Path) -> int:
+    """Read every row of a file's features once, in order a block at a time, keeping none; the bytes read.
+    The time of it is the floor of a streamed epoch, which reads each training row once."""
+    with _open(Path(path), "r") as f:
+        dataset = f["features"]
+        block = rows_per_block(dataset)
+        for begin in range(0, len(dataset), block):
+            dataset[begin : begin + block]
+        return dataset.size * dataset.dtype.itemsize

@@ -2,10 +2,10 @@
 token_memory_gb is read a block of stored rows at a time, shuffled by block and within a buffer of blocks,
 each batch carrying its row ids so that rows, labels and names never get out of step.
 
-Per epoch, the training rows' blocks come in a seeded random order; `buffer` rows' worth of blocks are
-read, their rows shuffled together and cut into batches (a batch left short runs on into the next
-buffer). While one buffer's batches are trained on, a thread reads the next, so the disk and the head's
-arithmetic overlap. Two runs with the same seed see the same batches.
+Per epoch, the training rows' blocks come in a seeded random order, cut into buffers of whole batches
+(a fifth of the budget each); a buffer's rows are shuffled together, read and cut into batches. While one
+buffer's batches are trained on, a thread reads the next, so the disk and the head's arithmetic overlap.
+Two runs with the same seed see the same batches.
 """
 
 import concurrent.futures
@@ -21,8 +21,8 @@ from cache.stream import StreamedFeatures
 from cxr14.errors import InputError
 
 ROW_IDS = "row_ids"  # the input holding each example's position among the training rows
-# Of the budget, what one buffer of rows may take: the buffer being trained on, the one read meanwhile,
-# its shuffled copy and the rows carried over stay within the budget together.
+# Of the budget, what one buffer of rows may take: the buffer being trained on, the one read meanwhile and
+# the temporaries of a read stay within half the budget.
 BUFFER_SHARE = 0.2
 
 
@@ -78,31 +78,27 @@ class BlockBatches:
         return self.epoch_batches(epoch)
 
     def buffers(self, epoch: int) -> list[np.ndarray]:
-        """The row ids of each buffer of `epoch`, blocks in a seeded random order, each buffer shuffled."""
+        """The row ids of each buffer of `epoch`: the blocks in a seeded random order, cut into buffers of
+        whole batches (a block may span two), each buffer's rows in a seeded random order."""
         rng = np.random.default_rng([self.seed, epoch])
-        groups, group, size = [], [], 0
-        for b in rng.permutation(len(self.blocks)):
-            group.append(self.blocks[b])
-            size += len(self.blocks[b])
-            if size >= self.buffer_rows:
-                groups.append(np.concatenate(group))
-                group, size = [], 0
-        if group:
-            groups.append(np.concatenate(group))
-        return [g[rng.permutation(len(g))] for g in groups]
+        order = [self.blocks[b] for b in rng.permutation(len(self.blocks))]
+        ids = np.concatenate(order) if order else np.zeros(0, np.int64)
+        size = max(1, self.buffer_rows // self.batch_size) * self.batch_size
+        return [part[rng.permutation(len(part))] for part in np.split(ids, range(size, len(ids), size))]
 
     def epoch_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, dict]]:
-        """(row ids, {name: features}) batches of `epoch`: every training row once."""
+        """(row ids, {name: features}) batches of `epoch`: every training row once; the next buffer is read
+        while this one's batches are trained on."""
         buffers = self.buffers(epoch)
-        held = _Held()
         with _Readers(self.streamed) as read, concurrent.futures.ThreadPoolExecutor(1) as ahead:
             pending = ahead.submit(read, buffers[0]) if buffers else None
             for i, ids in enumerate(buffers):
                 arrays = pending.result()
                 pending = ahead.submit(read, buffers[i + 1]) if i + 1 < len(buffers) else None
-                held.add(ids, arrays)
-                yield from held.full_batches(self.batch_size)
-        yield from held.rest()
+                for begin in range(0, len(ids), self.batch_size):
+                    batch = slice(begin, begin + self.batch_size)
+                    yield ids[batch], {name: a[batch] for name, a in arrays.items()}
+                del arrays
 
     def dataset(self, labels: np.ndarray) -> tf.data.Dataset:
         """({row_ids, name: features}, labels) batches, one epoch per iteration."""
@@ -143,30 +139,6 @@ class _Readers:
 
     def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         return {n: self.readers[n](self.streamed[n].positions[ids]) for n in self.streamed}
-
-
-class _Held:
-    """Rows read but not yet batched: the rest of the last buffer, then the next buffer."""
-
-    def __init__(self):
-        self.ids, self.arrays = np.zeros(0, np.int64), {}
-
-    def add(self, ids: np.ndarray, arrays: dict) -> None:
-        if len(self.ids):
-            ids = np.concatenate([self.ids, ids])
-            arrays = {n: np.concatenate([self.arrays[n], a]) for n, a in arrays.items()}
-        self.ids, self.arrays = ids, arrays
-
-    def full_batches(self, size: int) -> Iterator[tuple[np.ndarray, dict]]:
-        full = len(self.ids) // size * size
-        for begin in range(0, full, size):
-            yield self.ids[begin : begin + size], {n: a[begin : begin + size] for n, a in self.arrays.items()}
-        self.ids = self.ids[full:]
-        self.arrays = {n: a[full:].copy() for n, a in self.arrays.items()}  # drop the buffer's batched rows
-
-    def rest(self) -> Iterator[tuple[np.ndarray, dict]]:
-        if len(self.ids):
-            yield self.ids, self.arrays
 
 
 def check_streamable(streamed: dict[str, StreamedFeatures], *, augment: bool) -> None:
