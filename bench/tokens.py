@@ -45,16 +45,18 @@ def bench_tokens(
     head,
     seed: int = 0,
     memory: bool = True,
+    drop_cache: bool = True,
 ) -> dict:
     """Write the planted token cache, then time reading it and training an attention head streaming it;
     `head`: the attention head's preset (HeadConfig); `memory`: also train it with the cache loaded
-    whole (in a third process), to set the head's own time beside the streamed epoch."""
+    whole (in a third process), to set the head's own time beside the streamed epoch; `drop_cache`: drop
+    the page cache before each timed read (root only; tests leave the machine's cache alone)."""
     cache_dir = Path(workdir) / "features"
     shape = {"rows": rows, "tokens": tokens, "channels": channels, "seed": seed}
     written = _in_fresh_process(write_token_cache, cache_dir=cache_dir, **shape)
     before = os.getloadavg()
     job = {"cache_dir": cache_dir, "rows": rows, "seed": seed, "head": head}
-    timed = _in_fresh_process(time_streaming, **job, budget_gb=budget_gb)
+    timed = _in_fresh_process(time_streaming, **job, budget_gb=budget_gb, drop_cache=drop_cache)
     if memory:
         timed |= _in_fresh_process(time_in_memory, **job)
     limit_mb = (budget_gb + ALLOWANCE_GB) * 1000
@@ -66,9 +68,13 @@ def bench_tokens(
         **timed,
         "limit_mb": round(limit_mb),
         "within_memory": timed["peak_mb"] <= limit_mb,
-        "epoch_over_read": round(timed["epoch_s"] / timed["read_s"], 2),
-        "stream_over_read": round(timed["stream_pass_s"] / timed["read_s"], 2),
-        **({"streamed_over_memory": round(timed["epoch_s"] / timed["memory_epoch_s"], 2)} if memory else {}),
+        "epoch_over_read": round(timed["epoch_s"] / max(timed["read_s"], 1e-3), 2),
+        "stream_over_read": round(timed["stream_pass_s"] / max(timed["read_s"], 1e-3), 2),
+        **(
+            {"streamed_over_memory": round(timed["epoch_s"] / max(timed["memory_epoch_s"], 1e-3), 2)}
+            if memory
+            else {}
+        ),
         "cpu_threads": len(os.sched_getaffinity(0)),
         "load_average_before": [round(x, 2) for x in before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
@@ -94,7 +100,9 @@ def write_token_cache(*, cache_dir: Path, rows: int, tokens: int, channels: int,
     return {"bytes": features.nbytes, "seconds": round(time.perf_counter() - start, 1), "path": str(path)}
 
 
-def time_streaming(*, cache_dir: Path, rows: int, seed: int, budget_gb: float, head) -> dict:
+def time_streaming(
+    *, cache_dir: Path, rows: int, seed: int, budget_gb: float, head, drop_cache: bool
+) -> dict:
     """In this (fresh) process: the read floor, the load, then training as _time_training times it, the
     cache streamed; the page cache dropped before each timed read; peak memory."""
     from cache.paths import cache_path
@@ -104,9 +112,11 @@ def time_streaming(*, cache_dir: Path, rows: int, seed: int, budget_gb: float, h
     path = cache_path(cache_dir, BACKBONE)
     baseline_mb = _peak_mb()  # the libraries, before any row is read (TensorFlow comes with heads.data)
     index, splits = planted_index(rows, seed=seed)
-    result = {"page_cache": drop_page_cache(), "cached_before_read": in_page_cache(path)}
+    dropped = drop_page_cache() if drop_cache else "not dropped (drop_cache=False)"
+    result = {"page_cache": dropped, "cached_before_read": in_page_cache(path)}
     result["read_s"] = _timed(lambda: read_through(path))
-    drop_page_cache()
+    if drop_cache:
+        drop_page_cache()
     started = time.perf_counter()
     data = load_head_data(
         cache_dir=cache_dir, backbones=[BACKBONE], index=index, splits=splits, metadata=False,
@@ -114,7 +124,7 @@ def time_streaming(*, cache_dir: Path, rows: int, seed: int, budget_gb: float, h
     )  # fmt: skip
     result["load_s"] = round(time.perf_counter() - started, 2)
     assert isinstance(data.features[BACKBONE], StreamedFeatures), "the bench cache must exceed the budget"
-    result |= _time_training(data, head=head, seed=seed, path=path, stream_pass=True)
+    result |= _time_training(data, head=head, seed=seed, path=path, stream_pass=True, drop_cache=drop_cache)
     return {**result, "baseline_mb": baseline_mb, "peak_mb": _peak_mb()}
 
 
@@ -128,20 +138,20 @@ def time_in_memory(*, cache_dir: Path, rows: int, seed: int, head) -> dict:
         cache_dir=cache_dir, backbones=[BACKBONE], index=index, splits=splits, metadata=False,
         token_memory_gb=1e6,
     )  # fmt: skip
-    timed = _time_training(data, head=head, seed=seed, path=None, stream_pass=False)
+    timed = _time_training(data, head=head, seed=seed, path=None, stream_pass=False, drop_cache=False)
     return {f"memory_{key}": value for key, value in {**timed, "peak_mb": _peak_mb()}.items()}
 
 
-def _time_training(data, *, head, seed: int, path: Path | None, stream_pass: bool) -> dict:
+def _time_training(data, *, head, seed: int, path: Path | None, stream_pass: bool, drop_cache: bool) -> dict:
     """The probe start, one pass over the training batches alone (`stream_pass`), two training epochs
     (the first traces the step function) and a validation scoring; the page cache dropped before each
-    where `path` (the streamed cache) is given."""
+    with `drop_cache`; `path`: the streamed cache, whose share in the page cache is recorded."""
     from heads.scoring import predict_probabilities
     from heads.settings import TrainConfig
     from heads.start import fit_start
 
     def fresh() -> None:
-        if path is not None:
+        if drop_cache:
             drop_page_cache()
 
     split_rows = {split: data.rows(split) for split in ("train", "val")}
@@ -207,7 +217,7 @@ def in_page_cache(path: Path) -> str:
 def _timed(fn) -> float:
     started = time.perf_counter()
     fn()
-    return round(time.perf_counter() - started, 2)
+    return round(time.perf_counter() - started, 3)
 
 
 def _peak_mb() -> float:
@@ -227,7 +237,7 @@ def format_bench_tokens(result: dict) -> str:
         f"(budget {r['budget_gb']:g} GB: streamed)",
         f"page cache         {r['page_cache']}; held before the read {r['cached_before_read']}, before "
         f"epoch 2 {r['cached_before_epoch_2']}",
-        f"read once          {r['read_s']} s ({r['cache_gb'] / r['read_s']:.2f} GB/s)",
+        f"read once          {r['read_s']} s ({r['cache_gb'] / max(r['read_s'], 1e-3):.2f} GB/s)",
         f"load (check pass)  {r['load_s']} s",
         f"probe start        {r['start_s']} s (the mean of the tokens, then their scale: two passes)",
         f"batches alone      {r['stream_pass_s']} s (read, shuffled, batched; {r['stream_over_read']} x the read)",
