@@ -7,10 +7,10 @@ import json
 import h5py
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from cache import stream
 from cache.checksums import checksums
-from cache.paths import cache_path
 from cache.store import MadeDifferently
 from cache.stream import StreamedFeatures, read_rows, stream_features
 from cxr14.errors import InputError
@@ -183,8 +183,12 @@ def test_a_head_trains_on_a_streamed_cache_and_writes_what_a_loaded_one_writes(t
     _, _, whole = loaded(tmp_path / "b", budget=16.0)
     ran = {
         name: train_quickly(tmp_path / name / "run", data, head=ATTENTION, train=train)
-        for name, data in (("a", streamed), ("b", whole))
+        for name, data in (("a", streamed), ("b", whole), ("again", streamed))
     }
+    # The same seed, the same batches: a second streamed run trains to the same history.
+    assert (tmp_path / "a" / "run" / "history.csv").read_text() == (
+        tmp_path / "again" / "run" / "history.csv"
+    ).read_text()
     assert ran["a"].keys() == ran["b"].keys() and ran["a"]["epochs"] == ran["b"]["epochs"]
     assert ran["a"]["rows"] == ran["b"]["rows"]
     assert 0.5 < ran["a"]["mean_auc"] <= 1.0
@@ -204,4 +208,15 @@ def test_augmenting_from_a_streamed_cache_is_refused_by_name(tmp_path):
     with pytest.raises(InputError, match="map.h5.*augment"):
         check_streamable(streamed, augment=True)
     check_streamable(streamed, augment=False)
-    assert cache_path(tmp_path, "map") == path
+
+
+def test_what_does_not_stream_is_refused_by_name(tmp_path):
+    index = make_index(6)
+    views = np.zeros((6, 2, 3, 2), np.float16)
+    path = write_cache(tmp_path, "map", names=index.names, features=views, kind="tokens", views=2)
+    with pytest.raises(InputError, match="map.h5: a cache of kind 'tokens' with 2 views.*token_memory_gb"):
+        stream_features(path, budget_bytes=10)
+    flat = write_cache(tmp_path, "flat", names=index.names, features=views[:, 0], kind="tokens")
+    streamed = stream_features(flat, budget_bytes=10).features
+    with pytest.raises(InputError, match="flat.h5: .*streamed from disk.*a sweep"):
+        tf.convert_to_tensor(streamed.take(np.arange(3)))  # what a sweep's trials trained together need
