@@ -16,7 +16,7 @@ from cache.stream import StreamedFeatures, read_rows, stream_features
 from cxr14.errors import InputError
 from heads.data import load_head_data
 from heads.models import build_head
-from heads.scoring import predict_probabilities
+from heads.scoring import predict_probabilities, score_run
 from heads.settings import HeadConfig, TrainConfig
 from heads.start import fit_start
 from heads.stream import BlockBatches
@@ -194,6 +194,10 @@ def test_a_head_trains_on_a_streamed_cache_and_writes_what_a_loaded_one_writes(t
     assert 0.5 < ran["a"]["mean_auc"] <= 1.0
     files = {name: sorted(p.name for p in (tmp_path / name / "run").iterdir()) for name in ran}
     assert files["a"] == files["b"] and "model.keras" in files["a"]
+    # evaluate reads the streamed cache a chunk at a time and scores as on the loaded one.
+    scored = {name: score_run(run_dir=tmp_path / "a" / "run", data=data, n_boot=20, seed=0)
+              for name, data in (("streamed", streamed), ("whole", whole))}  # fmt: skip
+    assert abs(scored["streamed"]["mean_auc"] - scored["whole"]["mean_auc"]) < 1e-6
     # Each run starts at the same probe: epoch 0 scores the same in both.
     history = {name: (tmp_path / name / "run" / "history.csv").read_text().splitlines() for name in ran}
     assert history["a"][1].split(",")[-2] == history["b"][1].split(",")[-2]
