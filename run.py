@@ -54,6 +54,7 @@ NO_FOLDERS_BECAUSE = {
     "demo": "it writes everything under --workdir",
     "bench heads": "it writes synthetic features under --workdir",
     "bench import": "it writes a synthetic .npz and cache under --workdir",
+    "bench tokens": "it writes a synthetic token cache under --workdir",
 }
 
 
@@ -433,6 +434,8 @@ def cmd_bench(args, config: Config) -> None:
         result, text = _bench_curve(args, config)
     elif args.what == "sweep":
         result, text = _bench_sweep(args, config)
+    elif args.what == "tokens":
+        result, text = _bench_tokens(args, config)
     elif args.what == "extract":
         from bench.extract import format_bench_extract, run_bench_extract
 
@@ -1059,10 +1062,48 @@ def _add_import_command(sub) -> None:
     _json_flag(p)
 
 
+def _bench_tokens(args, config: Config):
+    import tempfile
+
+    from bench.tokens import bench_tokens, format_bench_tokens
+
+    with tempfile.TemporaryDirectory(prefix="cxr14-bench-") as tmp:
+        result = bench_tokens(
+            rows=args.rows,
+            tokens=args.tokens,
+            channels=args.channels,
+            budget_gb=args.budget_gb,
+            workdir=args.workdir or Path(tmp),
+            head=config.head("attention"),
+        )
+    return result, format_bench_tokens
+
+
+def _add_bench_tokens(what) -> None:
+    p = _command(
+        what,
+        "tokens",
+        cmd_bench,
+        "Time an attention head streaming a token cache larger than its memory budget from disk, against "
+        "reading the cache once; and its peak memory.",
+        folders=(),
+    )
+    p.add_argument("--rows", type=_positive, default=112_120, help="images in the synthetic token cache")
+    p.add_argument("--tokens", type=_positive, default=49, help="tokens per image (7 x 7)")
+    p.add_argument("--channels", type=_positive, default=256, help="channels per token")
+    p.add_argument(
+        "--budget-gb", type=float, default=1.0, help="[train] token_memory_gb for the run (below the cache)"
+    )
+    p.add_argument("--workdir", type=Path, help="where to write the token cache (default: a temp dir)")
+    _json_flag(p)
+
+
 def _add_bench_command(sub) -> None:
     help_text = "Measure extraction or head-training speed, or an import's memory."
     bench = sub.add_parser("bench", help=help_text, description=help_text)
-    what = bench.add_subparsers(dest="what", required=True, metavar="{extract,heads,curve,sweep,import}")
+    what = bench.add_subparsers(
+        dest="what", required=True, metavar="{extract,heads,curve,sweep,import,tokens}"
+    )
     p = _command(
         what,
         "extract",
@@ -1107,6 +1148,7 @@ def _add_bench_command(sub) -> None:
     _json_flag(p)
     _add_bench_curve(what)
     _add_bench_sweep(what)
+    _add_bench_tokens(what)
     p = _command(
         what,
         "import",

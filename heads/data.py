@@ -16,9 +16,9 @@ from cache.store import (
     MadeDifferently,
     check_recipe,
     declared_features,
-    finite_rows,
     read_features,
 )
+from cache.stream import StreamedFeatures, finite_rows_of, stream_features
 from cxr14.caveats import saw_chestxray14
 from cxr14.errors import Fix, InputError
 from cxr14.names import positions
@@ -135,8 +135,8 @@ def load_head_data(
     """Read each backbone's cache once, align its rows to the index by name, keep rows OK in every cache.
     `metadata`: the head takes the metadata columns; `synthetic`: the data set is a make-sample one;
     `pretrained_on`: per backbone, what its weights saw (the config's tables; a cache without one says
-    it itself, as imported features do); `token_memory_gb`: a token cache larger than this is refused
-    ([train] token_memory_gb)."""
+    it itself, as imported features do); `token_memory_gb`: a token cache larger than this stays on disk
+    and is read a block at a time ([train] token_memory_gb)."""
     if not backbones:
         raise InputError("no backbone given; pass --backbone NAME (one of the [backbones.*] in the config)")
     in_split = np.isin(splits.assignment, SPLITS)
@@ -213,11 +213,16 @@ class _Cache(NamedTuple):
 
 def _read_cache(cache_dir: Path, backbone: str, index, *, token_memory_gb: float) -> _Cache:
     """A cache's features as stored, aligned to the index by name; refused if changed since it was made
-    (rows, names or attributes) or made from another data set, or a token cache beyond the budget."""
+    (rows, names or attributes) or made from another data set; a cache beyond the budget stays on disk."""
     path = cache_file(cache_dir, backbone)
-    check_token_budget(path, budget_gb=token_memory_gb)
     try:
-        cached = read_features(path)
+        # A cache beyond the budget stays on disk and is read a block at a time (cache/stream.py).
+        streamed = beyond_budget(path, budget_gb=token_memory_gb)
+        cached = (
+            stream_features(path, budget_bytes=int(token_memory_gb * 1e9))
+            if streamed
+            else read_features(path)
+        )
         check_recipe(path, attrs=cached.attrs, names=cached.names)
         # Same names are not the same images: the cache must come from this index's data set.
         check_origin(path, recorded=cached.attrs.get("dataset"), names=cached.names, index=index)
@@ -235,28 +240,24 @@ def _read_cache(cache_dir: Path, backbone: str, index, *, token_memory_gb: float
     status[found] = cached.status[position[found]]
     # NaN or inf would turn every score into a constant: such rows are left out and counted.
     not_finite = np.zeros(len(position), dtype=bool)
-    not_finite[found] = (status[found] == Status.OK) & ~finite_rows(cached.features)[position[found]]
+    not_finite[found] = (status[found] == Status.OK) & ~finite_rows_of(cached.features)[position[found]]
     not_in_index = len(cached.names) - int(found.sum())
     return _Cache(cached.features, position, status, not_finite, not_in_index, cached.attrs)
 
 
-def check_token_budget(path: Path, *, budget_gb: float) -> None:
-    """Refuse, before reading it, a cache whose features exceed the memory budget: caches are loaded whole
-    (streaming token maps from disk is not built yet). Only token maps come near it (a pooled full-size
-    cache is 0.46 GB); its declared shape is read, not its attributes, which the load reads once."""
+def beyond_budget(path: Path, *, budget_gb: float) -> bool:
+    """Whether a cache's features exceed the memory budget, so that they are streamed, not loaded whole.
+    Only token maps come near it (a pooled full-size cache is 0.46 GB); its declared shape is read, not
+    its attributes, which the load reads once."""
     shape, dtype = declared_features(path)
-    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    if size > budget_gb * 1e9:
-        raise InputError(
-            f"{path}: its features {tuple(shape)} {dtype} take {size / 1e9:.1f} GB, more than the "
-            f"{budget_gb:g} GB of [train] token_memory_gb; token caches are loaded whole: raise "
-            "token_memory_gb in the config if this machine has the memory, or extract fewer channels"
-        )
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize > budget_gb * 1e9
 
 
 def _take(stored: np.ndarray, position: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The stored rows of index rows `rows`, without a copy when that is all of `stored` in its order."""
     positions = position[rows]
+    if isinstance(stored, StreamedFeatures):
+        return stored.take(positions)  # still on disk
     if len(positions) == len(stored) and np.array_equal(positions, np.arange(len(stored))):
         return stored
     return stored[positions]
@@ -309,14 +310,17 @@ def head_inputs(model, data: HeadData, rows: np.ndarray, *, all_views: bool = Fa
     return arrays
 
 
-def training_arrays(model, *, data: HeadData, rows: np.ndarray, augment: bool) -> dict:
-    """{input name: tensor} of `model`'s inputs on the training rows (every cached view when augmenting)."""
+def training_arrays(model, *, data: HeadData, rows: np.ndarray, augment: bool, leave_out=()) -> dict:
+    """{input name: tensor} of `model`'s inputs on the training rows (every cached view when augmenting),
+    but those named in `leave_out` (caches streamed from disk)."""
     import tensorflow as tf  # only a head about to train needs tensors; the data loads without TensorFlow
 
     # One input at a time: each training copy becomes a tensor and is dropped before the next is made
     # (all at once, the copies and the tensors of an ensemble coexisted: ~0.5 GB more at full size).
     arrays = {}
     for tensor in model.inputs:
+        if tensor.name in leave_out:
+            continue
         (array,) = head_inputs(model, data, rows, all_views=augment, only=tensor.name).values()
         arrays[tensor.name] = tf.convert_to_tensor(array)
         del array
@@ -335,4 +339,4 @@ def _rows_of(data: HeadData, name: str, rows: np.ndarray, *, item_shape: tuple, 
         return features[rows, 0]
     if len(rows) == len(features) and np.array_equal(rows, np.arange(len(features))):
         return features  # every row, in order: no copy of a large array
-    return features[rows]
+    return features.take(rows) if isinstance(features, StreamedFeatures) else features[rows]

@@ -23,6 +23,7 @@ from heads.run_folder import claim_run, finish_run
 from heads.scoring import MONITOR, predict_arrays, run_facts, score
 from heads.settings import HeadConfig, TrainConfig, kind_of, start_directions
 from heads.start import HeadStart, fit_start
+from heads.stream import ROW_IDS, check_streamable, stream_batches, stream_model_inputs, streamed_inputs
 from results.format import KEPT_PROBE, KEPT_START, format_difference
 from results.metrics import bootstrap_difference, mean_defined, roc_auc_per_label
 from results.settings import DecisionConfig
@@ -406,10 +407,15 @@ def fit_head(
     # Its inputs, gathered once: the val rows for BestEpoch, the training rows for a head that trains.
     val_inputs = head_inputs(trained, data, rows["val"])
     closed_form = from_probe and not kind_of(head).hidden
+    # Token caches left on disk (beyond [train] token_memory_gb) come in batches: heads/stream.py.
+    streamed = {} if closed_form else streamed_inputs(trained, data)
+    check_streamable(streamed, augment=train.augment)
     arrays = (
         None
         if closed_form
-        else training_arrays(trained, data=data, rows=rows["train"], augment=train.augment)
+        else training_arrays(
+            trained, data=data, rows=rows["train"], augment=train.augment, leave_out=streamed
+        )
     )
     if closed_form:
         history = _closed_form(trained, data=data, rows=rows, inputs=val_inputs)
@@ -421,6 +427,7 @@ def fit_head(
             rows=rows,
             val_inputs=val_inputs,
             arrays=arrays,
+            streamed={name: cache.take(rows["train"]) for name, cache in streamed.items()},
             train=train,
             progress=progress,
             keep_start=from_probe,
@@ -515,11 +522,13 @@ def _fit(
     keep_start: bool = False,
     correction: np.ndarray | None = None,
     kept_note: str = KEPT_PROBE,
+    streamed: dict | None = None,
 ) -> pd.DataFrame:
     """Train with the best validation epoch kept (epoch 0 included; see BestEpoch for `keep_start`); the
     history has a row per epoch, `chosen` marking the one kept, and the choice in its attrs.
     `val_inputs`: the head's inputs on the val rows; `arrays`: on the training rows (training_arrays);
-    `correction`: added to the training rows' logits (HeadStart.train_correction)."""
+    `correction`: added to the training rows' logits (HeadStart.train_correction); `streamed`: inputs
+    read from disk in batches (training_model)."""
     labels_train = data.labels[rows["train"]]
     best = BestEpoch(
         head=model,
@@ -534,7 +543,7 @@ def _fit(
     )
     log = EpochLog(best=best)  # its loss: the one compile_for_training gives the model
     fit_model, batches = training_model(
-        model, arrays, labels=labels_train, train=train, correction=correction
+        model, arrays, labels=labels_train, train=train, correction=correction, streamed=streamed
     )
     compile_for_training(fit_model, train=train, labels_train=labels_train)
     callbacks = [best, log]
@@ -638,8 +647,17 @@ def training_setup(
     """(model to fit, its batches): row ids in, features gathered in-step, one random cached view per
     example when augmenting; it shares `model`'s weights. Batches follow a new seeded permutation each epoch.
     `correction` (len(rows), L): added to each row's logit before the sigmoid (the out-of-fold probe)."""
-    arrays = training_arrays(model, data=data, rows=rows, augment=train.augment)
-    return training_model(model, arrays, labels=data.labels[rows], train=train, correction=correction)
+    streamed = streamed_inputs(model, data)  # token caches left on disk come in batches (heads/stream.py)
+    check_streamable(streamed, augment=train.augment)
+    arrays = training_arrays(model, data=data, rows=rows, augment=train.augment, leave_out=streamed)
+    return training_model(
+        model,
+        arrays,
+        labels=data.labels[rows],
+        train=train,
+        correction=correction,
+        streamed={name: cache.take(rows) for name, cache in streamed.items()},
+    )
 
 
 def training_model(
@@ -649,16 +667,24 @@ def training_model(
     labels: np.ndarray,
     train: TrainConfig,
     correction: np.ndarray | None = None,
+    streamed: dict | None = None,
 ) -> tuple[keras.Model, tf.data.Dataset]:
-    """training_setup on the training arrays already gathered (training_arrays), with their `labels`."""
+    """training_setup on the training arrays already gathered (training_arrays), with their `labels`;
+    `streamed`: the inputs read from disk in batches instead, each taken on the training rows."""
+    streamed = streamed or {}
     row_ids = keras.Input(shape=(), dtype="int64", name="row_ids")
-    gathered = dict(zip(arrays, GatherRows(arrays, name="gather_rows")(row_ids), strict=True))
+    gathered = (
+        dict(zip(arrays, GatherRows(arrays, name="gather_rows")(row_ids), strict=True)) if arrays else {}
+    )
+    gathered |= (read := stream_model_inputs(streamed))
     if train.augment:
         names = [name for name in arrays if name != METADATA_INPUT]
         picked = random_view(arrays, seed=train.seed)([gathered[name] for name in names])
         gathered.update(zip(names, picked, strict=True))
     outputs = model(gathered) if correction is None else _corrected(model, gathered, row_ids, correction)
-    fit_model = keras.Model(row_ids, outputs, name="training")
+    fit_model = keras.Model({ROW_IDS: row_ids, **read} if streamed else row_ids, outputs, name="training")
+    if streamed:
+        return fit_model, stream_batches(streamed, labels=labels, train=train)
     return fit_model, row_batches(labels, batch_size=train.batch_size, seed=train.seed)
 
 

@@ -1,0 +1,29 @@
+"""bench.tokens: on a tiny cache over a tinier budget, the figures are produced, consistent and streamed."""
+
+import numpy as np
+
+from bench.tokens import BACKBONE, bench_tokens, format_bench_tokens, write_token_cache
+from cache.store import cache_path, read_features
+from heads.settings import HeadConfig
+
+HEAD = HeadConfig(kind="attention", units=(8,), dropout=0.0, transition=8)
+
+
+def test_the_planted_token_cache_holds_each_finding_in_one_token(tmp_path):
+    written = write_token_cache(cache_dir=tmp_path, rows=200, tokens=9, channels=8, seed=0)
+    stored = read_features(cache_path(tmp_path, BACKBONE))
+    assert stored.features.shape == (200, 9, 8) and stored.attrs["kind"] == "tokens"
+    assert written["bytes"] == stored.features.nbytes
+
+
+def test_the_bench_streams_a_cache_over_its_budget_and_reports_its_figures(tmp_path):
+    # A budget of 10 kB below a 58 kB cache; the machine's page cache is left alone.
+    result = bench_tokens(rows=400, tokens=9, channels=8, budget_gb=1e-5, workdir=tmp_path, head=HEAD,
+                          drop_cache=False)  # fmt: skip
+    assert 400 * 9 * 8 * 2 > result["budget_gb"] * 1e9 and result["cache_gb"] == 0.0  # 58 kB, in GB
+    assert result["train_rows"] + result["val_rows"] < 400 and result["epoch_s"] > 0
+    assert np.isclose(result["epoch_over_read"], result["epoch_s"] / max(result["read_s"], 1e-3), atol=0.01)
+    assert result["streamed_over_memory"] > 0 and result["memory_epoch_s"] > 0
+    assert result["baseline_mb"] <= result["peak_mb"] and result["page_cache"].startswith("not dropped")
+    text = format_bench_tokens(result)
+    assert "streamed" in text and "epoch / read" in text and "limit" in text
