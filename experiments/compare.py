@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cxr14.errors import InputError
 from experiments.config import Config
@@ -42,8 +43,9 @@ def check_same_images(runs: dict, *, split: str) -> None:
             raise InputError(
                 f"{run} predicts labels {other_labels}, {first} predicts {labels}: not comparable"
             )
-        only_first = np.setdiff1d(names, other_names)
-        only_other = np.setdiff1d(other_names, names)
+        # Hashed, not sorted: np.setdiff1d sorts the name strings, seconds at ChestX-ray14's test size.
+        only_first = np.asarray(names)[~pd.Index(names).isin(other_names)]
+        only_other = np.asarray(other_names)[~pd.Index(other_names).isin(names)]
         if only_first.size or only_other.size:
             example = (only_first if only_first.size else only_other)[0]
             raise InputError(

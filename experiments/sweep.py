@@ -289,7 +289,7 @@ def val_scores(trial_dir: Path, data):
     path = trial_dir / "predictions.csv"
     names = data.names[data.rows("val")]
     table = pd.read_csv(path).set_index("name")
-    missing = np.setdiff1d(names, table.index.to_numpy())
+    missing = names[~pd.Index(names).isin(table.index)]  # hashed: setdiff1d sorts strings, seconds a trial
     if missing.size:
         raise InputError(
             f"{path}: no prediction for {missing.size} validation images (e.g. {missing[0]}); the trial was "

@@ -5,6 +5,8 @@ dropped. The bootstrap resamples patients, not images, because images of one pat
 resampling images would give intervals that are too narrow.
 """
 
+import collections
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -191,12 +193,40 @@ def _check_level(level: float) -> None:
         raise InputError(f"confidence level must be between 0 and 1; received level={level}")
 
 
+# Replicates already drawn, by what they depend on. One scoring asks for the same ones several times (a
+# head's own intervals, then its difference to the probe and to the metadata baseline, one seed), and a
+# sweep's trials for the probe's and the baseline's again and again; the draw is a pure function of
+# labels, scores, patients, n_boot and seed, so a repeat is looked up, not redrawn.
+_DRAWN: collections.OrderedDict = collections.OrderedDict()
+_DRAWN_KEPT = 32  # at 1,000 resamples x 14 labels, 112 KB each
+
+
 def _replicates(y_true: np.ndarray, y_score: np.ndarray, *, groups, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot, L) AUC per label on each patient resample (NaN where one-class or undefined on the data)."""
     groups = _check_groups(groups, y_true.shape[0])
-    n_labels = y_true.shape[1]
     patients, patient_of_image = np.unique(groups, return_inverse=True)
-    n_patients = patients.size
+    key = _draw_key(y_true, y_score, patient_of_image, n_boot=n_boot, seed=seed)
+    if key not in _DRAWN:
+        _DRAWN[key] = _draw_replicates(
+            y_true, y_score, patient_of_image, n_patients=patients.size, n_boot=n_boot, seed=seed
+        )
+        if len(_DRAWN) > _DRAWN_KEPT:
+            _DRAWN.popitem(last=False)
+    _DRAWN.move_to_end(key)
+    return _DRAWN[key].copy()
+
+
+def _draw_key(*arrays: np.ndarray, n_boot: int, seed: int) -> tuple:
+    digest = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest(), int(n_boot), int(seed)
+
+
+def _draw_replicates(y_true, y_score, patient_of_image, *, n_patients: int, n_boot: int, seed: int):
+    n_labels = y_true.shape[1]
     replicates = np.full((n_boot, n_labels), np.nan)
     incidences = [
         _label_incidence(y_true[:, j], y_score[:, j], units=patient_of_image, n_units=n_patients)
