@@ -235,6 +235,7 @@ def run_sweep(config: Config, *, grid_path: Path, name: str, max_trials: int = M
     `data`: the training data already loaded for every backbone of the grid, with metadata (bench sweep);
     None loads it here."""
     from experiments.data import open_training_data
+    from heads.outputs import plot_finished_run
     from heads.scoring import score_run
     from results.report import write_auc_table
 
@@ -261,6 +262,9 @@ def run_sweep(config: Config, *, grid_path: Path, name: str, max_trials: int = M
         n_boot=winner_plan.train.bootstrap,
         seed=winner_plan.train.seed,
     )
+    # Only the winner's plots: eight trials' ROC, AUC and calibration figures cost more than a trial's
+    # own scoring, for folders nobody opens after the leaderboard has ranked them.
+    plot_finished_run(sweep_dir / winner, data=_trial_data(data, winner_plan), label_names=config.labels)
     test = score_run(
         run_dir=sweep_dir / winner,
         data=_trial_data(data, winner_plan),
@@ -436,6 +440,7 @@ def _train_alone(config: Config, data, sweep_dir: Path, group: list[Pending], *,
         force=True,
         eval_split="val",
         decision=config.decision,
+        plots=False,  # the winner's are drawn once it is known (plot_finished_run)
     )
     return {p.trial: metrics}
 
@@ -477,6 +482,7 @@ def _train_group(config: Config, data, sweep_dir: Path, group: list[Pending], *,
             eval_split="val",
             decision=config.decision,
             baseline=baseline,
+            plots=False,  # the winner's are drawn once it is known (plot_finished_run)
         )
     return results
 

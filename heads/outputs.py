@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 
 from heads.data import HeadData
-from heads.run_folder import write_decisions, write_json
+from heads.run_folder import read_decisions, write_decisions, write_json
 from heads.scoring import ScoredHead
 from results.calibration import apply_calibration
-from results.record import write_results
+from results.record import read_results, write_results
 from results.report import plot_auc_comparison, plot_reliability, plot_roc, write_auc_table
 
 
@@ -80,6 +80,20 @@ def _plot(run_dir: Path, *, scored: ScoredHead, data: HeadData, label_names: lis
         method=calibration["method"],
         notice=metrics.get("notice", ""),
     )
+
+
+def plot_finished_run(run_dir: Path, *, data: HeadData, label_names: list[str]) -> None:
+    """roc.png, auc.png and calibration.png of a run written without them (a sweep's trials), drawn from
+    its files: predictions.csv, metrics.json and the decisions. Its folder holds the rows it was scored
+    on (a trial: validation only)."""
+    run_dir = Path(run_dir)
+    metrics = read_results(run_dir / "metrics.json").as_dict()
+    table = pd.read_csv(run_dir / "predictions.csv").set_index("name")
+    evaluated = data.rows(metrics["split"])
+    scores = np.full((len(data.names), len(label_names)), np.nan, dtype=np.float32)
+    scores[evaluated] = table.loc[data.names[evaluated], list(label_names)].to_numpy(np.float32)
+    scored = ScoredHead(scores=scores, decisions=read_decisions(run_dir), metrics=metrics)
+    _plot(run_dir, scored=scored, data=data, label_names=label_names)
 
 
 def _seconds(clock: dict) -> dict:

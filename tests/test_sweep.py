@@ -121,6 +121,14 @@ def test_sweep_resumes_and_picks_on_validation_only(tmp_path, tiny_project, monk
         and not winner_test["operating_points"]["in_sample"]
     )
     assert "Threshold" in (sweep_dir / "winner-test-auc.md").read_text()
+    # The winner's plots are drawn (on validation, from its files); the other trials' are not.
+    plotted = {p.parent.name for p in sweep_dir.glob("*/*.png")}
+    assert plotted == {result["winner"]}
+    assert sorted(p.name for p in (sweep_dir / result["winner"]).glob("*.png")) == [
+        "auc.png",
+        "calibration.png",
+        "roc.png",
+    ]
     board = (sweep_dir / "leaderboard.md").read_text()
     assert "validation" in board and result["winner"] in board
     assert board.startswith("**synthetic sample") and "vs metadata baseline" in board
