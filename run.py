@@ -1075,6 +1075,7 @@ def _bench_tokens(args, config: Config):
             budget_gb=args.budget_gb,
             workdir=args.workdir or Path(tmp),
             head=config.head("attention"),
+            memory=not args.streamed_only,
         )
     return result, format_bench_tokens
 
@@ -1095,6 +1096,9 @@ def _add_bench_tokens(what) -> None:
         "--budget-gb", type=float, default=1.0, help="[train] token_memory_gb for the run (below the cache)"
     )
     p.add_argument("--workdir", type=Path, help="where to write the token cache (default: a temp dir)")
+    p.add_argument(
+        "--streamed-only", action="store_true", help="skip training it again with the cache loaded whole"
+    )
     _json_flag(p)
 
 

@@ -237,6 +237,7 @@ def run_sweep(config: Config, *, grid_path: Path, name: str, max_trials: int = M
     from experiments.data import open_training_data
     from heads.outputs import plot_finished_run
     from heads.scoring import score_run
+    from heads.stream import check_sweepable
     from results.report import write_auc_table
 
     sweep_dir = run_path(config.runs_dir, name)
@@ -244,6 +245,7 @@ def run_sweep(config: Config, *, grid_path: Path, name: str, max_trials: int = M
     backbones = sorted({b for plan in plans.values() for b in plan.backbones})
     if data is None:  # one load for every trial: all trials then also see exactly the same rows
         _, data = open_training_data(config, backbones=backbones, metadata=True)
+    check_sweepable(data)
     plans = {trial: sized_for_data(plan, data) for trial, plan in plans.items()}
     sweep_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(grid_path, sweep_dir / "grid.toml")

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from cache.stream import chunk_rows
 from cxr14.caveats import run_notice
 from cxr14.errors import InputError
 from heads.data import HeadData, check_labels, head_inputs
@@ -30,7 +31,7 @@ from results.operating import choose_thresholds, threshold_array
 from results.record import write_results
 from results.settings import DecisionConfig
 
-PREDICT_BATCH = 4096
+PREDICT_BATCH = 4096  # the most rows predicted at a time (predict_rows: fewer for wide token maps)
 # The validation mean ROC AUC each epoch is judged by: its key in the training logs and a history column.
 MONITOR = "val_mean_auc"
 
@@ -43,13 +44,20 @@ def predict_probabilities(model: keras.Model, data: HeadData, rows: np.ndarray) 
 def predict_arrays(model: keras.Model, inputs: dict, *, n: int) -> np.ndarray:
     """Probabilities for already gathered inputs, in chunks; predict_on_batch skips fit-style data
     pipelines, which cost more than the head itself on a validation set each epoch."""
+    step = predict_rows(inputs)
     chunks = [
-        model.predict_on_batch({k: v[start : start + PREDICT_BATCH] for k, v in inputs.items()})
-        for start in range(0, n, PREDICT_BATCH)
+        model.predict_on_batch({k: v[start : start + step] for k, v in inputs.items()})
+        for start in range(0, n, step)
     ]
     if not chunks:
         return np.zeros((0, model.output_shape[-1]), dtype=np.float32)
     return np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks])
+
+
+def predict_rows(inputs: dict) -> int:
+    """Rows predicted at a time: PREDICT_BATCH, fewer where an input's rows as float32 (what the head
+    computes in) would pass cache.stream.chunk_rows' bytes or a fifth of a streamed cache's budget."""
+    return min([PREDICT_BATCH, *(chunk_rows(v, itemsize=4) for v in inputs.values())])
 
 
 @dataclass(frozen=True)

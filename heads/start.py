@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cache.stream import chunk_rows
 from heads.data import METADATA_INPUT, HeadData
 from heads.directions import logistic_with_offset, spread_directions
 from heads.probe import (
@@ -68,16 +69,13 @@ def probe_blocks(data: HeadData) -> dict[str, np.ndarray]:
     return blocks
 
 
-TOKEN_CHUNK = 4096  # rows of a token map averaged at a time: no float32 copy of the whole cache
-
-
 def mean_tokens(tokens: np.ndarray) -> np.ndarray:
-    """(N, T, C) -> (N, C) float32, the mean over tokens, a chunk of rows at a time."""
+    """(N, T, C) -> (N, C) float32, the mean over tokens, a chunk of rows at a time (cache.stream.chunk_rows:
+    no float32 copy of the whole cache, and a streamed one read within its budget)."""
     pooled = np.empty((len(tokens), tokens.shape[-1]), np.float32)
-    for begin in range(0, len(tokens), TOKEN_CHUNK):
-        pooled[begin : begin + TOKEN_CHUNK] = tokens[begin : begin + TOKEN_CHUNK].mean(
-            axis=1, dtype=np.float32
-        )
+    step = chunk_rows(tokens, itemsize=4)
+    for begin in range(0, len(tokens), step):
+        pooled[begin : begin + step] = tokens[begin : begin + step].mean(axis=1, dtype=np.float32)
     return pooled
 
 
@@ -85,8 +83,9 @@ def token_scale(tokens: np.ndarray, rows: np.ndarray, *, views: bool) -> np.ndar
     """(C,) float32: each channel's sd over every token of `rows` (view 0 of a multi-view cache)."""
     total = np.zeros(tokens.shape[-1], np.float64)
     squares = np.zeros_like(total)
-    for begin in range(0, len(rows), TOKEN_CHUNK):
-        part = tokens[rows[begin : begin + TOKEN_CHUNK]]
+    step = chunk_rows(tokens, itemsize=8)  # the float64 squares of a chunk are its widest temporary
+    for begin in range(0, len(rows), step):
+        part = tokens[rows[begin : begin + step]]
         part = (part[:, 0] if views else part).astype(np.float32).reshape(-1, tokens.shape[-1])
         total += part.sum(axis=0)
         squares += np.square(part, dtype=np.float64).sum(axis=0)

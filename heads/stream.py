@@ -149,3 +149,15 @@ def check_streamable(streamed: dict[str, StreamedFeatures], *, augment: bool) ->
             f"{names}: larger than [train] token_memory_gb, so streamed from disk, and augmenting from "
             "cached views needs them in memory; train without --augment, or raise token_memory_gb"
         )
+
+
+def check_sweepable(data) -> None:
+    """Refuse a sweep over a streamed cache before anything is fitted: its trials train together on
+    cached arrays, and its probe start alone would read the whole cache twice first."""
+    streamed = [f.path.name for f in data.features.values() if isinstance(f, StreamedFeatures)]
+    if streamed:
+        raise InputError(
+            f"{', '.join(streamed)}: larger than [train] token_memory_gb, so streamed from disk, and a "
+            "sweep trains its trials together on cached arrays; raise token_memory_gb if the machine has "
+            "the memory, or train each setting with train-head"
+        )

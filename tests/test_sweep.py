@@ -259,3 +259,22 @@ def test_trials_trained_together_score_as_they_do_alone(tmp_path, tiny_project, 
         config.runs_dir / "together" / "fc-offline_cnn-lr0.01-dropout0" / "model.keras"
     )
     assert {type(layer).__module__.split(".")[0] for layer in model.layers} == {"keras"}
+
+
+def test_a_sweep_over_a_streamed_cache_is_refused_before_anything_is_fitted(
+    tmp_path, tiny_project, monkeypatch
+):
+    import heads.data
+
+    config = dataclasses.replace(tiny_project, runs_dir=tmp_path / "runs")
+    calls = _counting(monkeypatch)
+    # Every cache over the budget, so each is streamed from disk as a token cache beyond it would be.
+    monkeypatch.setattr(heads.data, "beyond_budget", lambda path, budget_gb: True)
+
+    def no_start(*args, **kwargs):
+        raise AssertionError("the probe start was fitted before the sweep was refused")
+
+    monkeypatch.setattr(heads.start, "fit_start", no_start)
+    with pytest.raises(InputError, match=r"offline_cnn\.h5.*streamed from disk.*sweep.*train-head"):
+        run_sweep(config, grid_path=_grid(tmp_path), name="streamed")
+    assert calls == [] and not (config.runs_dir / "streamed").exists()

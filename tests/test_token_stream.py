@@ -224,3 +224,54 @@ def test_what_does_not_stream_is_refused_by_name(tmp_path):
     streamed = stream_features(flat, budget_bytes=10).features
     with pytest.raises(InputError, match="flat.h5: .*streamed from disk.*a sweep"):
         tf.convert_to_tensor(streamed.take(np.arange(3)))  # what a sweep's trials trained together need
+
+
+def test_chunks_outside_training_follow_the_budget_and_the_byte_size(tmp_path, monkeypatch):
+    from cache.stream import CHUNK_SHARE, chunk_rows
+
+    path = write_cache(tmp_path, "map", names=make_index(50).names, features=np.zeros((50, TOKENS, CHANNELS),
+                       np.float16), kind="tokens")  # fmt: skip
+    value_bytes = TOKENS * CHANNELS * 8  # a row's values as float64
+    # A streamed cache: a fifth of its budget, here 20 rows' float64.
+    streamed = stream_features(path, budget_bytes=int(20 * value_bytes / CHUNK_SHARE)).features
+    assert chunk_rows(streamed, itemsize=8) == 20 and chunk_rows(streamed, itemsize=4) == 40
+    assert chunk_rows(streamed.take(np.arange(5)), itemsize=8) == 20  # a subset keeps its budget
+    # Below the budget's share, the byte size rules; and an array in memory has that alone.
+    assert chunk_rows(streamed, itemsize=8, most_bytes=7 * value_bytes) == 7
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 3 * value_bytes)
+    assert chunk_rows(np.zeros((50, TOKENS, CHANNELS), np.float16), itemsize=8) == 3
+    assert chunk_rows(stream_features(path, budget_bytes=1).features, itemsize=8) == 1  # never no row
+
+
+def test_the_probe_start_and_prediction_in_small_chunks_equal_them_whole(tmp_path, monkeypatch):
+    from heads import scoring, start
+
+    _, tokens, streamed = loaded(tmp_path / "a", budget=TINY)
+    _, _, whole = loaded(tmp_path / "b", budget=16.0)
+    rows = {split: whole.rows(split) for split in ("train", "val")}
+    model = build_head(kind="attention", inputs={"map": (TOKENS, CHANNELS)}, n_labels=14, head=ATTENTION,
+                       seed=0, start=fit_start(whole, rows=rows, max_directions=0, seed=0))  # fmt: skip
+    everything = np.arange(len(whole.names))
+    in_one = {
+        "scale": start.token_scale(whole.features["map"], rows["train"], views=False),
+        "mean": start.mean_tokens(whole.features["map"]),
+        "scores": predict_probabilities(model, whole, everything),
+    }
+    assert scoring.predict_rows({"map": whole.features["map"]}) >= len(everything)  # in one batch
+    # Reads of at most 3 rows: the streamed cache, and the one in memory by the byte size.
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 3 * TOKENS * CHANNELS * 8)
+    largest = []
+    real_read = stream.read_rows
+    monkeypatch.setattr(stream, "read_rows", lambda d, p, **k: largest.append(len(p)) or real_read(d, p, **k))
+    for data in (streamed, whole):
+        features = data.features["map"]
+        np.testing.assert_allclose(start.token_scale(features, rows["train"], views=False), in_one["scale"],
+                                   rtol=1e-5)  # fmt: skip
+        np.testing.assert_allclose(start.mean_tokens(features), in_one["mean"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            predict_probabilities(model, data, everything), in_one["scores"], atol=1e-6
+        )
+    assert largest and max(largest) <= 6  # prediction at float32: 6 rows in 3 rows' float64
+    # Unchunked, the scale is numpy's own sd over every token of the training rows.
+    every_token = tokens[rows["train"]].astype(np.float64).reshape(-1, CHANNELS)
+    np.testing.assert_allclose(in_one["scale"], every_token.std(axis=0), rtol=1e-5)
