@@ -27,3 +27,12 @@ def test_the_bench_streams_a_cache_over_its_budget_and_reports_its_figures(tmp_p
     assert result["baseline_mb"] <= result["peak_mb"] and result["page_cache"].startswith("not dropped")
     text = format_bench_tokens(result)
     assert "streamed" in text and "epoch / read" in text and "limit" in text
+
+
+def test_streamed_only_skips_the_loaded_whole_run_and_still_reports(tmp_path):
+    result = bench_tokens(rows=200, tokens=9, channels=8, budget_gb=1e-5, workdir=tmp_path, head=HEAD,
+                          memory=False, drop_cache=False)  # fmt: skip
+    assert not any(key.startswith("memory_") for key in result) and "streamed_over_memory" not in result
+    assert result["peak_mb"] > 0 and result["epoch_s"] > 0
+    text = format_bench_tokens(result)
+    assert "loaded whole" not in text and "peak memory" in text
