@@ -209,12 +209,16 @@ def _run_point(
 
 
 class SharedFit:
-    """The last fit of a head whose fit does not depend on the seed (the closed-form linear probe, with
-    no second-order directions): at 100 % every seed trains on the same rows, so the seeds after the
-    first reuse it and differ only in their bootstrap draws."""
+    """What points that train on the same rows share: at 100 % every seed trains on the whole training
+    split. A head whose fit does not depend on the seed (the closed-form linear probe, with no
+    second-order directions) is fitted once, the seeds differing only in their bootstrap draws; any other
+    feature head's start fits its seed-independent part once (heads/start.py fit_common_start: the probe
+    and its penalty search, its cross-fit, the directions' moments), each seed then drawing its own
+    directions and training."""
 
     def __init__(self):
         self.key, self.fitted = None, None
+        self.common_key, self.common = None, None
 
     @staticmethod
     def seedless(plan: RunPlan) -> bool:
@@ -227,12 +231,33 @@ class SharedFit:
     def fit(self, data, *, plan: RunPlan, rows: dict, n_labels: int):
         from heads.train import fit
 
-        key = (plan.default_name(), hashlib.sha256(rows["train"].tobytes()).hexdigest())
+        rows_key = hashlib.sha256(rows["train"].tobytes()).hexdigest()
+        key = (plan.default_name(), rows_key)
         if self.seedless(plan) and key == self.key:
             return self.fitted
-        fitted = fit(data, rows=rows, head=plan.head, train=plan.train, n_labels=n_labels, progress=False)
+        start = self.start(data, plan=plan, rows=rows, rows_key=rows_key)
+        fitted = fit(
+            data, rows=rows, head=plan.head, train=plan.train, n_labels=n_labels, progress=False,
+            shared_start=start,
+        )  # fmt: skip
         self.key, self.fitted = (key, fitted) if self.seedless(plan) else (None, None)
         return fitted
+
+    def start(self, data, *, plan: RunPlan, rows: dict, rows_key: str):
+        """A feature head's start (None for a pixel head), its seed-independent part fitted once for the
+        same inputs and training rows."""
+        from heads.settings import kind_of, start_directions
+        from heads.start import fit_common_start, fit_start
+
+        if kind_of(plan.head).takes != "features":
+            return None
+        directions = start_directions(plan.head, plan.train)
+        key = (tuple(data.features), data.metadata is not None, rows_key)
+        if key != self.common_key or (directions > 0 and self.common.spread is None):
+            self.common_key, self.common = None, None  # the last one's memory freed before the next
+            self.common = fit_common_start(data, rows=rows, directions=directions > 0)
+            self.common_key = key
+        return fit_start(data, rows=rows, max_directions=directions, seed=plan.train.seed, common=self.common)
 
 
 def train_point(data, *, plan: RunPlan, rows: dict, n_labels: int, shared: SharedFit) -> dict:

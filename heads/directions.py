@@ -8,6 +8,7 @@ a pair of its first-layer units on each (+v and -v, so the ReLUs see |v.x|), whi
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import expit
@@ -19,54 +20,84 @@ SIGNIFICANCE = 1.15
 MIN_CLASS_ROWS = 50  # fewer positives (or negatives) than this give covariances too noisy to read
 
 
-def spread_directions(
+@dataclass(frozen=True, eq=False)
+class SpreadMoments:
+    """What the directions are read from, whatever the seed: per label the positives' uncentred second
+    moments and sums, every row's second moments and their whitening. A learning curve's seeds at 100 %
+    train on the same rows and share these (its 14 second-moment products and an eigendecomposition)."""
+
+    second: np.ndarray  # (L, D, D) float32
+    first: np.ndarray  # (L, D)
+    total: np.ndarray  # (D, D) float32
+    whitening: np.ndarray  # (D, k) float32
+    positives: np.ndarray  # (L,) positive rows per label
+    n: int
+
+
+def spread_moments(
     blocks: Sequence[np.ndarray],
     labels: np.ndarray,
     *,
     rows: np.ndarray,
     mean: np.ndarray,
     scale: np.ndarray,
-    per_label: int = 4,
-    iterations: int = 6,
-    seed: int,
+    total: np.ndarray | None = None,
+) -> SpreadMoments:
+    """One pass over `rows` of the standardized blocks: the sums of SpreadMoments. `total`: every row's
+    float32 second moments when known (heads/probe.py NormalEquations.gram32), not summed again."""
+    positives = labels[rows] > 0
+    second, first, total = _moments_by_label(
+        blocks, positives, rows=rows, mean=mean, scale=scale, total=total
+    )
+    whitening = _whitening(total / len(positives))
+    return SpreadMoments(second, first, total, whitening, positives.sum(axis=0).astype(int), len(positives))
+
+
+def spread_directions(
+    moments: SpreadMoments, *, per_label: int = 4, iterations: int = 6, seed: int
 ) -> np.ndarray:
     """(D, m) unit-ish directions in the standardized space where some label changes the spread
     significantly; m may be 0 (a purely linear signal)."""
-    positives = labels[rows] > 0
-    n, n_labels = positives.shape
-    second, first, total = _moments_by_label(blocks, positives, rows=rows, mean=mean, scale=scale)
-    whitening = _whitening(total / n)
+    m, n, whitening = moments, moments.n, moments.whitening
     rng = np.random.default_rng(seed)
     found, strength = [], []
-    for j in range(n_labels):
-        n_pos = int(positives[:, j].sum())
+    # Cast once: the float32 whitening times the float64 iterates was cast again at every product
+    # (~70 % of the power iteration's time); the products, and so the directions, are the same.
+    whitening64 = whitening.astype(np.float64)
+    for j, n_pos in enumerate(map(int, m.positives)):
         if min(n_pos, n - n_pos) < MIN_CLASS_ROWS:
             continue
-        mean_pos, mean_neg = first[j] / n_pos, -first[j] / (n - n_pos)
-        difference = (second[j] / n_pos - np.outer(mean_pos, mean_pos)) - (
-            (total - second[j]) / (n - n_pos) - np.outer(mean_neg, mean_neg)
+        mean_pos, mean_neg = m.first[j] / n_pos, -m.first[j] / (n - n_pos)
+        difference = (m.second[j] / n_pos - np.outer(mean_pos, mean_pos)) - (
+            (m.total - m.second[j]) / (n - n_pos) - np.outer(mean_neg, mean_neg)
         )
-        vectors, values = _top_eigen(difference, whitening, k=per_label, iterations=iterations, rng=rng)
+        with one_thread():
+            vectors, values = _top_eigen(
+                difference, whitening, whitening64, k=per_label, iterations=iterations, rng=rng
+            )
         d = whitening.shape[1]
         noise = 2 * np.sqrt(d / n_pos) + d / n_pos  # rough spectral norm of the estimate's own noise
         keep = np.abs(values) > SIGNIFICANCE * noise
         found.append(vectors[:, keep])
         strength += list(np.abs(values[keep]) / noise)
     if not found or not strength:
-        return np.zeros((mean.size, 0), np.float32)
+        return np.zeros((m.first.shape[1], 0), np.float32)
     directions = np.concatenate(found, axis=1)
     return directions[:, np.argsort(strength)[::-1]].astype(np.float32)
 
 
-def _moments_by_label(blocks, positives: np.ndarray, *, rows, mean, scale):
-    """Per label, the positives' uncentred second moments and sums; and all rows' second moments."""
+def _moments_by_label(blocks, positives: np.ndarray, *, rows, mean, scale, total=None):
+    """Per label, the positives' uncentred second moments and sums; and all rows' second moments
+    (`total`, when given: those, already summed)."""
     n_labels, dim = positives.shape[1], mean.size
     second = np.zeros((n_labels, dim, dim), np.float32)
     first = np.zeros((n_labels, dim))
-    total = np.zeros((dim, dim), np.float32)
+    known = total is not None
+    total = total if known else np.zeros((dim, dim), np.float32)
     for i, chunk in enumerate(standardized_chunks(blocks, rows, mean=mean, scale=scale)):
         chunk_positives = positives[i * CHUNK : (i + 1) * CHUNK]
-        total += chunk.T @ chunk
+        if not known:
+            total += chunk.T @ chunk
         for j in range(n_labels):
             picked = chunk[chunk_positives[:, j]]
             if len(picked):
@@ -83,12 +114,14 @@ def _whitening(covariance: np.ndarray) -> np.ndarray:
     return (vectors[:, keep] / np.sqrt(values[keep])).astype(np.float32)
 
 
-def _top_eigen(matrix: np.ndarray, whitening: np.ndarray, *, k: int, iterations: int, rng) -> tuple:
+def _top_eigen(matrix: np.ndarray, whitening: np.ndarray, whitening64, *, k: int, iterations: int, rng):
     """The k eigenpairs of largest |value| of the whitened matrix (block power iteration), as directions
-    in the standardized space."""
+    in the standardized space. `whitening64`: the whitening as float64."""
 
     def apply(q):
-        return whitening.T @ (matrix @ (whitening @ q))
+        # The first iterate is float32 (its product float32, as numpy computes it); the others float64.
+        inner = whitening @ q if q.dtype == np.float32 else whitening64 @ q
+        return whitening64.T @ (matrix @ inner)
 
     q = np.linalg.qr(rng.standard_normal((whitening.shape[1], 2 * k)).astype(np.float32))[0]
     for _ in range(iterations):

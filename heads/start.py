@@ -18,16 +18,17 @@ import numpy as np
 
 from cache.stream import chunk_rows
 from heads.data import METADATA_INPUT, HeadData
-from heads.directions import logistic_with_offset, spread_directions
+from heads.directions import SpreadMoments, logistic_with_offset, spread_directions, spread_moments
 from heads.probe import (
     RidgeProbe,
     cross_fitted_scores,
     fit_ridge_probe,
     normal_equations,
     platt_scaling,
+    rank_auc_per_label,
     standardized_chunks,
 )
-from results.metrics import mean_defined, roc_auc_per_label
+from results.metrics import mean_defined
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,8 +95,27 @@ def token_scale(tokens: np.ndarray, rows: np.ndarray, *, views: bool) -> np.ndar
     return np.sqrt(np.where(variance > 0, variance, 1.0)).astype(np.float32)
 
 
-def fit_start(data: HeadData, *, rows: dict, max_directions: int, seed: int) -> HeadStart:
-    """The probe on the training rows (penalty chosen on validation) and what a head starts from."""
+@dataclass(frozen=True, eq=False)
+class CommonStart:
+    """The part of a start its seed does not change: the probe (its penalty searched on validation), its
+    cross-fit and Platt scaling, and what the directions are read from. Points that train on the same rows
+    (a learning curve's seeds at 100 %) fit it once: fit_start then gives each seed what fitting it
+    whole would have (tests/test_start.py)."""
+
+    inputs: dict[str, int]
+    arrays: list[np.ndarray]  # probe_blocks' arrays, in order (a token cache's: pooled once, kept)
+    probe: RidgeProbe
+    kernel: np.ndarray
+    bias: np.ndarray
+    train_correction: np.ndarray
+    offsets: dict[str, np.ndarray]  # the probe's logits: out-of-fold on "train", the full probe's on "val"
+    token_scales: dict[str, np.ndarray]
+    spread: SpreadMoments | None  # None: no head asked for directions
+
+
+def fit_common_start(data: HeadData, *, rows: dict, directions: bool) -> CommonStart:
+    """The probe on the training rows and what a start takes from it; `directions`: also the moments
+    the second-order directions are read from."""
     blocks = probe_blocks(data)
     arrays = list(blocks.values())
     labels = data.labels
@@ -109,36 +129,54 @@ def fit_start(data: HeadData, *, rows: dict, max_directions: int, seed: int) -> 
     # Calibrated on the out-of-fold scores: those are distributed as the probe's scores of new images.
     slope, intercept = order_keeping(*platt_scaling(honest, labels[rows["train"]]), scores=honest)
     kernel, bias = probe.logit_weights(slope=slope, intercept=intercept)
-    correction = (slope * (honest - probe.scores(arrays, rows["train"]))).astype(np.float32)
-    directions = np.zeros((probe.mean.size, 0), np.float32)
-    if max_directions > 0:
-        directions = spread_directions(
-            arrays, labels, rows=rows["train"], mean=probe.mean, scale=probe.scale, seed=seed
-        )[:, :max_directions]
-    directions, weights = _validated_directions(
-        arrays,
-        labels,
-        rows,
+    spread = None
+    if directions:
+        spread = spread_moments(
+            arrays, labels, rows=rows["train"], mean=probe.mean, scale=probe.scale, total=equations.gram32
+        )
+    return CommonStart(
+        inputs={name: array.shape[1] for name, array in blocks.items()},
+        arrays=arrays,
         probe=probe,
-        directions=directions,
+        kernel=kernel,
+        bias=bias,
+        train_correction=(slope * (honest - probe.scores(arrays, rows["train"]))).astype(np.float32),
         offsets={
             "train": honest * slope + intercept,
             "val": probe.scores(arrays, rows["val"]) * slope + intercept,
         },
-    )
-    return HeadStart(
-        inputs={name: array.shape[1] for name, array in blocks.items()},
-        probe=probe,
-        kernel=kernel,
-        bias=bias,
-        directions=directions,
-        direction_weights=weights,
-        train_correction=correction,
         token_scales={
             name: token_scale(data.features[name], rows["train"], views=data.views(name) > 1)
             for name in data.features
             if data.is_tokens(name)
         },
+        spread=spread,
+    )
+
+
+def fit_start(
+    data: HeadData, *, rows: dict, max_directions: int, seed: int, common: CommonStart | None = None
+) -> HeadStart:
+    """The probe on the training rows (penalty chosen on validation) and what a head starts from.
+    `common`: fit_common_start's for these data and rows, when the caller has it."""
+    if common is None or (max_directions > 0 and common.spread is None):
+        common = fit_common_start(data, rows=rows, directions=max_directions > 0)
+    probe = common.probe
+    directions = np.zeros((probe.mean.size, 0), np.float32)
+    if max_directions > 0:
+        directions = spread_directions(common.spread, seed=seed)[:, :max_directions]
+    directions, weights = _validated_directions(
+        common.arrays, data.labels, rows, probe=probe, directions=directions, offsets=common.offsets
+    )
+    return HeadStart(
+        inputs=common.inputs,
+        probe=probe,
+        kernel=common.kernel,
+        bias=common.bias,
+        directions=directions,
+        direction_weights=weights,
+        train_correction=common.train_correction,
+        token_scales=common.token_scales,
     )
 
 
@@ -177,12 +215,12 @@ def _validated_directions(
         return none
     units = {split: _units(arrays, rows[split], probe=probe, directions=directions) for split in offsets}
     val_labels = labels[rows["val"]]
-    best, best_auc = none, mean_defined(roc_auc_per_label(val_labels, offsets["val"]))
+    best, best_auc = none, mean_defined(rank_auc_per_label(val_labels, offsets["val"]))
     m = directions.shape[1]
     for k in sorted({min(2**i, m) for i in range(m.bit_length() + 1)}):
         pick = np.r_[0:k, m : m + k]  # the +v and -v units of the first k directions
         weights = logistic_with_offset(units["train"][:, pick], labels[rows["train"]], offsets["train"])
-        auc = mean_defined(roc_auc_per_label(val_labels, offsets["val"] + units["val"][:, pick] @ weights))
+        auc = mean_defined(rank_auc_per_label(val_labels, offsets["val"] + units["val"][:, pick] @ weights))
         if auc > best_auc:
             best, best_auc = (directions[:, :k], weights), auc
     return best

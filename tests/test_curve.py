@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import experiments.curve
+import heads.start
 import heads.train
 from cxr14.errors import InputError
 from experiments.curve import (
@@ -217,13 +218,44 @@ def test_only_a_seedless_fit_is_shared(tmp_path, monkeypatch):
         fits.append(kwargs["train"].seed)
         return real_fit(*args, **kwargs)
 
+    commons = []
+    real_common = heads.start.fit_common_start
+
+    def counting_common(data, **kwargs):
+        commons.append(kwargs["directions"])
+        return real_common(data, **kwargs)
+
     monkeypatch.setattr(heads.train, "fit", counting_fit)
+    monkeypatch.setattr(heads.start, "fit_common_start", counting_common)
     curve = _draw(config, data, heads=("linear", "fc"), fractions=(0.2, 1.0), seeds=2)
     # linear: 2 seeds at 20 %, one fit for both seeds at 100 %; fc: every point its own fit
     assert fits == [0, 1, 0] + [0, 1, 0, 1]
+    # The seed-independent start: per seed at 20 %, once for both seeds at 100 % (fc: with the moments)
+    assert commons == [False, False, False] + [True, True, True]
     full = [p for p in curve["points"] if p["size"] == "100%" and p["line"] == "linear-a"]
     assert full[0]["test_mean_auc"] == full[1]["test_mean_auc"]
     assert full[0]["test_mean_ci"] != full[1]["test_mean_ci"]  # each seed's own bootstrap draws
+
+
+def test_fc_points_at_100_percent_share_their_start_and_equal_plain_runs(tmp_path):
+    config, data = _planted(tmp_path, n=600)
+    plans = plan_lines(config, heads=["fc"], backbone_sets=["a"], changes={})
+    (plan,) = plans.values()
+    curve = _draw(config, data, heads=("fc",), fractions=(1.0,), seeds=2)
+    for seed in (config.train.seed, config.train.seed + 1):
+        train = dataclasses.replace(plan.train, seed=seed).sized_for(data.rows("train").size)
+        plain = REAL_TRAIN_HEAD(
+            run_dir=tmp_path / f"plain{seed}",
+            data=point_data(data, plan=plan),
+            head=plan.head,
+            train=train,
+            label_names=config.labels,
+            config_snapshot={},
+            progress=False,
+        )
+        full = next(p for p in curve["points"] if p["seed"] == seed)
+        assert full["test_mean_auc"] == plain["mean_auc"] and full["test_mean_ci"] == plain["mean_ci"]
+        assert full["val_mean_auc"] == plain["val_mean_auc"]
 
 
 def test_cli_curve_two_lines(tiny_project, tmp_path):

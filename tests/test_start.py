@@ -2,11 +2,12 @@
 
 import numpy as np
 
+from heads.data import load_head_data
 from heads.directions import logistic_with_offset
 from heads.probe import platt_scaling
 from heads.start import _units, _validated_directions, fit_start, probe_blocks
 from results.metrics import mean_defined, roc_auc_per_label
-from tests.fixtures import make_index, signal_data
+from tests.fixtures import make_index, make_splits, signal_data, write_cache
 
 
 def _val_auc(start_logits, units, weights, labels):
@@ -114,3 +115,33 @@ def test_platt_scaling_stays_finite_where_the_scores_separate_the_labels():
     assert slope[0] > 0 and np.all(np.isfinite(intercept))
     p = 1 / (1 + np.exp(-(scores * slope + intercept)))
     assert abs(p[:, 1].mean() - labels[:, 1].mean()) < 0.02  # the prior is kept on a label it cannot rank
+
+
+def test_a_shared_common_start_gives_each_seed_its_own_whole_fit(tmp_path):
+    from heads.start import fit_common_start
+
+    index = make_index(3000)
+    features = np.random.default_rng(0).normal(size=(3000, 32)).astype(np.float32)
+    features[:, 0] *= np.where(index.labels[:, 0] > 0, 3.0, 1.0)  # a spread signal: directions find it
+    features[:, 1] += index.labels[:, 1]
+    write_cache(tmp_path, "a", names=index.names, features=features)
+    data = load_head_data(
+        cache_dir=tmp_path, backbones=["a"], index=index, splits=make_splits(index), metadata=True
+    )
+    rows = {split: data.rows(split) for split in ("train", "val")}
+    common = fit_common_start(data, rows=rows, directions=True)
+    starts = {}
+    for seed in (0, 1):
+        whole = fit_start(data, rows=rows, max_directions=8, seed=seed)
+        shared = fit_start(data, rows=rows, max_directions=8, seed=seed, common=common)
+        assert whole.directions.shape[1] > 0  # the seed's own directions, validated beside the probe
+        for name in ("kernel", "bias", "directions", "direction_weights", "train_correction"):
+            assert np.array_equal(getattr(whole, name), getattr(shared, name)), name
+        assert np.array_equal(whole.probe.weights, shared.probe.weights)
+        assert whole.probe.penalty == shared.probe.penalty
+        starts[seed] = shared
+    assert not np.array_equal(starts[0].directions, starts[1].directions)  # each seed draws its own
+    # A common start fitted without the directions' moments is refitted for a head that asks for them.
+    linear = fit_common_start(data, rows=rows, directions=False)
+    again = fit_start(data, rows=rows, max_directions=8, seed=0, common=linear)
+    assert np.array_equal(again.directions, starts[0].directions)
