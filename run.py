@@ -429,6 +429,8 @@ def cmd_bench(args, config: Config) -> None:
             raise InputError("bench heads --head needs --quality: a head of your own is measured for quality")
         for head in args.head:
             check_builder_file(head)
+    if args.what == "heads" and getattr(args, "problems", ()) and not args.quality:
+        raise InputError("bench heads --problems needs --quality: it picks the planted problems to train on")
     _tensorflow(args)
     if args.what == "curve":
         result, text = _bench_curve(args, config)
@@ -446,7 +448,14 @@ def cmd_bench(args, config: Config) -> None:
     else:
         import tempfile
 
-        from bench.heads import bench_heads, bench_quality, format_bench_heads, format_quality, with_heads
+        from bench.heads import (
+            bench_heads,
+            bench_quality,
+            format_bench_heads,
+            format_quality,
+            only_problems,
+            with_heads,
+        )
 
         with tempfile.TemporaryDirectory(prefix="cxr14-bench-") as tmp:
             workdir = args.workdir or Path(tmp)
@@ -457,7 +466,7 @@ def cmd_bench(args, config: Config) -> None:
                     dim=args.dim,
                     workdir=workdir,
                     seed=args.seed,
-                    runs=with_heads(args.head or ()),
+                    runs=only_problems(with_heads(args.head or ()), args.problems),
                 )
                 text = format_quality
             else:
@@ -1148,6 +1157,14 @@ def _add_bench_command(sub) -> None:
         action="append",
         metavar="FILE.py:FUNCTION",
         help="with --quality: also a head of your own on every planted problem (repeatable)",
+    )
+    p.add_argument(
+        "--problems",
+        type=lambda text: tuple(x.strip() for x in text.split(",") if x.strip()),
+        default=(),
+        metavar="NAMES",
+        help="with --quality: only these planted problems, comma-separated (linear, nonlinear, "
+        "complementary, metadata, local; default all)",
     )
     _json_flag(p)
     _add_bench_curve(what)

@@ -18,7 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from bench.planted import planted_caches, planted_index, write_planted_cache
+from bench.planted import PROBLEMS, planted_caches, planted_index, write_planted_cache
+from cxr14.errors import InputError
 from cxr14.text import duration, megabytes
 from cxr14.tf_logging import models_built_in_a_loop
 from dataset.index import Index
@@ -342,6 +343,14 @@ def with_heads(heads, *, runs=QUALITY_RUNS) -> tuple:
     the built-in heads meet: beside fc on one cache, beside the ensemble on two."""
     cases = list(dict.fromkeys((problem, caches, metadata) for problem, _, caches, metadata in runs))
     return tuple(runs) + tuple((p, head, caches, m) for head in heads for p, caches, m in cases)
+
+
+def only_problems(runs: tuple, problems) -> tuple:
+    """The runs on `problems` (names of PROBLEMS; empty: all of them), so one problem can be rerun alone."""
+    unknown = sorted(set(problems) - set(PROBLEMS))
+    if unknown:
+        raise InputError(f"--problems: unknown planted problem {unknown[0]!r}; valid: {', '.join(PROBLEMS)}")
+    return tuple(r for r in runs if not problems or r[0] in problems)
 
 
 def bench_quality(

@@ -323,53 +323,58 @@ def _conv_tower(pixels: dict, *, head: HeadConfig, seeds: Iterator[int]):
 @keras.saving.register_keras_serializable(package="cxr14")
 class GatedAttentionPool(keras.layers.Layer):
     """Gated-attention MIL pooling (Ilse et al. 2018): token t gets weight softmax_t(w . (tanh(V h_t) *
-    sigmoid(U h_t))), and the image is the weighted sum of its tokens, (b, T, C) -> (b, C).
+    sigmoid(U h_t)) + e_t), and the image is the weighted sum of its tokens, (b, T, C) -> (b, C).
 
-    `token_weights` gives those weights, (b, T): where the head looked (--heatmap-method attention)."""
+    With `evidence` = L labels, e_t = logsumexp over labels of L per-token logits (a Dense of the tokens,
+    trained with the rest; guide starts it as the probe's): the log of how likely token t is to hold any
+    finding, so the attention starts on the tokens that look like findings. `token_weights` gives the
+    weights, (b, T): where the head looked (--heatmap-method attention)."""
 
-    def __init__(self, hidden: int, *, seed: int, **kwargs):
+    def __init__(self, hidden: int, *, seed: int, evidence: int = 0, **kwargs):
         super().__init__(**kwargs)
-        self.hidden, self.seed = hidden, seed
+        self.hidden, self.seed, self.evidence = hidden, seed, evidence
         glorot = keras.initializers.GlorotUniform
         self.tanh_gate = keras.layers.Dense(hidden, activation="tanh", kernel_initializer=glorot(seed))
         self.sigmoid_gate = keras.layers.Dense(
             hidden, activation="sigmoid", kernel_initializer=glorot(seed + 1)
         )
         self.score = keras.layers.Dense(1, kernel_initializer=glorot(seed + 2))
+        self.label_logits = keras.layers.Dense(evidence, kernel_initializer="zeros") if evidence else None
 
     def build(self, input_shape):
-        for layer in (self.tanh_gate, self.sigmoid_gate):
-            layer.build(input_shape)
+        for layer in (self.tanh_gate, self.sigmoid_gate, self.label_logits):
+            if layer is not None:
+                layer.build(input_shape)
         self.score.build((*input_shape[:-1], self.hidden))
 
-    def guide(self, kernel: np.ndarray) -> None:
-        """Start the attention at the tokens the probe scores highest: the first L gate units compute
-        tanh of each token's probe logits (kernel (C, L)), their sigmoid gates sit at 1/2 and each adds
-        its unit to the token's score, so a token that looks like a finding draws the attention at once.
+    def guide(self, kernel: np.ndarray, bias: np.ndarray) -> None:
+        """Start the evidence term as the probe's logits of each token (kernel (C, L), bias (L,)) and the
+        gated term at zero (its score kernel), so the attention starts where the probe sees findings.
 
-        From uniform weights (mean pooling, the probe's own view), a head starting at the probe barely
-        moved: its output layer starts at zero, so the gates get no gradient until it grows. Measured on
-        the planted local problem at full size: 6 epochs without a better validation AUC, then stopped."""
-        n = min(kernel.shape[1], self.hidden)
-        tanh_kernel, tanh_bias = self.tanh_gate.get_weights()
-        sigmoid_kernel, sigmoid_bias = self.sigmoid_gate.get_weights()
+        A uniform start is mean pooling, the probe's own view, and the head's output layer starts at zero,
+        so nothing in it moves the attention at first: at full size it saw no better validation epoch in
+        six and stopped. Measured on the planted local problem (30,000 rows, 64 channels), the attention
+        frozen at its start and a ridge readout of the pooled tokens: uniform 0.624 test mean AUC; the
+        former guide, gate units tanh of each label's token logit without its bias, summed, 0.595 (the
+        12 labels a token does not hold add saturated noise to every score); this one 0.711 (the rare
+        labels' low biases keep their noise out). Trained: +0.029 over the probe, then +0.085."""
+        n = min(kernel.shape[1], self.evidence)
+        self.label_logits.set_weights([kernel[:, :n], bias[:n]])
         score_kernel, score_bias = self.score.get_weights()
-        tanh_kernel[:, :n], tanh_bias[:n] = kernel[:, :n], 0.0
-        sigmoid_kernel[:, :n], sigmoid_bias[:n] = 0.0, 0.0
-        score_kernel[:n], score_kernel[n:] = 1.0, 0.0
-        self.tanh_gate.set_weights([tanh_kernel, tanh_bias])
-        self.sigmoid_gate.set_weights([sigmoid_kernel, sigmoid_bias])
-        self.score.set_weights([score_kernel, score_bias])
+        self.score.set_weights([np.zeros_like(score_kernel), score_bias])
 
     def token_weights(self, tokens):
         gated = self.tanh_gate(tokens) * self.sigmoid_gate(tokens)
-        return keras.ops.softmax(keras.ops.squeeze(self.score(gated), -1), axis=-1)
+        score = keras.ops.squeeze(self.score(gated), -1)
+        if self.label_logits is not None:
+            score = score + _evidence(self.label_logits, tokens)
+        return keras.ops.softmax(score, axis=-1)
 
     def call(self, tokens):
         return keras.ops.einsum("bt,btc->bc", self.token_weights(tokens), tokens)
 
     def get_config(self):
-        return {**super().get_config(), "hidden": self.hidden, "seed": self.seed}
+        return {**super().get_config(), "hidden": self.hidden, "seed": self.seed, "evidence": self.evidence}
 
 
 ATTENTIVE_HEADS = 4  # the attentive probe's attention heads: its width is split among them
@@ -378,23 +383,27 @@ ATTENTIVE_HEADS = 4  # the attentive probe's attention heads: its width is split
 @keras.saving.register_keras_serializable(package="cxr14")
 class AttentiveProbe(keras.layers.Layer):
     """One cross-attention block: a learned query attends over the tokens with ATTENTIVE_HEADS heads,
-    (b, T, C) -> (b, width), the heads' values concatenated. `token_weights`: the heads' mean weights."""
+    (b, T, C) -> (b, width), the heads' values concatenated. `token_weights`: the heads' mean weights.
+    With `evidence` = L labels, every head's attention logits also get the gated attention's evidence
+    term (GatedAttentionPool), which guide starts as the probe's."""
 
-    def __init__(self, width: int, *, seed: int, **kwargs):
+    def __init__(self, width: int, *, seed: int, evidence: int = 0, **kwargs):
         super().__init__(**kwargs)
         if width % ATTENTIVE_HEADS:
             raise InputError(
                 f"heads.attentive.transition = {width}: the attentive probe splits it among "
                 f"{ATTENTIVE_HEADS} heads; use a multiple of {ATTENTIVE_HEADS}"
             )
-        self.width, self.seed = width, seed
+        self.width, self.seed, self.evidence = width, seed, evidence
         glorot = keras.initializers.GlorotUniform
         self.keys = keras.layers.Dense(width, kernel_initializer=glorot(seed))
         self.values = keras.layers.Dense(width, kernel_initializer=glorot(seed + 1))
+        self.label_logits = keras.layers.Dense(evidence, kernel_initializer="zeros") if evidence else None
 
     def build(self, input_shape):
-        self.keys.build(input_shape)
-        self.values.build(input_shape)
+        for layer in (self.keys, self.values, self.label_logits):
+            if layer is not None:
+                layer.build(input_shape)
         init = keras.initializers.RandomNormal(stddev=self.width**-0.5, seed=self.seed + 2)
         self.query = self.add_weight(shape=(self.width,), initializer=init, name="query")
 
@@ -405,7 +414,16 @@ class AttentiveProbe(keras.layers.Layer):
         keys = self._split(self.keys(tokens))  # (b, T, heads, d)
         query = keras.ops.reshape(self.query, (ATTENTIVE_HEADS, self.width // ATTENTIVE_HEADS))
         logits = keras.ops.einsum("bthd,hd->bht", keys, query) * (self.width // ATTENTIVE_HEADS) ** -0.5
+        if self.label_logits is not None:
+            logits = logits + _evidence(self.label_logits, tokens)[:, None, :]
         return keras.ops.softmax(logits, axis=-1)  # (b, heads, T)
+
+    def guide(self, kernel: np.ndarray, bias: np.ndarray) -> None:
+        """Start the evidence term as the probe's logits of each token (as GatedAttentionPool.guide) and
+        the query at zero, so every head starts where the probe sees findings, not at random tokens."""
+        n = min(kernel.shape[1], self.evidence)
+        self.label_logits.set_weights([kernel[:, :n], bias[:n]])
+        self.query.assign(np.zeros(self.width, np.float32))
 
     def token_weights(self, tokens):
         return keras.ops.mean(self._per_head(tokens), axis=1)
@@ -415,7 +433,12 @@ class AttentiveProbe(keras.layers.Layer):
         return keras.ops.reshape(mixed, (-1, self.width))
 
     def get_config(self):
-        return {**super().get_config(), "width": self.width, "seed": self.seed}
+        return {**super().get_config(), "width": self.width, "seed": self.seed, "evidence": self.evidence}
+
+
+def _evidence(label_logits: keras.layers.Dense, tokens):
+    """(b, T): logsumexp over labels of each token's logits, the log of how likely it holds a finding."""
+    return keras.ops.logsumexp(label_logits(tokens), axis=-1)
 
 
 def _attention(tensors: dict, *, head: HeadConfig, seeds: Iterator[int], start: HeadStart | None = None):
@@ -423,10 +446,13 @@ def _attention(tensors: dict, *, head: HeadConfig, seeds: Iterator[int], start: 
     at the probe, each attention starts where the probe scores the tokens highest (guide)."""
     pooled = []
     for name, tokens in tensors.items():
-        layer = GatedAttentionPool(head.transition, seed=next(seeds), name=f"attention_{name}")
+        evidence = 0 if start is None else start.kernel.shape[1]
+        layer = GatedAttentionPool(
+            head.transition, seed=next(seeds), evidence=evidence, name=f"attention_{name}"
+        )
         pooled.append(layer(tokens))
         if start is not None:
-            layer.guide(token_logit_kernel(start, name))
+            layer.guide(token_logit_kernel(start, name), start.bias.astype(np.float32))
     return _join(pooled)
 
 
@@ -444,9 +470,16 @@ def token_logit_kernel(start: HeadStart, name: str) -> np.ndarray:
 
 
 def _attentive(tensors: dict, *, head: HeadConfig, seeds: Iterator[int], start: HeadStart | None = None):
-    """Each token map read by its own attentive probe (named attention_<input>), then joined."""
-    return _join([AttentiveProbe(head.transition, seed=next(seeds), name=f"attention_{name}")(t)
-                  for name, t in tensors.items()])  # fmt: skip
+    """Each token map read by its own attentive probe (named attention_<input>), then joined; started at
+    the probe, each starts where the probe sees findings (guide)."""
+    read = []
+    for name, tokens in tensors.items():
+        evidence = 0 if start is None else start.kernel.shape[1]
+        layer = AttentiveProbe(head.transition, seed=next(seeds), evidence=evidence, name=f"attention_{name}")
+        read.append(layer(tokens))
+        if start is not None:
+            layer.guide(token_logit_kernel(start, name), start.bias.astype(np.float32))
+    return _join(read)
 
 
 def token_attention(model: keras.Model, name: str):

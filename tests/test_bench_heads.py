@@ -4,16 +4,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import run
 from bench.heads import (
     BACKBONE,
+    QUALITY_RUNS,
     _product_step,
     bench_heads,
     format_bench_heads,
+    only_problems,
     training_flops,
     write_bench_cache,
 )
-from bench.planted import planted_index
+from bench.planted import PROBLEMS, planted_index
 from cache.store import cache_path, read_features
+from cxr14.errors import InputError
 from dataset.settings import LABELS
 from heads.models import build_head
 from heads.settings import HeadConfig
@@ -99,3 +103,19 @@ def test_bench_heads_reports_consistent_figures(tmp_path):
     assert result["cnn_batch_size"] == 32  # the "auto" batch of ~210 training images
     text = format_bench_heads(result)
     assert "x the floor" in text and " ms a step" in text and " GFLOP/s" in text and "{" not in text
+
+
+def test_quality_runs_can_be_narrowed_to_some_problems():
+    local = only_problems(QUALITY_RUNS, ("local",))
+    assert local and {r[0] for r in local} == {"local"}
+    assert {r[1] for r in local} == {"linear", "fc", "attention", "attentive"}
+    assert only_problems(QUALITY_RUNS, ()) == QUALITY_RUNS
+    assert {r[0] for r in only_problems(QUALITY_RUNS, ("linear", "metadata"))} == {"linear", "metadata"}
+    assert {r[0] for r in QUALITY_RUNS} == set(PROBLEMS)
+    with pytest.raises(InputError, match="unknown planted problem 'locals'.*valid: linear, nonlinear"):
+        only_problems(QUALITY_RUNS, ("local", "locals"))
+
+
+def test_bench_heads_problems_needs_quality(capsys):
+    assert run.main(["bench", "heads", "--problems", "local"]) == 2
+    assert "--problems needs --quality" in capsys.readouterr().err

@@ -54,3 +54,13 @@ def test_token_heads_on_the_local_problem_are_no_worse_than_the_probe(results):
         run = results[("local", kind, "M")]
         assert run["reference_mean_auc"] == pytest.approx(probe, abs=2e-3)
         assert run["difference"] >= -0.005, run
+
+
+def test_token_heads_see_what_pooling_dilutes(results):
+    """The local problem's findings sit in one token of 16: the attentions, started where the probe sees
+    findings, gain beyond noise; fc on the pooled vector cannot."""
+    fc = results[("local", "fc", "A")]
+    for kind in ("attention", "attentive"):
+        run = results[("local", kind, "M")]
+        assert run["difference"] >= 0.03 and run["difference_ci"][0] > 0, run
+        assert run["test_mean_auc"] >= fc["test_mean_auc"] + 0.02, (run, fc)
