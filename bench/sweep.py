@@ -6,18 +6,15 @@ Fresh processes, so that each peak memory is its own (a process's peak RSS only 
 run inherits the other's compiled graphs. The times leave out the import of TensorFlow, the same in both.
 """
 
-import concurrent.futures
-import contextlib
 import dataclasses
-import multiprocessing
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
 from bench.heads import BACKBONE, write_bench_cache
 from bench.planted import planted_index
+from bench.processes import in_fresh_process
 from experiments.config import Config
 
 LRS = (3e-4, 1e-3, 3e-3, 1e-2)
@@ -51,10 +48,10 @@ def bench_sweep(
     grid = workdir / "grid.toml"
     grid.write_text(sweep_grid(), encoding="utf-8")
     job = {"config": config, "rows": rows, "seed": seed}
-    one = _in_fresh_process(time_train_head, **job)
-    sweep = _in_fresh_process(time_sweep, **job, grid=grid, name="bench-sweep")
+    one = in_fresh_process(time_train_head, **job)
+    sweep = in_fresh_process(time_sweep, **job, grid=grid, name="bench-sweep")
     picked = list(sweep["trials"])[:alone]
-    alone_aucs = _in_fresh_process(train_alone, **job, grid=grid, trials=picked) if picked else {}
+    alone_aucs = in_fresh_process(train_alone, **job, grid=grid, trials=picked) if picked else {}
     return {
         "rows": rows,
         "dim": dim,
@@ -72,18 +69,6 @@ def bench_sweep(
         "cpu_threads": len(os.sched_getaffinity(0)),
         "load_average": [round(x, 1) for x in os.getloadavg()],
     }
-
-
-def _in_fresh_process(function, **kwargs):
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_quietly, function, kwargs).result()
-
-
-def _quietly(function, kwargs: dict):
-    """function(**kwargs), its progress on stderr: the bench's own figures are the only stdout."""
-    with contextlib.redirect_stdout(sys.stderr):
-        return function(**kwargs)
 
 
 def _load(config: Config, *, rows: int, seed: int):

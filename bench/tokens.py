@@ -15,8 +15,6 @@ reads from disk; where it may not, the result says so, and the file then sits in
 the first read.
 """
 
-import concurrent.futures
-import multiprocessing
 import os
 import resource
 import subprocess
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.planted import planted_index, write_planted_cache
+from bench.processes import in_fresh_process
 
 BACKBONE = "bench_tokens"
 TOKENS, CHANNELS = 49, 256
@@ -53,12 +52,12 @@ def bench_tokens(
     the page cache before each timed read (root only; tests leave the machine's cache alone)."""
     cache_dir = Path(workdir) / "features"
     shape = {"rows": rows, "tokens": tokens, "channels": channels, "seed": seed}
-    written = _in_fresh_process(write_token_cache, cache_dir=cache_dir, **shape)
+    written = in_fresh_process(write_token_cache, cache_dir=cache_dir, **shape)
     before = os.getloadavg()
     job = {"cache_dir": cache_dir, "rows": rows, "seed": seed, "head": head}
-    timed = _in_fresh_process(time_streaming, **job, budget_gb=budget_gb, drop_cache=drop_cache)
+    timed = in_fresh_process(time_streaming, **job, budget_gb=budget_gb, drop_cache=drop_cache)
     if memory:
-        timed |= _in_fresh_process(time_in_memory, **job)
+        timed |= in_fresh_process(time_in_memory, **job)
     limit_mb = (budget_gb + ALLOWANCE_GB) * 1000
     return {
         **shape,
@@ -222,12 +221,6 @@ def _timed(fn) -> float:
 
 def _peak_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def _in_fresh_process(function, **kwargs):
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(function, **kwargs).result()
 
 
 def format_bench_tokens(result: dict) -> str:

@@ -162,6 +162,16 @@ def signal_data(cache_dir, index: Index, *, name="plain", dim=24, noise=0.5, met
     )
 
 
+def token_data(cache_dir, index: Index, tokens: np.ndarray, *, order=None, **load):
+    """A token cache "map" of `tokens` (rows of `index`, stored in `order` when given) written under
+    `cache_dir`, loaded back over make_splits(index) without metadata; `load`: load_head_data's options."""
+    order = np.arange(len(index.names)) if order is None else order
+    write_cache(cache_dir, "map", names=index.names[order], features=tokens[order], kind="tokens")
+    return load_head_data(
+        cache_dir=cache_dir, backbones=["map"], index=index, splits=make_splits(index), metadata=False, **load
+    )
+
+
 def refused_results(path: Path, record: dict, *, match: str) -> None:
     """Write `record` as the metrics.json `path`, and check that reading it is refused in one line that
     names the file."""

@@ -4,11 +4,10 @@ image's findings (the probe's evidence), and it is still the probe to the last d
 import keras
 import numpy as np
 
-from heads.data import load_head_data
 from heads.models import build_head, token_attention
 from heads.settings import HeadConfig
 from heads.start import fit_start
-from tests.fixtures import make_index, make_splits, write_cache
+from tests.fixtures import make_index, token_data
 
 TOKENS, CHANNELS, LABELS_HERE = 16, 8, 4
 ATTENTION = HeadConfig(kind="attention", units=(16,), dropout=0.0, transition=16)
@@ -29,14 +28,7 @@ def planted(n: int, *, seed: int = 0):
 
 def test_the_untrained_attention_looks_where_the_findings_are(tmp_path):
     index, tokens, site = planted(900)
-    write_cache(tmp_path / "cache", "map", names=index.names, features=tokens, kind="tokens")
-    data = load_head_data(
-        cache_dir=tmp_path / "cache",
-        backbones=["map"],
-        index=index,
-        splits=make_splits(index),
-        metadata=False,
-    )
+    data = token_data(tmp_path / "cache", index, tokens)
     rows = {split: data.rows(split) for split in ("train", "val")}
     start = fit_start(data, rows=rows, max_directions=0, seed=0)
     model = build_head(kind="attention", inputs={"map": (TOKENS, CHANNELS)}, n_labels=LABELS_HERE,

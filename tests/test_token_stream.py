@@ -20,7 +20,7 @@ from heads.scoring import predict_probabilities, score_run
 from heads.settings import HeadConfig, TrainConfig
 from heads.start import fit_start
 from heads.stream import BlockBatches
-from tests.fixtures import FAST, make_index, make_splits, train_quickly, write_cache
+from tests.fixtures import FAST, make_index, make_splits, token_data, train_quickly, write_cache
 
 TOKENS, CHANNELS = 9, 4
 ATTENTION = HeadConfig(kind="attention", units=(8,), dropout=0.0, transition=8)
@@ -49,15 +49,7 @@ def loaded(tmp_path, *, n=300, budget=TINY, shuffled=False):
     index = make_index(n)
     tokens = planted_tokens(index)
     order = np.random.default_rng(5).permutation(n) if shuffled else np.arange(n)
-    write_cache(tmp_path / "cache", "map", names=index.names[order], features=tokens[order], kind="tokens")
-    data = load_head_data(
-        cache_dir=tmp_path / "cache",
-        backbones=["map"],
-        index=index,
-        splits=make_splits(index),
-        metadata=False,
-        token_memory_gb=budget,
-    )
+    data = token_data(tmp_path / "cache", index, tokens, order=order, token_memory_gb=budget)
     return index, tokens, data
 
 
