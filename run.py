@@ -417,20 +417,7 @@ def cmd_demo(args, config: Config) -> None:
 
 
 def cmd_bench(args, config: Config) -> None:
-    if args.what == "extract":
-        config = _with_extract_flags(args, config)
-        for name in (*args.backbone, *([args.from_pixels] if args.from_pixels else [])):
-            config.backbone(name)
-        _check_extract_inputs(args, config)
-    elif args.what == "heads" and getattr(args, "head", None):
-        from heads.custom import check_builder_file
-
-        if not args.quality:
-            raise InputError("bench heads --head needs --quality: a head of your own is measured for quality")
-        for head in args.head:
-            check_builder_file(head)
-    if args.what == "heads" and getattr(args, "problems", ()) and not args.quality:
-        raise InputError("bench heads --problems needs --quality: it picks the planted problems to train on")
+    config = _check_bench_args(args, config)
     _tensorflow(args)
     if args.what == "curve":
         result, text = _bench_curve(args, config)
@@ -446,42 +433,60 @@ def cmd_bench(args, config: Config) -> None:
         )
         text = format_bench_extract
     else:
-        import tempfile
-
-        from bench.heads import (
-            bench_heads,
-            bench_quality,
-            format_bench_heads,
-            format_quality,
-            only_problems,
-            with_heads,
-        )
-
-        with tempfile.TemporaryDirectory(prefix="cxr14-bench-") as tmp:
-            workdir = args.workdir or Path(tmp)
-            if args.quality:
-                result = bench_quality(
-                    config=config,
-                    rows=args.rows,
-                    dim=args.dim,
-                    workdir=workdir,
-                    seed=args.seed,
-                    runs=only_problems(with_heads(args.head or ()), args.problems),
-                )
-                text = format_quality
-            else:
-                result = bench_heads(
-                    rows=args.rows,
-                    dim=args.dim,
-                    workdir=workdir,
-                    fc=config.head("fc"),
-                    cnn=config.head("cnn"),
-                )
-                text = format_bench_heads
+        result, text = _bench_heads(args, config)
     if args.json:
         _print_json(result)
     else:
         print(text(result))
+
+
+def _check_bench_args(args, config: Config) -> Config:
+    """The bench's flags checked before TensorFlow loads; the config with bench extract's flags applied."""
+    if args.what == "extract":
+        config = _with_extract_flags(args, config)
+        for name in (*args.backbone, *([args.from_pixels] if args.from_pixels else [])):
+            config.backbone(name)
+        _check_extract_inputs(args, config)
+    elif args.what == "heads" and getattr(args, "head", None):
+        from heads.custom import check_builder_file
+
+        if not args.quality:
+            raise InputError("bench heads --head needs --quality: a head of your own is measured for quality")
+        for head in args.head:
+            check_builder_file(head)
+    if args.what == "heads" and getattr(args, "problems", ()) and not args.quality:
+        raise InputError("bench heads --problems needs --quality: it picks the planted problems to train on")
+    return config
+
+
+def _bench_heads(args, config: Config):
+    import tempfile
+
+    from bench.heads import (
+        bench_heads,
+        bench_quality,
+        format_bench_heads,
+        format_quality,
+        only_problems,
+        with_heads,
+    )
+
+    with tempfile.TemporaryDirectory(prefix="cxr14-bench-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        if args.quality:
+            result = bench_quality(
+                config=config,
+                rows=args.rows,
+                dim=args.dim,
+                workdir=workdir,
+                seed=args.seed,
+                runs=only_problems(with_heads(args.head or ()), args.problems),
+            )
+            return result, format_quality
+        result = bench_heads(
+            rows=args.rows, dim=args.dim, workdir=workdir, fc=config.head("fc"), cnn=config.head("cnn")
+        )
+        return result, format_bench_heads
 
 
 def _bench_curve(args, config: Config):
@@ -1117,6 +1122,25 @@ def _add_bench_command(sub) -> None:
     what = bench.add_subparsers(
         dest="what", required=True, metavar="{extract,heads,curve,sweep,import,tokens}"
     )
+    _add_bench_extract(what)
+    _add_bench_heads(what)
+    _add_bench_curve(what)
+    _add_bench_sweep(what)
+    _add_bench_tokens(what)
+    p = _command(
+        what,
+        "import",
+        cmd_bench_import,
+        "Peak memory of import-features on a full-size .npz keyed by image id (written to a temp dir).",
+        folders=(),
+    )
+    p.add_argument("--rows", type=_positive, default=112_120, help="images in the .npz and the index")
+    p.add_argument("--dim", type=_positive, default=1376, help="values per embedding (CXR Foundation v1)")
+    p.add_argument("--workdir", type=Path, help="where to write the .npz and the cache (default: a temp dir)")
+    _json_flag(p)
+
+
+def _add_bench_extract(what) -> None:
     p = _command(
         what,
         "extract",
@@ -1135,6 +1159,9 @@ def _add_bench_command(sub) -> None:
     )
     _add_extract_flags(p)
     _json_flag(p)
+
+
+def _add_bench_heads(what) -> None:
     p = _command(
         what,
         "heads",
@@ -1166,20 +1193,6 @@ def _add_bench_command(sub) -> None:
         help="with --quality: only these planted problems, comma-separated (linear, nonlinear, "
         "complementary, metadata, local; default all)",
     )
-    _json_flag(p)
-    _add_bench_curve(what)
-    _add_bench_sweep(what)
-    _add_bench_tokens(what)
-    p = _command(
-        what,
-        "import",
-        cmd_bench_import,
-        "Peak memory of import-features on a full-size .npz keyed by image id (written to a temp dir).",
-        folders=(),
-    )
-    p.add_argument("--rows", type=_positive, default=112_120, help="images in the .npz and the index")
-    p.add_argument("--dim", type=_positive, default=1376, help="values per embedding (CXR Foundation v1)")
-    p.add_argument("--workdir", type=Path, help="where to write the .npz and the cache (default: a temp dir)")
     _json_flag(p)
 
 
