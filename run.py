@@ -845,8 +845,14 @@ def _add_training_flags(p) -> None:
 def _add_head_flags(p) -> None:
     p.add_argument("--units", type=_units, help="FC layer sizes, e.g. 512,256 (default: the head's preset)")
     p.add_argument("--dropout", type=float, help="dropout rate (default: the head's preset)")
-    p.add_argument("--transition", type=_positive, help="ensemble: transition width (default: the preset)")
-    p.add_argument("--fusion", choices=FUSIONS, help="ensemble: how branches join (default: the preset)")
+    p.add_argument(
+        "--transition", type=_positive, help="ensemble, token heads: transition width (default: the preset)"
+    )
+    p.add_argument(
+        "--fusion",
+        choices=FUSIONS,
+        help="ensemble, token heads on several maps: how branches join (default: the preset)",
+    )
     p.add_argument(
         "--filters", type=_units, help="cnn: filters per conv block, e.g. 32,64,128 (default: the preset)"
     )
@@ -868,7 +874,9 @@ def _add_head_commands(sub) -> None:
         metavar="KEY=VALUE",
         help="an option for a head from your own file (repeatable; VALUE is a TOML literal)",
     )
-    p.add_argument("--backbone", required=True, help="NAME, or NAME,NAME,... for the ensemble")
+    p.add_argument(
+        "--backbone", required=True, help="NAME, or NAME,NAME,... for the ensemble or a token head"
+    )
     p.add_argument("--name", help="run folder name under runs/ (default: HEAD-BACKBONES)")
     _add_training_flags(p)
     _add_head_flags(p)

@@ -442,8 +442,9 @@ def _evidence(label_logits: keras.layers.Dense, tokens):
 
 
 def _attention(tensors: dict, *, head: HeadConfig, seeds: Iterator[int], start: HeadStart | None = None):
-    """Each token map pooled by its own gated attention (named attention_<input>), then joined; started
-    at the probe, each attention starts where the probe scores the tokens highest (guide)."""
+    """Each token map pooled by its own gated attention (named attention_<input>), then fused
+    (_fuse_backbones); started at the probe, each attention starts where the probe scores the tokens
+    highest (guide)."""
     pooled = []
     for name, tokens in tensors.items():
         evidence = 0 if start is None else start.kernel.shape[1]
@@ -453,7 +454,22 @@ def _attention(tensors: dict, *, head: HeadConfig, seeds: Iterator[int], start: 
         pooled.append(layer(tokens))
         if start is not None:
             layer.guide(token_logit_kernel(start, name), start.bias.astype(np.float32))
-    return _join(pooled)
+    return _fuse_backbones(dict(zip(tensors, pooled, strict=True)), head=head, seeds=seeds)
+
+
+def _fuse_backbones(pooled: dict, *, head: HeadConfig, seeds: Iterator[int]):
+    """One backbone's pooled tokens as they are; several backbones' as the blog's model 3 fuses pooled
+    features: each to head.transition units by its own transition Dense (token_transition_<input>),
+    then head.fusion ("add" or "concat"). The seeds of one backbone's head stay as they were."""
+    if len(pooled) == 1:
+        return next(iter(pooled.values()))
+    transitions = [
+        _dense(head.transition, "relu", head=head, seeds=seeds, name=f"token_transition_{name}")(x)
+        for name, x in pooled.items()
+    ]
+    if head.fusion == "add":
+        return keras.layers.Add(name="token_fusion")(transitions)
+    return keras.layers.Concatenate(name="token_fusion")(transitions)
 
 
 def token_logit_kernel(start: HeadStart, name: str) -> np.ndarray:
@@ -470,8 +486,8 @@ def token_logit_kernel(start: HeadStart, name: str) -> np.ndarray:
 
 
 def _attentive(tensors: dict, *, head: HeadConfig, seeds: Iterator[int], start: HeadStart | None = None):
-    """Each token map read by its own attentive probe (named attention_<input>), then joined; started at
-    the probe, each starts where the probe sees findings (guide)."""
+    """Each token map read by its own attentive probe (named attention_<input>), then fused
+    (_fuse_backbones); started at the probe, each starts where the probe sees findings (guide)."""
     read = []
     for name, tokens in tensors.items():
         evidence = 0 if start is None else start.kernel.shape[1]
@@ -479,7 +495,7 @@ def _attentive(tensors: dict, *, head: HeadConfig, seeds: Iterator[int], start: 
         read.append(layer(tokens))
         if start is not None:
             layer.guide(token_logit_kernel(start, name), start.bias.astype(np.float32))
-    return _join(read)
+    return _fuse_backbones(dict(zip(tensors, read, strict=True)), head=head, seeds=seeds)
 
 
 def token_attention(model: keras.Model, name: str):

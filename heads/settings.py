@@ -57,14 +57,16 @@ HEAD_KINDS = {
             "gated-attention pooling over a token map (Ilse et al. 2018), then fully-connected layers",
             trunk="attention",
             takes="features",
-            options=("transition", "units", "dropout"),
+            max_backbones=None,
+            options=("transition", "fusion", "units", "dropout"),
         ),
         HeadKind(
             "attentive",
             "an attentive probe: one cross-attention block, a learned query over a token map",
             trunk="attentive",
             takes="features",
-            options=("transition", "units", "dropout"),
+            max_backbones=None,
+            options=("transition", "fusion", "units", "dropout"),
         ),
         HeadKind(
             "cnn",

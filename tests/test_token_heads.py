@@ -81,6 +81,57 @@ def test_a_token_head_learns_what_pooling_dilutes_and_reloads(tmp_path, head):
     assert model.predict({"map": data.features["map"][:4].astype(np.float32)}, verbose=0).shape == (4, 14)
 
 
+def two_maps(tmp_path, n=360):
+    """Token caches of two backbones with different grids and widths, "map" (16 x 6) and "small"
+    (9 x 4), each holding the findings in one token, loaded together; and "both", their pooled vectors
+    side by side in one cache."""
+    index = make_index(n)
+    maps = {"map": local_tokens(index), "small": local_tokens(index, seed=1)[:, :9, :4]}
+    for name, tokens in maps.items():
+        write_cache(tmp_path / "cache", name, names=index.names, features=tokens, kind="tokens")
+    both = np.concatenate([t.mean(axis=1, dtype=np.float32) for t in maps.values()], axis=1)
+    write_cache(tmp_path / "cache", "both", names=index.names, features=both)
+    load = dict(cache_dir=tmp_path / "cache", index=index, splits=make_splits(index), metadata=False)
+    return load_head_data(backbones=list(maps), **load), load_head_data(backbones=["both"], **load)
+
+
+@pytest.mark.parametrize("fusion", ["add", "concat"])
+@pytest.mark.parametrize("kind", ["attention", "attentive"])
+def test_a_token_head_over_two_maps_fuses_them_and_starts_as_the_probe_on_both(tmp_path, kind, fusion):
+    tokens, pooled = two_maps(tmp_path)
+    head = HeadConfig(kind=kind, units=(16,), dropout=0.0, transition=16, fusion=fusion)
+    rows = {split: tokens.rows(split) for split in ("train", "val")}
+    start = fit_start(tokens, rows=rows, max_directions=0, seed=0)
+    reference = fit_start(pooled, rows=rows, max_directions=0, seed=0)
+    shapes = {"map": (TOKENS, CHANNELS), "small": (9, 4)}
+    model = build_head(kind=kind, inputs=shapes, n_labels=14, head=head, seed=0, start=start)
+    linear = build_head(kind="linear", inputs={"both": (CHANNELS + 4,)}, n_labels=14,
+                        head=HeadConfig(kind="linear", units=()), seed=0, start=reference)  # fmt: skip
+    got = model.predict({n: tokens.features[n].astype(np.float32) for n in shapes}, verbose=0)
+    want = linear.predict({n: f.astype(np.float32) for n, f in pooled.features.items()}, verbose=0)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    fused = model.get_layer("token_fusion")
+    assert isinstance(fused, keras.layers.Add if fusion == "add" else keras.layers.Concatenate)
+    assert fused.output.shape[-1] == 16 * (1 if fusion == "add" else 2)
+    for name in shapes:  # each map its own attention (its heatmap) and its own transition
+        assert token_attention(model, name) is not None
+        assert model.get_layer(f"token_transition_{name}").kernel.shape[1] == 16
+
+
+def test_a_token_head_over_two_maps_learns_and_reloads(tmp_path):
+    tokens, _ = two_maps(tmp_path, n=900)
+    train = TrainConfig(**{**FAST.__dict__, "epochs": 25, "patience": 8, "lr": 3e-3})
+    metrics = train_quickly(tmp_path / "run", tokens, head=ATTENTION, train=train)
+    assert metrics["val_mean_auc"] >= metrics["reference"]["val_mean_auc"] - 1e-9
+    assert metrics["mean_auc"] - metrics["reference"]["mean_auc"] > 0.03
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    given = {
+        "map": tokens.features["map"][:4].astype(np.float32),
+        "small": tokens.features["small"][:4].astype(np.float32),
+    }
+    assert model.predict(given, verbose=0).shape == (4, 14)
+
+
 def test_token_inputs_and_vectors_are_not_mixed_up(tmp_path):
     with pytest.raises(InputError, match=r"attention head takes a token map \(T, C\).*output = \"map\""):
         build_head(kind="attention", inputs={"a": (8,)}, n_labels=2, head=ATTENTION, seed=0)
