@@ -23,6 +23,7 @@ def test_the_bench_streams_a_cache_over_its_budget_and_reports_its_figures(tmp_p
     assert 400 * 9 * 8 * 2 > result["budget_gb"] * 1e9 and result["cache_gb"] == 0.0  # 58 kB, in GB
     assert result["train_rows"] + result["val_rows"] < 400 and result["epoch_s"] > 0
     assert np.isclose(result["epoch_over_read"], result["epoch_s"] / max(result["read_s"], 1e-3), atol=0.01)
+    assert len(result["reads_s"]) == 3 and result["read_s"] == np.median(result["reads_s"])
     assert result["streamed_over_memory"] > 0 and result["memory_epoch_s"] > 0
     assert result["baseline_mb"] <= result["peak_mb"] and result["page_cache"].startswith("not dropped")
     text = format_bench_tokens(result)
