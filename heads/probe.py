@@ -6,13 +6,12 @@ eigendecomposition; each penalty of the grid then costs two small products, so t
 seconds where a logistic regression per label and penalty would take minutes.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import expit
-
-from results.metrics import mean_defined
 
 CHUNK = 8192
 # Penalties as multiples of the training rows: standardized features make the Gram matrix about
@@ -150,10 +149,8 @@ def fit_ridge_probe(
     )
     val_labels = labels[val_rows]
     curve = [
-        mean_defined(
-            rank_auc_per_label(
-                val_labels, val_basis @ (projected / (eigenvalues + a * eq.n)[:, None]).astype(np.float32)
-            )
+        rank_mean_auc(
+            val_labels, val_basis @ (projected / (eigenvalues + a * eq.n)[:, None]).astype(np.float32)
         )
         for a in penalties
     ]
@@ -187,6 +184,14 @@ def rank_auc_per_label(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         auc = (rank_sums - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def rank_mean_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The mean of rank_auc_per_label over the labels with both classes (NaN if none has): what the
+    searches inside a fit (the probe's penalty, heads/start.py's directions) compare."""
+    auc = rank_auc_per_label(labels, scores)
+    defined = auc[~np.isnan(auc)]
+    return float(defined.mean()) if defined.size else math.nan
 
 
 # Folds of the training patients for the probe's out-of-fold scores (heads/start.py).

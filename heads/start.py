@@ -25,10 +25,9 @@ from heads.probe import (
     fit_ridge_probe,
     normal_equations,
     platt_scaling,
-    rank_auc_per_label,
+    rank_mean_auc,
     standardized_chunks,
 )
-from results.metrics import mean_defined
 
 
 @dataclass(frozen=True, eq=False)
@@ -215,12 +214,12 @@ def _validated_directions(
         return none
     units = {split: _units(arrays, rows[split], probe=probe, directions=directions) for split in offsets}
     val_labels = labels[rows["val"]]
-    best, best_auc = none, mean_defined(rank_auc_per_label(val_labels, offsets["val"]))
+    best, best_auc = none, rank_mean_auc(val_labels, offsets["val"])
     m = directions.shape[1]
     for k in sorted({min(2**i, m) for i in range(m.bit_length() + 1)}):
         pick = np.r_[0:k, m : m + k]  # the +v and -v units of the first k directions
         weights = logistic_with_offset(units["train"][:, pick], labels[rows["train"]], offsets["train"])
-        auc = mean_defined(rank_auc_per_label(val_labels, offsets["val"] + units["val"][:, pick] @ weights))
+        auc = rank_mean_auc(val_labels, offsets["val"] + units["val"][:, pick] @ weights)
         if auc > best_auc:
             best, best_auc = (directions[:, :k], weights), auc
     return best
