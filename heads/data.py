@@ -226,16 +226,16 @@ def _read_cache(cache_dir: Path, backbone: str, index, *, token_memory_gb: float
         check_recipe(path, attrs=cached.attrs, names=cached.names)
         # Same names are not the same images: the cache must come from this index's data set.
         check_origin(path, recorded=cached.attrs.get("dataset"), names=cached.names, index=index)
+        # Join by name, never by position: a cache may hold its rows in any order, or other images.
+        position = positions(index.names, among=cached.names)
+        if not (position >= 0).any():
+            raise MadeDifferently(
+                f"{path}: none of its {len(cached.names)} image names are in {index.csv_path}; the cache "
+                "was made from another image list; re-extract it from scratch"
+            )
     except MadeDifferently as err:
         raise InputError(str(err)).fixed_by(Fix("extract", {"backbone": backbone, "force": True})) from None
-    # Join by name, never by position: a cache may hold its rows in any order, or other images.
-    position = positions(index.names, among=cached.names)
     found = position >= 0
-    if not found.any():
-        raise InputError(
-            f"{path}: none of its {len(cached.names)} image names are in {index.csv_path}; the cache was "
-            "made from another image list; re-extract it from scratch"
-        ).fixed_by(Fix("extract", {"backbone": backbone, "force": True}))
     status = np.full(len(position), Status.MISSING, dtype=np.int8)
     status[found] = cached.status[position[found]]
     # NaN or inf would turn every score into a constant: such rows are left out and counted.
