@@ -86,7 +86,8 @@ def _peak_mb() -> float:
 
 def time_train_head(*, config: Config, rows: int, seed: int) -> dict:
     """A train-head --head fc run (load, fit, score on test, write), as the command trains it."""
-    from experiments.experiment import plan_run, sized_for_data, snapshot
+    from experiments.experiment import plan_run, sized_for_data
+    from experiments.provenance import snapshot
     from heads.train import train_head
 
     start = time.perf_counter()

@@ -24,7 +24,8 @@ import numpy as np
 from cxr14.errors import InputError
 from cxr14.temps import temp_path
 from experiments.config import Config, with_training
-from experiments.experiment import RunPlan, plan_run, snapshot
+from experiments.experiment import RunPlan, plan_run
+from experiments.provenance import snapshot
 from results.format import format_auc
 
 DEFAULT_FRACTIONS = (0.01, 0.03, 0.1, 0.3, 1.0)

@@ -8,12 +8,10 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.errors import Fix, InputError
-from cxr14.made_by import made_by
 from experiments.config import Config
 from experiments.preflight import backbone_kind
-from experiments.provenance import extracted_backbone, recorded
+from experiments.provenance import snapshot
 from heads.run_folder import read_config, refuse_existing, run_path
 from heads.settings import HEAD_KINDS, HeadConfig, TrainConfig, kind_of
 from results.summary import summarize_metrics
@@ -29,10 +27,6 @@ class RunPlan:
 
     def default_name(self) -> str:
         return f"{self.head.kind}-{'+'.join(self.backbones)}"
-
-
-# The code's own folder, whose git commit every run records.
-SOURCE_DIR = Path(__file__).resolve().parents[1]
 
 
 def plan_run(config: Config, *, kind: str, backbones: str | Sequence[str]) -> RunPlan:
@@ -69,28 +63,6 @@ def sized_for_data(plan: RunPlan, data) -> RunPlan:
     """The plan with what depends on the data's size settled (an "auto" batch size), so that config.json
     records what was trained."""
     return dataclasses.replace(plan, train=plan.train.sized_for(data.rows("train").size))
-
-
-def snapshot(config: Config, plan: RunPlan, *, caches: dict[str, dict], synthetic: bool = False) -> dict:
-    """The resolved config saved as runs/RUN/config.json: enough to evaluate, predict and export later.
-
-    The backbones are recorded as their caches were extracted (None for features of one's own), so a
-    later edit of the config cannot change what predict and export run. `synthetic`: trained on a
-    make-sample data set (predict and export then warn).
-    """
-    return {
-        "head": dataclasses.asdict(plan.head),
-        "train": dataclasses.asdict(plan.train),
-        "decision": dataclasses.asdict(config.decision),
-        "backbones": {name: extracted_backbone(caches[name]) for name in plan.backbones},
-        "labels": list(config.labels),
-        "data": {"synthetic": synthetic, **({"notice": SYNTHETIC_NOTICE} if synthetic else {})},
-        # Prediction must round features exactly as the cache did, so record how it stored them.
-        "feature_dtypes": {name: caches[name]["dtype"] for name in plan.backbones},
-        "caches": recorded({name: caches[name] for name in plan.backbones}),
-        "config": config.as_dict(),
-        "made_by": made_by(source_dir=SOURCE_DIR),
-    }
 
 
 def run_train_head(

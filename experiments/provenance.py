@@ -5,7 +5,9 @@ import dataclasses
 from pathlib import Path
 
 from cache.paths import cache_path
+from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.errors import Fix, InputError
+from cxr14.made_by import made_by
 from experiments.config import Config
 from extract.settings import BackboneConfig
 
@@ -13,6 +15,8 @@ from extract.settings import BackboneConfig
 RECORDED = ("backbone", "kind", "dtype", "views", "fingerprint", "image_list_sha256")
 # The settings extraction records (BackboneConfig.as_dict): what the weights saw is not among them.
 BACKBONE_FIELDS = {f.name: f for f in dataclasses.fields(BackboneConfig) if f.name != "pretrained_on"}
+# The code's own folder, whose git commit every run records.
+SOURCE_DIR = Path(__file__).resolve().parents[1]
 
 
 def check_made_by(config: Config, caches: dict[str, dict]) -> None:
@@ -69,6 +73,28 @@ def extracted_backbone(attrs: dict) -> dict | None:
 def recorded(caches: dict[str, dict]) -> dict[str, dict]:
     """What a run records of each cache it trained on."""
     return {name: {key: attrs.get(key) for key in RECORDED} for name, attrs in caches.items()}
+
+
+def snapshot(config: Config, plan, *, caches: dict[str, dict], synthetic: bool = False) -> dict:
+    """The resolved config saved as runs/RUN/config.json: enough to evaluate, predict and export later.
+
+    `plan`: the run's RunPlan (experiments/experiment.py). The backbones are recorded as their caches were extracted (None for features of one's own), so a
+    later edit of the config cannot change what predict and export run. `synthetic`: trained on a
+    make-sample data set (predict and export then warn).
+    """
+    return {
+        "head": dataclasses.asdict(plan.head),
+        "train": dataclasses.asdict(plan.train),
+        "decision": dataclasses.asdict(config.decision),
+        "backbones": {name: extracted_backbone(caches[name]) for name in plan.backbones},
+        "labels": list(config.labels),
+        "data": {"synthetic": synthetic, **({"notice": SYNTHETIC_NOTICE} if synthetic else {})},
+        # Prediction must round features exactly as the cache did, so record how it stored them.
+        "feature_dtypes": {name: caches[name]["dtype"] for name in plan.backbones},
+        "caches": recorded({name: caches[name] for name in plan.backbones}),
+        "config": config.as_dict(),
+        "made_by": made_by(source_dir=SOURCE_DIR),
+    }
 
 
 def check_unchanged(run_dir: Path, *, saved: dict, caches: dict[str, dict], cache_dir: Path) -> None:

@@ -16,7 +16,8 @@ from cxr14.errors import InputError
 from cxr14.settings import read_toml
 from cxr14.tf_logging import models_built_in_a_loop
 from experiments.config import Config, with_training
-from experiments.experiment import RunPlan, plan_run, sized_for_data, snapshot
+from experiments.experiment import RunPlan, plan_run, sized_for_data
+from experiments.provenance import snapshot
 from heads.run_folder import run_path
 from heads.settings import FILE_HEAD, describe_settings, head_kind, is_file_head, kind_of, start_directions
 from results.format import MISSING, format_auc, format_difference

@@ -321,7 +321,7 @@ def make_run(
     seed: int = 0,
     project_head: bool = False,
 ) -> Path:
-    """A run folder as heads.train writes it: config.json (experiment.snapshot's keys) and model.keras."""
+    """A run folder as heads.train writes it: config.json (provenance.snapshot's keys) and model.keras."""
     run_dir.mkdir(parents=True)
     model = _models_head(backbones, seed=seed) if project_head else _head(backbones, seed=seed)
     model.save(run_dir / "model.keras")
