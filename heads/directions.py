@@ -5,6 +5,7 @@ a linear probe cannot see it, and gradient descent from a random start found no 
 epochs at full size (the probe's AUC, unchanged). The top eigenvectors of the whitened difference of the
 class-conditional covariances, Cov(x | y=1) - Cov(x | y=0), point at those directions; the fc head starts
 a pair of its first-layer units on each (+v and -v, so the ReLUs see |v.x|), which it then trains as usual.
+Validation chooses how many of them join the start (validated_directions), with their units' weights.
 """
 
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
-from heads.probe import CHUNK, one_thread, standardized_chunks
+from heads.probe import CHUNK, RidgeProbe, one_thread, rank_mean_auc, standardized_chunks
 
 # A direction is kept when its eigenvalue exceeds this multiple of the estimate's own noise level.
 SIGNIFICANCE = 1.15
@@ -151,3 +152,39 @@ def logistic_with_offset(
                 break
         weights[:, j] = beta
     return weights
+
+
+def validated_directions(
+    arrays, labels, rows: dict, *, probe: RidgeProbe, directions: np.ndarray, offsets: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """The leading directions (1, 2, 4, ... of them, or none) whose units, at their logistic optimum on
+    the training rows, give the best validation mean AUC beside the probe; with their (2m, L) weights.
+
+    The noise level in spread_directions is for large samples: on the demo's 1,470 training images it
+    kept 16 directions whose units, fitted on train, took the start from the probe's 0.982 to 0.950 on
+    validation. Validation chooses their number, as it chooses the probe's penalty.
+    """
+    none = (directions[:, :0], np.zeros((0, labels.shape[1])))
+    if directions.shape[1] == 0:
+        return none
+    units = {
+        split: direction_units(arrays, rows[split], probe=probe, directions=directions) for split in offsets
+    }
+    val_labels = labels[rows["val"]]
+    best, best_auc = none, rank_mean_auc(val_labels, offsets["val"])
+    m = directions.shape[1]
+    for k in sorted({min(2**i, m) for i in range(m.bit_length() + 1)}):
+        pick = np.r_[0:k, m : m + k]  # the +v and -v units of the first k directions
+        weights = logistic_with_offset(units["train"][:, pick], labels[rows["train"]], offsets["train"])
+        auc = rank_mean_auc(val_labels, offsets["val"] + units["val"][:, pick] @ weights)
+        if auc > best_auc:
+            best, best_auc = (directions[:, :k], weights), auc
+    return best
+
+
+def direction_units(arrays, rows, *, probe: RidgeProbe, directions: np.ndarray) -> np.ndarray:
+    """(len(rows), 2m) the +v / -v ReLU units on the standardized rows."""
+    projected = np.concatenate(
+        [c @ directions for c in standardized_chunks(arrays, rows, mean=probe.mean, scale=probe.scale)]
+    )
+    return np.concatenate([np.maximum(projected, 0), np.maximum(-projected, 0)], axis=1)
