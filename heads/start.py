@@ -24,6 +24,7 @@ from heads.probe import (
     cross_fitted_scores,
     fit_ridge_probe,
     normal_equations,
+    order_keeping,
     platt_scaling,
 )
 
@@ -175,23 +176,3 @@ def fit_start(
         train_correction=common.train_correction,
         token_scales=common.token_scales,
     )
-
-
-# The smallest Platt slope, times a label's out-of-fold score spread: its logits then span at least this
-# much, far above float32's resolution, so the probe's order (and every AUC) is kept.
-MIN_LOGIT_SPREAD = 0.01
-
-
-def order_keeping(
-    slope: np.ndarray, intercept: np.ndarray, *, scores: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Platt (slope, intercept) with every slope positive. A label the probe barely ranks out of fold can
-    get a slope of 0 or below; the head's start would then reverse or flatten the probe's order for it
-    (measured: -0.005 mean AUC against the probe on a planted problem with weak labels). Such a label
-    gets the smallest slope that keeps the order, and the intercept that keeps its mean logit."""
-    spread = np.maximum(scores.std(axis=0), 1e-9)
-    floor = MIN_LOGIT_SPREAD / spread
-    raised = slope < floor
-    mean = scores.mean(axis=0)
-    intercept = np.where(raised, intercept + (slope - floor) * mean, intercept)
-    return np.where(raised, floor, slope), intercept

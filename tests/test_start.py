@@ -78,7 +78,7 @@ def test_the_training_rows_correction_is_the_out_of_fold_minus_the_in_sample_log
         equations=equations,
         penalty=start.probe.penalty,
     )
-    from heads.start import order_keeping
+    from heads.probe import order_keeping
 
     # Calibrated on the honest scores, every slope kept positive.
     slope, _ = order_keeping(*platt_scaling(honest, data.labels[rows["train"]]), scores=honest)
@@ -89,7 +89,7 @@ def test_the_training_rows_correction_is_the_out_of_fold_minus_the_in_sample_log
 
 
 def test_a_label_the_probe_barely_ranks_keeps_the_probes_order():
-    from heads.start import order_keeping
+    from heads.probe import order_keeping
 
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(500, 2))
