@@ -127,6 +127,12 @@ def fit_common_start(data: HeadData, *, rows: dict, directions: bool) -> CommonS
     # Calibrated on the out-of-fold scores: those are distributed as the probe's scores of new images.
     slope, intercept = order_keeping(*platt_scaling(honest, labels[rows["train"]]), scores=honest)
     kernel, bias = probe.logit_weights(slope=slope, intercept=intercept)
+    # The probe's logits: out-of-fold on "train" (what a head's own layers add to), the full probe's on "val".
+    offsets = {
+        "train": honest * slope + intercept,
+        "val": probe.scores(arrays, rows["val"]) * slope + intercept,
+    }
+    train_correction = (slope * (honest - probe.scores(arrays, rows["train"]))).astype(np.float32)
     spread = None
     if directions:
         spread = spread_moments(
@@ -138,11 +144,8 @@ def fit_common_start(data: HeadData, *, rows: dict, directions: bool) -> CommonS
         probe=probe,
         kernel=kernel,
         bias=bias,
-        train_correction=(slope * (honest - probe.scores(arrays, rows["train"]))).astype(np.float32),
-        offsets={
-            "train": honest * slope + intercept,
-            "val": probe.scores(arrays, rows["val"]) * slope + intercept,
-        },
+        train_correction=train_correction,
+        offsets=offsets,
         token_scales={
             name: token_scale(data.features[name], rows["train"], views=data.views(name) > 1)
             for name in data.features
