@@ -133,6 +133,11 @@ def fit_common_start(data: HeadData, *, rows: dict, directions: bool) -> CommonS
         "val": probe.scores(arrays, rows["val"]) * slope + intercept,
     }
     train_correction = (slope * (honest - probe.scores(arrays, rows["train"]))).astype(np.float32)
+    token_scales = {
+        name: token_scale(data.features[name], rows["train"], views=data.views(name) > 1)
+        for name in data.features
+        if data.is_tokens(name)
+    }
     spread = None
     if directions:
         spread = spread_moments(
@@ -146,11 +151,7 @@ def fit_common_start(data: HeadData, *, rows: dict, directions: bool) -> CommonS
         bias=bias,
         train_correction=train_correction,
         offsets=offsets,
-        token_scales={
-            name: token_scale(data.features[name], rows["train"], views=data.views(name) > 1)
-            for name in data.features
-            if data.is_tokens(name)
-        },
+        token_scales=token_scales,
         spread=spread,
     )
 
