@@ -244,29 +244,28 @@ def _peak_mb() -> float:
 
 
 def format_bench_tokens(result: dict) -> str:
+    """bench tokens' figures for people: a line a step, its name in a column of its own."""
     r = result
-    lines = [
-        f"token cache        {r['rows']:,} x {r['tokens']} x {r['channels']} float16 = {r['cache_gb']} GB "
-        f"(budget {r['budget_gb']:g} GB: streamed)",
-        f"page cache         {r['page_cache']}; held before the read {r['cached_before_read']}, before "
-        f"epoch 2 {r['cached_before_epoch_2']}",
-        f"read once          {r['read_s']} s, the median of {r['reads_s']} "
-        f"({r['cache_gb'] / max(r['read_s'], 1e-3):.2f} GB/s)",
-        f"load (check pass)  {r['load_s']} s",
-        f"probe start        {r['start_s']} s (the mean of the tokens, then their scale: two passes)",
-        f"batches alone      {r['stream_pass_s']} s (read, shuffled, batched; {r['stream_over_read']} x the read)",
-        f"epoch 1 / 2        {r['epoch_1_s']} s / {r['epoch_2_s']} s ({r['train_rows']:,} rows, batch "
-        f"{r['batch_size']}); epoch / read {r['epoch_over_read']} (target <= 1.5)",
-    ]
+    rows = [
+        ("token cache", f"{r['rows']:,} x {r['tokens']} x {r['channels']} float16 = {r['cache_gb']} GB (budget "
+                        f"{r['budget_gb']:g} GB: streamed)"),
+        ("page cache", f"{r['page_cache']}; held before the read {r['cached_before_read']}, before epoch 2 "
+                       f"{r['cached_before_epoch_2']}"),
+        ("read once", f"{r['read_s']} s, the median of {r['reads_s']} "
+                      f"({r['cache_gb'] / max(r['read_s'], 1e-3):.2f} GB/s)"),
+        ("load (check pass)", f"{r['load_s']} s"),
+        ("probe start", f"{r['start_s']} s (the mean of the tokens, then their scale: two passes)"),
+        ("batches alone", f"{r['stream_pass_s']} s (read, shuffled, batched; {r['stream_over_read']} x the read)"),
+        ("epoch 1 / 2", f"{r['epoch_1_s']} s / {r['epoch_2_s']} s ({r['train_rows']:,} rows, batch "
+                        f"{r['batch_size']}); epoch / read {r['epoch_over_read']} (target <= 1.5)"),
+    ]  # fmt: skip
     if "memory_epoch_s" in r:
-        lines.append(
-            f"loaded whole       epoch 2 {r['memory_epoch_s']} s, peak {r['memory_peak_mb']:.0f} MB: streamed / "
-            f"loaded {r['streamed_over_memory']}"
-        )
-    lines += [
-        f"validation score   {r['validation_s']} s ({r['val_rows']:,} rows, streamed)",
-        f"peak memory        {r['peak_mb']:.0f} MB (limit {r['limit_mb']} MB = budget + {ALLOWANCE_GB} GB; "
-        f"{r['baseline_mb']:.0f} MB before any row)",
-        f"load average       {r['load_average_before']} -> {r['load_average_after']}",
-    ]
-    return "\n".join(lines)
+        loaded = f"epoch 2 {r['memory_epoch_s']} s, peak {r['memory_peak_mb']:.0f} MB: streamed / loaded "
+        rows.append(("loaded whole", loaded + str(r["streamed_over_memory"])))
+    rows += [
+        ("validation score", f"{r['validation_s']} s ({r['val_rows']:,} rows, streamed)"),
+        ("peak memory", f"{r['peak_mb']:.0f} MB (limit {r['limit_mb']} MB = budget + {ALLOWANCE_GB} GB; "
+                        f"{r['baseline_mb']:.0f} MB before any row)"),
+        ("load average", f"{r['load_average_before']} -> {r['load_average_after']}"),
+    ]  # fmt: skip
+    return "\n".join(f"{name:<18} {text}" for name, text in rows)

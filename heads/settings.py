@@ -32,6 +32,13 @@ class HeadKind:
     directions: bool = False  # looks for second-order signal (heads/directions.py) to start units on
 
 
+def _token_kind(name: str, summary: str) -> HeadKind:
+    """A head over token maps (caches of backbones with output = "map"), its trunk named as it is: one map,
+    or several, each weighed by its own attention, then fused as the ensemble fuses pooled features."""
+    options = ("transition", "fusion", "units", "dropout")
+    return HeadKind(name, summary, trunk=name, takes="features", max_backbones=None, options=options)
+
+
 HEAD_KINDS = {
     kind.name: kind
     for kind in (
@@ -52,21 +59,12 @@ HEAD_KINDS = {
             max_backbones=None,
             options=("transition", "fusion", "units", "dropout"),
         ),
-        HeadKind(
+        _token_kind(
             "attention",
             "gated-attention pooling over a token map (Ilse et al. 2018), then fully-connected layers",
-            trunk="attention",
-            takes="features",
-            max_backbones=None,
-            options=("transition", "fusion", "units", "dropout"),
         ),
-        HeadKind(
-            "attentive",
-            "an attentive probe: one cross-attention block, a learned query over a token map",
-            trunk="attentive",
-            takes="features",
-            max_backbones=None,
-            options=("transition", "fusion", "units", "dropout"),
+        _token_kind(
+            "attentive", "an attentive probe: one cross-attention block, a learned query over a token map"
         ),
         HeadKind(
             "cnn",
