@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from cache import checksums as crc
+from cache import projection as proj
 from cache.limits import check_declared
 from cache.paths import cache_path, refuse_folder, shard_dir  # noqa: F401  (the store's paths, read from here too)
 from cache.settings import DTYPES, ITEM_DIMS
@@ -23,7 +24,10 @@ from cxr14.names import positions
 from cxr14.temps import remove_stale_temps, temp_path
 
 # Version 2 added the rows' `checksums` and the data set's fingerprint (`dataset`); version 1 files are
-# refused, since nothing in them can show their rows are still the rows that were written.
+# refused, since nothing in them can show their rows are still the rows that were written. A token map's
+# channel projection (the `projection` attribute and its datasets) came later within version 2: it is
+# optional, and a file without one reads as before, so it needed no new version that would refuse every
+# cache made until then; this code checks it wherever a file has one.
 SCHEMA_VERSION = 2
 REQUIRED_ATTRS = ("schema_version", "backbone", "kind", "dtype", "views")
 JSON_ATTRS = (
@@ -34,6 +38,7 @@ JSON_ATTRS = (
     "pretrained_on",
     "dataset",
     "checksums",
+    "projection",
 )
 # What the fingerprint hashes, by attribute name (image_list_sha256 stands for the names).
 RECIPE_ATTRS = (
@@ -60,6 +65,7 @@ DATASETS = ("names", "features", "status", "errors")
 SHARD_ATTRS = ("shard_start", "shard_stop", "shard_total_rows")
 LIBRARIES = ("numpy", "h5py", "tensorflow", "keras", "tensorflow-hub")
 FINITE_CHUNK = 4096  # rows checked for NaN/inf at a time, so the check needs no full-size copy
+FITTED = "projection.npz"  # a shard directory's fitted projection, saved before its first shard
 
 
 class MadeDifferently(InputError):
@@ -77,6 +83,7 @@ class FeatureSet:
     status: np.ndarray  # (N,) int8 Status
     errors: np.ndarray  # (N,) object str, "" when OK
     attrs: dict
+    projection: proj.Projection | None = None  # tokens reduced in channels (cache/projection.py)
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -170,10 +177,16 @@ def library_versions() -> dict:
     return versions
 
 
-def write_features(path: Path, *, names, features, status, errors, attrs: dict) -> Path:
-    """Write a whole feature file atomically: a temporary file, flushed, then renamed into place."""
+def write_features(
+    path: Path, *, names, features, status, errors, attrs: dict, projection: proj.Projection | None = None
+) -> Path:
+    """Write a whole feature file atomically: a temporary file, flushed, then renamed into place.
+
+    `projection`: what reduced the channels of these tokens, stored with them (cache/README.md).
+    """
     path = Path(path)
     attrs = {"schema_version": SCHEMA_VERSION, "created": _now(), **attrs}
+    attrs.pop("projection", None)  # only the projection given describes these tokens
     names = np.asarray(names, dtype=object)
     status = np.asarray(status, dtype=np.int8)
     errors = np.asarray(errors, dtype=object)
@@ -184,6 +197,9 @@ def write_features(path: Path, *, names, features, status, errors, attrs: dict) 
         features = np.asarray(features).astype(attrs["dtype"], copy=False)
     _check(path, names=names, features=features, status=status, errors=errors, attrs=attrs)
     _check_finite(path, names=names, features=features)
+    if projection is not None:
+        attrs["projection"] = projection.attrs()
+        _check_projection(path, projection, attrs=attrs, shape=features.shape)
     # The store alone stamps the checksums, over exactly the arrays it writes (any given ones are stale).
     attrs["checksums"] = crc.checksums(names=names, features=features, status=status, errors=errors)
 
@@ -192,9 +208,46 @@ def write_features(path: Path, *, names, features, status, errors, attrs: dict) 
         f.create_dataset("features", data=features)
         f.create_dataset("status", data=status)
         f.create_dataset("errors", data=errors, dtype=h5py.string_dtype())
+        _write_projection(f, projection)
         _set_attrs(f, attrs)
 
     return _write_atomically(path, fill)
+
+
+def _write_projection(f: h5py.File, projection: proj.Projection | None) -> None:
+    if projection is None:
+        return
+    for field, name in proj.DATASETS.items():
+        value = getattr(projection, field)
+        string = field == "fit_names"
+        f.create_dataset(name, data=value, dtype=h5py.string_dtype() if string else np.float32)
+
+
+def _read_projection(path: Path, f: h5py.File, *, attrs: dict, shape: tuple) -> proj.Projection | None:
+    """The file's projection, checked against its `projection` attribute and its features' `shape`."""
+    stored = [name for name in proj.DATASETS.values() if name in f]
+    if "projection" not in attrs:
+        if stored:
+            raise InputError(
+                f"{path}: holds dataset(s) {stored} but no projection attribute, so nothing says what they "
+                "are; extract it again (cache/README.md)"
+            )
+        return None
+    arrays = {}
+    for name in stored:
+        dataset = f[name]
+        arrays[name] = dataset.asstr()[()] if h5py.check_string_dtype(dataset.dtype) else dataset[()]
+    projection = proj.from_arrays(path, attrs=attrs["projection"], arrays=arrays)
+    _check_projection(path, projection, attrs=attrs, shape=shape)
+    return projection
+
+
+def _check_projection(path: Path, projection: proj.Projection, *, attrs: dict, shape: tuple) -> None:
+    if attrs["kind"] != "tokens":
+        raise InputError(
+            f"{path}: a channel projection belongs to token maps (kind 'tokens'), not kind {attrs['kind']!r}"
+        )
+    proj.check_shapes(path, projection, attrs=attrs["projection"], channels=int(shape[-1]))
 
 
 def _check_finite(path: Path, *, names: np.ndarray, features: np.ndarray) -> None:
@@ -266,12 +319,12 @@ def read_features(path: Path, *, names: Sequence[str] | None = None) -> FeatureS
         check_declared(path, f, attrs=attrs, features=True)
         stored, status, errors = _read_columns(f)
         features = f["features"][()]
+        projection = _read_projection(path, f, attrs=attrs, shape=features.shape)
     _check(path, names=stored, features=features, status=status, errors=errors, attrs=attrs)
     computed = crc.checksums(names=stored, features=features, status=status, errors=errors)
     _check_checksums(path, attrs=attrs, computed=computed)
-    if names is None:
-        return FeatureSet(path, stored, features, status, errors, attrs)
-    return _select(FeatureSet(path, stored, features, status, errors, attrs), names)
+    full = FeatureSet(path, stored, features, status, errors, attrs, projection)
+    return full if names is None else _select(full, names)
 
 
 def read_status(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -357,7 +410,17 @@ def shard_path(directory: Path, start: int, stop: int) -> Path:
 
 
 def write_shard(
-    directory: Path, *, start: int, stop: int, total_rows: int, names, features, status, errors, attrs: dict
+    directory: Path,
+    *,
+    start: int,
+    stop: int,
+    total_rows: int,
+    names,
+    features,
+    status,
+    errors,
+    attrs: dict,
+    projection: proj.Projection | None = None,
 ) -> Path:
     """Write one finished shard (rows start..stop of total_rows) atomically into `directory`."""
     directory = Path(directory)
@@ -368,8 +431,53 @@ def write_shard(
     path = shard_path(directory, start, stop)
     shard_attrs = {**attrs, "shard_start": start, "shard_stop": stop, "shard_total_rows": total_rows}
     return write_features(
-        path, names=names, features=features, status=status, errors=errors, attrs=shard_attrs
+        path,
+        names=names,
+        features=features,
+        status=status,
+        errors=errors,
+        attrs=shard_attrs,
+        projection=projection,
     )
+
+
+def save_fitted(directory: Path, projection: proj.Projection, *, fingerprint: str) -> Path:
+    """Keep a fitted projection in the shard directory (temporary file + rename) before any shard is
+    written with it, so that a resumed extraction projects its remaining shards alike."""
+    directory = Path(directory)
+    path = directory / FITTED
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        tmp = temp_path(path)
+        with open(tmp, "wb") as out:
+            arrays = {field: getattr(projection, field) for field in proj.DATASETS}
+            arrays["fit_names"] = np.asarray(projection.fit_names, dtype=str)  # no pickled objects
+            np.savez(out, **arrays, attrs=np.asarray(json.dumps(projection.attrs())), fingerprint=fingerprint)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise InputError(_write_failure(path, err)) from None
+    return path
+
+
+def load_fitted(directory: Path, *, fingerprint: str) -> proj.Projection | None:
+    """The projection saved by save_fitted for this recipe, None where there is none; one saved for
+    another recipe is refused."""
+    path = Path(directory) / FITTED
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            arrays = {name: saved[name] for name in saved.files}
+    except (OSError, ValueError) as err:
+        raise MadeDifferently(f"{path} cannot be read ({err}); delete it or start over") from None
+    if str(arrays.get("fingerprint")) != fingerprint:
+        raise MadeDifferently(f"{path} was fitted for another recipe (fingerprint); start over")
+    attrs = json.loads(str(arrays["attrs"]))
+    named = {name: arrays[field] for field, name in proj.DATASETS.items() if field in arrays}
+    return proj.from_arrays(path, attrs=attrs, arrays=named)
 
 
 def finished_shards(directory: Path, *, wanted: dict) -> dict[tuple[int, int], Path]:
@@ -430,6 +538,12 @@ def discard_shards(directory: Path, *, fingerprint: str, ranges: Sequence[tuple[
         if not keep:
             path.unlink(missing_ok=True)
             removed += 1
+    fitted = Path(directory) / FITTED
+    try:
+        load_fitted(directory, fingerprint=fingerprint)  # the same recipe's fit is kept, as its shards are
+    except InputError:
+        fitted.unlink(missing_ok=True)
+        removed += 1
     for start, stop in ranges:
         remove_stale_temps(shard_path(directory, start, stop))
     return removed
@@ -454,8 +568,10 @@ def merge_shards(directory: Path, *, out_path: Path) -> Path:
         out.create_dataset("features", shape=(total, *first.features.shape[1:]), dtype=first.features.dtype)
         out.create_dataset("status", shape=(total,), dtype=np.int8)
         out.create_dataset("errors", shape=(total,), dtype=string)
+        _write_projection(out, first.projection)
         for path in shards:
             part = read_features(path)
+            _check_same_projection(path, part.projection, first.projection)
             rows = slice(part.attrs["shard_start"], part.attrs["shard_stop"])
             for key in DATASETS:
                 out[key][rows] = getattr(part, key)
@@ -463,6 +579,16 @@ def merge_shards(directory: Path, *, out_path: Path) -> Path:
         _set_attrs(out, {**attrs, "checksums": running.digests()})
 
     return _write_atomically(out_path, fill)
+
+
+def _check_same_projection(path: Path, found, wanted) -> None:
+    """Every shard of a file was projected alike (workers that each fitted their own might not be)."""
+    digests = [p.digest() if p is not None else None for p in (found, wanted)]
+    if digests[0] != digests[1]:
+        raise MadeDifferently(
+            f"{path} was projected differently from the first shard of {path.parent} (another fitted "
+            "projection); start over"
+        )
 
 
 def _complete_shards(directory: Path) -> list[Path]:
@@ -517,7 +643,7 @@ def _select(full: FeatureSet, names: Sequence[str]) -> FeatureSet:
     status[found] = full.status[rows[found]]
     errors = np.full(len(names), "not in cache", dtype=object)
     errors[found] = full.errors[rows[found]]
-    return FeatureSet(full.path, names, features, status, errors, full.attrs)
+    return FeatureSet(full.path, names, features, status, errors, full.attrs, full.projection)
 
 
 def _check_attrs(path: Path, attrs: dict) -> None:

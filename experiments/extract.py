@@ -53,7 +53,8 @@ def run_extract(
     settings = config.extract
     for name in backbones:
         config.backbone(name)  # an unknown name fails before the index is read
-    index = open_config_dataset(config).index
+    dataset = open_config_dataset(config)
+    index = dataset.index
     names = index.names if limit is None else index.names[:limit]
     images = _input(config, names=names, from_pixels=from_pixels, index=index)
     return extract_features(
@@ -69,6 +70,8 @@ def run_extract(
         seed=settings.seed,
         force=force,
         dataset=index_fingerprint(index, rows=np.arange(len(names))),
+        # A channel projection (map_channels) is fitted on the patient-wise training split alone.
+        train=dataset.splits.mask("train")[: len(names)],
     )
 
 

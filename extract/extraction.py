@@ -4,6 +4,7 @@ One pass decodes each image once and feeds every backbone it was given; each bac
 own file, the very file a pass with that backbone alone writes (same rows, batches and attributes).
 """
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from cache.status import Status
 from cxr14.errors import Fix, InputError
 from cxr14.temps import remove_stale_temps
 from dataset import image_loader
+from extract import projection as fitting
 
 MAX_FAILURES_SHOWN = 10
 
@@ -52,6 +54,8 @@ class _Plan:
     mine: list[tuple[int, int]]  # this worker's shards
     todo: list[tuple[int, int]]  # this worker's shards not yet written
     reused: bool  # the merged file exists with this recipe
+    fit_rows: np.ndarray | None = None  # rows its channel projection is fitted on (map_channels), else None
+    projection: object = None  # cache.projection.Projection, once fitted or found in the shard directory
 
 
 def extract_features(
@@ -69,6 +73,7 @@ def extract_features(
     force: bool = False,
     progress: bool = True,
     dataset: dict | None = None,
+    train: np.ndarray | None = None,
 ) -> list[ExtractSummary]:
     """Run `backbones` (extract.backbones.Backbone) over `images` in one pass; one summary per backbone.
 
@@ -77,6 +82,8 @@ def extract_features(
     is decoded once for all of them. Every recipe is checked before any work starts; finished shards are
     skipped; when every shard of a backbone exists, its `<cache_dir>/<backbone>.h5` is merged.
     `dataset`: the fingerprint of the index rows `names` are (cache.origin), recorded in every file.
+    `train`: per row, whether it is a training image; a backbone with map_channels fits its projection
+    on those alone, before any of its shards is written.
     """
     started = time.perf_counter()
     names = np.asarray(names, dtype=object)
@@ -84,9 +91,12 @@ def extract_features(
     options = dict(
         dtype=dtype, views=views, seed=seed, shard_size=shard_size, shard=shard, force=force, dataset=dataset
     )
+    fits = [_with_fit(b, names=names, train=train) for b in backbones]
     plans = [
-        _plan(b, names=names, source=images.describe(), cache_dir=cache_dir, **options) for b in backbones
+        _plan(b, fit_rows=rows, names=names, source=images.describe(), cache_dir=cache_dir, **options)
+        for b, rows in fits
     ]
+    plans = [_projected(plan, names=names, images=images, batch_size=batch_size) for plan in plans]
     todo = sorted(set().union(*(plan.todo for plan in plans)))
     bar = tqdm(
         total=sum(b - a for a, b in todo),
@@ -172,7 +182,19 @@ def _check_args(*, names, images, backbones: Sequence, shard: tuple[int, int]) -
 
 
 def _plan(
-    backbone, *, names, source: dict, cache_dir: Path, dtype, views, seed, shard_size, shard, force, dataset
+    backbone,
+    *,
+    fit_rows,
+    names,
+    source: dict,
+    cache_dir: Path,
+    dtype,
+    views,
+    seed,
+    shard_size,
+    shard,
+    force,
+    dataset,
 ) -> _Plan:
     """What this worker still owes `backbone`; a file or shard of another recipe is refused here, early."""
     dtype = "uint8" if backbone.kind == "pixels" else dtype
@@ -190,6 +212,7 @@ def _plan(
     ranges = store.shard_ranges(len(names), shard_size)
     mine = ranges[shard[0] :: shard[1]]
     plan = dict(backbone=backbone, attrs=attrs, final=final, directory=directory, ranges=ranges, mine=mine)
+    plan["fit_rows"] = fit_rows
     store.refuse_folder(final)  # before --force tries to unlink it
     if force:
         final.unlink(missing_ok=True)
@@ -206,6 +229,68 @@ def _plan(
     with _start_over_fixes(backbone.name):
         finished = store.finished_shards(directory, wanted=attrs)
     return _Plan(**plan, todo=[r for r in mine if r not in finished], reused=False)
+
+
+def _with_fit(backbone, *, names: np.ndarray, train: np.ndarray | None):
+    """(backbone, fit rows): a backbone with map_channels records which training images its projection is
+    fitted on (in its resolved config, and so in the fingerprint), and checks K against its channels."""
+    channels, images, fit_seed = fitting.settings(backbone.config)
+    if not channels:
+        return backbone, None
+    if channels >= backbone.dim:
+        raise InputError(
+            f"backbones.{backbone.name}.map_channels = {channels} must be fewer than the map's "
+            f"{backbone.dim} channels; set it below {backbone.dim}, or 0 to keep them all"
+        )
+    if train is not None and len(train) != len(names):
+        raise ValueError(f"train marks {len(train)} rows, not the {len(names)} to extract")
+    rows = fitting.fit_rows(train, images=images, seed=fit_seed, backbone=backbone.name)
+    resolved = dict(backbone.config.get("resolved", {}))
+    resolved["map_fit"] = {"images": len(rows), "names_sha256": fitting.names_sha256(names[rows])}
+    config = backbone.config | {"resolved": resolved}
+    return dataclasses.replace(backbone, config=config), rows
+
+
+def _projected(plan: _Plan, *, names, images, batch_size: int) -> _Plan:
+    """The plan with its fitted projection: the one its shard directory keeps from an earlier pass, or
+    one fitted now and saved there before any shard is written (so a resumed pass projects alike)."""
+    if plan.fit_rows is None or not plan.todo:  # nothing to project, or only a merge left to do
+        return plan
+    fingerprint = plan.attrs["fingerprint"]
+    with _start_over_fixes(plan.backbone.name):
+        found = store.load_fitted(plan.directory, fingerprint=fingerprint)
+    if found is None:
+        tokens, kept = _fit_tokens(plan.backbone, rows=plan.fit_rows, images=images, batch_size=batch_size)
+        channels, _, fit_seed = fitting.settings(plan.backbone.config)
+        found = fitting.fit_projection(
+            tokens, channels=channels, fit_names=names[kept], seed=fit_seed, backbone=plan.backbone.name
+        )
+        store.save_fitted(plan.directory, found, fingerprint=fingerprint)
+    return dataclasses.replace(plan, projection=found)
+
+
+def _fit_tokens(backbone, *, rows: np.ndarray, images, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, rows) of the fit images that decode: every token of theirs as one row of C channels
+    (float16, half float32's memory), and the rows they came from."""
+    checks = images.check(rows.tolist())
+    readable = np.array([r for r in rows if checks[int(r)][0] == Status.OK], dtype=np.int64)
+    dataset = image_loader.make_dataset(
+        images.source(readable),
+        sizes=[backbone.spec.size],
+        batch_size=batch_size,
+        shards=[(0, len(readable))],
+    )
+    parts, kept = [], []
+    for batch_rows, pixels in dataset:
+        (out,) = embed_all([backbone], [pixels[0]], batch_size=batch_size, views=1)
+        parts.append(out.reshape(-1, out.shape[-1]).astype(np.float16))
+        kept.append(batch_rows.numpy())
+    if not parts:
+        raise InputError(
+            f"backbones.{backbone.name}.map_channels: none of the {len(rows)} training images to fit the "
+            "projection on could be read; check the images, or set map_channels = 0"
+        )
+    return np.concatenate(parts), np.concatenate(kept)
 
 
 def _finish(plan: _Plan, *, written: dict, started: float) -> ExtractSummary:
@@ -263,6 +348,7 @@ def _extract_shards(plans, *, names, images, todo, batch_size, views, seed, bar)
                 features=features[name],
                 status=status,
                 errors=errors,
+                projection=plan.projection,
             )
             written[(name, (start, stop))] = (names[start:stop], status, errors)
     return written
@@ -288,7 +374,7 @@ def _run_shard(plans, batches, *, start, rows, sizes, batch_size, views, bar) ->
     """Every backbone of `plans` over one shard's batches: (features by backbone name, rows filled)."""
     backbones = [plan.backbone for plan in plans]
     features = {
-        plan.backbone.name: _empty_features(plan.backbone, rows=rows, dtype=plan.attrs["dtype"], views=views)
+        plan.backbone.name: _empty_features(plan, rows=rows, dtype=plan.attrs["dtype"], views=views)
         for plan in plans
     }
     filled = np.zeros(rows, dtype=bool)
@@ -297,8 +383,9 @@ def _run_shard(plans, batches, *, start, rows, sizes, batch_size, views, bar) ->
         assert at.min() >= 0 and at.max() < rows, "a batch crossed a shard boundary"
         inputs = [pixels[sizes.index(b.spec.size)] for b in backbones]
         outputs = embed_all(backbones, inputs, batch_size=batch_size, views=views)
-        for backbone, out in zip(backbones, outputs, strict=True):
-            features[backbone.name][at] = out
+        for plan, out in zip(plans, outputs, strict=True):
+            # Projected on the host in float32, the arithmetic the tests check it against.
+            features[plan.backbone.name][at] = plan.projection.apply(out) if plan.projection else out
         filled[at] = True
         bar.update(len(at))
     return features, filled
@@ -317,11 +404,13 @@ def _dataset(images, *, todo, checks, sizes, batch_size, views, seed):
     )
 
 
-def _empty_features(backbone, *, rows: int, dtype: str, views: int) -> np.ndarray:
+def _empty_features(plan: _Plan, *, rows: int, dtype: str, views: int) -> np.ndarray:
     """Preallocated features for one shard; rows that never get filled stay zero, as failed rows must."""
+    backbone = plan.backbone
+    channels = plan.projection.channels if plan.projection else backbone.dim
     items = {
         "features": (backbone.dim,),
-        "tokens": (backbone.tokens, backbone.dim),
+        "tokens": (backbone.tokens, channels),
         "pixels": (backbone.dim, backbone.dim),
     }
     item = items[backbone.kind]

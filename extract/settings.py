@@ -29,6 +29,9 @@ RANDOM_STAGES = 3
 IMPORT_LAYOUTS = ("npz", "v1-npz", "v1-tfrecord", "hdf5", "npy", "parquet")
 # How extract/importing.py turns a row of tokens into one vector ("keep": a token cache, not yet built).
 TOKEN_POOLING = ("mean", "flatten", "keep")
+# The settings of a map's channel projection ([backbones.NAME] map_channels and its fit): recorded, and
+# so fingerprinted, only where a projection is asked for, so map caches made before they existed stay valid.
+PROJECTION_KEYS = ("map_channels", "map_fit_images", "map_fit_seed")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,11 @@ class BackboneConfig:
     width: int = allowed(32, low=1, high=1024)
     grid: int = allowed(4, low=1, high=16)
     output: str = allowed("pooled", choices=OUTPUTS)
+    # output = "map" only: keep K channels of each token, a PCA fitted on the tokens of `map_fit_images`
+    # training images (a sample seeded by `map_fit_seed`; all of them where there are fewer); 0 keeps all.
+    map_channels: int = allowed(0, low=0, high=65536)
+    map_fit_images: int = allowed(2000, low=1, high=1_000_000)
+    map_fit_seed: int = allowed(0, low=0, high=SEED_MAX)
     # What the weights were pre-trained on, e.g. ["ImageNet"]; ChestX-ray14 there marks every result.
     pretrained_on: tuple[str, ...] = ()
 
@@ -55,6 +63,11 @@ class BackboneConfig:
             raise InputError(
                 f'backbones.{self.name}.output = "map" needs a network (source "hub", "keras" or "random"); '
                 f'source = "{self.source}" stores the pixels themselves: drop the output key'
+            )
+        if self.map_channels and self.output != "map":
+            raise InputError(
+                f"backbones.{self.name}.map_channels = {self.map_channels} projects the tokens of a map, but "
+                f'output = "{self.output}" keeps none: set output = "map", or drop map_channels'
             )
         side = -(-self.image_size // 2**RANDOM_STAGES)  # the feature map the grid pools
         if self.source == "random" and self.grid > side:
@@ -71,10 +84,14 @@ class BackboneConfig:
     def as_dict(self) -> dict:
         """The settings that make the features (what extraction records and fingerprints): pretrained_on
         says what the weights saw, which changes no feature, so naming it never invalidates a cache; nor
-        does the output key where it is the default "pooled" (caches made before it existed stay valid)."""
+        does the output key where it is the default "pooled", nor the projection's keys where there is none
+        (caches made before they existed stay valid)."""
         settings = {k: v for k, v in dataclasses.asdict(self).items() if k != "pretrained_on"}
         if self.output == "pooled":
             del settings["output"]
+        if not self.map_channels:
+            for key in PROJECTION_KEYS:
+                del settings[key]
         return settings
 
 

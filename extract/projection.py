@@ -1,0 +1,75 @@
+"""Fitting a token map's channel projection ([backbones.NAME] map_channels): a PCA of the tokens of a
+seeded sample of training images, never validation or test ones, so that nothing a head is scored on
+shapes its inputs. extract/extraction.py runs the backbone over the sample and projects every image with
+the result; cache/projection.py is what the store keeps of it.
+"""
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.decomposition import IncrementalPCA
+from sklearn.utils import gen_batches
+
+from cache.projection import Projection
+from cxr14.errors import InputError
+
+# Tokens per partial fit: 8,192 x 2,048 float32 is 64 MB at a time.
+FIT_BATCH = 8192
+
+
+def settings(config: dict) -> tuple[int, int, int]:
+    """(channels, fit images, fit seed) of a backbone's recorded settings; channels 0: no projection."""
+    return (
+        int(config.get("map_channels", 0)),
+        int(config.get("map_fit_images", 2000)),
+        int(config.get("map_fit_seed", 0)),
+    )
+
+
+def fit_rows(train: np.ndarray | None, *, images: int, seed: int, backbone: str) -> np.ndarray:
+    """Rows of the training images the projection is fitted on, in order: a sample of `images` drawn
+    with `seed`, or every training row where there are fewer."""
+    rows = np.flatnonzero(np.asarray(train, dtype=bool)) if train is not None else np.zeros(0, np.int64)
+    if rows.size == 0:
+        raise InputError(
+            f"backbones.{backbone}.map_channels: the projection is fitted on training images, but none of "
+            "the images to extract is in the training split; extract more of the index (--limit), or set "
+            "map_channels = 0"
+        )
+    if rows.size > images:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=images, replace=False))
+    return rows
+
+
+def names_sha256(names: Sequence[str]) -> str:
+    """What the fingerprint records of the fit images: which they are, not the names themselves."""
+    return hashlib.sha256("\n".join(map(str, names)).encode()).hexdigest()
+
+
+def fit_projection(tokens: np.ndarray, *, channels: int, fit_names, seed: int, backbone: str) -> Projection:
+    """The PCA of `tokens` (n, C), each token one sample of C channels, keeping `channels` components."""
+    n, width = tokens.shape
+    if channels >= width:
+        raise InputError(
+            f"backbones.{backbone}.map_channels = {channels} must be fewer than the map's {width} channels; "
+            f"set it below {width}, or 0 to keep them all"
+        )
+    if n < channels:
+        raise InputError(
+            f"backbones.{backbone}.map_channels = {channels}: the fit images gave only {n} tokens, fewer "
+            "than the channels to keep; raise map_fit_images, extract more images, or keep fewer channels"
+        )
+    # IncrementalPCA, a batch at a time, rather than PCA on all the tokens at once: at its default of
+    # 2,000 images, ResNet-50's 98,000 tokens of 2,048 channels are 0.8 GB in float32, and a full SVD
+    # needs about as much again; here memory holds the float16 tokens and one 64 MB batch.
+    pca = IncrementalPCA(n_components=channels)
+    for batch in gen_batches(n, max(FIT_BATCH, channels), min_batch_size=channels):
+        pca.partial_fit(np.asarray(tokens[batch], np.float32))
+    return Projection(
+        mean=pca.mean_.astype(np.float32),
+        components=pca.components_.astype(np.float32),
+        explained=pca.explained_variance_ratio_.astype(np.float32),
+        fit_names=np.asarray(list(fit_names), dtype=object),
+        fit_seed=seed,
+    )

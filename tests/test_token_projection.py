@@ -1,0 +1,185 @@
+"""A token map reduced in channels ([backbones.NAME] map_channels): a PCA fitted on training images only,
+stored in the feature file and checked on read, applied to every image, and kept across a SIGKILL."""
+
+import dataclasses
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+from cache import store
+from cache.projection import Projection
+from cxr14.errors import InputError
+from extract.backbones import load_backbone
+from extract.settings import BackboneConfig
+from heads.data import load_head_data
+from heads.settings import HeadConfig
+from tests.fixtures import FAST, extract, kill_mid_pass, make_index, make_splits, train_quickly, write_png
+
+# The random net's 2 x 2 cells: 4 tokens of 8 channels, kept as 3.
+MAP = dict(
+    name="net", source="random", image_size=32, preprocess="unit", seed=1, width=8, grid=2, output="map"
+)
+PROJECTED = BackboneConfig(**MAP, map_channels=3, map_fit_images=8, map_fit_seed=5)
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """(index, paths, projected file, unprojected float32 file) of the net over 45 PNGs."""
+    root = tmp_path_factory.mktemp("projection")
+    index = make_index(45)
+    (root / "images").mkdir()
+    paths = [str(write_png(root / "images" / name, size=40, seed=i)) for i, name in enumerate(index.names)]
+    train = make_splits(index).mask("train")
+    options = dict(batch_size=8, shard_size=16, train=train)
+    projected = extract(index.names, paths, root / "projected", backbone=load_backbone(PROJECTED), **options)
+    plain = extract(
+        index.names, paths, root / "plain", backbone=load_backbone(BackboneConfig(**MAP)), dtype="float32",
+        **options,
+    )  # fmt: skip
+    return index, paths, projected.path, plain.path
+
+
+def test_map_channels_needs_a_map_and_fewer_channels_than_it_has(tmp_path):
+    with pytest.raises(InputError, match=r"backbones.net.map_channels = 4 .*output = \"map\""):
+        BackboneConfig(**(MAP | {"output": "pooled"}), map_channels=4)
+    assert "map_channels" not in BackboneConfig(**MAP).as_dict()  # map caches made before it stay valid
+    assert PROJECTED.as_dict()["map_channels"] == 3 and PROJECTED.as_dict()["map_fit_seed"] == 5
+    names = [f"{i:08d}_000.png" for i in range(4)]
+    wide = load_backbone(dataclasses.replace(PROJECTED, map_channels=8))
+    with pytest.raises(InputError, match=r"backbones.net.map_channels = 8 must be fewer than .* 8 channels"):
+        extract(names, [""] * 4, tmp_path / "cache", backbone=wide, train=np.ones(4, bool))
+    with pytest.raises(InputError, match=r"map_channels.*none of the images.*training split"):
+        extract(
+            names, [""] * 4, tmp_path / "cache", backbone=load_backbone(PROJECTED), train=np.zeros(4, bool)
+        )
+
+
+def test_the_projection_is_fitted_on_a_sample_of_training_images_only(extracted):
+    index, _, projected, _ = extracted
+    got = store.read_features(projected)
+    splits = make_splits(index)
+    fit = set(got.projection.fit_names)
+    assert len(fit) == PROJECTED.map_fit_images  # a sample: 27 training images, 8 drawn
+    assert fit <= set(index.names[splits.mask("train")])
+    assert not fit & set(index.names[splits.mask("val") | splits.mask("test")])
+    assert got.attrs["projection"]["fit_images"] == 8 and got.attrs["projection"]["fit_split"] == "train"
+    assert got.attrs["backbone_config"]["resolved"]["map_fit"]["images"] == 8
+
+
+def test_stored_tokens_are_the_maps_projected_onto_orthonormal_components(extracted):
+    _, _, projected, plain = extracted
+    got, full = store.read_features(projected), store.read_features(plain)
+    assert (
+        got.features.shape == (45, 4, 3) and got.features.dtype == np.float16 and full.features.shape[-1] == 8
+    )
+    p = got.projection
+    np.testing.assert_allclose(p.components @ p.components.T, np.eye(3), atol=1e-5)
+    assert np.all(np.diff(p.explained) <= 0) and 0 < p.explained.sum() <= 1 + 1e-6
+    expected = (full.features - p.mean) @ p.components.T
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(got.features.astype(np.float32), expected, rtol=2e-3, atol=2e-3 * scale)
+
+
+def test_the_store_round_trips_a_projection_and_refuses_a_bad_one(extracted, tmp_path):
+    _, _, projected, _ = extracted
+    got = store.read_features(projected)
+    attrs = {"backbone": "net", "kind": "tokens", "dtype": "float16", "views": 1}
+    columns = dict(names=got.names, features=got.features, status=got.status, errors=got.errors)
+    again = store.read_features(
+        store.write_features(tmp_path / "net.h5", **columns, attrs=attrs, projection=got.projection)
+    )
+    assert again.projection.digest() == got.projection.digest() and again.attrs["projection"]["channels"] == 3
+    p = got.projection
+    wrong = dataclasses.replace(p, components=p.components[:2], explained=p.explained[:2])
+    with pytest.raises(InputError, match=r"u.h5.*features have 3 channels but the projection makes 2"):
+        store.write_features(tmp_path / "u.h5", **columns, attrs=attrs, projection=wrong)
+    edited = tmp_path / "net.h5"
+    with h5py.File(edited, "r+") as f:  # a hand edit: components of another width
+        del f["projection_components"]
+        f["projection_components"] = np.zeros((3, 5), np.float32)
+    with pytest.raises(InputError, match=rf"{edited}: projection shapes .* do not fit together"):
+        store.read_features(edited)
+    with h5py.File(edited, "r+") as f:
+        del f.attrs["projection"]
+    with pytest.raises(InputError, match=rf"{edited}: holds dataset\(s\).*but no projection attribute"):
+        store.read_features(edited)
+
+
+def test_an_attention_head_trains_on_a_projected_cache(extracted, tmp_path):
+    index, _, projected, _ = extracted
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "net.h5").symlink_to(projected)
+    data = load_head_data(
+        cache_dir=cache, backbones=["net"], index=index, splits=make_splits(index), metadata=False
+    )
+    head = HeadConfig(kind="attention", units=(8,), dropout=0.0, transition=8)
+    metrics = train_quickly(tmp_path / "run", data, head=head, train=dataclasses.replace(FAST, epochs=2))
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    assert tuple(model.inputs[0].shape[1:]) == (4, 3)  # it takes the stored K channels
+    assert metrics["val_mean_auc"] >= metrics["reference"]["val_mean_auc"] - 1e-9  # it starts at the probe
+
+
+CHILD = """
+import dataclasses, json, sys, time
+import numpy as np
+from extract.backbones import load_backbone
+from extract.settings import BackboneConfig
+from tests.fixtures import extract
+job = json.load(open(sys.argv[1]))
+backbone = load_backbone(BackboneConfig(**job["config"]))
+def slow(pixels, fn=backbone.fn):
+    time.sleep(0.3)
+    return fn(pixels)
+extract(job["names"], job["paths"], job["cache"], backbone=dataclasses.replace(backbone, fn=slow),
+        shard_size=2, train=np.array(job["train"]))
+"""
+
+
+def test_a_killed_projected_extraction_resumes_to_identical_files(extracted, tmp_path):
+    index, paths, _, _ = extracted
+    names, paths, train = list(index.names[:10]), paths[:10], make_splits(index).mask("train")[:10]
+    backbone = load_backbone(PROJECTED)
+    options = dict(shard_size=2, train=train)
+    reference = extract(names, paths, tmp_path / "reference", backbone=backbone, **options)
+    shards = store.shard_dir(tmp_path / "killed", "net")
+    config = dataclasses.asdict(PROJECTED) | {"pretrained_on": []}
+    job = {"names": names, "paths": paths, "cache": str(tmp_path / "killed"), "config": config}
+    kill_mid_pass(CHILD, job | {"train": train.tolist()}, shards=shards, job_path=tmp_path / "job.json")
+    finished = len(list(shards.glob("*.h5")))
+    assert 2 <= finished < 5, "the child should die mid-pass"
+    saved = (shards / store.FITTED).read_bytes()  # saved before its first shard
+    resumed = extract(names, paths, tmp_path / "killed", backbone=backbone, **options)
+    assert (resumed.shards_skipped, resumed.shards_done) == (finished, 5 - finished)
+    assert (shards / store.FITTED).read_bytes() == saved  # reused, not fitted again
+    x, y = store.read_features(resumed.path), store.read_features(reference.path)
+    assert x.features.shape == (10, 4, 3) and x.features.tobytes() == y.features.tobytes()
+    assert x.projection.digest() == y.projection.digest() and list(x.names) == list(y.names)
+    drop = ("created",)
+    assert {k: v for k, v in x.attrs.items() if k not in drop} == {
+        k: v for k, v in y.attrs.items() if k not in drop
+    }
+
+
+def test_a_shard_projected_differently_is_not_merged(tmp_path):
+    tokens = np.ones((2, 4, 3), np.float16)
+    attrs = {"backbone": "n", "kind": "tokens", "dtype": "float16", "views": 1, "shard_size": 2}
+    attrs |= {"fingerprint": "f"}
+
+    def projection(seed):
+        rng = np.random.default_rng(seed)
+        q, _ = np.linalg.qr(rng.normal(size=(8, 3)))
+        return Projection(
+            mean=rng.normal(size=8).astype(np.float32), components=q.T.astype(np.float32),
+            explained=np.array([0.5, 0.3, 0.1], np.float32), fit_names=np.array(["a"], object), fit_seed=seed,
+        )  # fmt: skip
+
+    for start, seed in ((0, 0), (2, 1)):
+        store.write_shard(
+            tmp_path, start=start, stop=start + 2, total_rows=4, names=[f"r{start}", f"r{start + 1}"],
+            features=tokens, status=[0, 0], errors=["", ""], attrs=attrs, projection=projection(seed),
+        )  # fmt: skip
+    with pytest.raises(InputError, match="projected differently from the first shard"):
+        store.merge_shards(tmp_path, out_path=tmp_path / "n.h5")
