@@ -9,7 +9,7 @@ from cxr14.caveats import SYNTHETIC_NOTICE
 from cxr14.errors import Fix, InputError
 from cxr14.made_by import made_by
 from experiments.config import Config
-from extract.settings import BackboneConfig
+from extract.settings import PROJECTION_KEYS, BackboneConfig
 
 # Cache attributes a run records; evaluate refuses a cache whose recorded ones changed since.
 RECORDED = ("backbone", "kind", "dtype", "views", "fingerprint", "image_list_sha256")
@@ -67,6 +67,9 @@ def extracted_backbone(attrs: dict) -> dict | None:
     settings = {**defaults, **{key: value for key, value in stored.items() if key in BACKBONE_FIELDS}}
     if settings.get("output") == "pooled":  # as BackboneConfig.as_dict leaves it out, for old fingerprints
         del settings["output"]
+    if not settings.get("map_channels"):  # likewise the projection's keys where there is none
+        for key in PROJECTION_KEYS:
+            settings.pop(key, None)
     return settings
 
 

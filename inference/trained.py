@@ -103,6 +103,12 @@ def _backbone_config(run_dir: Path, name: str, settings: dict | None) -> Backbon
             "backbone settings), so there is no image pipeline to run on new images; predict and export "
             "need backbones extracted with run.py extract"
         )
+    if settings.get("map_channels"):
+        raise InputError(
+            f"{run_dir} was trained on backbone {name!r}'s tokens projected to {settings['map_channels']} "
+            "channels (map_channels), and predict, export and heatmaps cannot apply that projection yet; "
+            "train the run on a cache extracted with map_channels = 0 to use it on new images"
+        )
     fields = {f.name for f in dataclasses.fields(BackboneConfig)}
     try:
         return BackboneConfig(**{key: value for key, value in settings.items() if key in fields})

@@ -11,11 +11,16 @@ import pytest
 from cache import store
 from cache.projection import Projection
 from cxr14.errors import InputError
+from dataset.sample import make_sample
+from experiments.config import load_config
+from experiments.data import open_config_dataset
+from experiments.experiment import run_train_head
+from experiments.extract import run_extract
+from experiments.provenance import check_cache
 from extract.backbones import load_backbone
-from extract.settings import BackboneConfig
-from heads.data import load_head_data
-from heads.settings import HeadConfig
-from tests.fixtures import FAST, extract, kill_mid_pass, make_index, make_splits, train_quickly, write_png
+from extract.settings import PROJECTION_KEYS, BackboneConfig
+from inference.trained import load_run
+from tests.fixtures import extract, kill_mid_pass, make_index, make_splits, write_png, write_tiny_config
 
 # The random net's 2 x 2 cells: 4 tokens of 8 channels, kept as 3.
 MAP = dict(
@@ -107,19 +112,44 @@ def test_the_store_round_trips_a_projection_and_refuses_a_bad_one(extracted, tmp
         store.read_features(edited)
 
 
-def test_an_attention_head_trains_on_a_projected_cache(extracted, tmp_path):
-    index, _, projected, _ = extracted
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "net.h5").symlink_to(projected)
-    data = load_head_data(
-        cache_dir=cache, backbones=["net"], index=index, splits=make_splits(index), metadata=False
-    )
-    head = HeadConfig(kind="attention", units=(8,), dropout=0.0, transition=8)
-    metrics = train_quickly(tmp_path / "run", data, head=head, train=dataclasses.replace(FAST, epochs=2))
-    model = keras.saving.load_model(tmp_path / "run" / "model.keras")
+SAMPLE_TABLES = """
+[backbones.proj]
+source = "random"
+image_size = 32
+preprocess = "standardize"
+width = 8
+grid = 2
+output = "map"
+map_channels = 3
+map_fit_images = 10
+[heads.attention]
+transition = 8
+units = [8]
+dropout = 0.0
+"""
+
+
+def test_from_the_config_the_fit_uses_the_train_split_and_an_attention_head_trains_on_it(tmp_path):
+    config = load_config(write_tiny_config(tmp_path, SAMPLE_TABLES))
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=2))
+    make_sample(config.data_dir, images=60, size=32, seed=0, label_names=config.labels, progress=False)
+    (summary,) = run_extract(config, backbones=["proj"])
+    got = store.read_features(summary.path)
+    dataset = open_config_dataset(config)
+    train = set(dataset.index.names[dataset.splits.mask("train")])
+    assert got.features.shape[1:] == (4, 3) and len(got.projection.fit_names) == 10
+    assert set(got.projection.fit_names) <= train  # the data set's own patient-wise split
+    metrics = run_train_head(config, kind="attention", backbones="proj", name="attention", force=False)
+    model = keras.saving.load_model(metrics["run_dir"] / "model.keras")
     assert tuple(model.inputs[0].shape[1:]) == (4, 3)  # it takes the stored K channels
     assert metrics["val_mean_auc"] >= metrics["reference"]["val_mean_auc"] - 1e-9  # it starts at the probe
+    with pytest.raises(InputError, match=r"projected to 3 channels \(map_channels\).*cannot apply"):
+        load_run(metrics["run_dir"])
+    # A cache of the same map kept whole is not the projected one the config asks for.
+    whole = {k: v for k, v in got.attrs["backbone_config"].items() if k not in PROJECTION_KEYS}
+    with pytest.raises(InputError, match=r"\(map_channels None in the cache, 3 in the config;"):
+        attrs = {"backbone_config": whole, "backbone": "proj"}
+        check_cache(summary.path, name="proj", attrs=attrs, configured=config.backbone("proj"))
 
 
 CHILD = """
