@@ -87,6 +87,21 @@ def test_stored_tokens_are_the_maps_projected_onto_orthonormal_components(extrac
     np.testing.assert_allclose(got.features.astype(np.float32), expected, rtol=2e-3, atol=2e-3 * scale)
 
 
+def test_every_view_is_projected_alike(extracted, tmp_path):
+    index, paths, _, _ = extracted
+    train = make_splits(index).mask("train")[:12]
+    options = dict(batch_size=8, shard_size=16, train=train, views=2)
+    got = store.read_features(
+        extract(index.names[:12], paths[:12], tmp_path, backbone=load_backbone(PROJECTED), **options).path
+    )
+    assert got.features.shape == (12, 2, 4, 3)  # views on axis 1, each of K channels
+    assert set(got.projection.fit_names) <= set(index.names[:12][train])
+    # One projection for every view: view 0 is the plain image, as a one-view extraction stores it.
+    single = extract(index.names[:12], paths[:12], tmp_path / "one", backbone=load_backbone(PROJECTED),
+                     **(options | {"views": 1}))  # fmt: skip
+    np.testing.assert_array_equal(got.features[:, 0], store.read_features(single.path).features)
+
+
 def test_the_store_round_trips_a_projection_and_refuses_a_bad_one(extracted, tmp_path):
     _, _, projected, _ = extracted
     got = store.read_features(projected)
