@@ -60,9 +60,10 @@ def fit_projection(tokens: np.ndarray, *, channels: int, fit_names, seed: int, b
     # since there are many more tokens than channels: no SVD of the 98,000 x 2,048 tokens of 2,000
     # ResNet-50 maps, whose workspace would double their 0.77 GB in float32. IncrementalPCA would hold
     # one batch at a time, but it redoes an SVD of (K + batch) x C per batch: 162 s for 500 such
-    # images on 2 cores here, against 0.8 GB of memory for this. The tokens are centred in float32
+    # images on 2 busy cores here; this fits all 2,000 in 4.8 s, holding 0.83 GiB beside the 0.37 GiB of
+    # float16 tokens (2 cores, synthetic maps of that size). The tokens are centred in float32
     # first: the uncentred Gram matrix of ReLU activations (all positive) loses digits to cancellation.
-    x = np.asarray(tokens, dtype=np.float32).copy()
+    x = np.array(tokens, dtype=np.float32)  # a copy of its own, centred in place
     mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
     x -= mean
     pca = PCA(n_components=channels, svd_solver="covariance_eigh").fit(x)
