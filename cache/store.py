@@ -327,6 +327,16 @@ def read_features(path: Path, *, names: Sequence[str] | None = None) -> FeatureS
     return full if names is None else _select(full, names)
 
 
+def read_projection(path: Path) -> proj.Projection | None:
+    """A token file's channel projection, checked against its features' declared shape; None without one
+    (for readers that leave `features` on disk)."""
+    path = Path(path)
+    with _open(path, "r") as f:
+        attrs = _read_checked_attrs(path, f)
+        check_declared(path, f, attrs=attrs, features=False)
+        return _read_projection(path, f, attrs=attrs, shape=f["features"].shape)
+
+
 def read_status(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(names, status, errors) of a feature file without loading its features (for summaries)."""
     path = Path(path)
@@ -352,6 +362,7 @@ def check_rows(path: Path, *, chunk: int = 4096) -> None:
             names = f["names"].asstr()[part].astype(object)
             errors = f["errors"].asstr()[part].astype(object)
             running.add(names=names, features=f["features"][part], status=f["status"][part], errors=errors)
+        _read_projection(path, f, attrs=attrs, shape=f["features"].shape)
     _check_checksums(path, attrs=attrs, computed=running.digests())
 
 

@@ -111,6 +111,9 @@ def test_the_store_round_trips_a_projection_and_refuses_a_bad_one(extracted, tmp
         store.write_features(tmp_path / "net.h5", **columns, attrs=attrs, projection=got.projection)
     )
     assert again.projection.digest() == got.projection.digest() and again.attrs["projection"]["channels"] == 3
+    assert (
+        store.read_projection(tmp_path / "net.h5").digest() == got.projection.digest()
+    )  # features left on disk
     p = got.projection
     wrong = dataclasses.replace(p, components=p.components[:2], explained=p.explained[:2])
     with pytest.raises(InputError, match=r"u.h5.*features have 3 channels but the projection makes 2"):
@@ -119,8 +122,9 @@ def test_the_store_round_trips_a_projection_and_refuses_a_bad_one(extracted, tmp
     with h5py.File(edited, "r+") as f:  # a hand edit: components of another width
         del f["projection_components"]
         f["projection_components"] = np.zeros((3, 5), np.float32)
-    with pytest.raises(InputError, match=rf"{edited}: projection shapes .* do not fit together"):
-        store.read_features(edited)
+    for read in (store.read_features, store.read_projection, store.check_rows):
+        with pytest.raises(InputError, match=rf"{edited}: projection shapes .* do not fit together"):
+            read(edited)
     with h5py.File(edited, "r+") as f:
         del f.attrs["projection"]
     with pytest.raises(InputError, match=rf"{edited}: holds dataset\(s\).*but no projection attribute"):
