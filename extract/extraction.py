@@ -237,11 +237,7 @@ def _with_fit(backbone, *, names: np.ndarray, train: np.ndarray | None):
     channels, images, fit_seed = fitting.settings(backbone.config)
     if not channels:
         return backbone, None
-    if channels >= backbone.dim:
-        raise InputError(
-            f"backbones.{backbone.name}.map_channels = {channels} must be fewer than the map's "
-            f"{backbone.dim} channels; set it below {backbone.dim}, or 0 to keep them all"
-        )
+    fitting.check_channels(channels, width=backbone.dim, backbone=backbone.name)  # before any work
     if train is not None and len(train) != len(names):
         raise ValueError(f"train marks {len(train)} rows, not the {len(names)} to extract")
     rows = fitting.fit_rows(train, images=images, seed=fit_seed, backbone=backbone.name)

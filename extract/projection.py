@@ -26,7 +26,12 @@ def settings(config: dict) -> tuple[int, int, int]:
 def fit_rows(train: np.ndarray | None, *, images: int, seed: int, backbone: str) -> np.ndarray:
     """Rows of the training images the projection is fitted on, in order: a sample of `images` drawn
     with `seed`, or every training row where there are fewer."""
-    rows = np.flatnonzero(np.asarray(train, dtype=bool)) if train is not None else np.zeros(0, np.int64)
+    if train is None:
+        raise InputError(
+            f"backbones.{backbone}.map_channels: the projection is fitted on training images, but this "
+            "extraction was given no split (run.py extract passes the data set's); set map_channels = 0"
+        )
+    rows = np.flatnonzero(np.asarray(train, dtype=bool))
     if rows.size == 0:
         raise InputError(
             f"backbones.{backbone}.map_channels: the projection is fitted on training images, but none of "
@@ -38,6 +43,15 @@ def fit_rows(train: np.ndarray | None, *, images: int, seed: int, backbone: str)
     return rows
 
 
+def check_channels(channels: int, *, width: int, backbone: str) -> None:
+    """K must be fewer than the map's C channels: a projection onto all of them would only rotate them."""
+    if channels >= width:
+        raise InputError(
+            f"backbones.{backbone}.map_channels = {channels} must be fewer than the map's {width} channels; "
+            f"set it below {width}, or 0 to keep them all"
+        )
+
+
 def names_sha256(names: Sequence[str]) -> str:
     """What the fingerprint records of the fit images: which they are, not the names themselves."""
     return hashlib.sha256("\n".join(map(str, names)).encode()).hexdigest()
@@ -46,11 +60,7 @@ def names_sha256(names: Sequence[str]) -> str:
 def fit_projection(tokens: np.ndarray, *, channels: int, fit_names, seed: int, backbone: str) -> Projection:
     """The PCA of `tokens` (n, C), each token one sample of C channels, keeping `channels` components."""
     n, width = tokens.shape
-    if channels >= width:
-        raise InputError(
-            f"backbones.{backbone}.map_channels = {channels} must be fewer than the map's {width} channels; "
-            f"set it below {width}, or 0 to keep them all"
-        )
+    check_channels(channels, width=width, backbone=backbone)
     if n < channels:
         raise InputError(
             f"backbones.{backbone}.map_channels = {channels}: the fit images gave only {n} tokens, fewer "

@@ -55,6 +55,8 @@ def test_map_channels_needs_a_map_and_fewer_channels_than_it_has(tmp_path):
     wide = load_backbone(dataclasses.replace(PROJECTED, map_channels=8))
     with pytest.raises(InputError, match=r"backbones.net.map_channels = 8 must be fewer than .* 8 channels"):
         extract(names, [""] * 4, tmp_path / "cache", backbone=wide, train=np.ones(4, bool))
+    with pytest.raises(InputError, match=r"map_channels.*given no split"):
+        extract(names, [""] * 4, tmp_path / "cache", backbone=load_backbone(PROJECTED))
     with pytest.raises(InputError, match=r"map_channels.*none of the images.*training split"):
         extract(
             names, [""] * 4, tmp_path / "cache", backbone=load_backbone(PROJECTED), train=np.zeros(4, bool)
