@@ -457,19 +457,25 @@ def save_fitted(directory: Path, projection: proj.Projection, *, fingerprint: st
     written with it, so that a resumed extraction projects its remaining shards alike."""
     directory = Path(directory)
     path = directory / FITTED
+    arrays = {field: getattr(projection, field) for field in proj.DATASETS}
+    arrays["fit_names"] = np.asarray(projection.fit_names, dtype=str)  # no pickled objects
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(path)
-        tmp = temp_path(path)
+    except OSError as err:
+        raise InputError(_write_failure(directory, err)) from None
+    remove_stale_temps(path)
+    tmp = temp_path(path)
+    try:
         with open(tmp, "wb") as out:
-            arrays = {field: getattr(projection, field) for field in proj.DATASETS}
-            arrays["fit_names"] = np.asarray(projection.fit_names, dtype=str)  # no pickled objects
             np.savez(out, **arrays, attrs=np.asarray(json.dumps(projection.attrs())), fingerprint=fingerprint)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        raise InputError(_write_failure(path, err)) from None
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise InputError(_write_failure(path, err)) from None
+        raise
     return path
 
 

@@ -234,3 +234,15 @@ def test_a_shard_projected_differently_is_not_merged(tmp_path):
         )  # fmt: skip
     with pytest.raises(InputError, match="projected differently from the first shard"):
         store.merge_shards(tmp_path, out_path=tmp_path / "n.h5")
+
+
+def test_a_projection_fitted_for_another_recipe_is_refused_and_force_starts_over(extracted, tmp_path):
+    index, paths, projected, _ = extracted
+    names, paths, train = index.names[:6], paths[:6], make_splits(index).mask("train")[:6]
+    shards = store.shard_dir(tmp_path, "net")
+    store.save_fitted(shards, store.read_features(projected).projection, fingerprint="another recipe")
+    backbone = load_backbone(PROJECTED)
+    with pytest.raises(InputError, match=r"projection.npz was fitted for another recipe"):
+        extract(names, paths, tmp_path, backbone=backbone, train=train)
+    summary = extract(names, paths, tmp_path, backbone=backbone, train=train, force=True)
+    assert set(store.read_features(summary.path).projection.fit_names) <= set(names[train])
