@@ -122,7 +122,8 @@ def reference_metrics(
 ) -> dict:
     """The ridge probe's AUCs on the evaluated rows, and the head's mean AUC minus the probe's with a
     paired patient-bootstrap interval: whether the head adds anything beyond a linear probe."""
-    probe_scores = begin.probe.scores(list(probe_blocks(data).values()), rows)
+    # The probe's blocks of the scored rows alone: a token cache's are pooled from those rows only.
+    probe_scores = begin.probe.scores(list(probe_blocks(data, rows).values()), np.arange(len(rows)))
     labels, patients = data.labels[rows], data.patients[rows]
     aucs = roc_auc_per_label(labels, probe_scores)
     difference = bootstrap_difference(

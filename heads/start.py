@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cache.stream import chunk_rows
+from cache.stream import StreamedFeatures, chunk_rows
 from heads.data import METADATA_INPUT, HeadData
 from heads.directions import SpreadMoments, spread_directions, spread_moments, validated_directions
 from heads.probe import (
@@ -56,41 +56,68 @@ class HeadStart:
         raise KeyError(name)
 
 
-def probe_blocks(data: HeadData) -> dict[str, np.ndarray]:
-    """The plain view of every feature cache, then the metadata columns: what the probe and heads read.
-    A token cache's block is the mean of its tokens: the pooled vector, which the probe is fitted on."""
-    blocks = {}
-    for name in data.features:
-        plain = data.features[name][:, 0] if data.views(name) > 1 else data.features[name]
-        blocks[name] = mean_tokens(plain) if data.is_tokens(name) else plain
-    if data.metadata is not None:
-        blocks[METADATA_INPUT] = data.metadata
+def probe_blocks(data: HeadData, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The plain view of every feature cache, then the metadata columns: what the probe and heads read;
+    of `rows` alone where given (the rows a probe scores). A token cache's block is the mean of its tokens:
+    the pooled vector, which the probe is fitted on."""
+    blocks, _ = _blocks(data, rows=rows, scale_rows=None)
     return blocks
 
 
+def _blocks(data: HeadData, *, rows, scale_rows) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """probe_blocks, and with `scale_rows` each token cache's token scale over them, from the same pass."""
+    blocks, scales = {}, {}
+    for name in data.features:
+        plain = data.features[name][:, 0] if data.views(name) > 1 else data.features[name]
+        if data.is_tokens(name):
+            blocks[name], scales[name] = pool_tokens(plain, rows=rows, scale_rows=scale_rows)
+        else:
+            blocks[name] = plain if rows is None else _take(plain, rows)
+    if data.metadata is not None:
+        blocks[METADATA_INPUT] = data.metadata if rows is None else data.metadata[rows]
+    return blocks, scales
+
+
 def mean_tokens(tokens: np.ndarray) -> np.ndarray:
-    """(N, T, C) -> (N, C) float32, the mean over tokens, a chunk of rows at a time (cache.stream.chunk_rows:
-    no float32 copy of the whole cache, and a streamed one read within its budget)."""
-    pooled = np.empty((len(tokens), tokens.shape[-1]), np.float32)
-    step = chunk_rows(tokens, itemsize=4)
-    for begin in range(0, len(tokens), step):
-        pooled[begin : begin + step] = tokens[begin : begin + step].mean(axis=1, dtype=np.float32)
+    """(N, T, C) -> (N, C) float32, the mean over tokens (pool_tokens)."""
+    pooled, _ = pool_tokens(tokens)
     return pooled
 
 
-def token_scale(tokens: np.ndarray, rows: np.ndarray, *, views: bool) -> np.ndarray:
-    """(C,) float32: each channel's sd over every token of `rows` (view 0 of a multi-view cache)."""
-    total = np.zeros(tokens.shape[-1], np.float64)
-    squares = np.zeros_like(total)
+def pool_tokens(tokens, *, rows=None, scale_rows=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """One pass over token maps (N, T, C), a chunk of rows at a time (cache.stream.chunk_rows: no float32
+    copy of the whole cache, and a streamed one read once, within its budget): (len(rows), C) float32, the
+    mean over tokens of each of `rows` (every row when None); and with `scale_rows` (rows of the cache
+    among them), (C,) float32, each channel's sd over every token of those rows (None without)."""
+    rows = np.arange(len(tokens)) if rows is None else np.asarray(rows)
+    channels = tokens.shape[-1]
+    pooled = np.empty((len(rows), channels), np.float32)
+    counted = None if scale_rows is None else np.isin(rows, scale_rows)
+    total, squares = np.zeros(channels, np.float64), np.zeros(channels, np.float64)
     step = chunk_rows(tokens, itemsize=8)  # the float64 squares of a chunk are its widest temporary
     for begin in range(0, len(rows), step):
-        part = tokens[rows[begin : begin + step]]
-        part = (part[:, 0] if views else part).astype(np.float32).reshape(-1, tokens.shape[-1])
-        total += part.sum(axis=0)
-        squares += np.square(part, dtype=np.float64).sum(axis=0)
-    count = max(1, len(rows) * tokens.shape[-2])
+        wanted = rows[begin : begin + step]
+        # A run of consecutive rows is read as a slice: a streamed cache reads it in one piece.
+        part = tokens[wanted[0] : wanted[-1] + 1] if _consecutive(wanted) else tokens[wanted]
+        pooled[begin : begin + step] = part.mean(axis=1, dtype=np.float32)
+        if counted is not None:
+            values = part[counted[begin : begin + step]].astype(np.float32).reshape(-1, channels)
+            total += values.sum(axis=0)
+            squares += np.square(values, dtype=np.float64).sum(axis=0)
+    if counted is None:
+        return pooled, None
+    count = max(1, int(counted.sum()) * tokens.shape[-2])
     variance = np.maximum(squares / count - np.square(total / count), 0.0)
-    return np.sqrt(np.where(variance > 0, variance, 1.0)).astype(np.float32)
+    return pooled, np.sqrt(np.where(variance > 0, variance, 1.0)).astype(np.float32)
+
+
+def _take(features, rows: np.ndarray):
+    """`rows` of features: still on disk for a streamed cache (read a chunk at a time where used)."""
+    return features.take(rows) if isinstance(features, StreamedFeatures) else features[rows]
+
+
+def _consecutive(rows: np.ndarray) -> bool:
+    return len(rows) > 0 and rows[-1] - rows[0] == len(rows) - 1 and bool((np.diff(rows) == 1).all())
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,7 +141,8 @@ class CommonStart:
 def fit_common_start(data: HeadData, *, rows: dict, directions: bool) -> CommonStart:
     """The probe on the training rows and what a start takes from it; `directions`: also the moments
     the second-order directions are read from."""
-    blocks = probe_blocks(data)
+    # The token caches' pooled vectors and scales in one pass (a streamed cache is read once here).
+    blocks, token_scales = _blocks(data, rows=None, scale_rows=rows["train"])
     arrays = list(blocks.values())
     labels = data.labels
     equations = normal_equations(arrays, labels, rows=rows["train"])
@@ -133,11 +161,6 @@ def fit_common_start(data: HeadData, *, rows: dict, directions: bool) -> CommonS
         "val": probe.scores(arrays, rows["val"]) * slope + intercept,
     }
     train_correction = (slope * (honest - probe.scores(arrays, rows["train"]))).astype(np.float32)
-    token_scales = {
-        name: token_scale(data.features[name], rows["train"], views=data.views(name) > 1)
-        for name in data.features
-        if data.is_tokens(name)
-    }
     spread = None
     if directions:
         spread = spread_moments(

@@ -245,7 +245,7 @@ def test_the_probe_start_and_prediction_in_small_chunks_equal_them_whole(tmp_pat
                        seed=0, start=fit_start(whole, rows=rows, max_directions=0, seed=0))  # fmt: skip
     everything = np.arange(len(whole.names))
     in_one = {
-        "scale": start.token_scale(whole.features["map"], rows["train"], views=False),
+        "scale": start.pool_tokens(whole.features["map"], scale_rows=rows["train"])[1],
         "mean": start.mean_tokens(whole.features["map"]),
         "scores": predict_probabilities(model, whole, everything),
     }
@@ -257,7 +257,7 @@ def test_the_probe_start_and_prediction_in_small_chunks_equal_them_whole(tmp_pat
     monkeypatch.setattr(stream, "read_rows", lambda d, p, **k: largest.append(len(p)) or real_read(d, p, **k))
     for data in (streamed, whole):
         features = data.features["map"]
-        np.testing.assert_allclose(start.token_scale(features, rows["train"], views=False), in_one["scale"],
+        np.testing.assert_allclose(start.pool_tokens(features, scale_rows=rows["train"])[1], in_one["scale"],
                                    rtol=1e-5)  # fmt: skip
         np.testing.assert_allclose(start.mean_tokens(features), in_one["mean"], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(
