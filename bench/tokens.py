@@ -9,7 +9,7 @@ process's peak RSS only ever grows, and writing the cache holds it whole).
 
 Times: sequential reads of the cache (the floor: every epoch reads each training row once; the median of
 three, as this disk's read time varies from one read to the next), the load
-(its checking pass over every row), the probe start (two passes: the mean of the tokens, their scale),
+(its checking pass over every row), the probe start (one pass: the tokens' mean and scale together),
 two training epochs (the first traces the step function) and one streamed validation scoring. The page
 cache is dropped before each timed read where this process may (root: /proc/sys/vm/drop_caches), so each
 reads from disk; where it may not, the result says so, and the file then sits in the page cache after
@@ -254,7 +254,7 @@ def format_bench_tokens(result: dict) -> str:
         ("read once", f"{r['read_s']} s, the median of {r['reads_s']} "
                       f"({r['cache_gb'] / max(r['read_s'], 1e-3):.2f} GB/s)"),
         ("load (check pass)", f"{r['load_s']} s"),
-        ("probe start", f"{r['start_s']} s (the mean of the tokens, then their scale: two passes)"),
+        ("probe start", f"{r['start_s']} s (the mean of the tokens and their scale: one pass)"),
         ("batches alone", f"{r['stream_pass_s']} s (read, shuffled, batched; {r['stream_over_read']} x the read)"),
         ("epoch 1 / 2", f"{r['epoch_1_s']} s / {r['epoch_2_s']} s ({r['train_rows']:,} rows, batch "
                         f"{r['batch_size']}); epoch / read {r['epoch_over_read']} (target <= 1.5)"),

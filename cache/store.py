@@ -455,14 +455,19 @@ def write_shard(
 def save_fitted(directory: Path, projection: proj.Projection, *, fingerprint: str) -> Path:
     """Keep a fitted projection in the shard directory (temporary file + rename) before any shard is
     written with it, so that a resumed extraction projects its remaining shards alike."""
-    directory = Path(directory)
-    path = directory / FITTED
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(_write_failure(Path(directory), err)) from None
+    return write_projection(Path(directory) / FITTED, projection, fingerprint=fingerprint)
+
+
+def write_projection(path: Path, projection: proj.Projection, *, fingerprint: str = "") -> Path:
+    """A projection on its own as a .npz (temporary file + rename): a shard directory's fitted one, or
+    the one a run trained on projected tokens keeps; `fingerprint`: the recipe it was fitted for."""
+    path = Path(path)
     arrays = {field: getattr(projection, field) for field in proj.DATASETS}
     arrays["fit_names"] = np.asarray(projection.fit_names, dtype=str)  # no pickled objects
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(_write_failure(directory, err)) from None
     remove_stale_temps(path)
     tmp = temp_path(path)
     try:
@@ -485,12 +490,18 @@ def load_fitted(directory: Path, *, fingerprint: str) -> proj.Projection | None:
     path = Path(directory) / FITTED
     if not path.is_file():
         return None
+    return read_projection_file(path, fingerprint=fingerprint)
+
+
+def read_projection_file(path: Path, *, fingerprint: str | None = None) -> proj.Projection:
+    """A projection written by write_projection, checked for shape and digest; with `fingerprint`, one
+    fitted for another recipe is refused."""
     try:
         with np.load(path, allow_pickle=False) as saved:
             arrays = {name: saved[name] for name in saved.files}
     except (OSError, ValueError) as err:
         raise MadeDifferently(f"{path} cannot be read ({err}); delete it or start over") from None
-    if str(arrays.get("fingerprint")) != fingerprint:
+    if fingerprint is not None and str(arrays.get("fingerprint")) != fingerprint:
         raise MadeDifferently(f"{path} was fitted for another recipe (fingerprint); start over")
     attrs = json.loads(str(arrays["attrs"]))
     named = {name: arrays[field] for field, name in proj.DATASETS.items() if field in arrays}

@@ -19,6 +19,7 @@ from cache.store import (
     _open,
     _read_checked_attrs,
     _read_columns,
+    _read_projection,
     finite_rows,
 )
 from cxr14.errors import InputError
@@ -157,6 +158,7 @@ def stream_features(path: Path, *, budget_bytes: int) -> FeatureSet:
         block = rows_per_block(dataset)
         finite, computed = _scan(dataset, rows=rows, block=block, names=names, status=status, errors=errors)
         item_shape, dtype = dataset.shape[1:], dataset.dtype
+        projection = _read_projection(path, f, attrs=attrs, shape=dataset.shape)
     _check_checksums(path, attrs=attrs, computed=computed)
     streamed = StreamedFeatures(
         path,
@@ -167,7 +169,7 @@ def stream_features(path: Path, *, budget_bytes: int) -> FeatureSet:
         block_rows=block,
     )
     streamed.finite = finite
-    return FeatureSet(path, names, streamed, status, errors, attrs)
+    return FeatureSet(path, names, streamed, status, errors, attrs, projection)
 
 
 def rows_per_block(dataset) -> int:

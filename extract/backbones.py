@@ -56,10 +56,16 @@ class _Loaded:
     pool: Callable | None = None
 
 
-def load_backbone(cfg: BackboneConfig, *, mixed_precision: bool = False, xla: bool = False) -> Backbone:
-    """Build or load the backbone `cfg` names, wrapped in one tf.function with a fixed input signature."""
+def load_backbone(
+    cfg: BackboneConfig, *, mixed_precision: bool = False, xla: bool = False, projection=None
+) -> Backbone:
+    """Build or load the backbone `cfg` names, wrapped in one tf.function with a fixed input signature.
+    `projection` (cache.projection.Projection): a token map's channel projection, applied to its tokens,
+    as a run trained on a cache reduced in channels (map_channels) needs for new images."""
     loaded = LOADERS[cfg.source](cfg, mixed_precision=mixed_precision)
-    call, spec, resolved = loaded.call, loaded.spec, loaded.resolved
+    call, spec, resolved, pool = loaded.call, loaded.spec, loaded.resolved, loaded.pool
+    if projection is not None:
+        call, pool = _projected(call, projection), _projected(pool, projection)
 
     def on_pixels(pixels):
         return call(normalize(pixels, spec))
@@ -84,9 +90,23 @@ def load_backbone(cfg: BackboneConfig, *, mixed_precision: bool = False, xla: bo
         config=cfg.as_dict() | {"resolved": resolved},
         net=call,
         feature_map=loaded.feature_map,
-        pool=loaded.pool,
+        pool=pool,
         tokens=tokens,
     )
+
+
+def _projected(tokens_of: Callable | None, projection) -> Callable | None:
+    """`tokens_of` followed by the projection, (tokens - mean) @ components.T, in TensorFlow (so Grad-CAM
+    and SmoothGrad differentiate through it, and an export holds it)."""
+    if tokens_of is None:
+        return None
+    mean = tf.constant(projection.mean, tf.float32)
+    components = tf.constant(projection.components.T, tf.float32)
+
+    def projected(x):
+        return tf.tensordot(tf.cast(tokens_of(x), tf.float32) - mean, components, axes=1)
+
+    return projected
 
 
 def _spec(cfg: BackboneConfig, *, keras_family: str = "", channels: int = 3) -> ImageSpec:

@@ -51,6 +51,9 @@ class HeadData:
     synthetic: bool = False  # a make-sample data set: no result on it is comparable with published ones
     # Backbones whose pre-training saw ChestX-ray14 images: every result says so beside published numbers.
     seen_chestxray14: tuple[str, ...] = ()
+    # Per backbone whose tokens stage one reduced in channels (map_channels): that projection, which the
+    # run keeps so that new images are projected alike (inference/trained.py).
+    projections: dict = field(default_factory=dict)
 
     def views(self, name: str) -> int:
         """Views per image in backbone `name`'s cache (1: one plain view, stored without a views axis)."""
@@ -144,7 +147,7 @@ def load_head_data(
     failed = np.zeros(len(index.names), bool)
     not_finite = np.zeros(len(index.names), bool)
     unknown = 0
-    cached, attrs = {}, {}
+    cached, attrs, projections = {}, {}, {}
     for name in backbones:
         cache = _read_cache(Path(cache_dir), name, index, token_memory_gb=token_memory_gb)
         absent |= cache.position < 0
@@ -152,6 +155,8 @@ def load_head_data(
         not_finite |= cache.not_finite
         unknown = max(unknown, cache.not_in_index)
         cached[name], attrs[name] = (cache.features, cache.position), cache.attrs
+        if cache.projection is not None:
+            projections[name] = cache.projection
     excluded = _left_out(
         in_split=in_split, absent=absent, failed=failed, not_finite=not_finite, unknown=unknown
     )
@@ -179,6 +184,7 @@ def load_head_data(
         covariates=covariates,
         synthetic=synthetic,
         seen_chestxray14=tuple(saw_chestxray14(_pretraining(attrs, pretrained_on or {}))),
+        projections=projections,
     )
 
 
@@ -209,6 +215,7 @@ class _Cache(NamedTuple):
     not_finite: np.ndarray
     not_in_index: int  # stored names the index does not know
     attrs: dict
+    projection: object = None  # cache.projection.Projection of a token cache reduced in channels
 
 
 def _read_cache(cache_dir: Path, backbone: str, index, *, token_memory_gb: float) -> _Cache:
@@ -242,7 +249,9 @@ def _read_cache(cache_dir: Path, backbone: str, index, *, token_memory_gb: float
     not_finite = np.zeros(len(position), dtype=bool)
     not_finite[found] = (status[found] == Status.OK) & ~finite_rows_of(cached.features)[position[found]]
     not_in_index = len(cached.names) - int(found.sum())
-    return _Cache(cached.features, position, status, not_finite, not_in_index, cached.attrs)
+    return _Cache(
+        cached.features, position, status, not_finite, not_in_index, cached.attrs, cached.projection
+    )
 
 
 def beyond_budget(path: Path, *, budget_gb: float) -> bool:

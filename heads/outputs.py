@@ -9,8 +9,9 @@ import keras
 import numpy as np
 import pandas as pd
 
+from cache.store import write_projection
 from heads.data import HeadData
-from heads.run_folder import read_decisions, write_decisions, write_json
+from heads.run_folder import projection_path, read_decisions, write_decisions, write_json
 from heads.scoring import ScoredHead
 from results.calibration import apply_calibration
 from results.record import read_results, write_results
@@ -32,6 +33,8 @@ def write_run(
     """Every file of the run; metrics.json last, with the seconds each step took (`clock`: perf_counter
     times of the run's "start", "fitted" and "scored")."""
     write_json(run_dir / "config.json", snapshot)
+    for name, projection in data.projections.items():  # new images' tokens are projected alike
+        write_projection(projection_path(run_dir, name), projection)
     model.save(run_dir / "model.keras")
     history.to_csv(run_dir / "history.csv", index=False)
     _write_outputs(run_dir, scored=scored, data=data, label_names=label_names)

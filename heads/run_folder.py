@@ -173,6 +173,24 @@ def _read_json(path: Path) -> dict:
     return value
 
 
+def projection_path(run_dir: Path, backbone: str) -> Path:
+    """Where a run trained on a backbone's tokens reduced in channels (map_channels) keeps that projection."""
+    return Path(run_dir) / f"projection-{backbone}.npz"
+
+
+def read_run_projection(run_dir: Path, backbone: str):
+    """The channel projection a run keeps for `backbone` (cache.projection.Projection)."""
+    from cache.store import read_projection_file  # h5py: this module stays light for the command line
+
+    path = projection_path(run_dir, backbone)
+    if not path.is_file():
+        raise InputError(
+            f"{run_dir} was trained on backbone {backbone!r}'s tokens reduced in channels (map_channels) "
+            f"but holds no {path.name} to project new images' tokens alike; train the run again"
+        )
+    return read_projection_file(path)
+
+
 def write_decisions(run_dir: Path, decisions: dict) -> None:
     """calibration.json and thresholds.json from {"calibration": ..., "thresholds": ...}."""
     write_json(Path(run_dir) / CALIBRATION, decisions["calibration"])

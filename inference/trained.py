@@ -13,7 +13,13 @@ from cxr14.caveats import SYNTHETIC_NOTICE, not_medical_warning, random_weight_b
 from cxr14.errors import InputError
 from extract.backbones import load_backbone
 from extract.settings import BackboneConfig
-from heads.run_folder import check_recorded_labels, load_model, read_config, read_decisions
+from heads.run_folder import (
+    check_recorded_labels,
+    load_model,
+    read_config,
+    read_decisions,
+    read_run_projection,
+)
 from results.calibration import calibrator
 from results.operating import caller
 
@@ -73,9 +79,7 @@ def load_run(run_dir: Path) -> TrainedRun:
                 f"{run_dir / 'config.json'}: feature_dtypes[{name!r}] = {dtypes.get(name)!r}, "
                 f"expected one of {', '.join(CACHED_DTYPES)}"
             )
-    backbones = {
-        name: load_backbone(_backbone_config(run_dir, name, plan["backbones"][name])) for name in names
-    }
+    backbones = {name: _backbone(run_dir, name, plan["backbones"][name]) for name in names}
     _check_shapes(run_dir, head=head, backbones=backbones)
     labels = tuple(plan["labels"])
     check_recorded_labels(run_dir, list(labels))
@@ -94,6 +98,14 @@ def load_run(run_dir: Path) -> TrainedRun:
     )
 
 
+def _backbone(run_dir: Path, name: str, settings: dict | None):
+    """The backbone `name` as the run's cache was extracted with it; its tokens projected as stage one
+    projected them where it reduced their channels (map_channels: the run keeps that projection)."""
+    config = _backbone_config(run_dir, name, settings)
+    projected = read_run_projection(run_dir, name) if settings.get("map_channels") else None
+    return load_backbone(config, projection=projected)
+
+
 def _backbone_config(run_dir: Path, name: str, settings: dict | None) -> BackboneConfig:
     """The backbone `name` as the run's cache was extracted with it; a run on features of one's own has
     no image pipeline to run."""
@@ -102,12 +114,6 @@ def _backbone_config(run_dir: Path, name: str, settings: dict | None) -> Backbon
             f"{run_dir} was trained on features of your own for backbone {name!r} (its cache records no "
             "backbone settings), so there is no image pipeline to run on new images; predict and export "
             "need backbones extracted with run.py extract"
-        )
-    if settings.get("map_channels"):
-        raise InputError(
-            f"{run_dir} was trained on backbone {name!r}'s tokens projected to {settings['map_channels']} "
-            "channels (map_channels), and predict, export and heatmaps cannot apply that projection yet; "
-            "train the run on a cache extracted with map_channels = 0 to use it on new images"
         )
     fields = {f.name for f in dataclasses.fields(BackboneConfig)}
     try:

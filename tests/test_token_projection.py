@@ -7,10 +7,12 @@ import h5py
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from cache import store
 from cache.projection import Projection
 from cxr14.errors import InputError
+from dataset.image_loader import load_image, read_gray01
 from dataset.sample import make_sample
 from experiments.config import load_config
 from experiments.data import open_config_dataset
@@ -19,6 +21,9 @@ from experiments.extract import run_extract
 from experiments.provenance import check_cache
 from extract.backbones import load_backbone
 from extract.settings import PROJECTION_KEYS, BackboneConfig
+from inference.export import export_run
+from inference.heatmap import explain
+from inference.predict import predict_images
 from inference.trained import load_run
 from tests.fixtures import extract, kill_mid_pass, make_index, make_splits, write_png, write_tiny_config
 
@@ -164,7 +169,21 @@ def test_from_the_config_the_fit_uses_the_train_split_and_an_attention_head_trai
     model = keras.saving.load_model(metrics["run_dir"] / "model.keras")
     assert tuple(model.inputs[0].shape[1:]) == (4, 3)  # it takes the stored K channels
     assert metrics["val_mean_auc"] >= metrics["reference"]["val_mean_auc"] - 1e-9  # it starts at the probe
-    with pytest.raises(InputError, match=r"projected to 3 channels \(map_channels\).*cannot apply"):
+    # The run keeps the projection: new films' tokens are projected as the cache's were, so predict,
+    # export (checked against predict to 1e-5 by export_run itself) and heatmaps work on it.
+    run = load_run(metrics["run_dir"])
+    assert run.backbones["proj"].dim == 3
+    film = config.data_dir / "images" / got.names[0]
+    pixels = load_image(film, run.backbones["proj"].spec)[None]
+    tokens = np.asarray(run.backbones["proj"].fn(tf.convert_to_tensor(pixels)))
+    np.testing.assert_allclose(tokens[0], got.features[0].astype(np.float32), atol=2e-3, rtol=2e-3)
+    (predicted,) = predict_images(run_dir=metrics["run_dir"], inputs=[film], extract=config.extract)
+    assert not predicted.get("error")
+    assert (export_run(run_dir=metrics["run_dir"], out_dir=tmp_path / "export") / "saved_model.pb").exists()
+    explanation = explain(run, read_gray01(film), labels=list(config.labels[:1]), method="attention")
+    assert explanation.maps.shape[0] == 1
+    metrics["run_dir"].joinpath("projection-proj.npz").unlink()  # a run that lost it says so
+    with pytest.raises(InputError, match=r"tokens reduced in channels.*holds no projection-proj.npz"):
         load_run(metrics["run_dir"])
     # A cache of the same map kept whole is not the projected one the config asks for.
     whole = {k: v for k, v in got.attrs["backbone_config"].items() if k not in PROJECTION_KEYS}
