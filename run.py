@@ -1117,7 +1117,12 @@ def _add_bench_tokens(what) -> None:
     p.add_argument(
         "--budget-gb", type=float, default=1.0, help="[train] token_memory_gb for the run (below the cache)"
     )
-    p.add_argument("--workdir", type=Path, help="where to write the token cache (default: a temp dir)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        help="where to write the token cache (default: a temp dir); one already there from the same "
+        "rows, tokens, channels and seed is kept",
+    )
     p.add_argument(
         "--streamed-only", action="store_true", help="skip training it again with the cache loaded whole"
     )

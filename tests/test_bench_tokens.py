@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from bench.tokens import BACKBONE, bench_tokens, format_bench_tokens, write_token_cache
+from bench.tokens import BACKBONE, bench_tokens, format_bench_tokens, kept_token_cache, write_token_cache
 from cache.store import cache_path, read_features
 from heads.settings import HeadConfig
 
@@ -14,6 +14,18 @@ def test_the_planted_token_cache_holds_each_finding_in_one_token(tmp_path):
     stored = read_features(cache_path(tmp_path, BACKBONE))
     assert stored.features.shape == (200, 9, 8) and stored.attrs["kind"] == "tokens"
     assert written["bytes"] == stored.features.nbytes
+
+
+def test_a_cache_of_the_same_recipe_is_kept_and_any_other_is_not(tmp_path):
+    shape = {"rows": 120, "tokens": 4, "channels": 6, "seed": 0}
+    assert kept_token_cache(tmp_path, **shape) is None  # nothing there yet
+    written = write_token_cache(cache_dir=tmp_path, **shape)
+    kept = kept_token_cache(tmp_path, **shape)
+    assert kept["seconds"] == "kept" and kept["bytes"] == written["bytes"] and kept["path"] == written["path"]
+    for other in ({"seed": 1}, {"channels": 5}, {"rows": 121}):
+        assert kept_token_cache(tmp_path, **shape | other) is None
+    cache_path(tmp_path, BACKBONE).write_bytes(b"not HDF5")  # damaged: written again, not read
+    assert kept_token_cache(tmp_path, **shape) is None
 
 
 def test_the_bench_streams_a_cache_over_its_budget_and_reports_its_figures(tmp_path):
@@ -37,3 +49,6 @@ def test_streamed_only_skips_the_loaded_whole_run_and_still_reports(tmp_path):
     assert result["peak_mb"] > 0 and result["epoch_s"] > 0
     text = format_bench_tokens(result)
     assert "loaded whole" not in text and "peak memory" in text
+    again = bench_tokens(rows=200, tokens=9, channels=8, budget_gb=1e-5, workdir=tmp_path, head=HEAD,
+                         memory=False, drop_cache=False)  # fmt: skip
+    assert again["write_s"] == "kept" and "kept from an earlier run" in format_bench_tokens(again)
