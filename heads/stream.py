@@ -153,7 +153,7 @@ def check_streamable(streamed: dict[str, StreamedFeatures], *, augment: bool) ->
 
 def check_sweepable(data) -> None:
     """Refuse a sweep over a streamed cache before anything is fitted: its trials train together on
-    cached arrays, and its probe start alone would read the whole cache twice first."""
+    cached arrays, and its probe start alone would read the whole cache first."""
     streamed = [f.path.name for f in data.features.values() if isinstance(f, StreamedFeatures)]
     if streamed:
         raise InputError(
