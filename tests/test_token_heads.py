@@ -163,3 +163,36 @@ def test_the_planted_local_problem_hides_its_findings_in_one_token_that_pooling_
     sick = index.labels.any(axis=1)
     assert (moved.sum(axis=1)[sick] == 1).all() and not moved[~sick].any()
     assert len(np.unique(moved[sick].argmax(axis=1))) == LOCAL_TOKENS  # the place varies by image
+
+
+PEAK_HEAD = """
+import keras
+
+
+def peak(inputs, *, n_labels, width=8):
+    x = keras.layers.Dense(width, activation="relu")(inputs["map"])  # (batch, tokens, width)
+    return keras.layers.Dense(n_labels)(keras.layers.GlobalMaxPooling1D()(x))
+"""
+
+
+def test_a_head_of_ones_own_takes_the_token_map_starts_at_the_probe_and_learns(tmp_path):
+    path = tmp_path / "mine" / "peak_heads.py"
+    path.parent.mkdir()
+    path.write_text(PEAK_HEAD, encoding="utf-8")
+    head = HeadConfig(kind="peak", builder=f"{path}:peak")
+    data = token_data(tmp_path, n=900)
+    rows = {split: data["map"].rows(split) for split in ("train", "val")}
+    start = fit_start(data["map"], rows=rows, max_directions=0, seed=0)
+    model = build_head(kind="peak", inputs={"map": (TOKENS, CHANNELS)}, n_labels=data["map"].labels.shape[1],
+                       head=head, seed=0, start=start)  # fmt: skip
+    pooled = fit_start(data["pooled"], rows=rows, max_directions=0, seed=0)
+    linear = build_head(kind="linear", inputs={"pooled": (CHANNELS,)}, n_labels=data["map"].labels.shape[1],
+                        head=HeadConfig(kind="linear", units=()), seed=0, start=pooled)  # fmt: skip
+    got = model.predict({"map": data["map"].features["map"].astype(np.float32)}, verbose=0)
+    want = linear.predict({"pooled": data["pooled"].features["pooled"].astype(np.float32)}, verbose=0)
+    np.testing.assert_allclose(got, want, atol=1e-4)  # untrained, it is the probe on the tokens' mean
+    train = TrainConfig(**{**FAST.__dict__, "epochs": 25, "patience": 8, "lr": 3e-3})
+    metrics = train_quickly(tmp_path / "run", data["map"], head=head, train=train)
+    assert metrics["val_mean_auc"] >= metrics["reference"]["val_mean_auc"] - 1e-9
+    gain = metrics["mean_auc"] - metrics["reference"]["mean_auc"]
+    assert gain > 0.03, (metrics["mean_auc"], metrics["reference"]["mean_auc"])  # its max finds the token
