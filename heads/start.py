@@ -94,16 +94,18 @@ def pool_tokens(tokens, *, rows=None, scale_rows=None) -> tuple[np.ndarray, np.n
     pooled = np.empty((len(rows), channels), np.float32)
     counted = None if scale_rows is None else np.isin(rows, scale_rows)
     total, squares = np.zeros(channels, np.float64), np.zeros(channels, np.float64)
-    step = chunk_rows(tokens, itemsize=8)  # the float64 squares of a chunk are its widest temporary
+    step = chunk_rows(tokens, itemsize=8)  # a chunk's float16 part, its float32 copy and a subset of it
     for begin in range(0, len(rows), step):
         wanted = rows[begin : begin + step]
         # A run of consecutive rows is read as a slice: a streamed cache reads it in one piece.
         part = tokens[wanted[0] : wanted[-1] + 1] if _consecutive(wanted) else tokens[wanted]
-        pooled[begin : begin + step] = part.mean(axis=1, dtype=np.float32)
+        values = np.asarray(part, dtype=np.float32)  # converted once, for the mean and the squares
+        pooled[begin : begin + step] = values.mean(axis=1)
         if counted is not None:
-            values = part[counted[begin : begin + step]].astype(np.float32).reshape(-1, channels)
-            total += values.sum(axis=0)
-            squares += np.square(values, dtype=np.float64).sum(axis=0)
+            kept = counted[begin : begin + step]
+            flat = (values if kept.all() else values[kept]).reshape(-1, channels)
+            total += flat.sum(axis=0, dtype=np.float64)  # float64 sums: billions of values at full size
+            squares += np.einsum("ij,ij->j", flat, flat, dtype=np.float64)
     if counted is None:
         return pooled, None
     count = max(1, int(counted.sum()) * tokens.shape[-2])
