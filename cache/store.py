@@ -268,12 +268,22 @@ def _write_atomically(path: Path, fill) -> Path:
     one is removed too, and the file already under `path`, if any, is left as it was.
     """
     refuse_folder(path)
-    remove_stale_temps(path)
-    tmp = temp_path(path)
-    try:
+
+    def write(tmp: Path) -> None:
         with _open(tmp, "w") as f:
             fill(f)
             f.flush()
+
+    return _replace(path, write)
+
+
+def _replace(path: Path, write) -> Path:
+    """`write(temporary path)`, then the temporary renamed to `path`; stale temporaries of `path` removed
+    first, this one removed on failure, and a failed write one line naming `path`."""
+    remove_stale_temps(path)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
@@ -468,20 +478,14 @@ def write_projection(path: Path, projection: proj.Projection, *, fingerprint: st
     path = Path(path)
     arrays = {field: getattr(projection, field) for field in proj.DATASETS}
     arrays["fit_names"] = np.asarray(projection.fit_names, dtype=str)  # no pickled objects
-    remove_stale_temps(path)
-    tmp = temp_path(path)
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as out:
             np.savez(out, **arrays, attrs=np.asarray(json.dumps(projection.attrs())), fingerprint=fingerprint)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise InputError(_write_failure(path, err)) from None
-        raise
-    return path
+
+    return _replace(path, write)
 
 
 def load_fitted(directory: Path, *, fingerprint: str) -> proj.Projection | None:
