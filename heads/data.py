@@ -143,9 +143,7 @@ def load_head_data(
     if not backbones:
         raise InputError("no backbone given; pass --backbone NAME (one of the [backbones.*] in the config)")
     in_split = np.isin(splits.assignment, SPLITS)
-    absent = np.zeros(len(index.names), bool)
-    failed = np.zeros(len(index.names), bool)
-    not_finite = np.zeros(len(index.names), bool)
+    absent, failed, not_finite = (np.zeros(len(index.names), bool) for _ in range(3))
     unknown = 0
     cached, attrs, projections = {}, {}, {}
     for name in backbones:
@@ -155,8 +153,7 @@ def load_head_data(
         not_finite |= cache.not_finite
         unknown = max(unknown, cache.not_in_index)
         cached[name], attrs[name] = (cache.features, cache.position), cache.attrs
-        if cache.projection is not None:
-            projections[name] = cache.projection
+        projections[name] = cache.projection
     excluded = _left_out(
         in_split=in_split, absent=absent, failed=failed, not_finite=not_finite, unknown=unknown
     )
@@ -184,7 +181,7 @@ def load_head_data(
         covariates=covariates,
         synthetic=synthetic,
         seen_chestxray14=tuple(saw_chestxray14(_pretraining(attrs, pretrained_on or {}))),
-        projections=projections,
+        projections={name: p for name, p in projections.items() if p is not None},
     )
 
 
