@@ -174,7 +174,9 @@ def _read_json(path: Path) -> dict:
 
 
 def projection_path(run_dir: Path, backbone: str) -> Path:
-    """Where a run trained on a backbone's tokens reduced in channels (map_channels) keeps that projection."""
+    """Where a run trained on a backbone's tokens reduced in channels (map_channels) keeps that projection;
+    the name comes from config.json, so one that would lead out of the run folder is refused."""
+    check_file_name(backbone, what=f"{Path(run_dir) / 'config.json'}: backbone name")
     return Path(run_dir) / f"projection-{backbone}.npz"
 
 

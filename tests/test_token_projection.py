@@ -21,6 +21,7 @@ from experiments.extract import run_extract
 from experiments.provenance import check_cache
 from extract.backbones import load_backbone
 from extract.settings import PROJECTION_KEYS, BackboneConfig
+from heads.run_folder import projection_path
 from inference.export import export_run
 from inference.heatmap import explain
 from inference.predict import predict_images
@@ -182,6 +183,8 @@ def test_from_the_config_the_fit_uses_the_train_split_and_an_attention_head_trai
     assert (export_run(run_dir=metrics["run_dir"], out_dir=tmp_path / "export") / "saved_model.pb").exists()
     explanation = explain(run, read_gray01(film), labels=list(config.labels[:1]), method="attention")
     assert explanation.maps.shape[0] == 1
+    with pytest.raises(InputError, match=r"config.json: backbone name = '\.\./x' must be a plain name"):
+        projection_path(metrics["run_dir"], "../x")  # a hand-edited config.json cannot lead out of the run
     metrics["run_dir"].joinpath("projection-proj.npz").unlink()  # a run that lost it says so
     with pytest.raises(InputError, match=r"tokens reduced in channels.*holds no projection-proj.npz"):
         load_run(metrics["run_dir"])
