@@ -105,8 +105,11 @@ def kept_token_cache(cache_dir: Path, **shape) -> dict | None:
         return None  # unreadable: written again
     if attrs.get("fingerprint") != _recipe(**shape):
         return None
-    nbytes = shape["rows"] * shape["tokens"] * shape["channels"] * np.dtype(np.float16).itemsize
-    return {"bytes": nbytes, "seconds": "kept", "path": str(path)}
+    return {"bytes": _cache_bytes(**shape), "seconds": "kept", "path": str(path)}
+
+
+def _cache_bytes(*, rows: int, tokens: int, channels: int, **_) -> int:
+    return rows * tokens * channels * np.dtype(np.float16).itemsize
 
 
 def write_token_cache(*, cache_dir: Path, rows: int, tokens: int, channels: int, seed: int) -> dict:
@@ -133,7 +136,7 @@ def write_token_cache(*, cache_dir: Path, rows: int, tokens: int, channels: int,
                     errors=np.full(stop - begin, "", dtype=object), attrs=attrs)  # fmt: skip
     path = merge_shards(shards, out_path=cache_path(cache_dir, BACKBONE))
     shutil.rmtree(shards)
-    nbytes = rows * tokens * channels * np.dtype(np.float16).itemsize
+    nbytes = _cache_bytes(rows=rows, tokens=tokens, channels=channels)
     return {"bytes": nbytes, "seconds": round(time.perf_counter() - start, 1), "path": str(path)}
 
 

@@ -180,6 +180,10 @@ def test_from_the_config_the_fit_uses_the_train_split_and_an_attention_head_trai
     np.testing.assert_allclose(tokens[0], got.features[0].astype(np.float32), atol=2e-3, rtol=2e-3)
     (predicted,) = predict_images(run_dir=metrics["run_dir"], inputs=[film], extract=config.extract)
     assert not predicted.get("error")
+    # Through the projection, a film scores as the head scores its cached (projected) tokens.
+    cached = model.predict({"proj": got.features[:1].astype(np.float32)}, verbose=0)[0]
+    scored = [predicted["uncalibrated"][label] for label in run.labels]
+    np.testing.assert_allclose(scored, cached, atol=2e-3)
     assert (export_run(run_dir=metrics["run_dir"], out_dir=tmp_path / "export") / "saved_model.pb").exists()
     explanation = explain(run, read_gray01(film), labels=list(config.labels[:1]), method="attention")
     assert explanation.maps.shape[0] == 1
